@@ -1,0 +1,86 @@
+"""What a run leaves behind: console lines, TensorBoard scalars, args.json and results.json."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from torch.utils.tensorboard import SummaryWriter
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with paths, tuples and non-finite floats made JSON-safe."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as indented JSON through a temporary file and a rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(jsonable(data), indent=2) + "\n")
+    tmp.replace(path)
+
+
+def git_commit() -> str | None:
+    """The code's git commit, or None outside a checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+class RunLog:
+    """The run folder's records: ``args.json`` at the start, TensorBoard scalars and one console
+    line per epoch, and ``results.json`` (rewritten after each epoch, so an interrupted run keeps
+    its history)."""
+
+    def __init__(self, folder: Path, opt, extra: dict[str, Any] | None = None) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.start = time.time()
+        write_json(self.folder / "args.json", vars(opt))
+        self.writer = SummaryWriter(log_dir=str(self.folder))
+        self.history: list[dict[str, Any]] = []
+        self.results: dict[str, Any] = {"args": vars(opt), "commit": git_commit(), **(extra or {})}
+
+    def epoch(self, record: dict[str, Any]) -> None:
+        """Log one epoch's ``record`` (must hold 'epoch'; numbers become TensorBoard scalars)."""
+        self.history.append(record)
+        step = record["epoch"]
+        for key, value in record.items():
+            if key != "epoch" and isinstance(value, (int, float)):
+                self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+        shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
+        print(shown, flush=True)
+        self.save(status="running")
+
+    def save(self, status: str, **summary: Any) -> dict[str, Any]:
+        """Rewrite ``results.json`` with the history so far, ``status`` and ``summary`` entries."""
+        self.results.update(summary)
+        self.results.update(status=status, wall_time_s=round(time.time() - self.start, 3), history=self.history)
+        write_json(self.folder / "results.json", self.results)
+        return self.results
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def is_interactive() -> bool:
+    """True when stderr is a terminal (live progress bars); logs get one line per epoch."""
+    return sys.stderr.isatty()

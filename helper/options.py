@@ -1,0 +1,78 @@
+"""Command-line flags shared by train_teacher.py and train_student.py (RepDistiller's, plus ours)."""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from dataset import DATASETS
+from helper.errors import UserError
+
+# RepDistiller trains these students with lr 0.01 instead of 0.05.
+SMALL_LR_MODELS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (``error: ...``) with exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def default_workers() -> int:
+    return min(8, os.cpu_count() or 1)
+
+
+def add_training_args(parser: argparse.ArgumentParser) -> None:
+    """Flags for optimisation, data, device and run control, with RepDistiller's defaults."""
+    g = parser.add_argument_group("RepDistiller flags")
+    g.add_argument("--print_freq", type=int, default=100, help="print frequency (steps; kept for compatibility)")
+    g.add_argument("--tb_freq", type=int, default=500, help="tensorboard frequency (kept for compatibility)")
+    g.add_argument("--save_freq", type=int, default=40, help="write ckpt_epoch_N.pth every this many epochs")
+    g.add_argument("--batch_size", type=int, default=64, help="batch size")
+    g.add_argument("--num_workers", type=int, default=default_workers(),
+                   help="data-loading worker processes (default: min(8, cores))")
+    g.add_argument("--epochs", type=int, default=240, help="number of training epochs")
+    g.add_argument("--learning_rate", type=float, default=None,
+                   help="learning rate (default 0.05; 0.01 for MobileNetV2/ShuffleV1/ShuffleV2)")
+    g.add_argument("--lr_decay_epochs", type=str, default="150,180,210",
+                   help="epochs after which the learning rate is multiplied by --lr_decay_rate")
+    g.add_argument("--lr_decay_rate", type=float, default=0.1, help="decay rate for the learning rate")
+    g.add_argument("--weight_decay", type=float, default=5e-4, help="weight decay")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--dataset", type=str, default="cifar100", help=f"data set: {', '.join(DATASETS)}")
+
+    g = parser.add_argument_group("RepDistill flags")
+    g.add_argument("--lr_schedule", choices=("step", "cosine"), default="step",
+                   help="step: RepDistiller's decays at --lr_decay_epochs; cosine: cosine annealing to 0")
+    g.add_argument("--data_folder", type=str, default=None,
+                   help="where the data set lives (default ./data for cifar100, ./data/imagenet for imagenet)")
+    g.add_argument("--download", action="store_true", help="download CIFAR-100 into --data_folder if missing")
+    g.add_argument("--subset", type=int, default=0, help="train on a class-balanced subset of N samples (0: all)")
+    g.add_argument("--device", type=str, default="auto", help="auto, cpu or cuda (auto: cuda when available)")
+    g.add_argument("--seed", type=int, default=None, help="random seed (default: the trial number)")
+    g.add_argument("--max_steps", type=int, default=0,
+                   help="stop after N optimiser steps in total, then validate and save (0: no limit)")
+    g.add_argument("--save_folder", type=str, default="./save/models", help="parent folder of the run folder")
+
+
+def finalize_training_args(opt: argparse.Namespace, model_name: str) -> argparse.Namespace:
+    """Check the shared flags and fill in derived values (learning rate, decay epochs, seed, data folder)."""
+    if opt.dataset not in DATASETS:
+        raise UserError(f"unknown --dataset '{opt.dataset}'; choose one of: {', '.join(DATASETS)}")
+    try:
+        opt.lr_decay_epochs = [int(e) for e in str(opt.lr_decay_epochs).split(",") if e.strip()]
+    except ValueError:
+        raise UserError(f"--lr_decay_epochs must be comma-separated integers, got '{opt.lr_decay_epochs}'") from None
+    if opt.learning_rate is None:
+        opt.learning_rate = 0.01 if model_name in SMALL_LR_MODELS else 0.05
+    if opt.seed is None:
+        trial = str(opt.trial)
+        opt.seed = int(trial) if trial.lstrip("-").isdigit() else sum(map(ord, trial))
+    for flag in ("batch_size", "epochs", "save_freq"):
+        if getattr(opt, flag) < 1:
+            raise UserError(f"--{flag} must be at least 1")
+    if opt.num_workers < 0 or opt.subset < 0 or opt.max_steps < 0:
+        raise UserError("--num_workers, --subset and --max_steps cannot be negative")
+    opt.save_folder = str(Path(opt.save_folder))
+    return opt

@@ -1,0 +1,83 @@
+"""The backbone zoo.
+
+``model_dict`` maps every command-line model name to a constructor ``fn(num_classes=...)``.
+The CIFAR names are RepDistiller's; the ImageNet backbones (224x224 input, torchvision parameter
+names) are ``ResNet18``, ``ResNet34``, ``ResNet50_imagenet`` and ``MobileNetV1``.
+
+Every model follows one contract:
+- ``forward(x, is_feat=False, preact=False)`` returns the logits, or ``(feats, logits)`` where
+  ``feats`` is the stem output, each stage's output, then the pooled vector (``feats[-1]``);
+  with ``preact=True`` the stage outputs are taken before their last ReLU.
+- ``get_feat_modules()`` returns the modules that produce the features, as an ``nn.ModuleList``.
+- ``get_bn_before_relu()`` returns the BatchNorm layer that precedes each stage's last ReLU.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch.nn as nn
+
+from helper.errors import UserError
+
+from .mobilenetv1 import imagenet_mobilenetv1
+from .mobilenetv2 import mobile_half
+from .resnet import resnet8, resnet8x4, resnet14, resnet20, resnet32, resnet32x4, resnet44, resnet56, resnet110
+from .resnet_imagenet import imagenet_resnet18, imagenet_resnet34, imagenet_resnet50
+from .resnetv2 import ResNet50
+from .ShuffleNetv1 import ShuffleV1
+from .ShuffleNetv2 import ShuffleV2
+from .vgg import vgg8_bn, vgg11_bn, vgg13_bn, vgg16_bn, vgg19_bn
+from .wrn import wrn_16_1, wrn_16_2, wrn_40_1, wrn_40_2
+
+cifar_model_dict: dict[str, Callable[..., nn.Module]] = {
+    "resnet8": resnet8,
+    "resnet14": resnet14,
+    "resnet20": resnet20,
+    "resnet32": resnet32,
+    "resnet44": resnet44,
+    "resnet56": resnet56,
+    "resnet110": resnet110,
+    "resnet8x4": resnet8x4,
+    "resnet32x4": resnet32x4,
+    "ResNet50": ResNet50,
+    "wrn_16_1": wrn_16_1,
+    "wrn_16_2": wrn_16_2,
+    "wrn_40_1": wrn_40_1,
+    "wrn_40_2": wrn_40_2,
+    "vgg8": vgg8_bn,
+    "vgg11": vgg11_bn,
+    "vgg13": vgg13_bn,
+    "vgg16": vgg16_bn,
+    "vgg19": vgg19_bn,
+    "MobileNetV2": mobile_half,
+    "ShuffleV1": ShuffleV1,
+    "ShuffleV2": ShuffleV2,
+}
+
+imagenet_model_dict: dict[str, Callable[..., nn.Module]] = {
+    "ResNet18": imagenet_resnet18,
+    "ResNet34": imagenet_resnet34,
+    "ResNet50_imagenet": imagenet_resnet50,
+    "MobileNetV1": imagenet_mobilenetv1,
+}
+
+model_dict: dict[str, Callable[..., nn.Module]] = {**cifar_model_dict, **imagenet_model_dict}
+
+
+def resolve_model_name(name: str, dataset: str = "cifar100") -> str:
+    """The ``model_dict`` key for a command-line model name.
+
+    On ImageNet, ``ResNet50`` means the torchvision-layout ImageNet network
+    (``ResNet50_imagenet``); everywhere else names map to themselves.
+    Raises :class:`UserError` listing the valid names for an unknown one.
+    """
+    if dataset == "imagenet" and name == "ResNet50":
+        return "ResNet50_imagenet"
+    if name not in model_dict:
+        raise UserError(f"unknown model '{name}'; choose one of: {', '.join(model_dict)}")
+    return name
+
+
+def build_model(name: str, num_classes: int, dataset: str = "cifar100") -> nn.Module:
+    """Build the network called ``name`` (see :func:`resolve_model_name`) with ``num_classes`` outputs."""
+    return model_dict[resolve_model_name(name, dataset)](num_classes=num_classes)
