@@ -34,6 +34,11 @@ def write_json(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
+def console_line(record: dict[str, Any]) -> str:
+    """``key value`` pairs on one line, floats to 4 significant digits."""
+    return "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
+
+
 def git_commit() -> str | None:
     """The code's git commit, or None outside a checkout."""
     try:
@@ -66,9 +71,16 @@ class RunLog:
             if key != "epoch" and isinstance(value, (int, float)):
                 self.writer.add_scalar(key, value, step)
         self.writer.flush()
-        shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
-        print(shown, flush=True)
+        print(console_line(record), flush=True)
         self.save(status="running")
+
+    def init_epoch(self, record: dict[str, Any]) -> None:
+        """Log one epoch of an init stage (``record`` holds 'init_epoch'); kept in ``init_history``."""
+        self.results.setdefault("init_history", []).append(record)
+        for key, value in record.items():
+            if key != "init_epoch" and isinstance(value, (int, float)):
+                self.writer.add_scalar(key, value, record["init_epoch"])
+        print(console_line(record), flush=True)
 
     def save(self, status: str, **summary: Any) -> dict[str, Any]:
         """Rewrite ``results.json`` with the history so far, ``status`` and ``summary`` entries."""

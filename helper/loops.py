@@ -26,6 +26,15 @@ class NonFiniteLoss(UserError):
     """The loss became NaN or infinite; the run stops before anything is saved."""
 
 
+def check_finite(values: dict[str, float], where: str, step: int) -> None:
+    """Raise :class:`NonFiniteLoss` naming ``where``, the step and every term if any term is NaN/inf."""
+    if not all(math.isfinite(v) for v in values.values()):
+        shown = ", ".join(f"{name}={value:.6g}" for name, value in values.items())
+        raise NonFiniteLoss(f"the loss became non-finite at {where}, step {step} ({shown}); "
+                            "the run stopped and its checkpoints were left as they were: "
+                            "lower --learning_rate or the loss weights")
+
+
 class StepBudget:
     """Counts optimiser steps against ``--max_steps`` (None or 0: no limit)."""
 
@@ -56,11 +65,7 @@ def train_one_epoch(epoch: int, loader, trainable: nn.Module, train_step: TrainS
         logits, target, terms = train_step(batch)
         loss = sum(terms.values())
         values = {name: term.item() for name, term in terms.items()}
-        if not math.isfinite(sum(values.values())):
-            shown = ", ".join(f"{name}={value:.6g}" for name, value in values.items())
-            raise NonFiniteLoss(f"the loss became non-finite at epoch {epoch}, step {step} ({shown}); "
-                                "the run stopped and its checkpoints were left as they were: "
-                                "lower --learning_rate or the loss weights")
+        check_finite(values, f"epoch {epoch}", step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

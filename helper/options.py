@@ -49,6 +49,8 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                    help="where the data set lives (default ./data for cifar100, ./data/imagenet for imagenet)")
     g.add_argument("--download", action="store_true", help="download CIFAR-100 into --data_folder if missing")
     g.add_argument("--subset", type=int, default=0, help="train on a class-balanced subset of N samples (0: all)")
+    g.add_argument("--val_subset", type=int, default=0,
+                   help="validate on a class-balanced subset of N test samples (0: all; for smoke tests)")
     g.add_argument("--device", type=str, default="auto", help="auto, cpu or cuda (auto: cuda when available)")
     g.add_argument("--seed", type=int, default=None, help="random seed (default: the trial number)")
     g.add_argument("--max_steps", type=int, default=0,
@@ -72,7 +74,8 @@ def finalize_training_args(opt: argparse.Namespace, model_name: str) -> argparse
     for flag in ("batch_size", "epochs", "save_freq"):
         if getattr(opt, flag) < 1:
             raise UserError(f"--{flag} must be at least 1")
-    if opt.num_workers < 0 or opt.subset < 0 or opt.max_steps < 0:
-        raise UserError("--num_workers, --subset and --max_steps cannot be negative")
+    for flag in ("num_workers", "subset", "val_subset", "max_steps"):
+        if getattr(opt, flag) < 0:
+            raise UserError(f"--{flag} cannot be negative")
     opt.save_folder = str(Path(opt.save_folder))
     return opt

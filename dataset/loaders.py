@@ -1,0 +1,143 @@
+"""What every data set shares: the index wrapper, the class-balanced subset, the contrastive
+collate function and the construction of the train/validation loaders."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data._utils.collate import default_collate
+
+from helper.errors import UserError
+
+from .sampling import ContrastSampler
+
+
+@dataclass
+class DataBundle:
+    """The loaders of one run and what the models and losses need to know about the data.
+
+    train_loader batches: ``(img, target)``, ``(img, target, index)`` with ``instance``, or
+    ``(img, target, index, contrast_idx)`` with ``contrast`` (``contrast_idx``: ``[B, K+1]``).
+    val_loader batches: ``(img, target)``. ``index`` is the position in the training set (after
+    ``--subset``), ``n_data`` its size and ``train_labels`` (LongTensor ``[n_data]``) its labels.
+    """
+
+    train_loader: DataLoader
+    val_loader: DataLoader
+    n_data: int
+    num_classes: int
+    train_labels: torch.Tensor
+
+
+class IndexedDataset(Dataset):
+    """A view of a map-style data set, optionally restricted to ``indices``.
+
+    Item ``i`` is the base set's item ``indices[i]`` as ``(img, target)``, followed by ``i``
+    when ``with_index`` is set (so indices always count rows of this view).
+    """
+
+    def __init__(self, base: Dataset, indices: Sequence[int] | torch.Tensor | None = None,
+                 with_index: bool = False):
+        self.base = base
+        self.indices = None if indices is None else torch.as_tensor(indices).long().tolist()
+        self.with_index = with_index
+
+    def __len__(self) -> int:
+        return len(self.base) if self.indices is None else len(self.indices)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[Any, ...]:
+        img, target = self.base[i if self.indices is None else self.indices[i]][:2]
+        return (img, target, i) if self.with_index else (img, target)
+
+
+class ContrastCollate:
+    """Collate ``(img, target, index)`` items and append the batch's ``contrast_idx`` ``[B, K+1]``
+    drawn by ``sampler`` (in the loader's worker, with the worker's seeded torch RNG)."""
+
+    def __init__(self, sampler: ContrastSampler):
+        self.sampler = sampler
+
+    def __call__(self, items: list[tuple[Any, ...]]) -> tuple[torch.Tensor, ...]:
+        img, target, index = default_collate(items)
+        return img, target, index, self.sampler(index, target)
+
+
+def balanced_subset(labels: torch.Tensor, size: int, seed: int, flag: str = "--subset") -> torch.Tensor:
+    """Positions of a class-balanced subset of ``size`` samples, in increasing order.
+
+    Classes are filled in turns (one random sample of each class, in a random class order, then
+    a second, ...), so class counts differ by at most one unless a class runs out of samples.
+    Depends only on ``labels``, ``size`` and ``seed``; ``flag`` names the option in errors.
+    """
+    labels = torch.as_tensor(labels).long()
+    total = labels.numel()
+    if not 0 < size <= total:
+        raise UserError(f"{flag} {size} is not between 1 and the number of samples ({total}): "
+                        f"use a value in that range, or 0 for all")
+    gen = torch.Generator().manual_seed(int(seed))
+    num_classes = int(labels.max()) + 1
+    shuffled = torch.randperm(total, generator=gen)
+    by_class = shuffled[torch.argsort(labels[shuffled], stable=True)]  # class blocks, random inside
+    counts = torch.bincount(labels, minlength=num_classes)
+    rank_in_class = torch.arange(total) - (torch.cumsum(counts, 0) - counts)[labels[by_class]]
+    class_turn = torch.randperm(num_classes, generator=gen)[labels[by_class]]
+    priority = rank_in_class * num_classes + class_turn
+    chosen = by_class[torch.argsort(priority)[:size]]
+    return torch.sort(chosen).values
+
+
+def make_bundle(train_set: Dataset, val_set: Dataset, train_labels: torch.Tensor, num_classes: int,
+                opt: Any, *, instance: bool = False, contrast: bool = False,
+                val_batch_size: int | None = None, val_workers: int | None = None,
+                negative_fraction: float = 1.0) -> DataBundle:
+    """Build the train/validation loaders for a data set given as two map-style sets.
+
+    ``opt`` supplies ``batch_size``, ``num_workers``, ``subset``, ``val_subset``, ``seed``,
+    ``nce_k`` and ``mode`` (optional, with the defaults of the training scripts); ``val_subset``
+    picks a class-balanced validation subset that does not depend on the seed. ``contrast``
+    implies ``instance``.
+    Training is shuffled by a ``torch.Generator`` seeded from ``opt.seed`` (drawn from torch's
+    global RNG when ``seed`` is None); each epoch's worker seeds come from that generator too,
+    so the loader's output is reproducible, and ``train_loader.generator.get_state()`` is all
+    a resume has to save (plus torch's global RNG when ``num_workers`` is 0).
+    """
+    batch_size = int(getattr(opt, "batch_size", 64))
+    num_workers = int(getattr(opt, "num_workers", 0) or 0)
+    if batch_size < 1:
+        raise UserError(f"--batch_size must be at least 1, got {batch_size}")
+    seed = getattr(opt, "seed", None)
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, ()))
+    labels = torch.as_tensor(train_labels).long()
+    subset_size = getattr(opt, "subset", None) or 0
+    indices = balanced_subset(labels, int(subset_size), seed) if subset_size else None
+    if indices is not None:
+        labels = labels[indices]
+    with_index = instance or contrast
+    train_view = IndexedDataset(train_set, indices, with_index=with_index)
+    collate = None
+    if contrast:
+        sampler = ContrastSampler(labels, int(getattr(opt, "nce_k", 16384)),
+                                  getattr(opt, "mode", "exact"), negative_fraction,
+                                  generator=torch.Generator().manual_seed(int(seed)))
+        collate = ContrastCollate(sampler)
+    n_data = len(train_view)
+    pin = torch.cuda.is_available()
+    train_loader = DataLoader(
+        train_view, batch_size=batch_size, shuffle=True, num_workers=num_workers,
+        collate_fn=collate, pin_memory=pin,
+        # a last batch of one sample would break BatchNorm in training: drop it
+        drop_last=n_data > 1 and n_data % batch_size == 1,
+        generator=torch.Generator().manual_seed(int(seed)))
+    val_size = int(getattr(opt, "val_subset", None) or 0)
+    val_indices = None
+    if val_size:  # the same samples whatever the run's seed, so runs stay comparable
+        val_labels = torch.as_tensor(val_set.targets, dtype=torch.long)  # type: ignore[attr-defined]
+        val_indices = balanced_subset(val_labels, val_size, seed=0, flag="--val_subset")
+    val_workers = num_workers if val_workers is None else val_workers
+    val_loader = DataLoader(
+        IndexedDataset(val_set, val_indices), batch_size=val_batch_size or batch_size, shuffle=False,
+        num_workers=val_workers, pin_memory=pin)
+    return DataBundle(train_loader, val_loader, n_data, num_classes, labels)

@@ -1,0 +1,51 @@
+"""NST: Huang and Wang, "Like What You Like: Knowledge Distill via Neuron Selectivity Transfer" (2017)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ._common import detached, pool_to_smaller
+from .registry import Batch, Distiller, NetOutput, register
+
+
+def poly_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Polynomial kernel k(x, y) = (x . y)^2 between all channel vectors: [B, C_a, N], [B, C_b, N] -> [B, C_a, C_b]."""
+    return torch.bmm(a, b.transpose(1, 2)).pow(2)
+
+
+class NSTLoss(nn.Module):
+    """Neuron selectivity transfer: squared MMD with the polynomial kernel (d = 2, c = 0)
+    between the spatially L2-normalised channel vectors of the two maps:
+
+        NST = mean k(t, t) + mean k(s, s) - 2 mean k(s, t)
+
+    (the taller map is average-pooled first; the teacher-only term carries no gradient).
+    """
+
+    def forward(self, g_s: Sequence[torch.Tensor], g_t: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """g_s, g_t: lists of maps [B, C, H, W] (channel counts may differ) -> one scalar per pair."""
+        return [self.nst_loss(f_s, f_t) for f_s, f_t in zip(g_s, g_t)]
+
+    @staticmethod
+    def nst_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
+        f_s, f_t = pool_to_smaller(f_s, f_t)
+        s = F.normalize(f_s.flatten(2), dim=2)
+        t = F.normalize(f_t.flatten(2), dim=2)
+        return poly_kernel(t, t).mean().detach() + poly_kernel(s, s).mean() - 2 * poly_kernel(s, t).mean()
+
+
+@register("nst")
+class NSTDistiller(Distiller):
+    """``--distill nst``: NST summed over the stage outputs ``feats[1:-1]``."""
+
+    weights = (1.0, 0.0, 50.0)
+
+    def __init__(self, opt, feats_s: list[torch.Tensor], feats_t: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.loss = NSTLoss()
+
+    def forward(self, s: NetOutput, t: NetOutput, batch: Batch) -> dict[str, torch.Tensor]:
+        return {"nst": sum(self.loss(s.feats[1:-1], detached(t.feats[1:-1])))}

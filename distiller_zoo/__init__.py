@@ -1,0 +1,25 @@
+"""Distillation losses with RepDistiller's class names, and the ``--distill`` registry.
+
+Importing this package registers every classic method (one module per loss, its Distiller beside it).
+"""
+from .registry import Batch, Distiller, NetOutput, build_distiller, get_method, method_names, register
+
+from .AB import ABLoss
+from .AT import Attention
+from .CC import Correlation
+from .FitNet import HintLoss
+from .FSP import FSP
+from .FT import FactorTransfer
+from .KD import DistillKL
+from .KDSVD import KDSVD
+from .NST import NSTLoss
+from .PKT import PKT
+from .RKD import RKDLoss
+from .SP import Similarity
+from .VID import VIDLoss
+
+__all__ = [
+    "Batch", "Distiller", "NetOutput", "build_distiller", "get_method", "method_names", "register",
+    "ABLoss", "Attention", "Correlation", "DistillKL", "FSP", "FactorTransfer", "HintLoss", "KDSVD",
+    "NSTLoss", "PKT", "RKDLoss", "Similarity", "VIDLoss",
+]

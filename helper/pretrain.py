@@ -1,0 +1,51 @@
+"""The init stage of two-stage methods (AB, FT, FSP): pre-train the Distiller's init modules
+(and, where the method says so, the student's feature layers) before distillation, as in
+RepDistiller's ``helper/pretrain.py``."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from distiller_zoo.registry import Batch, Distiller, NetOutput
+from helper.loops import StepBudget, check_finite
+from helper.meters import AverageMeter
+
+
+def run_init_stage(distiller: Distiller, student: nn.Module, teacher: nn.Module, loader,
+                   to_batch: Callable[[tuple], Batch], opt, log: Callable[[dict], None]) -> None:
+    """Train ``distiller.init_loss`` for ``opt.init_epochs`` epochs (at most ``opt.max_steps``
+    steps when set) with SGD at ``distiller.init_learning_rate(opt)``; then
+    ``distiller.after_init_stage()``. The student runs in eval mode except for the layers trained."""
+    modules = list(distiller.init_modules())
+    if distiller.init_trains_student():
+        modules.append(student.get_feat_modules())
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=distiller.init_learning_rate(opt), momentum=opt.momentum,
+                                weight_decay=opt.weight_decay)
+    budget = StepBudget(getattr(opt, "max_steps", None))
+    teacher.eval()
+    student.eval()
+    for m in modules:
+        m.train()
+    for epoch in range(1, opt.init_epochs + 1):
+        meter = AverageMeter()
+        for step, raw in enumerate(loader, start=1):
+            if budget.exhausted:
+                break
+            batch = to_batch(raw)
+            feats_s, logits_s = student(batch.img, is_feat=True, preact=distiller.preact)
+            with torch.no_grad():
+                feats_t, logits_t = teacher(batch.img, is_feat=True, preact=distiller.preact)
+            loss = distiller.init_loss(NetOutput(feats_s, logits_s), NetOutput(feats_t, logits_t), batch)
+            check_finite({"init": loss.item()}, f"init epoch {epoch}", step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            budget.done += 1
+            meter.update(loss.item(), batch.target.size(0))
+        log({"init_epoch": epoch, "init_loss": meter.avg})
+        if budget.exhausted:
+            break
+    distiller.after_init_stage()

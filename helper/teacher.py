@@ -1,0 +1,48 @@
+"""Loading a frozen teacher from our checkpoints or RepDistiller's."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch.nn as nn
+
+from helper.checkpoint import load_checkpoint, load_weights
+from helper.errors import UserError
+from models import build_model, model_dict
+
+
+def teacher_name_from_path(path: str) -> str:
+    """The architecture RepDistiller reads from a teacher path: the run folder's name up to the
+    first '_' (``resnet32x4_vanilla/ckpt_epoch_240.pth`` -> ``resnet32x4``), or its first three
+    parts for WRNs (``wrn_40_2_vanilla`` -> ``wrn_40_2``)."""
+    segments = Path(path).parent.name.split("_")
+    if segments[0] != "wrn":
+        return segments[0]
+    return "_".join(segments[:3])
+
+
+def load_teacher(path: str, num_classes: int, dataset: str = "cifar100") -> tuple[nn.Module, str]:
+    """Build and load the teacher saved at ``path``; returns ``(model, arch)``.
+
+    The architecture is the checkpoint's ``'arch'`` entry (our checkpoints) or, for RepDistiller's
+    ``{'model': state_dict}`` files, the one its folder name gives. Every problem (missing file,
+    not a checkpoint, unknown architecture, weights of another architecture or class count)
+    raises :class:`UserError`.
+    """
+    if not path:
+        raise UserError("--path_t is required: the teacher checkpoint, e.g. "
+                        "./save/models/resnet32x4_vanilla/ckpt_epoch_240.pth")
+    state = load_checkpoint(path)
+    if "model" not in state:
+        raise UserError(f"'{path}' has no 'model' entry: it is not a checkpoint of train_teacher.py or RepDistiller")
+    arch = state.get("arch") or teacher_name_from_path(path)
+    if arch not in model_dict:
+        raise UserError(f"cannot tell the teacher's architecture: '{path}' has no 'arch' entry and its folder "
+                        f"name gives '{arch}', which is not a model name; name the folder <model>_... as "
+                        f"RepDistiller does (e.g. resnet32x4_vanilla)")
+    saved_classes = state.get("num_classes")
+    if saved_classes is not None and saved_classes != num_classes:
+        raise UserError(f"the teacher in '{path}' has {saved_classes} classes but --dataset {dataset} has "
+                        f"{num_classes}: use a teacher trained on this data set")
+    model = build_model(arch, num_classes=num_classes, dataset=dataset)
+    load_weights(model, state["model"], f"'{path}'")
+    return model, arch

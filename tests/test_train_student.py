@@ -1,0 +1,153 @@
+"""train_student.py end to end: RepDistiller teacher checkpoints, every --distill method, the
+reference scripts' command lines, records and errors."""
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_student
+from distiller_zoo.registry import method_names
+from models import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ["kd", "hint", "attention", "similarity", "correlation", "vid", "crd", "kdsvd", "fsp", "rkd",
+           "pkt", "abound", "factor", "nst"]
+# Flags that make any command line a seconds-long run on the synthetic set.
+TINY = ["--dataset", "synthetic", "--subset", "200", "--val_subset", "20", "--batch_size", "8",
+        "--max_steps", "2", "--epochs", "1", "--init_epochs", "1", "--nce_k", "32", "--num_workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    """RepDistiller-format teacher checkpoints ({'model': state_dict} in <arch>_vanilla/)."""
+    root = tmp_path_factory.mktemp("repo") / "save" / "models"
+    paths = {}
+    for arch in ("resnet32x4", "vgg13", "wrn_40_2"):
+        torch.manual_seed(0)
+        folder = root / f"{arch}_vanilla"
+        folder.mkdir(parents=True)
+        paths[arch] = folder / "ckpt_epoch_240.pth"
+        torch.save({"model": build_model(arch, num_classes=100).state_dict()}, paths[arch])
+    return paths
+
+
+def test_every_repdistiller_method_is_registered():
+    assert set(METHODS) <= set(method_names())
+
+
+def run(args: list[str], tmp_path: Path) -> dict:
+    return train_student.main(args + TINY + ["--save_folder", str(tmp_path)])
+
+
+@pytest.mark.parametrize("distill", METHODS)
+def test_every_method_same_architecture(distill, teachers, tmp_path):
+    results = run(["--path_t", str(teachers["resnet32x4"]), "--distill", distill, "--model_s", "resnet8x4"], tmp_path)
+    assert results["status"] == "finished" and results["steps"] == 2
+    assert results["model_t"] == "resnet32x4" and results["method"] == distill
+    history = results["history"][0]
+    if distill not in ("kd", "abound", "fsp"):  # those act through KD or the init stage only
+        assert f"loss_{distill}" in history, history
+    if distill in ("abound", "factor", "fsp"):
+        assert len(results["init_history"]) == 1
+
+
+CROSS = [("resnet32x4", "ShuffleV1"), ("vgg13", "MobileNetV2")]
+
+
+@pytest.mark.parametrize("distill", METHODS)
+@pytest.mark.parametrize("teacher, student", CROSS)
+def test_every_method_cross_architecture(distill, teacher, student, teachers, tmp_path, capsys):
+    args = ["--path_t", str(teachers[teacher]), "--distill", distill, "--model_s", student]
+    if distill in ("fsp", "kdsvd"):  # they need equal channel counts: a clear error, not a crash
+        with pytest.raises(SystemExit) as exit_info:
+            run(args, tmp_path)
+        assert exit_info.value.code == 2 and distill.upper() in capsys.readouterr().err
+        return
+    assert run(args, tmp_path)["steps"] == 2
+
+
+def reference_commands() -> list[list[str]]:
+    """The distillation lines of RepDistiller's scripts/run_cifar_distill.sh."""
+    base = "--path_t ./save/models/resnet32x4_vanilla/ckpt_epoch_240.pth --model_s resnet8x4 --trial 1"
+    lines = ["--distill kd -r 0.1 -a 0.9 -b 0", "--distill hint -a 0 -b 100", "--distill attention -a 0 -b 1000",
+             "--distill similarity -a 0 -b 3000", "--distill correlation -a 0 -b 0.02", "--distill vid -a 0 -b 1",
+             "--distill rkd -a 0 -b 1", "--distill pkt -a 0 -b 30000", "--distill abound -a 0 -b 1",
+             "--distill factor -a 0 -b 200", "--distill fsp -a 0 -b 50", "--distill nst -a 0 -b 50",
+             "--distill crd -a 0 -b 0.8", "--distill crd -a 1 -b 0.8"]
+    return [shlex.split(f"{base} {line}") for line in lines]
+
+
+def test_reference_script_lines_parse_with_reference_meaning():
+    for argv in reference_commands():
+        opt = train_student.parse_option(argv)
+        assert opt.model_s == "resnet8x4" and opt.trial == "1" and opt.epochs == 240
+        assert opt.learning_rate == 0.05 and opt.lr_decay_epochs == [150, 180, 210] and opt.nce_k == 16384
+        assert opt.gamma == (0.1 if opt.distill == "kd" else 1.0)
+
+
+def test_reference_line_runs_unchanged_in_repdistiller_layout(teachers, tmp_path, monkeypatch):
+    """`python train_student.py --path_t ./save/models/resnet32x4_vanilla/ckpt_epoch_240.pth
+    --distill crd --model_s resnet8x4 -a 0 -b 0.8 --trial 1`, from a folder laid out as
+    RepDistiller's (plus the tiny-run flags)."""
+    monkeypatch.chdir(teachers["resnet32x4"].parents[3])
+    argv = reference_commands()[-2]
+    results = train_student.main(argv + TINY)
+    folder = Path("save/student_model/S:resnet8x4_T:resnet32x4_synthetic_crd_r:1.0_a:0.0_b:0.8_1")
+    assert (folder / "last.pth").is_file() and (folder / "results.json").is_file()
+    state = torch.load(folder / "last.pth", weights_only=False)
+    assert state["arch"] == "resnet8x4" and state["distill"] == "crd"
+    assert {"criterion.embed_s.linear.weight", "criterion.contrast.memory_v1"} <= set(state["distiller"])
+    assert state["distiller"]["criterion.contrast.memory_v1"].shape == (200, 128)
+    assert results["teacher_acc"] is not None
+
+
+def test_published_weights_when_left_out(capsys):
+    opt = train_student.parse_option(["--path_t", "t.pth", "--distill", "crd"])
+    assert (opt.gamma, opt.alpha, opt.beta) == (1.0, 0.0, 0.8)
+    assert "-a 0 -b 0.8" in capsys.readouterr().out
+    opt = train_student.parse_option(["--path_t", "t.pth", "--distill", "kd"])
+    assert (opt.gamma, opt.alpha, opt.beta) == (0.1, 0.9, 0.0)
+    opt = train_student.parse_option(["--path_t", "t.pth", "--distill", "kd", "-a", "0.5", "-b", "0"])
+    assert (opt.gamma, opt.alpha, opt.beta) == (1.0, 0.5, 0.0)  # RepDistiller's -r default
+
+
+def test_our_teacher_checkpoint_loads_by_arch_key(tmp_path):
+    import train_teacher
+    train_teacher.main(["--model", "resnet8", "--dataset", "synthetic", "--subset", "100", "--val_subset", "20",
+                        "--max_steps", "1", "--epochs", "1", "--batch_size", "10", "--num_workers", "0",
+                        "--save_folder", str(tmp_path / "t")])
+    path = next((tmp_path / "t").glob("*/best.pth"))
+    renamed = tmp_path / "no_arch_in_this_name" / "best.pth"
+    renamed.parent.mkdir()
+    renamed.write_bytes(path.read_bytes())
+    results = run(["--path_t", str(renamed), "--distill", "kd", "--model_s", "resnet8"], tmp_path / "s")
+    assert results["model_t"] == "resnet8"
+
+
+def script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "train_student.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("make_args, expected", [
+    (lambda t, p: ["--path_t", str(p / "missing.pth")], "does not exist"),
+    (lambda t, p: ["--path_t", str(t["vgg13"]), "--distill", "magic"], "unknown --distill 'magic'; choose one of: "),
+    (lambda t, p: ["--path_t", str(t["vgg13"]), "--model_s", "resnet9000"], "unknown model 'resnet9000'"),
+    (lambda t, p: ["--path_t", str(t["wrn_40_2"]).replace("wrn_40_2_vanilla", "resnet8_vanilla")],
+     "do not fit"),
+])
+def test_bad_teacher_or_flags_is_one_line(make_args, expected, teachers, tmp_path):
+    if "resnet8_vanilla" in " ".join(make_args(teachers, tmp_path)):
+        wrong = teachers["wrn_40_2"].parents[1] / "resnet8_vanilla"
+        wrong.mkdir(exist_ok=True)
+        (wrong / "ckpt_epoch_240.pth").write_bytes(teachers["wrn_40_2"].read_bytes())
+    out = script(*make_args(teachers, tmp_path), *TINY, "--save_folder", str(tmp_path))
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and expected in lines[0], out.stderr
+    assert "Traceback" not in out.stderr

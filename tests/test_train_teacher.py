@@ -1,0 +1,105 @@
+"""train_teacher.py end to end on tiny data: run folder, checkpoints, records, errors."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_teacher
+from models import build_model
+from tests.datagen import write_fake_cifar100
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "train_teacher.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_synthetic_run_writes_run_folder(tmp_path):
+    results = train_teacher.main(["--model", "resnet8", "--dataset", "synthetic", "--epochs", "2",
+                                  "--subset", "400", "--batch_size", "32", "--num_workers", "0",
+                                  "--save_freq", "1", "--save_folder", str(tmp_path)])
+    run = tmp_path / "resnet8_synthetic_lr_0.05_decay_0.0005_trial_0"
+    names = {p.name for p in run.iterdir()}
+    assert {"last.pth", "best.pth", "ckpt_epoch_1.pth", "ckpt_epoch_2.pth", "args.json", "results.json"} <= names
+    assert any(n.startswith("events.out.tfevents") for n in names)
+
+    state = torch.load(run / "last.pth", weights_only=False)
+    assert {"model", "arch", "epoch", "best_acc", "optimizer", "accuracy"} <= set(state)
+    assert state["arch"] == "resnet8" and state["epoch"] == 2
+    model = build_model("resnet8", num_classes=100)
+    model.load_state_dict(state["model"], strict=True)  # RepDistiller's layout, loadable as is
+
+    saved = json.loads((run / "results.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    assert saved["status"] == "finished" and saved["epochs_run"] == 2
+    assert [h["epoch"] for h in saved["history"]] == [1, 2]
+    assert all(0 <= h["test_acc"] <= h["test_acc_top5"] <= 100 for h in saved["history"])
+    assert saved["best_acc"] == max(h["test_acc"] for h in saved["history"])
+    assert saved["steps"] == 2 * (400 // 32 + 1)
+    args = json.loads((run / "args.json").read_text())
+    assert args["model"] == "resnet8" and args["learning_rate"] == 0.05 and args["seed"] == 0
+
+
+def test_resnet50_on_fake_cifar_folder_with_max_steps(tmp_path):
+    data = write_fake_cifar100(tmp_path / "data")
+    results = train_teacher.main(["--model", "ResNet50", "--dataset", "cifar100", "--data_folder", str(data),
+                                  "--epochs", "1", "--max_steps", "2", "--batch_size", "8", "--num_workers", "0",
+                                  "--save_folder", str(tmp_path / "save")])
+    assert results["steps"] == 2 and results["epochs_run"] == 1
+    run = tmp_path / "save" / "ResNet50_cifar100_lr_0.05_decay_0.0005_trial_0"
+    assert (run / "last.pth").is_file() and (run / "best.pth").is_file()
+
+
+def test_small_lr_models_default_to_0_01(tmp_path):
+    opt = train_teacher.parse_option(["--model", "ShuffleV2", "--dataset", "synthetic"])
+    assert opt.learning_rate == 0.01 and opt.model_name.startswith("ShuffleV2_synthetic_lr_0.01_")
+    opt = train_teacher.parse_option(["--model", "ShuffleV2", "--learning_rate", "0.1"])
+    assert opt.learning_rate == 0.1
+
+
+def test_max_steps_stops_early_and_still_validates(tmp_path):
+    results = train_teacher.main(["--model", "resnet8", "--dataset", "synthetic", "--epochs", "5",
+                                  "--subset", "200", "--batch_size", "20", "--max_steps", "3",
+                                  "--num_workers", "0", "--save_folder", str(tmp_path)])
+    assert results["steps"] == 3 and results["epochs_run"] == 1 and results["last_acc"] is not None
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--model", "resnet9000"], "unknown model 'resnet9000'; choose one of: resnet8, "),
+    (["--model", "resnet8", "--dataset", "mnist"], "unknown --dataset 'mnist'"),
+    (["--model", "resnet8", "--device", "cuda"], "no CUDA GPU"),
+])
+def test_bad_input_is_one_clear_line(args, expected, tmp_path):
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    out = run_script(*args, "--save_folder", str(tmp_path))
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_empty_cifar_folder_says_how_to_get_data(tmp_path):
+    out = run_script("--model", "resnet8", "--data_folder", str(tmp_path / "empty"),
+                     "--save_folder", str(tmp_path / "save"))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--download" in lines[0], out.stderr
+    assert not (tmp_path / "save").exists() or not any((tmp_path / "save").rglob("*.pth"))
+
+
+def test_readme_documents_every_flag():
+    parser = train_teacher.Parser()
+    train_teacher.add_training_args(parser)
+    readme = (ROOT / "README.md").read_text()
+    flags = [s for action in parser._actions for s in action.option_strings if s.startswith("--")]
+    missing = [f for f in flags if f"`{f}" not in readme and f != "--help"]
+    assert not missing, f"README lacks {missing}"
+    assert "`--model`" in readme and "`--trial`" in readme

@@ -1,0 +1,145 @@
+"""Distil a student from a frozen teacher with any ``--distill`` method.
+
+    python train_student.py --path_t ./save/models/resnet32x4_vanilla/ckpt_epoch_240.pth \
+        --distill crd --model_s resnet8x4 -a 0 -b 0.8 --trial 1
+
+The loss is ``gamma * CE + alpha * KL_T + beta * method`` (``-r -a -b``); a term whose weight is
+0 is not computed. Methods come from the registry (distiller_zoo/registry.py): this script never
+names one.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dataset import get_dataloaders
+from distiller_zoo import DistillKL
+from distiller_zoo.registry import Batch, NetOutput, build_distiller, get_method, method_names
+from helper.errors import UserError, exit_on_user_error
+from helper.logger import RunLog
+from helper.loops import fit, validate
+from helper.optim import build_optimizer
+from helper.options import Parser, add_training_args, finalize_training_args
+from helper.pretrain import run_init_stage
+from helper.runtime import resolve_device, set_seed
+from helper.teacher import load_teacher
+from models import build_model, resolve_model_name
+
+
+def parse_option(argv: list[str] | None = None):
+    parser = Parser(description="Distil a student from a teacher (RepDistiller-compatible flags).")
+    add_training_args(parser)
+    parser.set_defaults(save_folder="./save/student_model")
+    g = parser.add_argument_group("distillation")
+    g.add_argument("--init_epochs", type=int, default=30, help="init-stage epochs of abound, factor and fsp")
+    g.add_argument("--model_s", type=str, default="resnet8", help="student architecture")
+    g.add_argument("--path_t", type=str, default=None, help="teacher checkpoint")
+    g.add_argument("--distill", type=str, default="kd", help="method: " + ", ".join(method_names()))
+    g.add_argument("--trial", type=str, default="1", help="trial id")
+    g.add_argument("-r", "--gamma", type=float, default=None, help="weight of cross-entropy (default 1)")
+    g.add_argument("-a", "--alpha", type=float, default=None, help="weight of KD (default: the method's published one)")
+    g.add_argument("-b", "--beta", type=float, default=None, help="weight of the method's loss (default: published)")
+    g.add_argument("--kd_T", type=float, default=4, help="temperature of KD")
+    g.add_argument("--feat_dim", type=int, default=128, help="embedding dimension (CRD, CC)")
+    g.add_argument("--mode", type=str, default="exact", choices=["exact", "relax"], help="CRD positives")
+    g.add_argument("--nce_k", type=int, default=16384, help="negatives for NCE")
+    g.add_argument("--nce_t", type=float, default=0.07, help="temperature for NCE")
+    g.add_argument("--nce_m", type=float, default=0.5, help="momentum of the memory-bank update")
+    g.add_argument("--hint_layer", type=int, default=2, choices=[0, 1, 2, 3, 4], help="FitNet's feature index")
+    opt = parser.parse_args(argv)
+
+    method = get_method(opt.distill)
+    opt.arch = resolve_model_name(opt.model_s, opt.dataset)
+    finalize_training_args(opt, opt.model_s)
+    fill_weights(opt, method.weights)
+    return opt
+
+
+def fill_weights(opt, published: tuple[float, float, float]) -> None:
+    """``-r -a -b`` left out take the method's published weights (printed); ``-r`` alone left
+    out is 1, as in RepDistiller."""
+    if opt.alpha is not None and opt.beta is not None:
+        opt.gamma = 1.0 if opt.gamma is None else opt.gamma
+        return
+    filled = []
+    for flag, attr, value in zip(("-r", "-a", "-b"), ("gamma", "alpha", "beta"), published):
+        if getattr(opt, attr) is None:
+            setattr(opt, attr, value)
+            filled.append(f"{flag} {value:g}")
+    print(f"--distill {opt.distill}: using its published weights {' '.join(filled)}", flush=True)
+
+
+def run_name(opt, model_t: str) -> str:
+    """RepDistiller's student folder name."""
+    return (f"S:{opt.model_s}_T:{model_t}_{opt.dataset}_{opt.distill}"
+            f"_r:{opt.gamma}_a:{opt.alpha}_b:{opt.beta}_{opt.trial}")
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> dict:
+    opt = parse_option(argv)
+    device = resolve_device(opt.device)
+    set_seed(opt.seed)
+    method = get_method(opt.distill)
+    data = get_dataloaders(opt, instance=method.needs_index, contrast=method.needs_contrast_idx)
+    opt.num_classes, opt.n_data = data.num_classes, data.n_data
+
+    teacher, opt.model_t = load_teacher(opt.path_t, data.num_classes, opt.dataset)
+    teacher = teacher.to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student = build_model(opt.arch, num_classes=data.num_classes).to(device)
+    sample = torch.stack([data.val_loader.dataset[i][0] for i in range(2)]).to(device)
+    distiller = build_distiller(opt.distill, opt, student, teacher, sample).to(device)
+
+    folder = Path(opt.save_folder) / run_name(opt, opt.model_t)
+    run = RunLog(folder, opt, extra={"role": "student", "method": opt.distill, "model_s": opt.arch,
+                                     "model_t": opt.model_t, "dataset": opt.dataset})
+    teacher_acc = validate(teacher, data.val_loader, device)
+    run.results["teacher_acc"] = teacher_acc["test_acc"]
+    print(f"teacher {opt.model_t} ({opt.path_t}): test top-1 {teacher_acc['test_acc']:.2f}", flush=True)
+    print(f"distilling {opt.model_t} -> {opt.arch} with {opt.distill} (-r {opt.gamma:g} -a {opt.alpha:g} "
+          f"-b {opt.beta:g}) on {opt.dataset} ({data.n_data} images) on {device}; run folder {folder}", flush=True)
+
+    def to_batch(raw: tuple) -> Batch:
+        return Batch(*(t.to(device, non_blocking=True) for t in raw))
+
+    if method.has_init_stage and opt.beta != 0 and opt.init_epochs > 0:
+        run_init_stage(distiller, student, teacher, data.train_loader, to_batch, opt, log=run.init_epoch)
+
+    kd = DistillKL(opt.kd_T)
+
+    def train_step(raw: tuple):
+        batch = to_batch(raw)
+        feats_s, logits_s = student(batch.img, is_feat=True, preact=distiller.preact)
+        with torch.no_grad():
+            feats_t, logits_t = teacher(batch.img, is_feat=True, preact=distiller.preact)
+        terms = {}
+        if opt.gamma:
+            terms["ce"] = opt.gamma * F.cross_entropy(logits_s, batch.target)
+        if opt.alpha:
+            terms["kd"] = opt.alpha * kd(logits_s, logits_t)
+        if opt.beta:
+            method_terms = distiller(NetOutput(feats_s, logits_s), NetOutput(feats_t, logits_t), batch)
+            terms.update({name: opt.beta * term for name, term in method_terms.items()})
+        if not terms:
+            raise UserError("-r, -a and -b are all 0 (or the method has no term): nothing to train")
+        return logits_s, batch.target, terms
+
+    optimizer = build_optimizer(list(student.parameters()) + distiller.trainable_parameters(), opt)
+    results = fit(opt, model=student, trainable=nn.ModuleList([student, distiller]), optimizer=optimizer,
+                  train_loader=data.train_loader, val_loader=data.val_loader, train_step=train_step,
+                  device=device, run=run,
+                  checkpoint_extra=lambda: {"distiller": distiller.state_dict(), "distill": opt.distill,
+                                            "model_t": opt.model_t})
+    print(f"teacher top-1 {teacher_acc['test_acc']:.2f}; student best top-1 {results['best_acc']:.2f}  "
+          f"last top-1 {results['last_acc']:.2f}  ({results['wall_time_s']:.0f} s)", flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
