@@ -30,7 +30,7 @@ from helper.teacher import load_teacher
 from models import build_model, resolve_model_name
 
 
-def parse_option(argv: list[str] | None = None):
+def build_parser() -> Parser:
     parser = Parser(description="Distil a student from a teacher (RepDistiller-compatible flags).")
     add_training_args(parser)
     parser.set_defaults(save_folder="./save/student_model")
@@ -50,7 +50,11 @@ def parse_option(argv: list[str] | None = None):
     g.add_argument("--nce_t", type=float, default=0.07, help="temperature for NCE")
     g.add_argument("--nce_m", type=float, default=0.5, help="momentum of the memory-bank update")
     g.add_argument("--hint_layer", type=int, default=2, choices=[0, 1, 2, 3, 4], help="FitNet's feature index")
-    opt = parser.parse_args(argv)
+    return parser
+
+
+def parse_option(argv: list[str] | None = None):
+    opt = build_parser().parse_args(argv)
 
     method = get_method(opt.distill)
     opt.arch = resolve_model_name(opt.model_s, opt.dataset)

@@ -24,12 +24,16 @@ from helper.runtime import resolve_device, set_seed
 from models import build_model, resolve_model_name
 
 
-def parse_option(argv: list[str] | None = None):
+def build_parser() -> Parser:
     parser = Parser(description="Train a network with cross-entropy (RepDistiller-compatible flags).")
     add_training_args(parser)
     parser.add_argument("--model", type=str, default="resnet110", help="architecture (see models.model_dict)")
     parser.add_argument("-t", "--trial", type=int, default=0, help="the experiment id")
-    opt = parser.parse_args(argv)
+    return parser
+
+
+def parse_option(argv: list[str] | None = None):
+    opt = build_parser().parse_args(argv)
     opt.arch = resolve_model_name(opt.model, opt.dataset)
     finalize_training_args(opt, opt.model)
     opt.model_name = (f"{opt.model}_{opt.dataset}_lr_{opt.learning_rate}"

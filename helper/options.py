@@ -54,9 +54,17 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", type=str, default="auto", help="auto, cpu or cuda (auto: cuda when available)")
     g.add_argument("--seed", type=int, default=None, help="random seed (default: the trial number)")
     g.add_argument("--max_steps", type=int, default=0,
-                   help="stop after N optimiser steps in total, then validate and save (0: no limit)")
+                   help="stop after N optimiser steps in total (per stage, with an init stage), then validate and save (0: no limit)")
     g.add_argument("--save_folder", type=str, default="./save/models", help="parent folder of the run folder")
 
+    g = parser.add_argument_group("the synthetic data set (--dataset synthetic)")
+    g.add_argument("--synthetic_classes", type=int, default=100, help="number of classes")
+    g.add_argument("--synthetic_train", type=int, default=100, help="training images per class")
+    g.add_argument("--synthetic_test", type=int, default=20, help="test images per class")
+    g.add_argument("--synthetic_difficulty", type=float, default=1.0,
+                   help="strength of warps, blending and noise (0: bare class prototypes)")
+    g.add_argument("--synthetic_seed", type=int, default=0,
+                   help="seed of the images (fixed apart from --seed, so teachers and students share data)")
 
 def finalize_training_args(opt: argparse.Namespace, model_name: str) -> argparse.Namespace:
     """Check the shared flags and fill in derived values (learning rate, decay epochs, seed, data folder)."""

@@ -95,11 +95,22 @@ def test_empty_cifar_folder_says_how_to_get_data(tmp_path):
     assert not (tmp_path / "save").exists() or not any((tmp_path / "save").rglob("*.pth"))
 
 
-def test_readme_documents_every_flag():
-    parser = train_teacher.Parser()
-    train_teacher.add_training_args(parser)
+@pytest.mark.parametrize("script", ["train_teacher", "train_student"])
+def test_readme_documents_every_flag(script):
+    parser = __import__(script).build_parser()
     readme = (ROOT / "README.md").read_text()
-    flags = [s for action in parser._actions for s in action.option_strings if s.startswith("--")]
+    flags = [s for action in parser._actions for s in action.option_strings if s != "-h"]
     missing = [f for f in flags if f"`{f}" not in readme and f != "--help"]
     assert not missing, f"README lacks {missing}"
-    assert "`--model`" in readme and "`--trial`" in readme
+
+
+def test_imagenet_folder_with_imagenet_resnet(tmp_path):
+    from tests.datagen import write_fake_imagenet
+    data = write_fake_imagenet(tmp_path / "imagenet")
+    results = train_teacher.main(["--model", "ResNet18", "--dataset", "imagenet", "--data_folder", str(data),
+                                  "--epochs", "1", "--max_steps", "1", "--batch_size", "4", "--num_workers", "0",
+                                  "--save_folder", str(tmp_path / "save")])
+    assert results["steps"] == 1
+    state = torch.load(next((tmp_path / "save").glob("ResNet18_imagenet_*/last.pth")), weights_only=False)
+    assert state["arch"] == "ResNet18" and state["num_classes"] == 3
+    assert state["model"]["fc.weight"].shape == (3, 512)  # torchvision's layout
