@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from dataset import get_dataloaders
 from distiller_zoo import DistillKL
-from distiller_zoo.registry import Batch, NetOutput, build_distiller, get_method, method_names
+from distiller_zoo.registry import Batch, NetOutput, add_method_arguments, build_distiller, get_method, method_names
 from helper.errors import UserError, exit_on_user_error
 from helper.logger import RunLog
 from helper.loops import fit, validate
@@ -50,6 +50,7 @@ def build_parser() -> Parser:
     g.add_argument("--nce_t", type=float, default=0.07, help="temperature for NCE")
     g.add_argument("--nce_m", type=float, default=0.5, help="momentum of the memory-bank update")
     g.add_argument("--hint_layer", type=int, default=2, choices=[0, 1, 2, 3, 4], help="FitNet's feature index")
+    add_method_arguments(parser)
     return parser
 
 
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
     optimizer = build_optimizer(list(student.parameters()) + distiller.trainable_parameters(), opt)
     results = fit(opt, model=student, trainable=nn.ModuleList([student, distiller]), optimizer=optimizer,
                   train_loader=data.train_loader, val_loader=data.val_loader, train_step=train_step,
-                  device=device, run=run,
+                  device=device, run=run, on_epoch_start=distiller.start_epoch,
                   checkpoint_extra=lambda: {"distiller": distiller.state_dict(), "distill": opt.distill,
                                             "model_t": opt.model_t})
     print(f"teacher top-1 {teacher_acc['test_acc']:.2f}; student best top-1 {results['best_acc']:.2f}  "

@@ -12,6 +12,7 @@ A method is one file: its loss class(es) and a :class:`Distiller` subclass decor
 from __future__ import annotations
 
 import abc
+import argparse
 import importlib
 from dataclasses import dataclass
 from typing import Callable
@@ -70,6 +71,20 @@ class Distiller(nn.Module, abc.ABC):
     def forward(self, s: NetOutput, t: NetOutput, batch: Batch) -> dict[str, torch.Tensor]:
         """The method's loss terms for one batch (gradients flow into the student and this module)."""
 
+    epoch: int = 1  # the current (1-based) training epoch, kept up to date by start_epoch
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Add the method's own command-line flags (named ``--<method>_<what>``) to ``parser``."""
+
+    def start_epoch(self, epoch: int) -> None:
+        """Called by the training loop before each epoch (e.g. for warm-up schedules)."""
+        self.epoch = epoch
+
+    def bind(self, student: nn.Module, teacher: nn.Module) -> None:
+        """Called once after construction with the two networks, for methods that read their
+        weights (e.g. a classifier); keep them out of this module's submodules and state."""
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters the main-stage optimiser updates (frozen parts excluded)."""
         return [p for p in self.parameters() if p.requires_grad]
@@ -115,6 +130,12 @@ def _load_methods() -> None:
         importlib.import_module(package)
 
 
+def add_method_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every registered method's own flags, in one argument group per method."""
+    for name in method_names():
+        _REGISTRY[name].add_arguments(parser.add_argument_group(f"--distill {name}"))
+
+
 def method_names() -> list[str]:
     """Every ``--distill`` choice."""
     _load_methods()
@@ -145,4 +166,6 @@ def build_distiller(name: str, opt, student: nn.Module, teacher: nn.Module, samp
     cls = get_method(name)
     feats_s = probe_features(student, sample, cls.preact)
     feats_t = probe_features(teacher, sample, cls.preact)
-    return cls(opt, feats_s, feats_t)
+    distiller = cls(opt, feats_s, feats_t)
+    distiller.bind(student, teacher)
+    return distiller

@@ -102,18 +102,22 @@ def validate(model: nn.Module, loader, device: torch.device) -> dict[str, float]
 
 def fit(opt, *, model: nn.Module, trainable: nn.Module, optimizer: torch.optim.Optimizer,
         train_loader, val_loader, train_step: TrainStep, device: torch.device, run: RunLog,
-        checkpoint_extra: Callable[[], dict[str, Any]] = dict) -> dict[str, Any]:
+        checkpoint_extra: Callable[[], dict[str, Any]] = dict,
+        on_epoch_start: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Train for ``opt.epochs`` epochs (or ``opt.max_steps`` steps), validating ``model`` after each.
 
     Writes ``last.pth`` every epoch, ``best.pth`` when test top-1 improves and ``ckpt_epoch_N.pth``
     every ``opt.save_freq`` epochs into ``run.folder``; each holds ``model``, ``arch``, ``epoch``,
-    ``accuracy``, ``best_acc``, ``optimizer`` and ``checkpoint_extra()``. Returns the final results.
+    ``accuracy``, ``best_acc``, ``optimizer`` and ``checkpoint_extra()``; ``on_epoch_start(epoch)``
+    is called before each epoch. Returns the final results.
     """
     folder = Path(run.folder)
     budget = StepBudget(getattr(opt, "max_steps", None))
     best_acc, best_top5, last = 0.0, 0.0, {}
     for epoch in range(1, opt.epochs + 1):
         lr = adjust_learning_rate(epoch, opt, optimizer)
+        if on_epoch_start is not None:
+            on_epoch_start(epoch)
         start = time.perf_counter()
         train_stats = train_one_epoch(epoch, train_loader, trainable, train_step, optimizer, budget)
         last = validate(model, val_loader, device)

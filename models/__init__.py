@@ -81,3 +81,11 @@ def resolve_model_name(name: str, dataset: str = "cifar100") -> str:
 def build_model(name: str, num_classes: int, dataset: str = "cifar100") -> nn.Module:
     """Build the network called ``name`` (see :func:`resolve_model_name`) with ``num_classes`` outputs."""
     return model_dict[resolve_model_name(name, dataset)](num_classes=num_classes)
+
+
+def get_classifier(model: nn.Module) -> nn.Linear:
+    """The network's final linear layer: ``logits = get_classifier(model)(feats[-1])``."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise TypeError(f"{type(model).__name__} has no linear classifier")
+    return linears[-1]

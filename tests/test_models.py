@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from models import build_model, cifar_model_dict, model_dict, resolve_model_name
+from models import build_model, cifar_model_dict, get_classifier, model_dict, resolve_model_name
 from helper.errors import UserError
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -86,6 +86,7 @@ def test_outputs_match_repdistiller(name):
         pre_feats, _ = model(x, is_feat=True, preact=True)
     torch.testing.assert_close(logits, ref["logits"], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(logits_feat, ref["logits"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(get_classifier(model)(feats[-1]), logits, rtol=1e-5, atol=1e-5)
     _check_summaries(feats, ref["feats"])
     _check_summaries(pre_feats, ref["preact_feats"])
 

@@ -151,3 +151,20 @@ def test_bad_teacher_or_flags_is_one_line(make_args, expected, teachers, tmp_pat
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1 and expected in lines[0], out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("distill", ["crd", "hint", "factor"])
+def test_optimizer_holds_student_and_method_modules_never_the_teacher(distill, teachers, tmp_path):
+    run(["--path_t", str(teachers["resnet32x4"]), "--distill", distill, "--model_s", "resnet8x4"], tmp_path)
+    state = torch.load(next(tmp_path.glob("S:*/last.pth")), weights_only=False)
+    student = build_model("resnet8x4", num_classes=100)
+    n_student = len(list(student.parameters()))
+    n_optimised = sum(len(g["params"]) for g in state["optimizer"]["param_groups"])
+    distiller_params = {k for k in state["distiller"] if "memory" not in k and "params" not in k
+                        and "running" not in k and "num_batches" not in k}
+    n_teacher = len(list(build_model("resnet32x4", num_classes=100).parameters()))
+    assert n_student < n_optimised < n_student + n_teacher
+    if distill == "factor":  # the paraphraser is trained only in the init stage
+        assert n_optimised == n_student + len([k for k in distiller_params if k.startswith("translator")])
+    else:
+        assert n_optimised == n_student + len(distiller_params)
