@@ -37,7 +37,8 @@ def build_parser() -> Parser:
     g = parser.add_argument_group("distillation")
     g.add_argument("--init_epochs", type=int, default=30, help="init-stage epochs of abound, factor and fsp")
     g.add_argument("--model_s", type=str, default="resnet8", help="student architecture")
-    g.add_argument("--path_t", type=str, default=None, help="teacher checkpoint")
+    g.add_argument("--path_t", type=str, default=None,
+                   help="teacher checkpoint; several comma-separated ones distil from their ensemble")
     g.add_argument("--distill", type=str, default="kd", help="method: " + ", ".join(method_names()))
     g.add_argument("--trial", type=str, default="1", help="trial id")
     g.add_argument("-r", "--gamma", type=float, default=None, help="weight of cross-entropy (default 1)")
@@ -93,20 +94,26 @@ def main(argv: list[str] | None = None) -> dict:
     data = get_dataloaders(opt, instance=method.needs_index, contrast=method.needs_contrast_idx)
     opt.num_classes, opt.n_data = data.num_classes, data.n_data
 
-    teacher, opt.model_t = load_teacher(opt.path_t, data.num_classes, opt.dataset)
-    teacher = teacher.to(device).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    student = build_model(opt.arch, num_classes=data.num_classes).to(device)
+    student = build_model(opt.arch, num_classes=data.num_classes).to(device)  # first: its init depends on the seed only
+    teachers = []
+    for path in opt.path_t.split(",") if opt.path_t else [""]:
+        teacher, arch = load_teacher(path.strip(), data.num_classes, opt.dataset)
+        teachers.append((teacher.to(device).eval().requires_grad_(False), arch, path.strip()))
+    opt.model_t = "+".join(arch for _, arch, _ in teachers)
     sample = torch.stack([data.val_loader.dataset[i][0] for i in range(2)]).to(device)
-    distiller = build_distiller(opt.distill, opt, student, teacher, sample).to(device)
+    # One Distiller (heads, banks) per teacher; their terms are averaged.
+    distillers = nn.ModuleList([build_distiller(opt.distill, opt, student, teacher, sample)
+                                for teacher, _, _ in teachers]).to(device)
+    preact = distillers[0].preact
 
     folder = Path(opt.save_folder) / run_name(opt, opt.model_t)
     run = RunLog(folder, opt, extra={"role": "student", "method": opt.distill, "model_s": opt.arch,
                                      "model_t": opt.model_t, "dataset": opt.dataset})
-    teacher_acc = validate(teacher, data.val_loader, device)
-    run.results["teacher_acc"] = teacher_acc["test_acc"]
-    print(f"teacher {opt.model_t} ({opt.path_t}): test top-1 {teacher_acc['test_acc']:.2f}", flush=True)
+    teacher_accs = []
+    for teacher, arch, path in teachers:
+        teacher_accs.append(validate(teacher, data.val_loader, device)["test_acc"])
+        print(f"teacher {arch} ({path}): test top-1 {teacher_accs[-1]:.2f}", flush=True)
+    run.results["teacher_acc"] = teacher_accs[0] if len(teachers) == 1 else teacher_accs
     print(f"distilling {opt.model_t} -> {opt.arch} with {opt.distill} (-r {opt.gamma:g} -a {opt.alpha:g} "
           f"-b {opt.beta:g}) on {opt.dataset} ({data.n_data} images) on {device}; run folder {folder}", flush=True)
 
@@ -114,37 +121,47 @@ def main(argv: list[str] | None = None) -> dict:
         return Batch(*(t.to(device, non_blocking=True) for t in raw))
 
     if method.has_init_stage and opt.beta != 0 and opt.init_epochs > 0:
-        run_init_stage(distiller, student, teacher, data.train_loader, to_batch, opt, log=run.init_epoch)
+        for distiller, (teacher, _, _) in zip(distillers, teachers):
+            run_init_stage(distiller, student, teacher, data.train_loader, to_batch, opt, log=run.init_epoch)
 
     kd = DistillKL(opt.kd_T)
 
     def train_step(raw: tuple):
         batch = to_batch(raw)
-        feats_s, logits_s = student(batch.img, is_feat=True, preact=distiller.preact)
+        feats_s, logits_s = student(batch.img, is_feat=True, preact=preact)
         with torch.no_grad():
-            feats_t, logits_t = teacher(batch.img, is_feat=True, preact=distiller.preact)
+            outs_t = [NetOutput(*teacher(batch.img, is_feat=True, preact=preact)) for teacher, _, _ in teachers]
         terms = {}
         if opt.gamma:
             terms["ce"] = opt.gamma * F.cross_entropy(logits_s, batch.target)
-        if opt.alpha:
-            terms["kd"] = opt.alpha * kd(logits_s, logits_t)
+        if opt.alpha:  # an ensemble's KD target is its averaged logits
+            terms["kd"] = opt.alpha * kd(logits_s, torch.stack([t.logits for t in outs_t]).mean(0))
         if opt.beta:
-            method_terms = distiller(NetOutput(feats_s, logits_s), NetOutput(feats_t, logits_t), batch)
-            terms.update({name: opt.beta * term for name, term in method_terms.items()})
+            s = NetOutput(feats_s, logits_s)
+            per_teacher = [distiller(s, t, batch) for distiller, t in zip(distillers, outs_t)]
+            terms.update({name: opt.beta * torch.stack([p[name] for p in per_teacher]).mean()
+                          for name in per_teacher[0]})
         if not terms:
             raise UserError("-r, -a and -b are all 0 (or the method has no term): nothing to train")
         return logits_s, batch.target, terms
 
-    optimizer = build_optimizer(list(student.parameters()) + distiller.trainable_parameters(), opt)
-    results = fit(opt, model=student, trainable=nn.ModuleList([student, distiller]), optimizer=optimizer,
-                  train_loader=data.train_loader, val_loader=data.val_loader, train_step=train_step,
-                  device=device, run=run, on_epoch_start=distiller.start_epoch,
-                  checkpoint_extra=lambda: {"distiller": distiller.state_dict(), "distill": opt.distill,
-                                            "model_t": opt.model_t})
-    print(f"teacher top-1 {teacher_acc['test_acc']:.2f}; student best top-1 {results['best_acc']:.2f}  "
-          f"last top-1 {results['last_acc']:.2f}  ({results['wall_time_s']:.0f} s)", flush=True)
-    return results
+    def start_epoch(epoch: int) -> None:
+        for distiller in distillers:
+            distiller.start_epoch(epoch)
 
+    def checkpoint_extra() -> dict:
+        state = distillers[0].state_dict() if len(distillers) == 1 else distillers.state_dict()
+        return {"distiller": state, "distill": opt.distill, "model_t": opt.model_t}
+
+    extra_params = [p for distiller in distillers for p in distiller.trainable_parameters()]
+    optimizer = build_optimizer(list(student.parameters()) + extra_params, opt)
+    results = fit(opt, model=student, trainable=nn.ModuleList([student, distillers]), optimizer=optimizer,
+                  train_loader=data.train_loader, val_loader=data.val_loader, train_step=train_step,
+                  device=device, run=run, on_epoch_start=start_epoch, checkpoint_extra=checkpoint_extra)
+    print(f"teacher top-1 {', '.join(f'{a:.2f}' for a in teacher_accs)}; student best top-1 "
+          f"{results['best_acc']:.2f}  last top-1 {results['last_acc']:.2f}  ({results['wall_time_s']:.0f} s)",
+          flush=True)
+    return results
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -139,5 +139,8 @@ def make_bundle(train_set: Dataset, val_set: Dataset, train_labels: torch.Tensor
     val_workers = num_workers if val_workers is None else val_workers
     val_loader = DataLoader(
         IndexedDataset(val_set, val_indices), batch_size=val_batch_size or batch_size, shuffle=False,
-        num_workers=val_workers, pin_memory=pin)
+        num_workers=val_workers, pin_memory=pin,
+        # its own generator: iterating it must not draw from the global RNG (validating
+        # teachers or resuming would otherwise change the training run's augmentations)
+        generator=torch.Generator().manual_seed(0))
     return DataBundle(train_loader, val_loader, n_data, num_classes, labels)

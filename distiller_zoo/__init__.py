@@ -7,6 +7,7 @@ from .registry import Batch, Distiller, NetOutput, build_distiller, get_method, 
 from .AB import ABLoss
 from .AT import Attention
 from .CC import Correlation
+from .DKD import DKDLoss
 from .FitNet import HintLoss
 from .FSP import FSP
 from .FT import FactorTransfer
@@ -20,6 +21,6 @@ from .VID import VIDLoss
 
 __all__ = [
     "Batch", "Distiller", "NetOutput", "build_distiller", "get_method", "method_names", "register",
-    "ABLoss", "Attention", "Correlation", "DistillKL", "FSP", "FactorTransfer", "HintLoss", "KDSVD",
+    "ABLoss", "Attention", "Correlation", "DKDLoss", "DistillKL", "FSP", "FactorTransfer", "HintLoss", "KDSVD",
     "NSTLoss", "PKT", "RKDLoss", "Similarity", "VIDLoss",
 ]

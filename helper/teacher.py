@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 
 from helper.checkpoint import load_checkpoint, load_weights
@@ -43,6 +44,7 @@ def load_teacher(path: str, num_classes: int, dataset: str = "cifar100") -> tupl
     if saved_classes is not None and saved_classes != num_classes:
         raise UserError(f"the teacher in '{path}' has {saved_classes} classes but --dataset {dataset} has "
                         f"{num_classes}: use a teacher trained on this data set")
-    model = build_model(arch, num_classes=num_classes, dataset=dataset)
+    with torch.random.fork_rng(devices=[]):  # the weights are replaced: leave the run's RNG untouched
+        model = build_model(arch, num_classes=num_classes, dataset=dataset)
     load_weights(model, state["model"], f"'{path}'")
     return model, arch

@@ -463,3 +463,11 @@ def test_imagenet_transforms_are_the_standard_ones():
     out = imagenet_val_transform()(Image.new("RGB", (300, 260), (255, 0, 128)))
     expected = (torch.tensor([255, 0, 128]) / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
     assert out.shape == (3, 224, 224) and torch.allclose(out[:, 100, 100], expected, atol=1e-6)
+
+
+def test_validation_does_not_draw_from_the_global_rng():
+    bundle = get_dataloaders(make_opt(dataset="synthetic", subset=100, val_subset=20, batch_size=8))
+    state = torch.get_rng_state()
+    for _ in bundle.val_loader:
+        pass
+    assert torch.equal(torch.get_rng_state(), state)

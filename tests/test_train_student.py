@@ -168,3 +168,43 @@ def test_optimizer_holds_student_and_method_modules_never_the_teacher(distill, t
         assert n_optimised == n_student + len([k for k in distiller_params if k.startswith("translator")])
     else:
         assert n_optimised == n_student + len(distiller_params)
+
+
+def test_ensemble_of_identical_teachers_equals_single_teacher_kd(teachers, tmp_path):
+    path = str(teachers["resnet32x4"])
+    args = ["--distill", "kd", "--model_s", "resnet8", "-r", "0.1", "-a", "0.9", "-b", "0"]
+    single = run(["--path_t", path, *args], tmp_path / "one")
+    double = run(["--path_t", f"{path},{path}", *args], tmp_path / "two")
+    assert double["model_t"] == "resnet32x4+resnet32x4" and len(double["teacher_acc"]) == 2
+    assert single["history"][0]["loss_kd"] == pytest.approx(double["history"][0]["loss_kd"], rel=1e-6)
+    w_one = torch.load(next((tmp_path / "one").glob("S:*/last.pth")), weights_only=False)["model"]
+    w_two = torch.load(next((tmp_path / "two").glob("S:*/last.pth")), weights_only=False)["model"]
+    for key in w_one:
+        torch.testing.assert_close(w_one[key], w_two[key], rtol=1e-6, atol=1e-7)
+
+
+def test_ensemble_crd_has_a_head_and_bank_per_teacher(teachers, tmp_path):
+    paths = f"{teachers['resnet32x4']},{teachers['wrn_40_2']}"
+    results = run(["--path_t", paths, "--distill", "crd", "--model_s", "resnet8x4"], tmp_path)
+    assert results["model_t"] == "resnet32x4+wrn_40_2" and "loss_crd" in results["history"][0]
+    state = torch.load(next(tmp_path.glob("S:*/last.pth")), weights_only=False)["distiller"]
+    assert state["0.criterion.embed_t.linear.weight"].shape == (128, 256)  # resnet32x4's feature size
+    assert state["1.criterion.embed_t.linear.weight"].shape == (128, 128)  # wrn_40_2's
+    assert state["0.criterion.contrast.memory_v1"].shape == state["1.criterion.contrast.memory_v1"].shape == (200, 128)
+
+
+def test_distill_script_dry_run_prints_parsable_commands():
+    out = subprocess.run(["bash", "scripts/run_cifar_distill.sh", "--epochs", "3"], cwd=ROOT, capture_output=True,
+                         text=True, env={"DRY_RUN": "1", "PATH": "/usr/bin:/bin"}, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 19
+    seen = set()
+    for line in lines:
+        argv = shlex.split(line)
+        assert argv[:2] == ["python", "train_student.py"]
+        opt = train_student.parse_option(argv[2:])
+        assert opt.epochs == 3 and opt.model_s == "resnet8x4" and opt.path_t.endswith("resnet32x4_vanilla/ckpt_epoch_240.pth")
+        seen.add((opt.distill, opt.alpha, opt.beta))
+    assert {("crd", 1.0, 0.8), ("dcd", 0.0, 1.0), ("dcd", 1.0, 1.0), ("kd", 0.9, 0.0)} <= seen
+    assert {d for d, _, _ in seen} == set(METHODS) | {"wcord", "crcd", "dcd", "dkd"}
