@@ -197,13 +197,13 @@ class CRCDLoss(nn.Module):
                      (e_t, memory.memory_v1, Z_V2_SLOT))   # teacher relations, student bank
             for e, bank, z_slot in sides:
                 cos = relation_scores(e, bank[idx], bank[contrast_idx], contrast_idx, idx)  # [B, B, K+1]
-                logits = cos[pairs].div_(temperature)                                      # [P, K+1]
-                if logits.shape[0] == 0:  # a batch of one sample has no relation
+                scaled = cos[pairs].div_(temperature)                                      # [P, K+1]
+                if scaled.shape[0] == 0:  # a batch of one sample has no relation
                     continue
                 with torch.no_grad():
-                    log_z = memory._partition(z_slot, logits.exp()).log()
-                # exp(s / T) / Z, as one tensor kept for backward
-                loss = loss + self.criterion(logits.sub_(log_z).exp_())
+                    log_z = memory._partition(z_slot, scaled.exp()).log()
+                # exp(cos / T) / Z, as one tensor kept for backward
+                loss = loss + self.criterion(scaled.sub_(log_z).exp_())
             memory.update_memory(e_s.detach(), e_t.detach(), idx)
         return loss
 
@@ -221,9 +221,11 @@ class CRCD(Distiller):
     ``torch.autograd.grad(CE, f_s, create_graph=True)`` would (the authors' code), without a
     second backward pass.
 
-    Published weights ``-r 1 -a 0.9 -b 1`` (CRCD with KD, the authors' released training script).
-    The loader supplies ``index``; CRCD's ``--crcd_k`` negatives per anchor are drawn by its own
-    bank (uniform over the other samples), so the loader draws no ``contrast_idx``.
+    Published weights ``-r 1 -a 0.9 -b 1``: CRCD with KD, the defaults of the authors' released
+    training script (github.com/Lechatelia/CRCD, with K=500, T=0.05). The loader supplies
+    ``index``; CRCD's ``--crcd_k`` negatives per anchor are drawn by its own bank (uniform over
+    the other samples, positive = the sample), so the loader draws no ``contrast_idx`` and
+    ``--nce_k``, ``--nce_t`` and ``--mode`` do not apply (``--feat_dim`` and ``--nce_m`` do).
     """
 
     needs_index = True

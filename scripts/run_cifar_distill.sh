@@ -33,7 +33,7 @@ flags_for() {
     crd)         echo "--distill crd -a 0 -b 0.8" ;;
     crd+kd)      echo "--distill crd -a 1 -b 0.8" ;;
     wcord+kd)    echo "--distill wcord -a 1 -b 0.8" ;;
-    crcd)        echo "--distill crcd CRCD_SCRIPT_WEIGHTS" ;;
+    crcd)        echo "--distill crcd -a 0.9 -b 1" ;;
     dcd)         echo "--distill dcd -a 0 -b 1" ;;
     dcd+kd)      echo "--distill dcd -a 1 -b 1" ;;
     dkd)         echo "--distill dkd -a 0 -b 1" ;;
