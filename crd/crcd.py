@@ -18,7 +18,6 @@ own embedding heads and banks.
 from __future__ import annotations
 
 import argparse
-from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -28,6 +27,7 @@ from distiller_zoo.registry import Batch, Distiller, NetOutput, register
 from helper.errors import UserError
 from models import get_classifier
 
+from .crd_loss import head_options
 from .embed import Embed
 from .loss import ContrastLoss
 from .memory import T_SLOT, Z_V1_SLOT, Z_V2_SLOT, ContrastMemory
@@ -243,15 +243,8 @@ class CRCD(Distiller):
 
     def __init__(self, opt, feats_s: list[torch.Tensor], feats_t: list[torch.Tensor]):
         super().__init__()
-        n_data = getattr(opt, "n_data", None)
-        if not n_data:
-            raise UserError("--distill crcd needs opt.n_data, the number of training samples "
-                            "(the memory banks' rows)")
-        crcd_opt = SimpleNamespace(
-            s_dim=feats_s[-1].flatten(1).shape[1], t_dim=feats_t[-1].flatten(1).shape[1],
-            feat_dim=getattr(opt, "feat_dim", 128), n_data=int(n_data),
-            crcd_k=getattr(opt, "crcd_k", 500), crcd_t=getattr(opt, "crcd_t", 0.05),
-            nce_m=getattr(opt, "nce_m", 0.5), crcd_grad_weight=getattr(opt, "crcd_grad_weight", 1.0))
+        crcd_opt = head_options(opt, feats_s, feats_t, "crcd", feat_dim=128, crcd_k=500, crcd_t=0.05,
+                                nce_m=0.5, crcd_grad_weight=1.0)
         self.criterion = CRCDLoss(crcd_opt)
         self.s_dim, self.t_dim = crcd_opt.s_dim, crcd_opt.t_dim
         # References to the networks' classifiers, in a tuple so that nn.Module does not register

@@ -14,6 +14,25 @@ from .loss import ContrastLoss
 from .memory import ContrastMemory
 
 
+# Defaults of the memory-bank flags, for an ``opt`` built outside train_student.py.
+BANK_DEFAULTS = dict(feat_dim=128, nce_k=16384, nce_t=0.07, nce_m=0.5, nce_z_momentum=None)
+
+
+def head_options(opt, feats_s: list[torch.Tensor], feats_t: list[torch.Tensor], method: str,
+                 needs_bank: bool = True, **defaults) -> SimpleNamespace:
+    """The options of a contrastive loss: ``opt``'s attributes over ``defaults``, plus ``s_dim``
+    and ``t_dim``, the sizes of the pooled features ``feats[-1]``. With ``needs_bank``, ``opt``
+    must give ``n_data`` (the training-set size, the memory banks' rows)."""
+    if needs_bank and not getattr(opt, "n_data", None):
+        raise UserError(f"--distill {method} needs opt.n_data, the number of training samples "
+                        "(the memory bank's rows)")
+    values = {**defaults, **vars(opt)}
+    values.update(s_dim=feats_s[-1].flatten(1).shape[1], t_dim=feats_t[-1].flatten(1).shape[1])
+    if needs_bank:
+        values["n_data"] = int(values["n_data"])
+    return SimpleNamespace(**values)
+
+
 class CRDLoss(nn.Module):
     """The CRD objective of "Contrastive Representation Distillation" (Tian, Krishnan & Isola,
     ICLR 2020, Eq. 18 applied to both views), with RepDistiller's modules and names::
@@ -72,16 +91,7 @@ class CRD(Distiller):
 
     def __init__(self, opt, feats_s: list[torch.Tensor], feats_t: list[torch.Tensor]):
         super().__init__()
-        n_data = getattr(opt, "n_data", None)
-        if not n_data:
-            raise UserError("--distill crd needs opt.n_data, the number of training samples "
-                            "(the memory bank's rows)")
-        crd_opt = SimpleNamespace(
-            s_dim=feats_s[-1].flatten(1).shape[1], t_dim=feats_t[-1].flatten(1).shape[1],
-            feat_dim=getattr(opt, "feat_dim", 128), n_data=int(n_data),
-            nce_k=getattr(opt, "nce_k", 16384), nce_t=getattr(opt, "nce_t", 0.07),
-            nce_m=getattr(opt, "nce_m", 0.5), nce_z_momentum=getattr(opt, "nce_z_momentum", None))
-        self.criterion = CRDLoss(crd_opt)
+        self.criterion = CRDLoss(head_options(opt, feats_s, feats_t, "crd", **BANK_DEFAULTS))
 
     def forward(self, s: NetOutput, t: NetOutput, batch: Batch) -> dict[str, torch.Tensor]:
         """s / t: network outputs, ``feats[-1]`` [B, C]; batch: ``index`` [B], ``contrast_idx`` [B, K+1]."""

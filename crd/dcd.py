@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import argparse
-from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from distiller_zoo.registry import Batch, Distiller, NetOutput, register
+
+from .crd_loss import head_options
 
 
 class DCDLoss(nn.Module):
@@ -102,8 +103,7 @@ class DCD(Distiller):
 
     def __init__(self, opt, feats_s: list[torch.Tensor], feats_t: list[torch.Tensor]) -> None:
         super().__init__()
-        dcd_opt = SimpleNamespace(s_dim=feats_s[-1].flatten(1).shape[1], t_dim=feats_t[-1].flatten(1).shape[1],
-                                  feat_dim=getattr(opt, "feat_dim", 128))
+        dcd_opt = head_options(opt, feats_s, feats_t, "dcd", needs_bank=False, feat_dim=128)
         self.criterion = DCDLoss(dcd_opt, max_tau=getattr(opt, "dcd_max_tau", 10.0),
                                  alpha=getattr(opt, "dcd_alpha", 0.5), init_tau=getattr(opt, "dcd_init_tau", 1.0))
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import math
-from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -15,6 +14,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 from distiller_zoo.registry import Batch, Distiller, NetOutput, register
 from helper.errors import UserError
 
+from .crd_loss import BANK_DEFAULTS, head_options
 from .embed import Embed
 from .loss import ContrastLoss
 from .memory import ContrastMemory
@@ -193,19 +193,9 @@ class WCoRD(Distiller):
 
     def __init__(self, opt, feats_s: list[torch.Tensor], feats_t: list[torch.Tensor]):
         super().__init__()
-        n_data = getattr(opt, "n_data", None)
-        if not n_data:
-            raise UserError("--distill wcord needs opt.n_data, the number of training samples "
-                            "(the memory bank's rows)")
-        wcord_opt = SimpleNamespace(
-            s_dim=feats_s[-1].flatten(1).shape[1], t_dim=feats_t[-1].flatten(1).shape[1],
-            feat_dim=getattr(opt, "feat_dim", 128), n_data=int(n_data),
-            nce_k=getattr(opt, "nce_k", 16384), nce_t=getattr(opt, "nce_t", 0.07),
-            nce_m=getattr(opt, "nce_m", 0.5), nce_z_momentum=getattr(opt, "nce_z_momentum", None),
-            wcord_lambda_g=getattr(opt, "wcord_lambda_g", DEFAULT_LAMBDA_G),
-            wcord_lambda_l=getattr(opt, "wcord_lambda_l", DEFAULT_LAMBDA_L),
-            wcord_eps=getattr(opt, "wcord_eps", DEFAULT_EPS),
-            wcord_iters=getattr(opt, "wcord_iters", DEFAULT_ITERS))
+        wcord_opt = head_options(opt, feats_s, feats_t, "wcord", **BANK_DEFAULTS,
+                                 wcord_lambda_g=DEFAULT_LAMBDA_G, wcord_lambda_l=DEFAULT_LAMBDA_L,
+                                 wcord_eps=DEFAULT_EPS, wcord_iters=DEFAULT_ITERS)
         self.criterion = WCoRDLoss(wcord_opt)
 
     @classmethod

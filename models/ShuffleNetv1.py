@@ -92,7 +92,7 @@ class ShuffleNet(nn.Module):
     def get_bn_before_relu(self) -> list[nn.BatchNorm2d]:
         """``bn3`` (main branch) of each stage's last unit.
 
-        RepDistiller raised NotImplementedError here. In ShuffleNet the last ReLU of a stage follows the
+        RepDistiller did not provide this. In ShuffleNet the last ReLU of a stage follows the
         sum of this BN's output and the shortcut, so the BN is not directly before that ReLU; it is the
         closest BatchNorm (what the "Overhaul" margin statistics can be computed from).
         """

@@ -123,7 +123,7 @@ class ShuffleNetV2(nn.Module):
     def get_bn_before_relu(self) -> list[nn.BatchNorm2d]:
         """``bn3`` (main branch) of each stage's last unit.
 
-        RepDistiller raised NotImplementedError here. This BN is the one whose output the stage's last
+        RepDistiller did not provide this. This BN is the one whose output the stage's last
         ReLU acts on (on half of the channels; the other half passes through unchanged).
         """
         return [self.layer1[-1].bn3, self.layer2[-1].bn3, self.layer3[-1].bn3]

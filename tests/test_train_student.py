@@ -2,7 +2,6 @@
 reference scripts' command lines, records and errors."""
 from __future__ import annotations
 
-import json
 import shlex
 import subprocess
 import sys
