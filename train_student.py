@@ -50,6 +50,9 @@ def build_parser() -> Parser:
     g.add_argument("--nce_k", type=int, default=16384, help="negatives for NCE")
     g.add_argument("--nce_t", type=float, default=0.07, help="temperature for NCE")
     g.add_argument("--nce_m", type=float, default=0.5, help="momentum of the memory-bank update")
+    g.add_argument("--nce_z_momentum", type=float, default=None,
+                   help="keep NCE's normaliser Z as an EMA with this momentum (e.g. 0.99); "
+                        "default: estimated on the first batch, then frozen (the paper)")
     g.add_argument("--hint_layer", type=int, default=2, choices=[0, 1, 2, 3, 4], help="FitNet's feature index")
     add_method_arguments(parser)
     return parser

@@ -207,3 +207,14 @@ def test_distill_script_dry_run_prints_parsable_commands():
         seen.add((opt.distill, opt.alpha, opt.beta))
     assert {("crd", 1.0, 0.8), ("dcd", 0.0, 1.0), ("dcd", 1.0, 1.0), ("kd", 0.9, 0.0)} <= seen
     assert {d for d, _, _ in seen} == (set(METHODS) - {"kdsvd"}) | {"wcord", "crcd", "dcd", "dkd"}  # kdsvd: no table
+
+
+def test_nce_z_momentum_flag_reaches_the_memory():
+    from distiller_zoo.registry import build_distiller
+    opt = train_student.parse_option(["--path_t", "t.pth", "--distill", "crd", "--nce_z_momentum", "0.99",
+                                      "--nce_k", "16"])
+    opt.n_data = 64
+    sample = torch.randn(2, 3, 32, 32)
+    distiller = build_distiller("crd", opt, build_model("resnet8", 100), build_model("resnet8", 100), sample)
+    assert distiller.criterion.contrast.z_momentum == 0.99
+    assert train_student.parse_option(["--path_t", "t.pth", "--distill", "crd"]).nce_z_momentum is None
