@@ -14,18 +14,20 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from dataset import get_dataloaders
-from distiller_zoo import DistillKL
-from distiller_zoo.registry import Batch, NetOutput, add_method_arguments, build_distiller, get_method, method_names
+from distiller_zoo.registry import add_method_arguments, build_distiller, get_method, method_names
+from helper.checkpoint import load_checkpoint
+from helper.distributed import say, shutdown, wrap_ddp
 from helper.errors import UserError, exit_on_user_error
 from helper.logger import RunLog
-from helper.loops import fit, validate
+from helper.loops import Fit, resume_path, validate
 from helper.optim import build_optimizer
 from helper.options import Parser, add_training_args, finalize_training_args
 from helper.pretrain import run_init_stage
-from helper.runtime import resolve_device, set_seed
+from helper.runtime import Runtime, setup_runtime
+from helper.steps import DistillStep
+from helper.sync_bn import convert_sync_batchnorm
 from helper.teacher import load_teacher
 from models import build_model, resolve_model_name
 
@@ -62,6 +64,9 @@ def parse_option(argv: list[str] | None = None):
     opt = build_parser().parse_args(argv)
 
     method = get_method(opt.distill)
+    if not opt.path_t:
+        raise UserError("--path_t is required: the teacher checkpoint, e.g. "
+                        "./save/models/resnet32x4_vanilla/ckpt_epoch_240.pth")
     opt.arch = resolve_model_name(opt.model_s, opt.dataset)
     finalize_training_args(opt, opt.model_s)
     fill_weights(opt, method.weights)
@@ -79,7 +84,7 @@ def fill_weights(opt, published: tuple[float, float, float]) -> None:
         if getattr(opt, attr) is None:
             setattr(opt, attr, value)
             filled.append(f"{flag} {value:g}")
-    print(f"--distill {opt.distill}: using its published weights {' '.join(filled)}", flush=True)
+    say(f"--distill {opt.distill}: using its published weights {' '.join(filled)}")
 
 
 def run_name(opt, model_t: str) -> str:
@@ -91,80 +96,68 @@ def run_name(opt, model_t: str) -> str:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
     opt = parse_option(argv)
-    device = resolve_device(opt.device)
-    set_seed(opt.seed)
+    runtime = setup_runtime(opt)
+    try:
+        return train(opt, runtime)
+    finally:
+        shutdown()
+
+
+def train(opt, runtime: Runtime) -> dict:
     method = get_method(opt.distill)
     data = get_dataloaders(opt, instance=method.needs_index, contrast=method.needs_contrast_idx)
     opt.num_classes, opt.n_data = data.num_classes, data.n_data
 
-    student = build_model(opt.arch, num_classes=data.num_classes).to(device)  # first: its init depends on the seed only
+    # first: its init depends on the seed only
+    student = runtime.place(build_model(opt.arch, num_classes=data.num_classes))
+    if opt.sync_bn:  # after placing: on GPUs it becomes torch's SyncBatchNorm
+        student = convert_sync_batchnorm(student)
     teachers = []
     for path in opt.path_t.split(",") if opt.path_t else [""]:
         teacher, arch = load_teacher(path.strip(), data.num_classes, opt.dataset)
-        teachers.append((teacher.to(device).eval().requires_grad_(False), arch, path.strip()))
+        teachers.append((runtime.place(teacher).eval().requires_grad_(False), arch, path.strip()))
     opt.model_t = "+".join(arch for _, arch, _ in teachers)
-    sample = torch.stack([data.val_loader.dataset[i][0] for i in range(2)]).to(device)
+    sample = runtime.to_device(torch.stack([data.val_loader.dataset[i][0] for i in range(2)]))
     # One Distiller (heads, banks) per teacher; their terms are averaged.
     distillers = nn.ModuleList([build_distiller(opt.distill, opt, student, teacher, sample)
-                                for teacher, _, _ in teachers]).to(device)
-    preact = distillers[0].preact
+                                for teacher, _, _ in teachers])
+    runtime.place(distillers)
+    runtime.seed_rank(opt.seed)
 
     folder = Path(opt.save_folder) / run_name(opt, opt.model_t)
-    run = RunLog(folder, opt, extra={"role": "student", "method": opt.distill, "model_s": opt.arch,
-                                     "model_t": opt.model_t, "dataset": opt.dataset})
+    run = RunLog(folder, opt, active=runtime.dist.is_main,
+                 extra={"role": "student", "method": opt.distill, "model_s": opt.arch,
+                        "model_t": opt.model_t, "dataset": opt.dataset})
     teacher_accs = []
     for teacher, arch, path in teachers:
-        teacher_accs.append(validate(teacher, data.val_loader, device)["test_acc"])
-        print(f"teacher {arch} ({path}): test top-1 {teacher_accs[-1]:.2f}", flush=True)
+        teacher_accs.append(validate(teacher, data.val_loader, runtime.device, runtime)["test_acc"])
+        say(f"teacher {arch} ({path}): test top-1 {teacher_accs[-1]:.2f}")
     run.results["teacher_acc"] = teacher_accs[0] if len(teachers) == 1 else teacher_accs
-    print(f"distilling {opt.model_t} -> {opt.arch} with {opt.distill} (-r {opt.gamma:g} -a {opt.alpha:g} "
-          f"-b {opt.beta:g}) on {opt.dataset} ({data.n_data} images) on {device}; run folder {folder}", flush=True)
+    say(f"distilling {opt.model_t} -> {opt.arch} with {opt.distill} (-r {opt.gamma:g} -a {opt.alpha:g} "
+        f"-b {opt.beta:g}) on {opt.dataset} ({data.n_data} images) on {runtime.describe()}; run folder {folder}")
 
-    def to_batch(raw: tuple) -> Batch:
-        return Batch(*(t.to(device, non_blocking=True) for t in raw))
-
-    if method.has_init_stage and opt.beta != 0 and opt.init_epochs > 0:
-        for distiller, (teacher, _, _) in zip(distillers, teachers):
-            run_init_stage(distiller, student, teacher, data.train_loader, to_batch, opt, log=run.init_epoch)
-
-    kd = DistillKL(opt.kd_T)
-
-    def train_step(raw: tuple):
-        batch = to_batch(raw)
-        feats_s, logits_s = student(batch.img, is_feat=True, preact=preact)
-        with torch.no_grad():
-            outs_t = [NetOutput(*teacher(batch.img, is_feat=True, preact=preact)) for teacher, _, _ in teachers]
-        terms = {}
-        if opt.gamma:
-            terms["ce"] = opt.gamma * F.cross_entropy(logits_s, batch.target)
-        if opt.alpha:  # an ensemble's KD target is its averaged logits
-            terms["kd"] = opt.alpha * kd(logits_s, torch.stack([t.logits for t in outs_t]).mean(0))
-        if opt.beta:
-            s = NetOutput(feats_s, logits_s)
-            per_teacher = [distiller(s, t, batch) for distiller, t in zip(distillers, outs_t)]
-            terms.update({name: opt.beta * torch.stack([p[name] for p in per_teacher]).mean()
-                          for name in per_teacher[0]})
-        if not terms:
-            raise UserError("-r, -a and -b are all 0 (or the method has no term): nothing to train")
-        return logits_s, batch.target, terms
-
-    def start_epoch(epoch: int) -> None:
-        for distiller in distillers:
-            distiller.start_epoch(epoch)
-
-    def checkpoint_extra() -> dict:
-        state = distillers[0].state_dict() if len(distillers) == 1 else distillers.state_dict()
-        return {"distiller": state, "distill": opt.distill, "model_t": opt.model_t}
-
+    step = DistillStep(student, [t for t, _, _ in teachers], distillers, opt, runtime)
     extra_params = [p for distiller in distillers for p in distiller.trainable_parameters()]
     optimizer = build_optimizer(list(student.parameters()) + extra_params, opt)
-    results = fit(opt, model=student, trainable=nn.ModuleList([student, distillers]), optimizer=optimizer,
-                  train_loader=data.train_loader, val_loader=data.val_loader, train_step=train_step,
-                  device=device, run=run, on_epoch_start=start_epoch, checkpoint_extra=checkpoint_extra)
-    print(f"teacher top-1 {', '.join(f'{a:.2f}' for a in teacher_accs)}; student best top-1 "
-          f"{results['best_acc']:.2f}  last top-1 {results['last_acc']:.2f}  ({results['wall_time_s']:.0f} s)",
-          flush=True)
+    ddp_step = wrap_ddp(step, runtime.device, find_unused_parameters=True)
+    fit = Fit(opt, modules={"model": student, "distiller": distillers[0] if len(distillers) == 1 else distillers},
+              trainable=ddp_step, optimizer=optimizer, train_loader=data.train_loader, val_loader=data.val_loader,
+              train_step=ddp_step, runtime=runtime, run=run,
+              static={"arch": opt.arch, "dataset": opt.dataset, "num_classes": opt.num_classes,
+                      "distill": opt.distill, "model_t": opt.model_t},
+              on_epoch_start=lambda epoch: [d.start_epoch(epoch) for d in distillers])
+    resume = resume_path(opt.resume, folder)
+    if resume is not None:
+        fit.restore(load_checkpoint(resume), f"'{resume}'")
+    elif method.has_init_stage and opt.beta != 0 and opt.init_epochs > 0:
+        for distiller, (teacher, _, _) in zip(distillers, teachers):
+            run_init_stage(distiller, student, teacher, data.train_loader, step.batch, opt,
+                           log=run.init_epoch, runtime=runtime)
+    results = fit()
+    say(f"teacher top-1 {', '.join(f'{a:.2f}' for a in teacher_accs)}; student best top-1 "
+        f"{results['best_acc']:.2f}  last top-1 {results['last_acc']:.2f}  ({results['wall_time_s']:.0f} s)")
     return results
+
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -11,15 +11,17 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch.nn.functional as F
-
 from dataset import get_dataloaders
+from helper.checkpoint import load_checkpoint
+from helper.distributed import say, shutdown, wrap_ddp
 from helper.errors import exit_on_user_error
 from helper.logger import RunLog
-from helper.loops import fit
+from helper.loops import Fit, resume_path
 from helper.optim import build_optimizer
 from helper.options import Parser, add_training_args, finalize_training_args
-from helper.runtime import resolve_device, set_seed
+from helper.runtime import Runtime, setup_runtime
+from helper.steps import ClassifyStep
+from helper.sync_bn import convert_sync_batchnorm
 from models import build_model, resolve_model_name
 
 
@@ -44,26 +46,35 @@ def parse_option(argv: list[str] | None = None):
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
     opt = parse_option(argv)
-    device = resolve_device(opt.device)
-    set_seed(opt.seed)
+    runtime = setup_runtime(opt)
+    try:
+        return train(opt, runtime)
+    finally:
+        shutdown()
+
+
+def train(opt, runtime: Runtime) -> dict:
     data = get_dataloaders(opt)
     opt.num_classes = data.num_classes
-    model = build_model(opt.arch, num_classes=data.num_classes).to(device)
+    model = runtime.place(build_model(opt.arch, num_classes=data.num_classes))
+    if opt.sync_bn:  # after placing: on GPUs it becomes torch's SyncBatchNorm
+        model = convert_sync_batchnorm(model)
+    runtime.seed_rank(opt.seed)
     optimizer = build_optimizer(model.parameters(), opt)
-    run = RunLog(Path(opt.save_path), opt, extra={"role": "teacher", "model": opt.arch, "dataset": opt.dataset})
-    print(f"training {opt.arch} on {opt.dataset} ({data.n_data} images, {data.num_classes} classes) "
-          f"on {device}; run folder {opt.save_path}", flush=True)
-
-    def train_step(batch):
-        images = batch[0].to(device, non_blocking=True)
-        target = batch[1].to(device, non_blocking=True)
-        logits = model(images)
-        return logits, target, {"ce": F.cross_entropy(logits, target)}
-
-    results = fit(opt, model=model, trainable=model, optimizer=optimizer, train_loader=data.train_loader,
-                  val_loader=data.val_loader, train_step=train_step, device=device, run=run)
-    print(f"best top-1 {results['best_acc']:.2f}  last top-1 {results['last_acc']:.2f}  "
-          f"last top-5 {results['last_acc_top5']:.2f}  ({results['wall_time_s']:.0f} s)", flush=True)
+    run = RunLog(Path(opt.save_path), opt, active=runtime.dist.is_main,
+                 extra={"role": "teacher", "model": opt.arch, "dataset": opt.dataset})
+    step = wrap_ddp(ClassifyStep(model, runtime), runtime.device)
+    fit = Fit(opt, modules={"model": model}, trainable=step, optimizer=optimizer, train_loader=data.train_loader,
+              val_loader=data.val_loader, train_step=step, runtime=runtime, run=run,
+              static={"arch": opt.arch, "dataset": opt.dataset, "num_classes": opt.num_classes})
+    resume = resume_path(opt.resume, opt.save_path)
+    if resume is not None:
+        fit.restore(load_checkpoint(resume), f"'{resume}'")
+    say(f"training {opt.arch} on {opt.dataset} ({data.n_data} images, {data.num_classes} classes) on "
+        f"{runtime.describe()}; run folder {opt.save_path}")
+    results = fit()
+    say(f"best top-1 {results['best_acc']:.2f}  last top-1 {results['last_acc']:.2f}  "
+        f"last top-5 {results['last_acc_top5']:.2f}  ({results['wall_time_s']:.0f} s)")
     return results
 
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from distiller_zoo._common import fp32
 from distiller_zoo.registry import Batch, Distiller, NetOutput, register
 from helper.errors import UserError
 from models import get_classifier
@@ -79,6 +80,7 @@ def relation_scores(e: torch.Tensor, anchors: torch.Tensor, rows: torch.Tensor,
     return cos
 
 
+@fp32  # a softmax, and its product with the weight kept in float32 under autocast
 def ce_feature_grad(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The gradient element of CRCD (``dCE/df``) in closed form for a linear classifier.
 

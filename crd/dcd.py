@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from distiller_zoo._common import fp32
 from distiller_zoo.registry import Batch, Distiller, NetOutput, register
 
 from .crd_loss import head_options
@@ -87,7 +88,12 @@ class DCDLoss(nn.Module):
     def forward(self, f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
         """f_s: student features [B, s_dim]; f_t: teacher features [B, t_dim]. Returns the scalar
         ``con + alpha * consistency``."""
-        logits = self.logits(*self.embed(f_s, f_t))
+        return self.loss(*self.embed(f_s, f_t))
+
+    @fp32  # scaled cosines, a cross-entropy and a KL between softmaxes
+    def loss(self, z_s: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
+        """z_s, z_t: unit embeddings [B, D] -> the scalar ``con + alpha * consistency`` (float32)."""
+        logits = self.logits(z_s, z_t)
         return self.contrastive(logits) + self.alpha * self.consistency(logits)
 
 

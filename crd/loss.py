@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from distiller_zoo._common import fp32
+
 EPS = 1e-7
 
 
@@ -25,9 +27,10 @@ class ContrastLoss(nn.Module):
         super().__init__()
         self.n_data = n_data
 
+    @fp32  # logs of ratios of scores that span many orders of magnitude
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: scores [B, K+1] or [B, K+1, 1], column 0 the positive. Returns the scalar loss
-        (RepDistiller returns a one-element [1] tensor with the same value)."""
+        """x: scores [B, K+1] or [B, K+1, 1], column 0 the positive. Returns the scalar loss, in
+        float32 for fp16/bf16 scores (RepDistiller returns a one-element [1] tensor with the same value)."""
         x = x.flatten(1)
         batch_size, m = x.shape[0], x.shape[1] - 1
         noise = m / self.n_data  # m * Pn

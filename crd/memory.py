@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dataset.sampling import ContrastSampler
+from helper import distributed
 from helper.errors import UserError
 
 # Positions in the ``params`` buffer (RepDistiller's layout).
@@ -89,7 +90,12 @@ class ContrastMemory(nn.Module):
     def _partition(self, slot: int, out: torch.Tensor) -> torch.Tensor:
         """Z for one view (0-dim, no gradient): estimated from ``out`` [B, K+1, 1] on the first
         batch, then frozen or (with ``z_momentum``) an EMA; stored in ``params[slot]``."""
-        estimate = out.mean() * self.n_data
+        if distributed.current().enabled:  # the mean over every rank's scores: Z is the same on all ranks
+            sums = distributed.all_reduce_sum(torch.stack([out.sum(dtype=torch.float64),
+                                                           out.new_tensor(out.numel(), dtype=torch.float64)]))
+            estimate = (sums[0] / sums[1]).to(out.dtype) * self.n_data
+        else:
+            estimate = out.mean() * self.n_data
         z = self.params[slot]
         if self.z_momentum is None:
             z_new = torch.where(z < 0, estimate, z)
@@ -101,8 +107,13 @@ class ContrastMemory(nn.Module):
     @torch.no_grad()
     def update_memory(self, v1: torch.Tensor, v2: torch.Tensor, y: torch.Tensor) -> None:
         """Momentum update of the rows ``y`` [B] with v1 / v2 [B, D]:
-        ``mem[y] = normalize(m * mem[y] + (1 - m) * v)``. (Under DDP, call it with the
-        all-gathered rows and indices so that every rank's bank stays identical.)"""
+        ``mem[y] = normalize(m * mem[y] + (1 - m) * v)``. Under torchrun the rows and indices
+        of every rank are gathered first, so that every rank's bank stays identical (a sample
+        that two ranks hold, from the sampler's padding, takes the first rank's update)."""
+        if distributed.current().enabled:
+            y, v1, v2 = distributed.all_gather_cat(y), distributed.all_gather_cat(v1), distributed.all_gather_cat(v2)
+            y, first = first_occurrences(y)
+            v1, v2 = v1[first], v2[first]
         m = self.params[MOMENTUM_SLOT]
         for bank, v in ((self.memory_v1, v1), (self.memory_v2, v2)):
             rows = bank.index_select(0, y) * m + v.to(bank.dtype) * (1 - m)
@@ -125,3 +136,11 @@ class ContrastMemory(nn.Module):
         if self._sampler.labels.device != y.device:
             self._sampler.to(y.device)
         return self._sampler(y)
+
+
+def first_occurrences(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct values of ``y`` [B] and the position of each one's first occurrence."""
+    values, inverse = torch.unique(y, return_inverse=True)
+    positions = torch.arange(y.numel(), device=y.device)
+    first = torch.full_like(values, y.numel()).scatter_reduce(0, inverse, positions, reduce="amin")
+    return values, first

@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 
+from helper.distributed import EpochSampler, ShardSampler, current
 from helper.errors import UserError
 
 from .sampling import ContrastSampler
@@ -98,10 +99,11 @@ def make_bundle(train_set: Dataset, val_set: Dataset, train_labels: torch.Tensor
     ``nce_k`` and ``mode`` (optional, with the defaults of the training scripts); ``val_subset``
     picks a class-balanced validation subset that does not depend on the seed. ``contrast``
     implies ``instance``.
-    Training is shuffled by a ``torch.Generator`` seeded from ``opt.seed`` (drawn from torch's
-    global RNG when ``seed`` is None); each epoch's worker seeds come from that generator too,
-    so the loader's output is reproducible, and ``train_loader.generator.get_state()`` is all
-    a resume has to save (plus torch's global RNG when ``num_workers`` is 0).
+    Training order: :class:`helper.distributed.EpochSampler` (a permutation drawn from
+    ``opt.seed + epoch``, sharded across ranks under torchrun; call ``train_loader.sampler.set_epoch``).
+    Each epoch's worker seeds come from ``train_loader.generator`` (seeded ``opt.seed + rank``),
+    so the loader's output is reproducible, and that generator's state is all a resume has to
+    save (plus torch's global RNG when ``num_workers`` is 0). Validation is sharded without padding.
     """
     batch_size = int(getattr(opt, "batch_size", 64))
     num_workers = int(getattr(opt, "num_workers", 0) or 0)
@@ -124,22 +126,28 @@ def make_bundle(train_set: Dataset, val_set: Dataset, train_labels: torch.Tensor
                                   generator=torch.Generator().manual_seed(int(seed)))
         collate = ContrastCollate(sampler)
     n_data = len(train_view)
+    rank = current()
+    # One permutation per epoch from (seed, epoch), sharded across ranks: resumable and the same
+    # on every rank. The loader's generator gives each epoch's worker seeds (different per rank).
+    train_sampler = EpochSampler(n_data, seed, rank.rank, rank.world_size)
+    per_rank = len(train_sampler)
     pin = torch.cuda.is_available()
     train_loader = DataLoader(
-        train_view, batch_size=batch_size, shuffle=True, num_workers=num_workers,
+        train_view, batch_size=batch_size, sampler=train_sampler, num_workers=num_workers,
         collate_fn=collate, pin_memory=pin,
         # a last batch of one sample would break BatchNorm in training: drop it
-        drop_last=n_data > 1 and n_data % batch_size == 1,
-        generator=torch.Generator().manual_seed(int(seed)))
+        drop_last=per_rank > 1 and per_rank % batch_size == 1,
+        generator=torch.Generator().manual_seed(int(seed) + rank.rank))
     val_size = int(getattr(opt, "val_subset", None) or 0)
     val_indices = None
     if val_size:  # the same samples whatever the run's seed, so runs stay comparable
         val_labels = torch.as_tensor(val_set.targets, dtype=torch.long)  # type: ignore[attr-defined]
         val_indices = balanced_subset(val_labels, val_size, seed=0, flag="--val_subset")
     val_workers = num_workers if val_workers is None else val_workers
+    val_view = IndexedDataset(val_set, val_indices)
     val_loader = DataLoader(
-        IndexedDataset(val_set, val_indices), batch_size=val_batch_size or batch_size, shuffle=False,
-        num_workers=val_workers, pin_memory=pin,
+        val_view, batch_size=val_batch_size or batch_size,
+        sampler=ShardSampler(len(val_view), rank.rank, rank.world_size), num_workers=val_workers, pin_memory=pin,
         # its own generator: iterating it must not draw from the global RNG (validating
         # teachers or resuming would otherwise change the training run's augmentations)
         generator=torch.Generator().manual_seed(0))

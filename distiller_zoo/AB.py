@@ -10,7 +10,7 @@ import torch.nn as nn
 from helper.errors import UserError
 from models.util import Connector
 
-from ._common import detached
+from ._common import detached, fp32
 from .registry import Batch, Distiller, NetOutput, register
 
 
@@ -27,8 +27,10 @@ class ABLoss(nn.Module):
         self.w = [2 ** (i - feat_num + 1) for i in range(feat_num)]
         self.margin = margin
 
+    @fp32  # squares summed over whole maps
     def forward(self, g_s: Sequence[torch.Tensor], g_t: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """g_s: connected student pre-activations; g_t: teacher pre-activations, same shapes [B, C, H, W]."""
+        """g_s: connected student pre-activations; g_t: teacher pre-activations, same shapes [B, C, H, W].
+        Returns float32 scalars."""
         bsz = g_s[0].shape[0]
         return [w * self.alternative_l2(s, t) / bsz / 1000 * 3 for w, s, t in zip(self.w, g_s, g_t)]
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._common import detached, pool_to_smaller
+from ._common import detached, fp32, pool_to_smaller
 from .registry import Batch, Distiller, NetOutput, register
 
 
@@ -28,6 +28,7 @@ class Attention(nn.Module):
         """g_s, g_t: lists of maps [B, C, H, W] -> one scalar per pair."""
         return [self.at_loss(f_s, f_t) for f_s, f_t in zip(g_s, g_t)]
 
+    @fp32  # the maps of student and teacher are close: their difference needs float32
     def at_loss(self, f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
         f_s, f_t = pool_to_smaller(f_s, f_t)
         return (self.at(f_s) - self.at(f_t)).pow(2).mean()

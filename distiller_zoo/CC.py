@@ -6,6 +6,7 @@ import torch.nn as nn
 
 from models.util import LinearEmbed
 
+from ._common import fp32
 from .registry import Batch, Distiller, NetOutput, register
 
 
@@ -16,8 +17,9 @@ class Correlation(nn.Module):
         CC = mean_b sum_k d[b, k] * d[b + 1, k]
     """
 
+    @fp32  # a difference of close embeddings, then products
     def forward(self, f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
-        """f_s, f_t: embeddings [B, D] -> scalar."""
+        """f_s, f_t: embeddings [B, D] -> scalar (float32)."""
         delta = (f_s - f_t).abs()
         return (delta[:-1] * delta[1:]).sum(1).mean()
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._common import fp32
 from .registry import Batch, Distiller, NetOutput, register
 
 # Subtracted from the (temperature-scaled) target logit so that its softmax weight is exp(-1000) = 0:
@@ -19,6 +20,7 @@ def _binary_kl(log_b_t: torch.Tensor, log_b_s: torch.Tensor) -> torch.Tensor:
     return (log_b_t.exp() * (log_b_t - log_b_s)).sum(1)
 
 
+@fp32
 def dkd_terms(y_s: torch.Tensor, y_t: torch.Tensor, target: torch.Tensor,
               T: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample TCKD and NCKD of Zhao et al. (their reformulation of KD), un-averaged and not scaled by T^2.

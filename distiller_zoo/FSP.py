@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from helper.errors import UserError
 
-from ._common import channels, detached, pool_to_smaller
+from ._common import channels, detached, fp32, pool_to_smaller
 from .registry import Batch, Distiller, NetOutput, register
 
 
@@ -30,8 +30,9 @@ class FSP(nn.Module):
         if s_c != t_c:
             raise ValueError(f"FSP: channel counts differ (student {s_c}, teacher {t_c})")
 
+    @fp32  # Gram matrices over H*W positions, then squared differences
     def forward(self, g_s: Sequence[torch.Tensor], g_t: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """g_s, g_t: lists of n maps [B, C_i, H_i, W_i] -> n - 1 scalars."""
+        """g_s, g_t: lists of n maps [B, C_i, H_i, W_i] -> n - 1 scalars (float32)."""
         return [(s - t).pow(2).mean() for s, t in zip(self.compute_fsp(g_s), self.compute_fsp(g_t))]
 
     @staticmethod

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from models.util import Paraphraser, Translator
 
-from ._common import pool_to_smaller
+from ._common import fp32, pool_to_smaller
 from .registry import Batch, Distiller, NetOutput, register
 
 
@@ -24,8 +24,9 @@ class FactorTransfer(nn.Module):
         self.p1 = p1
         self.p2 = p2
 
+    @fp32  # normalised maps of student and teacher are close: their difference needs float32
     def forward(self, f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
-        """f_s, f_t: factors [B, C, H, W] (channel counts may differ) -> scalar."""
+        """f_s, f_t: factors [B, C, H, W] (channel counts may differ) -> scalar (float32)."""
         f_s, f_t = pool_to_smaller(f_s, f_t)
         diff = self.factor(f_s) - self.factor(f_t)
         return diff.abs().mean() if self.p2 == 1 else diff.pow(self.p2).mean()

@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._common import fp32
 from .registry import Batch, Distiller, NetOutput, register
 
 
@@ -18,8 +19,9 @@ class DistillKL(nn.Module):
         super().__init__()
         self.T = T
 
+    @fp32
     def forward(self, y_s: torch.Tensor, y_t: torch.Tensor) -> torch.Tensor:
-        """y_s, y_t: logits [B, num_classes] -> scalar."""
+        """y_s, y_t: logits [B, num_classes] -> scalar (float32, also for fp16/bf16 logits under autocast)."""
         log_p_s = F.log_softmax(y_s / self.T, dim=1)
         p_t = F.softmax(y_t / self.T, dim=1)
         return F.kl_div(log_p_s, p_t, reduction="sum") * self.T**2 / y_s.shape[0]

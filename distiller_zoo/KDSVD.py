@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from helper.errors import UserError
 
-from ._common import channels, detached
+from ._common import channels, detached, fp32
 from .registry import Batch, Distiller, NetOutput, register
 
 
@@ -34,8 +34,9 @@ class KDSVD(nn.Module):
         super().__init__()
         self.k = k
 
+    @fp32  # torch.linalg.svd has no bf16 kernel; RBF of scaled singular vectors
     def forward(self, g_s: Sequence[torch.Tensor], g_t: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """g_s, g_t: lists of n maps [B, C_i, H_i, W_i] -> n - 1 scalars."""
+        """g_s, g_t: lists of n maps [B, C_i, H_i, W_i] -> n - 1 scalars (float32)."""
         losses = []
         v_s_prev = v_t_prev = None
         for f_s, f_t in zip(g_s, g_t):
@@ -53,6 +54,7 @@ class KDSVD(nn.Module):
         return [loss / bsz for loss in losses]
 
     @staticmethod
+    @fp32
     def svd(feat: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """feat: [B, C, H, W] -> leading singular values [B, n] and right singular vectors [B, C, n],
         each L2-normalised over dim 1 (non-finite entries zeroed first)."""

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._common import detached, pool_to_smaller
+from ._common import detached, fp32, pool_to_smaller
 from .registry import Batch, Distiller, NetOutput, register
 
 
@@ -30,6 +30,7 @@ class NSTLoss(nn.Module):
         return [self.nst_loss(f_s, f_t) for f_s, f_t in zip(g_s, g_t)]
 
     @staticmethod
+    @fp32  # MMD^2 is a difference of three close kernel means
     def nst_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
         f_s, f_t = pool_to_smaller(f_s, f_t)
         s = F.normalize(f_s.flatten(2), dim=2)

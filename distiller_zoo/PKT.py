@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ._common import fp32
 from .registry import Batch, Distiller, NetOutput, register
 
 
@@ -18,8 +19,9 @@ class PKT(nn.Module):
         super().__init__()
         self.eps = eps
 
+    @fp32  # cosine kernels, row normalisation and a log ratio
     def forward(self, f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
-        """f_s: [B, D_s]; f_t: [B, D_t] -> scalar."""
+        """f_s: [B, D_s]; f_t: [B, D_t] -> scalar (float32)."""
         p_s, p_t = self.probabilities(f_s), self.probabilities(f_t)
         return (p_t * torch.log((p_t + self.eps) / (p_s + self.eps))).mean()
 

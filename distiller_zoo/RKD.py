@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._common import fp32
 from .registry import Batch, Distiller, NetOutput, register
 
 
@@ -38,8 +39,9 @@ class RKDLoss(nn.Module):
         self.w_d = w_d
         self.w_a = w_a
 
+    @fp32  # |a|^2 + |b|^2 - 2 a.b cancels; distances and angles are divided and compared
     def forward(self, f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
-        """f_s, f_t: [B, ...] (flattened per sample) -> scalar."""
+        """f_s, f_t: [B, ...] (flattened per sample) -> scalar (float32)."""
         student = f_s.reshape(f_s.shape[0], -1)
         with torch.no_grad():
             teacher = f_t.reshape(f_t.shape[0], -1)

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._common import detached
+from ._common import detached, fp32
 from .registry import Batch, Distiller, NetOutput, register
 
 
@@ -29,6 +29,7 @@ class Similarity(nn.Module):
         f = f.reshape(f.shape[0], -1)
         return F.normalize(f @ f.t())
 
+    @fp32  # Gram matrices of long vectors, normalised, then subtracted
     def similarity_loss(self, f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
         bsz = f_s.shape[0]
         return (self.gram(f_t) - self.gram(f_s)).pow(2).sum().reshape(1) / (bsz * bsz)

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._common import channels, pool_to_smaller
+from ._common import channels, fp32, pool_to_smaller
 from .registry import Batch, Distiller, NetOutput, register
 
 
@@ -38,7 +38,11 @@ class VIDLoss(nn.Module):
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """input: student map [B, C_s, H, W]; target: teacher map [B, C_t, H', W'] -> scalar."""
         input, target = pool_to_smaller(input, target)
-        mu = self.regressor(input)
+        return self.nll(self.regressor(input), target)
+
+    @fp32  # softplus, log and a division by a learned variance; a mean over the whole map
+    def nll(self, mu: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Gaussian negative log-likelihood (up to constants) of target [B, C, H, W] around mu, same shape."""
         var = (F.softplus(self.log_scale) + self.eps).view(1, -1, 1, 1)
         return (0.5 * ((mu - target).pow(2) / var + var.log())).mean()
 

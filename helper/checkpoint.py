@@ -48,22 +48,27 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return state
 
 
-def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str,
+                 what: str | None = None) -> None:
     """Load ``state_dict`` into ``model`` strictly, accepting DataParallel/DDP ('module.') and
-    torch.compile ('_orig_mod.') prefixes; disagreeing keys or shapes raise :class:`UserError`."""
+    torch.compile ('_orig_mod.') prefixes; disagreeing keys or shapes raise :class:`UserError`
+    naming them (``what`` describes the model in that message, e.g. its architecture's name)."""
     state_dict = {_strip_prefixes(k): v for k, v in state_dict.items()}
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
-    wrong_shape = [k for k in expected if k in state_dict and expected[k].shape != state_dict[k].shape]
+    wrong_shape = [f"{k} (file {list(state_dict[k].shape)}, model {list(expected[k].shape)})"
+                   for k in expected if k in state_dict and expected[k].shape != state_dict[k].shape]
     if missing or unexpected or wrong_shape:
         parts = []
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
             if keys:
                 shown = ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
                 parts.append(f"{label}: {shown}")
-        raise UserError(f"the weights in {source} do not fit a {type(model).__name__} "
-                        f"({'; '.join(parts)}): is it a checkpoint of another architecture?")
+        question = ("is it a checkpoint of another architecture?" if missing or unexpected else
+                    "was it trained with another number of classes, or is it another width?")
+        raise UserError(f"the weights in {source} do not fit {what or 'a ' + type(model).__name__} "
+                        f"({'; '.join(parts)}): {question}")
     model.load_state_dict(state_dict, strict=True)
 
 

@@ -52,20 +52,38 @@ def git_commit() -> str | None:
 class RunLog:
     """The run folder's records: ``args.json`` at the start, TensorBoard scalars and one console
     line per epoch, and ``results.json`` (rewritten after each epoch, so an interrupted run keeps
-    its history)."""
+    its history). Under torchrun only rank 0's is ``active``; the others keep the history in
+    memory and write and print nothing."""
 
-    def __init__(self, folder: Path, opt, extra: dict[str, Any] | None = None) -> None:
+    def __init__(self, folder: Path, opt, extra: dict[str, Any] | None = None, active: bool = True) -> None:
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.active = active
         self.start = time.time()
-        write_json(self.folder / "args.json", vars(opt))
-        self.writer = SummaryWriter(log_dir=str(self.folder))
+        self.writer = None
+        if active:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            write_json(self.folder / "args.json", vars(opt))
+            self.writer = SummaryWriter(log_dir=str(self.folder))
         self.history: list[dict[str, Any]] = []
         self.results: dict[str, Any] = {"args": vars(opt), "commit": git_commit(), **(extra or {})}
+
+    def elapsed(self) -> float:
+        """Seconds of this run so far (across resumes)."""
+        return time.time() - self.start
+
+    def restore(self, history: list[dict[str, Any]], init_history: list | None, elapsed: float) -> None:
+        """Continue a resumed run's records: its epochs so far and its wall time."""
+        self.history = list(history)
+        if init_history:
+            self.results["init_history"] = list(init_history)
+        self.start = time.time() - elapsed
+        self.results["resumed"] = self.results.get("resumed", 0) + 1
 
     def epoch(self, record: dict[str, Any]) -> None:
         """Log one epoch's ``record`` (must hold 'epoch'; numbers become TensorBoard scalars)."""
         self.history.append(record)
+        if not self.active:
+            return
         step = record["epoch"]
         for key, value in record.items():
             if key != "epoch" and isinstance(value, (int, float)):
@@ -77,6 +95,8 @@ class RunLog:
     def init_epoch(self, record: dict[str, Any]) -> None:
         """Log one epoch of an init stage (``record`` holds 'init_epoch'); kept in ``init_history``."""
         self.results.setdefault("init_history", []).append(record)
+        if not self.active:
+            return
         for key, value in record.items():
             if key != "init_epoch" and isinstance(value, (int, float)):
                 self.writer.add_scalar(key, value, record["init_epoch"])
@@ -86,11 +106,13 @@ class RunLog:
         """Rewrite ``results.json`` with the history so far, ``status`` and ``summary`` entries."""
         self.results.update(summary)
         self.results.update(status=status, wall_time_s=round(time.time() - self.start, 3), history=self.history)
-        write_json(self.folder / "results.json", self.results)
+        if self.active:
+            write_json(self.folder / "results.json", self.results)
         return self.results
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 def is_interactive() -> bool:

@@ -1,8 +1,12 @@
 """The shared training loop: one epoch of training, validation, and the epoch driver ``fit``
-used by both training scripts. Methods plug in through ``train_step``; the loop never names one."""
+used by both training scripts, with exact resume, signal handling and mixed precision. Methods
+plug in through ``train_step``; the loop never names one."""
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -12,23 +16,44 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from helper import distributed
 from helper.checkpoint import save_checkpoint
-from helper.errors import UserError
+from helper.errors import Stopped, UserError
 from helper.logger import RunLog, is_interactive
-from helper.meters import AverageMeter, accuracy
+from helper.meters import accuracy
 from helper.optim import adjust_learning_rate
+from helper.runtime import Runtime, rng_state, set_rng_state
 
 # train_step(batch) -> (logits [B, C], target [B], named loss terms); the loss is their sum.
 TrainStep = Callable[[tuple], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
 
 
 class NonFiniteLoss(UserError):
-    """The loss became NaN or infinite; the run stops before anything is saved."""
+    """The loss (or the weights) became NaN or infinite; the run stops before anything is saved."""
 
 
-def check_finite(values: dict[str, float], where: str, step: int) -> None:
-    """Raise :class:`NonFiniteLoss` naming ``where``, the step and every term if any term is NaN/inf."""
-    if not all(math.isfinite(v) for v in values.values()):
+class Interrupted(Stopped):
+    """SIGINT or SIGTERM arrived; ``last.pth`` has been written (``saved``) and the run stops."""
+
+    def __init__(self, signum: int, where: str, saved: Path | None):
+        self.signum, self.where, self.saved = signum, where, saved
+        name = signal.Signals(signum).name
+        then = (f"saved {saved}; continue with --resume auto (or --resume {saved})" if saved
+                else "nothing was saved")
+        super().__init__(f"{name} received at {where}: {then}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def check_finite(values: dict[str, float], where: str, step: int, device: torch.device | None = None) -> None:
+    """Raise :class:`NonFiniteLoss` naming ``where``, the step and every term if any term is NaN/inf
+    (on any rank, under torchrun: every rank then stops together)."""
+    bad = not all(math.isfinite(v) for v in values.values())
+    if device is not None:
+        bad = distributed.any_rank(bad, device)
+    if bad:
         shown = ", ".join(f"{name}={value:.6g}" for name, value in values.items())
         raise NonFiniteLoss(f"the loss became non-finite at {where}, step {step} ({shown}); "
                             "the run stopped and its checkpoints were left as they were: "
@@ -47,99 +72,320 @@ class StepBudget:
         return self.max_steps is not None and self.done >= self.max_steps
 
 
+class StopSignals:
+    """While active, SIGINT and SIGTERM only set :attr:`signum`; the loop checks :meth:`requested`
+    between steps, saves ``last.pth`` and stops. A second signal of the same kind exits at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum == signum:  # asked twice: stop now
+            raise SystemExit(128 + signum)
+        self.signum = signum
+
+    def requested(self, device: torch.device) -> bool:
+        """True when a signal arrived here (or, under torchrun, on any rank)."""
+        return distributed.any_rank(self.signum is not None, device)
+
+
+class EpochStats:
+    """Sums of one epoch's training losses, accuracy and images (kept across a mid-epoch resume)."""
+
+    def __init__(self, state: dict[str, Any] | None = None) -> None:
+        state = state or {}
+        self.count: int = state.get("count", 0)
+        self.loss: float = state.get("loss", 0.0)
+        self.correct: float = state.get("correct", 0.0)
+        self.terms: dict[str, float] = dict(state.get("terms", {}))
+        self.seconds: float = state.get("seconds", 0.0)
+
+    def update(self, values: dict[str, float], top1: float, n: int) -> None:
+        self.count += n
+        self.loss += sum(values.values()) * n
+        self.correct += top1 * n
+        for name, value in values.items():
+            self.terms[name] = self.terms.get(name, 0.0) + value * n
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "loss": self.loss, "correct": self.correct, "terms": dict(self.terms),
+                "seconds": self.seconds}
+
+    def summary(self) -> dict[str, float]:
+        n = max(self.count, 1)
+        stats = {"train_loss": self.loss / n, "train_acc": self.correct / n,
+                 "images_per_s": self.count / self.seconds if self.seconds > 0 else 0.0}
+        stats.update({f"loss_{name}": value / n for name, value in self.terms.items()})
+        return stats
+
+
 def train_one_epoch(epoch: int, loader, trainable: nn.Module, train_step: TrainStep,
-                    optimizer: torch.optim.Optimizer, budget: StepBudget) -> dict[str, float]:
+                    optimizer: torch.optim.Optimizer, budget: StepBudget, *,
+                    scaler: torch.amp.GradScaler | None = None, autocast=contextlib.nullcontext,
+                    stats: EpochStats | None = None, first_step: int = 1,
+                    stop: StopSignals | None = None, device: torch.device | None = None) -> dict[str, float]:
     """Train for one pass over ``loader`` (or until the step budget runs out).
 
-    Returns the epoch's averages: ``train_loss``, ``train_acc`` and one ``loss_<term>`` per term.
-    A non-finite loss raises :class:`NonFiniteLoss` naming the epoch, the step and every term.
+    Each step runs ``train_step`` under ``autocast()``, checks every loss term is finite (raising
+    :class:`NonFiniteLoss` naming the epoch, the step and every term), and steps ``optimizer``
+    through ``scaler`` (fp16 loss scaling) when given. ``stats`` and ``first_step`` continue an
+    epoch resumed in its middle. When ``stop`` reports a signal after a step, :class:`StopRequest`
+    is raised carrying the step and the stats so far. Returns the epoch's averages:
+    ``train_loss``, ``train_acc``, ``images_per_s`` and one ``loss_<term>`` per term.
     """
     trainable.train()
-    loss_meter, acc_meter = AverageMeter(), AverageMeter()
-    term_meters: dict[str, AverageMeter] = {}
-    images, start = 0, time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not is_interactive())
-    for step, batch in enumerate(bar, start=1):
+    stats = stats or EpochStats()
+    start = time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False,
+               disable=not (is_interactive() and distributed.is_main_process()))
+    step = first_step - 1
+    for step, batch in enumerate(bar, start=first_step):
         if budget.exhausted:
             break
-        logits, target, terms = train_step(batch)
+        with autocast():
+            logits, target, terms = train_step(batch)
         loss = sum(terms.values())
         values = {name: term.item() for name, term in terms.items()}
-        check_finite(values, f"epoch {epoch}", step)
+        check_finite(values, f"epoch {epoch}", step, device)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
         budget.done += 1
-        n = target.size(0)
-        images += n
-        loss_meter.update(sum(values.values()), n)
-        acc_meter.update(accuracy(logits.detach(), target)[0].item(), n)
-        for name, value in values.items():
-            term_meters.setdefault(name, AverageMeter()).update(value, n)
-        bar.set_postfix(loss=f"{loss_meter.avg:.3f}", acc=f"{acc_meter.avg:.1f}")
-    seconds = time.perf_counter() - start
-    stats = {"train_loss": loss_meter.avg, "train_acc": acc_meter.avg,
-             "images_per_s": images / seconds if seconds > 0 else 0.0}
-    stats.update({f"loss_{name}": m.avg for name, m in term_meters.items()})
-    return stats
+        stats.update(values, accuracy(logits.detach().float(), target)[0].item(), target.size(0))
+        bar.set_postfix(loss=f"{stats.loss / stats.count:.3f}", acc=f"{stats.correct / stats.count:.1f}")
+        if stop is not None and stop.requested(device or logits.device):
+            stats.seconds += time.perf_counter() - start
+            raise StopRequest(step, stats)
+    stats.seconds += time.perf_counter() - start
+    return stats.summary()
+
+
+class StopRequest(Exception):
+    """Raised by :func:`train_one_epoch` after ``step`` when a stop signal arrived."""
+
+    def __init__(self, step: int, stats: EpochStats):
+        super().__init__(f"stop requested after step {step}")
+        self.step, self.stats = step, stats
 
 
 @torch.no_grad()
-def validate(model: nn.Module, loader, device: torch.device) -> dict[str, float]:
-    """Cross-entropy, top-1 and top-5 accuracy (%) of ``model`` over ``loader``."""
+def validate(model: nn.Module, loader, device: torch.device, runtime: Runtime | None = None) -> dict[str, float]:
+    """Cross-entropy, top-1 and top-5 accuracy (%) of ``model`` over ``loader``; under torchrun
+    each rank scores its shard and the sums are added over ranks."""
     model.eval()
-    loss_m, top1_m, top5_m = AverageMeter(), AverageMeter(), AverageMeter()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, count
+    autocast = runtime.autocast if runtime is not None else contextlib.nullcontext
     for batch in loader:
-        images, target = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-        logits = model(images)
+        if runtime is not None:
+            images, target = runtime.to_device(batch[0]), runtime.to_device(batch[1])
+        else:
+            images, target = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        with autocast():
+            logits = model(images)
+        logits = logits.float()
         top1, top5 = accuracy(logits, target, topk=(1, 5))
         n = target.size(0)
-        loss_m.update(F.cross_entropy(logits, target).item(), n)
-        top1_m.update(top1.item(), n)
-        top5_m.update(top5.item(), n)
-    return {"test_acc": top1_m.avg, "test_acc_top5": top5_m.avg, "test_loss": loss_m.avg}
+        sums += torch.stack([F.cross_entropy(logits, target, reduction="sum").double(),
+                             top1[0].double() * n / 100, top5[0].double() * n / 100,
+                             torch.tensor(n, dtype=torch.float64, device=device)])
+    loss, top1, top5, count = distributed.all_reduce_sum(sums).tolist()
+    count = max(count, 1)
+    return {"test_acc": 100 * top1 / count, "test_acc_top5": 100 * top5 / count, "test_loss": loss / count}
 
 
-def fit(opt, *, model: nn.Module, trainable: nn.Module, optimizer: torch.optim.Optimizer,
-        train_loader, val_loader, train_step: TrainStep, device: torch.device, run: RunLog,
-        checkpoint_extra: Callable[[], dict[str, Any]] = dict,
-        on_epoch_start: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Train for ``opt.epochs`` epochs (or ``opt.max_steps`` steps), validating ``model`` after each.
+def weights_are_finite(modules: dict[str, nn.Module]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for m in modules.values() for t in m.state_dict().values()
+               if t.is_floating_point())
 
-    Writes ``last.pth`` every epoch, ``best.pth`` when test top-1 improves and ``ckpt_epoch_N.pth``
-    every ``opt.save_freq`` epochs into ``run.folder``; each holds ``model``, ``arch``, ``epoch``,
-    ``accuracy``, ``best_acc``, ``optimizer`` and ``checkpoint_extra()``; ``on_epoch_start(epoch)``
-    is called before each epoch. Returns the final results.
+
+class Fit:
+    """Runs the epochs of one training stage and keeps what a resume needs.
+
+    ``modules`` are saved by name (``'model'`` is the trained network, saved in RepDistiller's
+    layout; e.g. ``'distiller'`` holds a method's heads and memory banks); ``static`` entries
+    are added to every checkpoint as they are (``'arch'``, ``'distill'``, ...).
     """
-    folder = Path(run.folder)
-    budget = StepBudget(getattr(opt, "max_steps", None))
-    best_acc, best_top5, last = 0.0, 0.0, {}
-    for epoch in range(1, opt.epochs + 1):
-        lr = adjust_learning_rate(epoch, opt, optimizer)
-        if on_epoch_start is not None:
-            on_epoch_start(epoch)
-        start = time.perf_counter()
-        train_stats = train_one_epoch(epoch, train_loader, trainable, train_step, optimizer, budget)
-        last = validate(model, val_loader, device)
-        is_best = last["test_acc"] > best_acc or epoch == 1
-        if is_best:
-            best_acc, best_top5 = last["test_acc"], last["test_acc_top5"]
-        run.epoch({"epoch": epoch, "lr": lr, **train_stats, **last,
-                   "epoch_time_s": time.perf_counter() - start})
-        state = {"model": model.state_dict(), "arch": opt.arch, "dataset": opt.dataset,
-                 "num_classes": opt.num_classes, "epoch": epoch, "accuracy": last["test_acc"],
-                 "best_acc": best_acc, "optimizer": optimizer.state_dict(), **checkpoint_extra()}
-        save_checkpoint(state, folder / "last.pth")
-        if is_best:
-            save_checkpoint(state, folder / "best.pth")
-        if epoch % opt.save_freq == 0:
-            save_checkpoint(state, folder / f"ckpt_epoch_{epoch}.pth")
-        if budget.exhausted:
-            break
-    images_per_s = [h["images_per_s"] for h in run.history]
-    results = run.save("finished", epochs_run=len(run.history), steps=budget.done,
-                       last_acc=last.get("test_acc"), last_acc_top5=last.get("test_acc_top5"),
-                       best_acc=best_acc, best_acc_top5=best_top5, device=str(device),
-                       images_per_s=sum(images_per_s) / max(len(images_per_s), 1))
-    run.close()
-    return results
+
+    def __init__(self, opt, *, modules: dict[str, nn.Module], trainable: nn.Module,
+                 optimizer: torch.optim.Optimizer, train_loader, val_loader, train_step: TrainStep,
+                 runtime: Runtime, run: RunLog, static: dict[str, Any] | None = None,
+                 on_epoch_start: Callable[[int], None] | None = None) -> None:
+        self.opt, self.modules, self.trainable, self.optimizer = opt, modules, trainable, optimizer
+        self.train_loader, self.val_loader, self.train_step = train_loader, val_loader, train_step
+        self.runtime, self.run, self.static = runtime, run, static or {}
+        self.on_epoch_start = on_epoch_start
+        self.folder = Path(run.folder)
+        self.budget = StepBudget(getattr(opt, "max_steps", None))
+        self.scaler = runtime.grad_scaler()
+        self.best_acc, self.best_top5, self.last = 0.0, 0.0, {}
+        self.epochs_done, self.skip_batches, self.carry = 0, 0, None
+        self._loader_state_at_epoch_start = self._loader_state()
+
+    # ------------------------------------------------------------------ checkpoint state
+    def _loader_state(self) -> torch.Tensor | None:
+        generator = getattr(self.train_loader, "generator", None)
+        return generator.get_state() if generator is not None else None
+
+    def state(self, batches_done: int = 0, stats: EpochStats | None = None) -> dict[str, Any]:
+        """The checkpoint of this moment (collective under torchrun: every rank must call it).
+        ``epoch`` counts completed epochs; ``batches_done`` > 0 marks a save inside the next one."""
+        loader_state = self._loader_state_at_epoch_start if batches_done else self._loader_state()
+        per_rank = distributed.gather_objects({"rng": rng_state(), "loader": loader_state})
+        state = {name: module.state_dict() for name, module in self.modules.items()}
+        state.update(self.static)
+        state.update({
+            "epoch": self.epochs_done, "accuracy": self.last.get("test_acc"), "best_acc": self.best_acc,
+            "optimizer": self.optimizer.state_dict(),
+            "resume": {
+                "batches_done": batches_done, "epoch_stats": stats.state_dict() if stats else None,
+                "steps": self.budget.done, "best_acc_top5": self.best_top5, "last": self.last,
+                "history": self.run.history, "init_history": self.run.results.get("init_history"),
+                "wall_time_s": self.run.elapsed(), "scaler": self.scaler.state_dict(),
+                "world_size": self.runtime.dist.world_size, "per_rank": per_rank,
+            }})
+        return state
+
+    def restore(self, state: dict[str, Any], source: str) -> None:
+        """Continue from a checkpoint written by :meth:`state` (``--resume``)."""
+        from helper.checkpoint import load_weights
+        resume = state.get("resume")
+        if not isinstance(resume, dict):
+            raise UserError(f"{source} has no resume state (it was not written by this version's "
+                            "last.pth / ckpt_epoch_N.pth): start a new run, or use it as a teacher")
+        for name, module in self.modules.items():
+            if name not in state:
+                raise UserError(f"{source} has no '{name}' entry: it is a checkpoint of another kind of run")
+            load_weights(module, state[name], source)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(resume["scaler"])
+        self.epochs_done, self.best_acc = int(state["epoch"]), float(state["best_acc"])
+        self.best_top5, self.last = resume["best_acc_top5"], resume["last"] or {}
+        self.budget.done = resume["steps"]
+        self.skip_batches = resume["batches_done"]
+        self.carry = EpochStats(resume["epoch_stats"]) if resume["epoch_stats"] else None
+        self.run.restore(resume["history"], resume.get("init_history"), resume["wall_time_s"])
+        rank, saved_world = self.runtime.dist.rank, resume["world_size"]
+        if saved_world != self.runtime.dist.world_size:
+            distributed.say(f"note: {source} was written by {saved_world} processes and this run has "
+                            f"{self.runtime.dist.world_size}: the data order and random draws differ from "
+                            "an uninterrupted run from here on")
+        mine = resume["per_rank"][rank] if rank < len(resume["per_rank"]) else resume["per_rank"][0]
+        set_rng_state(mine["rng"])
+        generator = getattr(self.train_loader, "generator", None)
+        if generator is not None and mine["loader"] is not None:
+            generator.set_state(mine["loader"])
+        where = (f"epoch {self.epochs_done + 1}, after step {self.skip_batches}" if self.skip_batches
+                 else f"the start of epoch {self.epochs_done + 1}")
+        distributed.say(f"resuming from {source} at {where} ({self.budget.done} steps done, "
+                        f"best top-1 so far {self.best_acc:.2f})")
+
+    def _save(self, state: dict[str, Any], names: list[str]) -> None:
+        if self.runtime.dist.is_main:
+            for name in names:
+                save_checkpoint(state, self.folder / name)
+
+    def _guard_weights(self, where: str) -> None:
+        if not weights_are_finite(self.modules):
+            raise NonFiniteLoss(f"the weights became non-finite during {where}; the run stopped and its "
+                                "checkpoints were left as they were: lower --learning_rate or the loss weights")
+
+    # ------------------------------------------------------------------ the epochs
+    def __call__(self) -> dict[str, Any]:
+        """Train from the epoch after the last completed one to ``opt.epochs`` (or
+        ``opt.max_steps`` steps), validating the model after each; returns the final results."""
+        opt, runtime = self.opt, self.runtime
+        model = self.modules["model"]
+        sampler = getattr(self.train_loader, "sampler", None)
+        with StopSignals() as stop:
+            epoch = self.epochs_done
+            for epoch in range(self.epochs_done + 1, opt.epochs + 1):
+                if self.budget.exhausted:
+                    break
+                lr = adjust_learning_rate(epoch, opt, self.optimizer)
+                if self.on_epoch_start is not None:
+                    self.on_epoch_start(epoch)
+                if hasattr(sampler, "set_epoch"):
+                    sampler.set_epoch(epoch)
+                first_step = self.skip_batches + 1
+                if self.skip_batches and hasattr(sampler, "skip"):
+                    sampler.skip(self.skip_batches * self.train_loader.batch_size)
+                self._loader_state_at_epoch_start = self._loader_state()
+                start = time.perf_counter()
+                try:
+                    train_stats = train_one_epoch(
+                        epoch, self.train_loader, self.trainable, self.train_step, self.optimizer,
+                        self.budget, scaler=self.scaler if self.scaler.is_enabled() else None,
+                        autocast=runtime.autocast, stats=self.carry, first_step=first_step, stop=stop,
+                        device=runtime.device)
+                except StopRequest as request:
+                    self._guard_weights(f"epoch {epoch}")
+                    distributed.broadcast_buffers(model)
+                    self._save(self.state(request.step, request.stats), ["last.pth"])
+                    self.run.save("interrupted")
+                    self.run.close()
+                    raise Interrupted(stop.signum or signal.SIGTERM, f"epoch {epoch}, step {request.step}",
+                                      self.folder / "last.pth") from None
+                self.skip_batches, self.carry = 0, None
+                self._guard_weights(f"epoch {epoch}")
+                distributed.broadcast_buffers(model)
+                self.last = validate(model, self.val_loader, runtime.device, runtime)
+                if not math.isfinite(self.last["test_loss"]):
+                    raise NonFiniteLoss(f"the test loss became non-finite after epoch {epoch} "
+                                        f"(train loss {train_stats['train_loss']:.6g}): the weights blew up; the run "
+                                        "stopped and its checkpoints were left as they were: lower --learning_rate")
+                is_best = self.last["test_acc"] > self.best_acc or epoch == 1
+                if is_best:
+                    self.best_acc, self.best_top5 = self.last["test_acc"], self.last["test_acc_top5"]
+                self.epochs_done = epoch
+                self.run.epoch({"epoch": epoch, "lr": lr, **train_stats, **self.last,
+                                "epoch_time_s": time.perf_counter() - start})
+                state = self.state()
+                names = ["last.pth"] + (["best.pth"] if is_best else [])
+                if epoch % opt.save_freq == 0:
+                    names.append(f"ckpt_epoch_{epoch}.pth")
+                self._save(state, names)
+                if stop.signum is not None:  # arrived during validation or saving: stop here
+                    self.run.save("interrupted")
+                    self.run.close()
+                    raise Interrupted(stop.signum, f"the end of epoch {epoch}", self.folder / "last.pth")
+        images_per_s = [h["images_per_s"] for h in self.run.history]
+        results = self.run.save("finished", epochs_run=len(self.run.history), steps=self.budget.done,
+                                last_acc=self.last.get("test_acc"), last_acc_top5=self.last.get("test_acc_top5"),
+                                best_acc=self.best_acc, best_acc_top5=self.best_top5, device=str(runtime.device),
+                                world_size=runtime.dist.world_size, amp=runtime.amp,
+                                images_per_s=sum(images_per_s) / max(len(images_per_s), 1))
+        self.run.close()
+        return results
+
+
+def resume_path(value: str | None, folder: Path) -> Path | None:
+    """The checkpoint ``--resume`` names: a path, or ``auto`` for the run folder's ``last.pth``
+    (None when there is none yet: the run starts fresh)."""
+    if not value:
+        return None
+    if value == "auto":
+        path = Path(folder) / "last.pth"
+        return path if path.is_file() else None
+    path = Path(value)
+    if not path.is_file():
+        raise UserError(f"--resume {value}: no such file; give a last.pth path, or 'auto' for this run's folder")
+    return path

@@ -56,6 +56,18 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max_steps", type=int, default=0,
                    help="stop after N optimiser steps in total (per stage, with an init stage), then validate and save (0: no limit)")
     g.add_argument("--save_folder", type=str, default="./save/models", help="parent folder of the run folder")
+    g.add_argument("--resume", type=str, default=None,
+                   help="continue a run from its last.pth: a path, or 'auto' for this run's folder (fresh start if none)")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic kernels, no cuDNN autotuning (exact resume on CPU)")
+
+    g = parser.add_argument_group("speed and scale")
+    g.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off",
+                   help="mixed precision of the forward passes (fp16 with loss scaling); NCE, KL and Sinkhorn stay fp32")
+    g.add_argument("--channels_last", action="store_true", help="channels_last memory format for the networks and images")
+    g.add_argument("--compile", action="store_true", help="torch.compile the networks (the first steps are slow)")
+    g.add_argument("--sync_bn", action="store_true",
+                   help="under torchrun, BatchNorm statistics over all processes' batches (SyncBatchNorm)")
 
     g = parser.add_argument_group("the synthetic data set (--dataset synthetic)")
     g.add_argument("--synthetic_classes", type=int, default=100, help="number of classes")

@@ -1,12 +1,16 @@
-"""Device choice and seeding."""
+"""How a run executes: device, mixed precision, memory format, compilation, determinism, seeds
+and the random-number states a resume restores."""
 from __future__ import annotations
 
 import os
 import random
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn as nn
 
+from helper.distributed import DistInfo, init_distributed, launched_by_torchrun
 from helper.errors import UserError
 
 
@@ -28,3 +32,108 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Runtime:
+    """How a run executes: its ``device``, mixed precision (``amp``: off, bf16 or fp16),
+    ``channels_last`` memory format, ``compile`` and its place among ``torchrun``'s processes."""
+
+    device: torch.device
+    amp: str = "off"
+    channels_last: bool = False
+    compile: bool = False
+    dist: DistInfo = field(default_factory=DistInfo)
+
+    def autocast(self):
+        """The autocast context of the forward passes (a no-op with ``amp`` off). Losses that need
+        fp32 (NCE, softmax/KL, Sinkhorn) turn it off locally."""
+        dtype = AMP_DTYPES[self.amp]
+        return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """A loss scaler for fp16 (a pass-through otherwise)."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
+
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` on the run's device; image batches in channels_last when asked for."""
+        tensor = tensor.to(self.device, non_blocking=True)
+        if self.channels_last and tensor.dim() == 4:
+            tensor = tensor.contiguous(memory_format=torch.channels_last)
+        return tensor
+
+    def place(self, model: nn.Module) -> nn.Module:
+        """Move ``model`` to the device (and channels_last memory format); returns it."""
+        model.to(self.device)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        return model
+
+    def seed_rank(self, seed: int) -> None:
+        """After the models are built (with the same seed on every rank), give ranks other than 0
+        their own random stream for augmentation and sampling."""
+        if self.dist.rank > 0:
+            set_seed(seed + 1_000_003 * self.dist.rank)
+
+    def describe(self) -> str:
+        """E.g. ``cpu``, ``cuda:0 (bf16, channels_last)`` or ``4 processes (nccl), ...``."""
+        flags = [f for f, on in (("bf16", self.amp == "bf16"), ("fp16", self.amp == "fp16"),
+                                 ("channels_last", self.channels_last), ("compile", self.compile)) if on]
+        where = str(self.device)
+        if self.dist.enabled:
+            where = f"{self.dist.world_size} processes ({self.dist.backend}, {self.device.type})"
+        return where + (f" ({', '.join(flags)})" if flags else "")
+
+    def forward_fn(self, model: nn.Module):
+        """What to call for ``model``'s forward: ``torch.compile(model)`` with ``--compile``, else
+        ``model``. Weights stay in ``model`` (saved without compile's prefixes)."""
+        return torch.compile(model) if self.compile else model
+
+
+def setup_runtime(opt) -> Runtime:
+    """Device, process group, determinism and seeds of a run, from its flags (``--device``,
+    ``--amp``, ``--channels_last``, ``--compile``, ``--deterministic``, ``--seed``)."""
+    device = resolve_device(opt.device)
+    if getattr(opt, "sync_bn", False) and not launched_by_torchrun():
+        print("note: --sync_bn has no effect in a single process (launch with torchrun)", flush=True)
+    info, device = init_distributed(device)
+    amp = getattr(opt, "amp", "off") or "off"
+    if amp not in AMP_DTYPES:
+        raise UserError(f"unknown --amp '{amp}': use off, bf16 or fp16")
+    if amp == "fp16" and device.type == "cpu":
+        print("note: --amp fp16 on the CPU is slow and meant for testing; bf16 is the CPU's format", flush=True)
+    set_deterministic(bool(getattr(opt, "deterministic", False)), device)
+    set_seed(opt.seed)
+    return Runtime(device, amp, bool(getattr(opt, "channels_last", False)),
+                   bool(getattr(opt, "compile", False)), info)
+
+
+def set_deterministic(on: bool, device: torch.device) -> None:
+    """``--deterministic``: deterministic kernels (warning where none exists) and no cuDNN
+    autotuning; otherwise cuDNN picks the fastest convolution algorithms on GPUs."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not on
+
+
+def rng_state() -> dict:
+    """The states of every random number generator a run draws from (Python, numpy, torch CPU
+    and CUDA), for an exact resume."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` saved."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])

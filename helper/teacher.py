@@ -46,5 +46,13 @@ def load_teacher(path: str, num_classes: int, dataset: str = "cifar100") -> tupl
                         f"{num_classes}: use a teacher trained on this data set")
     with torch.random.fork_rng(devices=[]):  # the weights are replaced: leave the run's RNG untouched
         model = build_model(arch, num_classes=num_classes, dataset=dataset)
-    load_weights(model, state["model"], f"'{path}'")
+    if state.get("arch"):
+        load_weights(model, state["model"], f"'{path}'", f"{arch}, the architecture its 'arch' entry names")
+        return model, arch
+    try:
+        load_weights(model, state["model"], f"'{path}'",
+                     f"{arch}, the architecture its folder name '{Path(path).parent.name}' gives")
+    except UserError as err:
+        raise UserError(f"{err} A RepDistiller checkpoint names its architecture only in its folder's name: "
+                        f"put it in <model>_vanilla/ with the model it holds") from None
     return model, arch

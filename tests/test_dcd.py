@@ -98,7 +98,7 @@ def test_no_gradient_to_teacher_features_and_inference_tensors_work():
 
 
 def test_distiller_trains_theta_and_b_and_flags():
-    opt = train_student.parse_option(["--distill", "dcd"])
+    opt = train_student.parse_option(["--path_t", "t.pth", "--distill", "dcd"])
     assert (opt.dcd_alpha, opt.dcd_max_tau, opt.dcd_init_tau) == (0.5, 10.0, 1.0)
     assert (opt.gamma, opt.alpha, opt.beta) == (1.0, 0.0, 1.0)
     distiller = DCD(opt, [torch.zeros(2, S_DIM)], [torch.zeros(2, T_DIM)])

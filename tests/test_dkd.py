@@ -101,7 +101,7 @@ def test_warmup_factor_by_epoch():
 
 
 def test_flags_and_published_weights():
-    opt = train_student.parse_option(["--distill", "dkd"])
+    opt = train_student.parse_option(["--path_t", "t.pth", "--distill", "dkd"])
     assert (opt.dkd_alpha, opt.dkd_beta, opt.dkd_T, opt.dkd_warmup) == (1.0, 8.0, 4.0, 20)
     assert (opt.gamma, opt.alpha, opt.beta) == (1.0, 0.0, 1.0)
 

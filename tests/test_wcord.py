@@ -216,10 +216,10 @@ def test_distiller_contract():
 
 
 def test_flags_and_defaults():
-    opt = train_student.parse_option(["--distill", "wcord"])
+    opt = train_student.parse_option(["--path_t", "t.pth", "--distill", "wcord"])
     assert (opt.wcord_lambda_g, opt.wcord_lambda_l, opt.wcord_eps, opt.wcord_iters) == (1.0, 1.0, 0.05, 100)
     assert (opt.gamma, opt.alpha, opt.beta) == (1.0, 1.0, 0.8)
-    opt = train_student.parse_option(["--distill", "wcord", "--wcord_eps", "0.1", "--wcord_iters", "30"])
+    opt = train_student.parse_option(["--path_t", "t.pth", "--distill", "wcord", "--wcord_eps", "0.1", "--wcord_iters", "30"])
     assert (opt.wcord_eps, opt.wcord_iters) == (0.1, 30)
 
 

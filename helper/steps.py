@@ -1,0 +1,78 @@
+"""The training steps of the two scripts as modules, so that one object holds everything a step
+trains (and DDP can wrap it): ``step(raw_batch) -> (logits, target, {term: loss})``."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from distiller_zoo import DistillKL
+from distiller_zoo.registry import Batch, NetOutput
+from helper.errors import UserError
+from helper.runtime import Runtime
+
+
+class ClassifyStep(nn.Module):
+    """Cross-entropy training of one network (``train_teacher.py``): term ``ce``."""
+
+    def __init__(self, model: nn.Module, runtime: Runtime):
+        super().__init__()
+        self.model = model
+        self.runtime = runtime
+        self._forward = (runtime.forward_fn(model),)  # a tuple: not registered as a submodule
+
+    def forward(self, raw: tuple) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        images, target = self.runtime.to_device(raw[0]), self.runtime.to_device(raw[1])
+        logits = self._forward[0](images)
+        return logits, target, {"ce": F.cross_entropy(logits, target)}
+
+
+class DistillStep(nn.Module):
+    """One distillation step (``train_student.py``): the weighted terms
+    ``gamma * CE + alpha * KL_T + beta * method`` of the student against frozen teacher(s).
+
+    With several teachers, KD's target is their averaged logits and every other term is the
+    mean over one Distiller per teacher. Terms whose weight is 0 are not computed. The teachers
+    stay in eval mode, run without gradients and are never trained.
+    """
+
+    def __init__(self, student: nn.Module, teachers: list[nn.Module], distillers: nn.ModuleList,
+                 opt, runtime: Runtime):
+        super().__init__()
+        self.student = student
+        self.teachers = nn.ModuleList(teachers)
+        self.distillers = distillers
+        self.gamma, self.alpha, self.beta = opt.gamma, opt.alpha, opt.beta
+        self.kd = DistillKL(opt.kd_T)
+        self.preact = distillers[0].preact
+        self.runtime = runtime
+        # tuples: compiled wrappers must not be registered as submodules (their weights are saved once)
+        self._student_fn = (runtime.forward_fn(student),)
+        self._teacher_fns = tuple(runtime.forward_fn(t) for t in teachers)
+
+    def train(self, mode: bool = True) -> "DistillStep":
+        super().train(mode)
+        self.teachers.eval()
+        return self
+
+    def batch(self, raw: tuple) -> Batch:
+        return Batch(*(self.runtime.to_device(t) for t in raw))
+
+    def forward(self, raw: tuple) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        batch = raw if isinstance(raw, Batch) else self.batch(raw)
+        feats_s, logits_s = self._student_fn[0](batch.img, is_feat=True, preact=self.preact)
+        with torch.no_grad():
+            outs_t = [NetOutput(*fn(batch.img, is_feat=True, preact=self.preact)) for fn in self._teacher_fns]
+        terms = {}
+        if self.gamma:
+            terms["ce"] = self.gamma * F.cross_entropy(logits_s, batch.target)
+        if self.alpha:
+            terms["kd"] = self.alpha * self.kd(logits_s, torch.stack([t.logits for t in outs_t]).mean(0))
+        if self.beta:
+            s = NetOutput(feats_s, logits_s)
+            per_teacher = [distiller(s, t, batch) for distiller, t in zip(self.distillers, outs_t)]
+            terms.update({name: self.beta * torch.stack([p[name] for p in per_teacher]).mean()
+                          for name in per_teacher[0]})
+        if not terms:
+            raise UserError("-r, -a and -b are all 0 (or the method has no term): nothing to train")
+        return logits_s, batch.target, terms

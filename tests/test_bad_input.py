@@ -1,0 +1,224 @@
+"""Bad input ends with one clear line on stderr, ``error: ...`` saying what to do, exit status 2
+and no traceback (DESIGN.md, "reliability").
+
+Cases that fail while the flags are read call the script's ``main([...])`` in-process. Of the
+others, one or more of each kind (REAL_SCRIPT) run the real script as a subprocess; those are
+all started together by the module fixture ``launched`` (two at a time, one torch thread each,
+as the machine has two cores) and each test then checks its own run's output.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
+
+import pytest
+import torch
+
+import train_student
+import train_teacher
+from distiller_zoo.registry import method_names
+from models import build_model, model_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+# Seconds-long runs on a 4-class synthetic set (32 training images: 8 per class, 24 of other classes).
+TINY = ["--synthetic_classes", "4", "--synthetic_train", "8", "--synthetic_test", "2", "--subset", "32",
+        "--batch_size", "8", "--epochs", "1", "--max_steps", "2", "--num_workers", "0", "--device", "cpu"]
+SYNTHETIC = ["--dataset", "synthetic"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def assert_one_error_line(code, stderr: str, *words: str) -> str:
+    """Exit status 2, no traceback, and stderr is one line starting ``error:`` holding ``words``."""
+    assert code == 2, stderr
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    for word in words:
+        assert word in lines[0], f"{word!r} not in: {lines[0]}"
+    return lines[0]
+
+
+def main_error(main: Callable, args: list[str], capsys) -> tuple[int, str]:
+    """Run ``main(args)`` in-process; it must exit: its status and its stderr."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    return info.value.code, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> SimpleNamespace:
+    """One tiny resnet14 teacher trained by train_teacher.py, and the bad files made from it."""
+    root = tmp_path_factory.mktemp("bad_input")
+    train_teacher.main(["--model", "resnet14", *SYNTHETIC, *TINY, "--save_folder", str(root / "teachers")])
+    teacher = next((root / "teachers").glob("resnet14_*/last.pth"))
+    f = SimpleNamespace(root=root, teacher=teacher, missing=root / "no_such_folder" / "ckpt_epoch_240.pth",
+                        text=root / "notes.pth", truncated=root / "truncated.pth", no_model=root / "no_model.pth",
+                        empty=root / "empty", students=root / "students")
+    f.text.write_text("these are not weights\n")
+    data = teacher.read_bytes()
+    f.truncated.write_bytes(data[: len(data) // 2])
+    torch.save({"state_dict": torch.load(teacher, weights_only=False)["model"]}, f.no_model)
+    # resnet8 weights in RepDistiller's layout ({'model': state_dict}, no 'arch') in a resnet14 folder.
+    f.wrong_arch = root / "save" / "models" / "resnet14_vanilla" / "ckpt_epoch_240.pth"
+    f.wrong_arch.parent.mkdir(parents=True)
+    torch.save({"model": build_model("resnet8", num_classes=4).state_dict()}, f.wrong_arch)
+    f.empty.mkdir()
+    return f
+
+
+def student_args(f: SimpleNamespace, *args: str, path_t: Path | None = None) -> list[str]:
+    return ["train_student.py", "--path_t", str(path_t or f.teacher), *SYNTHETIC, *TINY, *args,
+            "--save_folder", str(f.students)]
+
+
+# Every case with files: id -> the script and its flags (later flags override earlier ones).
+CASES: dict[str, Callable[[SimpleNamespace], list[str]]] = {
+    "path_t_text": lambda f: student_args(f, path_t=f.text),
+    "path_t_truncated": lambda f: student_args(f, path_t=f.truncated),
+    "path_t_no_model": lambda f: student_args(f, path_t=f.no_model),
+    "path_t_other_arch": lambda f: student_args(f, path_t=f.wrong_arch),
+    "cifar100_empty": lambda f: student_args(f, "--dataset", "cifar100", "--data_folder", str(f.empty)),
+    "imagenet_empty": lambda f: student_args(f, "--dataset", "imagenet", "--data_folder", str(f.empty)),
+    "fsp_channels": lambda f: student_args(f, "--distill", "fsp", "--model_s", "wrn_16_2"),
+    "kdsvd_channels": lambda f: student_args(f, "--distill", "kdsvd", "--model_s", "wrn_16_2"),
+    # CIFAR ResNets, WRNs and ShuffleNets have 4 feature maps, VGGs and MobileNetV2 5; --hint_layer allows 0..4.
+    "hint_layer": lambda f: student_args(f, "--distill", "hint", "--model_s", "resnet8", "--hint_layer", "4"),
+    "hint_layer_teacher": lambda f: student_args(f, "--distill", "hint", "--model_s", "vgg8", "--hint_layer", "4"),
+    "nce_k": lambda f: student_args(f, "--distill", "crd", "--nce_k", "100"),
+    "lr_blowup": lambda f: student_args(f, "--distill", "kd", "--learning_rate", "1e20", "--max_steps", "4"),
+    "crd_published": lambda f: student_args(f, "--distill", "crd", "--nce_k", "16"),
+}
+# The ones run as real scripts (subprocesses): at least one of each kind of failure; the other
+# cases call main() in-process, the same code without the ~4 s of a fresh interpreter.
+REAL_SCRIPT = {"path_t_truncated", "path_t_other_arch", "cifar100_empty", "fsp_channels", "nce_k", "lr_blowup",
+               "crd_published"}
+MAINS = {"train_student.py": train_student.main, "train_teacher.py": train_teacher.main}
+
+
+@pytest.fixture(scope="module")
+def launched(files):
+    """Start the REAL_SCRIPT runs at once, two at a time; ``launched[case]`` is its future."""
+    def run(args: list[str]) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                              timeout=300)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        yield {case: pool.submit(run, CASES[case](files)) for case in sorted(REAL_SCRIPT)}
+
+
+@pytest.fixture
+def outcome(files, launched, capsys) -> Callable[[str], SimpleNamespace]:
+    """``outcome(case)``: the exit status, stdout and stderr of a case of CASES."""
+    def get(case: str) -> SimpleNamespace:
+        if case in REAL_SCRIPT:
+            out = launched[case].result()
+            return SimpleNamespace(code=out.returncode, out=out.stdout, err=out.stderr)
+        script, *args = CASES[case](files)
+        capsys.readouterr()
+        try:
+            MAINS[script](args)
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code
+        captured = capsys.readouterr()
+        return SimpleNamespace(code=code, out=captured.out, err=captured.err)
+
+    return get
+
+
+def case_error(outcome, case: str, *words: str) -> str:
+    result = outcome(case)
+    return assert_one_error_line(result.code, result.err, *words)
+
+
+# 1. Unknown model: the message lists the valid names.
+@pytest.mark.parametrize("main, args", [
+    (train_teacher.main, ["--model", "resnet9000"]),
+    (train_student.main, ["--path_t", "t.pth", "--model_s", "resnet9000"]),
+], ids=["teacher", "student"])
+def test_unknown_model_lists_the_models(main, args, capsys):
+    code, err = main_error(main, args + SYNTHETIC + TINY, capsys)
+    assert_one_error_line(code, err, "unknown model 'resnet9000'", "choose one of:",
+                          ", ".join(list(model_dict)[:3]), "wrn_40_2", "ShuffleV2")
+
+
+# 2. Unknown --distill and --dataset: the message lists the methods / data sets.
+@pytest.mark.parametrize("main, args, words", [
+    (train_student.main, ["--path_t", "t.pth", "--distill", "magic"] + SYNTHETIC,
+     ["unknown --distill 'magic'", "choose one of: " + ", ".join(method_names())]),
+    (train_student.main, ["--path_t", "t.pth", "--dataset", "mnist"],
+     ["unknown --dataset 'mnist'", "cifar100, imagenet, synthetic"]),
+    (train_teacher.main, ["--model", "resnet8", "--dataset", "mnist"],
+     ["unknown --dataset 'mnist'", "cifar100, imagenet, synthetic"]),
+], ids=["distill", "dataset-student", "dataset-teacher"])
+def test_unknown_method_or_dataset_lists_the_choices(main, args, words, capsys):
+    code, err = main_error(main, TINY + args, capsys)
+    assert_one_error_line(code, err, *words)
+
+
+# 3. --path_t: not given, not there, not a checkpoint, no 'model', another architecture.
+@pytest.mark.parametrize("path_t, words", [
+    (None, ["--path_t is required", "ckpt_epoch_240.pth"]),
+    ("missing", ["does not exist", "no_such_folder"]),
+], ids=["not-given", "not-there"])
+def test_teacher_path_not_given_or_missing(path_t, words, files, capsys):
+    args = [] if path_t is None else ["--path_t", str(getattr(files, path_t))]
+    code, err = main_error(train_student.main, args + SYNTHETIC + TINY + ["--save_folder", str(files.students)],
+                           capsys)
+    assert_one_error_line(code, err, *words)
+
+
+@pytest.mark.parametrize("case, words", [
+    ("path_t_text", ["notes.pth", "not a readable PyTorch checkpoint", "truncated or another kind of file"]),
+    ("path_t_truncated", ["truncated.pth", "not a readable PyTorch checkpoint", "truncated"]),
+    ("path_t_no_model", ["no_model.pth", "no 'model' entry"]),
+    ("path_t_other_arch", ["resnet14_vanilla", "do not fit resnet14", "folder name",
+                           "missing: layer1.1.conv1.weight", "another architecture"]),
+], ids=["text", "truncated", "no-model", "other-arch"])
+def test_teacher_checkpoint_not_usable(case, words, outcome):
+    case_error(outcome, case, *words)
+
+
+# 4. A data folder without data: say how to get the data.
+@pytest.mark.parametrize("case, words", [
+    ("cifar100_empty", ["CIFAR-100 not found", "--download", "cifar-100-python"]),
+    ("imagenet_empty", ["train/<class>/*.JPEG", "val/<class>/*.JPEG", "--data_folder"]),
+], ids=["cifar100", "imagenet"])
+def test_data_folder_without_data_says_how_to_get_it(case, words, outcome, files):
+    case_error(outcome, case, str(files.empty), *words)
+
+
+# 5. A method that cannot serve the pair.
+@pytest.mark.parametrize("case, words", [
+    ("fsp_channels", ["FSP", "same channel counts", "[16, 32, 64, 128]", "[16, 16, 32, 64]", "--distill"]),
+    ("kdsvd_channels", ["KDSVD", "same channel counts", "[32, 64, 128]", "[16, 32, 64]", "--distill"]),
+    ("hint_layer", ["--hint_layer 4", "student resnet8", "4 feature maps", "0 to 3"]),
+    ("hint_layer_teacher", ["--hint_layer 4", "teacher resnet14", "4 feature maps", "0 to 3"]),
+], ids=["fsp", "kdsvd", "hint_layer-student", "hint_layer-teacher"])
+def test_method_that_cannot_serve_the_pair(case, words, outcome):
+    case_error(outcome, case, *words)
+
+
+# 6. More negatives than the data has: the largest usable K.
+def test_nce_k_beyond_the_negatives_gives_the_largest_k(outcome):
+    case_error(outcome, "nce_k", "--nce_k 100", "--nce_k 24 or less")
+
+
+# 7. A loss that blows up: the epoch, the step and every term's value.
+def test_exploding_loss_stops_with_epoch_step_and_terms(outcome):
+    line = case_error(outcome, "lr_blowup", "non-finite", "epoch 1", "step ", "ce=", "kd=", "--learning_rate")
+    assert "nan" in line or "inf" in line
+
+
+# 8. --distill crd without -a/-b is not an error: the published weights are printed, the run goes on.
+def test_crd_without_weights_prints_published_ones_and_runs(outcome):
+    result = outcome("crd_published")
+    assert result.code == 0, result.err
+    assert "Traceback" not in result.err and "error:" not in result.err
+    assert "--distill crd: using its published weights -r 1 -a 0 -b 0.8" in result.out, result.out
