@@ -18,14 +18,14 @@ import torch.nn as nn
 from dataset import get_dataloaders
 from distiller_zoo.registry import add_method_arguments, build_distiller, get_method, method_names
 from helper.checkpoint import load_checkpoint
-from helper.distributed import say, shutdown, wrap_ddp
+from helper.distributed import say, wrap_ddp
 from helper.errors import UserError, exit_on_user_error
-from helper.logger import RunLog
+from helper.logger import RunLog, run_summary
 from helper.loops import Fit, resume_path, validate
 from helper.optim import build_optimizer
 from helper.options import Parser, add_training_args, finalize_training_args
 from helper.pretrain import run_init_stage
-from helper.runtime import Runtime, setup_runtime
+from helper.runtime import Runtime, run_script
 from helper.steps import DistillStep
 from helper.sync_bn import convert_sync_batchnorm
 from helper.teacher import load_teacher
@@ -95,12 +95,7 @@ def run_name(opt, model_t: str) -> str:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
-    opt = parse_option(argv)
-    runtime = setup_runtime(opt)
-    try:
-        return train(opt, runtime)
-    finally:
-        shutdown()
+    return run_script(parse_option, train, argv)
 
 
 def train(opt, runtime: Runtime) -> dict:
@@ -126,8 +121,8 @@ def train(opt, runtime: Runtime) -> dict:
 
     folder = Path(opt.save_folder) / run_name(opt, opt.model_t)
     run = RunLog(folder, opt, active=runtime.dist.is_main,
-                 extra={"role": "student", "method": opt.distill, "model_s": opt.arch,
-                        "model_t": opt.model_t, "dataset": opt.dataset})
+                 extra=run_summary(opt, role="student", method=opt.distill, model=opt.arch, model_t=opt.model_t,
+                                   model_s=opt.arch))
     teacher_accs = []
     for teacher, arch, path in teachers:
         teacher_accs.append(validate(teacher, data.val_loader, runtime.device, runtime)["test_acc"])

@@ -13,13 +13,13 @@ from pathlib import Path
 
 from dataset import get_dataloaders
 from helper.checkpoint import load_checkpoint
-from helper.distributed import say, shutdown, wrap_ddp
+from helper.distributed import say, wrap_ddp
 from helper.errors import exit_on_user_error
-from helper.logger import RunLog
+from helper.logger import RunLog, run_summary
 from helper.loops import Fit, resume_path
 from helper.optim import build_optimizer
 from helper.options import Parser, add_training_args, finalize_training_args
-from helper.runtime import Runtime, setup_runtime
+from helper.runtime import Runtime, run_script
 from helper.steps import ClassifyStep
 from helper.sync_bn import convert_sync_batchnorm
 from models import build_model, resolve_model_name
@@ -45,12 +45,7 @@ def parse_option(argv: list[str] | None = None):
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
-    opt = parse_option(argv)
-    runtime = setup_runtime(opt)
-    try:
-        return train(opt, runtime)
-    finally:
-        shutdown()
+    return run_script(parse_option, train, argv)
 
 
 def train(opt, runtime: Runtime) -> dict:
@@ -62,7 +57,7 @@ def train(opt, runtime: Runtime) -> dict:
     runtime.seed_rank(opt.seed)
     optimizer = build_optimizer(model.parameters(), opt)
     run = RunLog(Path(opt.save_path), opt, active=runtime.dist.is_main,
-                 extra={"role": "teacher", "model": opt.arch, "dataset": opt.dataset})
+                 extra=run_summary(opt, role="teacher", method="vanilla", model=opt.arch, model_t=None))
     step = wrap_ddp(ClassifyStep(model, runtime), runtime.device)
     fit = Fit(opt, modules={"model": model}, trainable=step, optimizer=optimizer, train_loader=data.train_loader,
               val_loader=data.val_loader, train_step=step, runtime=runtime, run=run,

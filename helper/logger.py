@@ -49,6 +49,23 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def run_summary(opt, *, role: str, method: str, model: str, model_t: str | None, **more: Any) -> dict[str, Any]:
+    """The fields of ``results.json`` that say what a run was, for ``scripts/summarize.py``:
+    ``role`` (teacher or student), ``method`` (``vanilla`` for cross-entropy alone, else the
+    ``--distill`` name; ``kd`` with ``-a`` > 0 on top of another method reads as e.g. ``crd+kd``
+    in ``label``), ``model``, ``model_t``, ``pair`` (``teacher->student``, or the model alone),
+    ``dataset``, ``trial``, ``seed``, the loss weights and the command-line ``flags``."""
+    label = method
+    if role == "student" and method != "kd" and (getattr(opt, "alpha", 0) or 0) > 0:
+        label = f"{method}+kd"
+    return {"role": role, "method": method, "label": label, "model": model, "model_t": model_t,
+            "pair": f"{model_t}->{model}" if model_t else model, "dataset": opt.dataset,
+            "trial": str(opt.trial), "seed": opt.seed,
+            "weights": {"gamma": getattr(opt, "gamma", None), "alpha": getattr(opt, "alpha", None),
+                        "beta": getattr(opt, "beta", None)},
+            "flags": list(getattr(opt, "command", []) or []), **more}
+
+
 class RunLog:
     """The run folder's records: ``args.json`` at the start, TensorBoard scalars and one console
     line per epoch, and ``results.json`` (rewritten after each epoch, so an interrupted run keeps

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from distiller_zoo.registry import Batch, Distiller, NetOutput
 from helper import distributed
-from helper.loops import StepBudget, check_finite
+from helper.loops import Interrupted, StepBudget, StopSignals, check_finite
 from helper.meters import AverageMeter
 from helper.runtime import Runtime
 
@@ -36,27 +36,30 @@ def run_init_stage(distiller: Distiller, student: nn.Module, teacher: nn.Module,
         m.train()
     autocast = runtime.autocast if runtime is not None else contextlib.nullcontext
     device = runtime.device if runtime is not None else None
-    for epoch in range(1, opt.init_epochs + 1):
-        meter = AverageMeter()
-        if hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(-epoch)  # an order of its own, apart from the main stage's
-        for step, raw in enumerate(loader, start=1):
+    with StopSignals() as stop:
+        for epoch in range(1, opt.init_epochs + 1):
+            meter = AverageMeter()
+            if hasattr(loader.sampler, "set_epoch"):
+                loader.sampler.set_epoch(-epoch)  # an order of its own, apart from the main stage's
+            for step, raw in enumerate(loader, start=1):
+                if budget.exhausted:
+                    break
+                batch = to_batch(raw)
+                with autocast():
+                    feats_s, logits_s = student(batch.img, is_feat=True, preact=distiller.preact)
+                    with torch.no_grad():
+                        feats_t, logits_t = teacher(batch.img, is_feat=True, preact=distiller.preact)
+                    loss = distiller.init_loss(NetOutput(feats_s, logits_s), NetOutput(feats_t, logits_t), batch)
+                check_finite({"init": loss.item()}, f"init epoch {epoch}", step, device)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                distributed.average_gradients(params)
+                optimizer.step()
+                budget.done += 1
+                meter.update(loss.item(), batch.target.size(0))
+                if stop.requested(device or loss.device):  # the init stage is short: not resumable inside
+                    raise Interrupted(stop.signum, f"init epoch {epoch}, step {step}", None)
+            log({"init_epoch": epoch, "init_loss": meter.avg})
             if budget.exhausted:
                 break
-            batch = to_batch(raw)
-            with autocast():
-                feats_s, logits_s = student(batch.img, is_feat=True, preact=distiller.preact)
-                with torch.no_grad():
-                    feats_t, logits_t = teacher(batch.img, is_feat=True, preact=distiller.preact)
-                loss = distiller.init_loss(NetOutput(feats_s, logits_s), NetOutput(feats_t, logits_t), batch)
-            check_finite({"init": loss.item()}, f"init epoch {epoch}", step, device)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            distributed.average_gradients(params)
-            optimizer.step()
-            budget.done += 1
-            meter.update(loss.item(), batch.target.size(0))
-        log({"init_epoch": epoch, "init_loss": meter.avg})
-        if budget.exhausted:
-            break
     distiller.after_init_stage()

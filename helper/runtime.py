@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from helper.distributed import DistInfo, init_distributed, launched_by_torchrun
+from helper.distributed import DistInfo, init_distributed, launched_by_torchrun, shutdown
 from helper.errors import UserError
 
 
@@ -91,6 +92,18 @@ class Runtime:
         """What to call for ``model``'s forward: ``torch.compile(model)`` with ``--compile``, else
         ``model``. Weights stay in ``model`` (saved without compile's prefixes)."""
         return torch.compile(model) if self.compile else model
+
+
+def run_script(parse_option, train, argv: list[str] | None):
+    """A training script's body: parse the flags, set up the :class:`Runtime` (joining torchrun's
+    process group, if any), ``train(opt, runtime)``, and leave the process group at the end."""
+    opt = parse_option(argv)
+    opt.command = list(sys.argv[1:] if argv is None else argv)  # the flags as given, for results.json
+    runtime = setup_runtime(opt)
+    try:
+        return train(opt, runtime)
+    finally:
+        shutdown()
 
 
 def setup_runtime(opt) -> Runtime:

@@ -49,6 +49,13 @@ def test_every_method_same_architecture(distill, teachers, tmp_path):
     results = run(["--path_t", str(teachers["resnet32x4"]), "--distill", distill, "--model_s", "resnet8x4"], tmp_path)
     assert results["status"] == "finished" and results["steps"] == 2
     assert results["model_t"] == "resnet32x4" and results["method"] == distill
+    # what scripts/summarize.py reads
+    assert results["pair"] == "resnet32x4->resnet8x4" and results["role"] == "student"
+    assert results["label"] == (f"{distill}+kd" if distill != "kd" and results["weights"]["alpha"] > 0 else distill)
+    assert results["seed"] == 1 and results["trial"] == "1" and "--distill" in results["flags"]
+    assert results["device"] == "cpu" and "commit" in results and results["images_per_s"] > 0
+    assert results["last_acc"] is not None and results["best_acc"] is not None and results["wall_time_s"] > 0
+    assert {"test_acc", "test_acc_top5", "train_loss", "lr"} <= set(results["history"][0])
     history = results["history"][0]
     if distill not in ("kd", "abound", "fsp"):  # those act through KD or the init stage only
         assert f"loss_{distill}" in history, history
