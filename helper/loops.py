@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from helper import distributed
-from helper.checkpoint import save_checkpoint
+from helper.checkpoint import load_weights, save_checkpoint
 from helper.errors import Stopped, UserError
 from helper.logger import RunLog, is_interactive
 from helper.meters import accuracy
@@ -266,7 +266,6 @@ class Fit:
 
     def restore(self, state: dict[str, Any], source: str) -> None:
         """Continue from a checkpoint written by :meth:`state` (``--resume``)."""
-        from helper.checkpoint import load_weights
         resume = state.get("resume")
         if not isinstance(resume, dict):
             raise UserError(f"{source} has no resume state (it was not written by this version's "

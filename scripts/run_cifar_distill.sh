@@ -1,53 +1,155 @@
 #!/usr/bin/env bash
-# Distil a CIFAR-100 student with every method, with the weights of each method's paper.
-#   bash scripts/run_cifar_distill.sh                      # resnet32x4 -> resnet8x4, every method
-#   TEACHER=wrn_40_2 STUDENT=wrn_16_2 METHODS="kd crd" bash scripts/run_cifar_distill.sh --amp bf16
-#   DRY_RUN=1 bash scripts/run_cifar_distill.sh            # print the commands only
-# Extra arguments are passed to every train_student.py command. The teacher is read from
-# save/models/${TEACHER}_vanilla/ckpt_epoch_240.pth (RepDistiller's layout) unless PATH_T is set.
+# Distil CIFAR-100 students with every method of the CRD paper's tables (README, "Reproducing the
+# paper"), on every teacher -> student pair of both tables, with each method's published weights.
+#
+#   bash scripts/run_cifar_distill.sh                                # everything: 18 methods x 13 pairs x 3 trials
+#   METHODS="crd kd" PAIRS="resnet32x4:resnet8x4 vgg13:vgg8" TRIALS=1 bash scripts/run_cifar_distill.sh
+#   TEACHER=wrn_40_2 STUDENT=wrn_16_2 bash scripts/run_cifar_distill.sh --amp bf16 --data_folder /data
+#   DRY_RUN=1 bash scripts/run_cifar_distill.sh                      # print the commands, run nothing
+#   LAUNCH="torchrun --standalone --nproc_per_node 2" bash scripts/run_cifar_distill.sh --batch_size 32
+#
+# Arguments are passed to every train_student.py command (e.g. --amp bf16, --data_folder,
+# --resume auto to make a stopped sweep restartable). Environment:
+#   METHODS     methods to run (default: the tables' 18, below; also crcd, kdsvd)
+#   PAIRS       teacher:student pairs (default: the 13 of both tables, below)
+#   TEACHER, STUDENT  keep only the pairs with this teacher / student; both set: that one pair
+#   TRIALS      trials per run (default 3; trial ids 1..TRIALS); TRIAL=N runs only trial N
+#   TEACHER_DIR where the teachers are: ${TEACHER_DIR}/<teacher>_vanilla/ckpt_epoch_240.pth
+#               (default ./save/models, where fetch_pretrained_teachers.sh and run_cifar_vanilla.sh put them)
+#   PATH_T      one teacher file for every command instead (with a single teacher)
+#   PYTHON      the interpreter (default python); LAUNCH replaces it, e.g. "torchrun --standalone --nproc_per_node 2"
+#   DRY_RUN=1   print each command (one line, shell-quoted) instead of running it
+#   KEEP_GOING=1  run the remaining commands after one fails (default: stop at the first failure)
+# fsp and kdsvd need equal channel counts: they are skipped (n/a, as in the paper) for other pairs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-TEACHER=${TEACHER:-resnet32x4}
-STUDENT=${STUDENT:-resnet8x4}
-TRIAL=${TRIAL:-1}
-PATH_T=${PATH_T:-./save/models/${TEACHER}_vanilla/ckpt_epoch_240.pth}
+# method name -> train_student.py flags (RepDistiller's scripts for the classic methods; each paper's for the others)
+METHOD_TABLE=(
+  "kd           --distill kd -r 0.1 -a 0.9 -b 0"
+  "hint         --distill hint -a 0 -b 100"
+  "attention    --distill attention -a 0 -b 1000"
+  "similarity   --distill similarity -a 0 -b 3000"
+  "correlation  --distill correlation -a 0 -b 0.02"
+  "vid          --distill vid -a 0 -b 1"
+  "rkd          --distill rkd -a 0 -b 1"
+  "pkt          --distill pkt -a 0 -b 30000"
+  "abound       --distill abound -a 0 -b 1"
+  "factor       --distill factor -a 0 -b 200"
+  "fsp          --distill fsp -a 0 -b 50"
+  "nst          --distill nst -a 0 -b 50"
+  "crd          --distill crd -a 0 -b 0.8"
+  "crd+kd       --distill crd -a 1 -b 0.8"
+  "dcd          --distill dcd -a 0 -b 1"
+  "dcd+kd       --distill dcd -a 1 -b 1"
+  "wcord+kd     --distill wcord -a 1 -b 0.8"
+  "dkd          --distill dkd -a 0 -b 1"
+  # not in the CIFAR tables; run them with METHODS=
+  "crcd         --distill crcd -a 0.9 -b 1"
+  "kdsvd        --distill kdsvd -a 0 -b 1"
+)
+TABLE_METHODS="kd hint attention similarity correlation vid rkd pkt abound factor fsp nst crd crd+kd dcd dcd+kd wcord+kd dkd"
+
+# teacher:student, same architecture (first 7) and different architecture (last 6)
+PAIR_TABLE=(
+  wrn_40_2:wrn_16_2 wrn_40_2:wrn_40_1 resnet56:resnet20 resnet110:resnet20 resnet110:resnet32
+  resnet32x4:resnet8x4 vgg13:vgg8
+  vgg13:MobileNetV2 ResNet50:MobileNetV2 ResNet50:vgg8 resnet32x4:ShuffleV1 resnet32x4:ShuffleV2 wrn_40_2:ShuffleV1
+)
+# the pairs whose channel counts agree at every stage: the only ones fsp and kdsvd can serve
+EQUAL_CHANNELS="wrn_40_2:wrn_16_2 resnet56:resnet20 resnet110:resnet20 resnet110:resnet32 resnet32x4:resnet8x4 vgg13:vgg8"
+
+[ "${DRY_RUN:-0}" != 0 ] || DRY_RUN=""; [ "${KEEP_GOING:-0}" != 0 ] || KEEP_GOING=""  # 0 or unset: off
+METHODS=${METHODS:-$TABLE_METHODS}
+TRIALS=${TRIALS:-3}
+TEACHER_DIR=${TEACHER_DIR:-./save/models}
 PYTHON=${PYTHON:-python}
-METHODS=${METHODS:-"kd hint attention similarity correlation vid rkd pkt abound factor fsp nst crd crd+kd wcord+kd crcd dcd dcd+kd dkd"}
+read -r -a LAUNCH_WORDS <<< "${LAUNCH:-$PYTHON}"
+if [ -n "${TRIAL:-}" ]; then TRIAL_IDS=$TRIAL; else TRIAL_IDS=$(seq 1 "$TRIALS"); fi
 
-# method -> train_student.py flags (RepDistiller's scripts for the classic methods; each paper's for the others)
-flags_for() {
-  case "$1" in
-    kd)          echo "--distill kd -r 0.1 -a 0.9 -b 0" ;;
-    hint)        echo "--distill hint -a 0 -b 100" ;;
-    attention)   echo "--distill attention -a 0 -b 1000" ;;
-    similarity)  echo "--distill similarity -a 0 -b 3000" ;;
-    correlation) echo "--distill correlation -a 0 -b 0.02" ;;
-    vid)         echo "--distill vid -a 0 -b 1" ;;
-    rkd)         echo "--distill rkd -a 0 -b 1" ;;
-    pkt)         echo "--distill pkt -a 0 -b 30000" ;;
-    abound)      echo "--distill abound -a 0 -b 1" ;;
-    factor)      echo "--distill factor -a 0 -b 200" ;;
-    fsp)         echo "--distill fsp -a 0 -b 50" ;;
-    nst)         echo "--distill nst -a 0 -b 50" ;;
-    crd)         echo "--distill crd -a 0 -b 0.8" ;;
-    crd+kd)      echo "--distill crd -a 1 -b 0.8" ;;
-    wcord+kd)    echo "--distill wcord -a 1 -b 0.8" ;;
-    crcd)        echo "--distill crcd -a 0.9 -b 1" ;;
-    dcd)         echo "--distill dcd -a 0 -b 1" ;;
-    dcd+kd)      echo "--distill dcd -a 1 -b 1" ;;
-    dkd)         echo "--distill dkd -a 0 -b 1" ;;
-    *) echo "unknown method '$1'" >&2; return 1 ;;
-  esac
-}
-
-for method in $METHODS; do
-  flags=$(flags_for "$method")
-  cmd="$PYTHON train_student.py --path_t $PATH_T --model_s $STUDENT $flags --trial $TRIAL $*"
-  if [ -n "${DRY_RUN:-}" ]; then
-    echo "$cmd"
+if [ -z "${PAIRS:-}" ]; then
+  if [ -n "${TEACHER:-}" ] && [ -n "${STUDENT:-}" ]; then
+    PAIRS="$TEACHER:$STUDENT"
   else
-    echo "+ $cmd"
-    $cmd
+    PAIRS=""
+    for pair in "${PAIR_TABLE[@]}"; do
+      [ -n "${TEACHER:-}" ] && [ "${pair%%:*}" != "$TEACHER" ] && continue
+      [ -n "${STUDENT:-}" ] && [ "${pair##*:}" != "$STUDENT" ] && continue
+      PAIRS="$PAIRS $pair"
+    done
+    if [ -z "$PAIRS" ]; then echo "error: no pair of the tables has TEACHER=${TEACHER:-} STUDENT=${STUDENT:-}; set PAIRS=teacher:student" >&2; exit 2; fi
+  fi
+fi
+
+flags_for() {  # method -> its flags (empty output and status 1 if unknown)
+  local line
+  for line in "${METHOD_TABLE[@]}"; do
+    if [ "${line%% *}" = "$1" ]; then echo "${line#* }"; return 0; fi
+  done
+  return 1
+}
+quote() {  # the arguments as one shell-quoted line: plain words as they are, others in single quotes
+  local arg out="" sq="'" esc="'\\''"
+  for arg in "$@"; do
+    if [[ "$arg" =~ ^[A-Za-z0-9_./:=+,@%-]+$ ]]; then out+=" $arg"; else out+=" '${arg//$sq/$esc}'"; fi
+  done
+  echo "${out# }"
+}
+teacher_path() { echo "${PATH_T:-$TEACHER_DIR/$1_vanilla/ckpt_epoch_240.pth}"; }
+
+# check the selection before running anything
+for method in $METHODS; do
+  if ! flags_for "$method" > /dev/null; then
+    names=""; for line in "${METHOD_TABLE[@]}"; do names="$names ${line%% *}"; done
+    echo "error: unknown method '$method'; choose from:$names" >&2; exit 2
   fi
 done
+for pair in $PAIRS; do
+  case "$pair" in *?:?*) ;; *) echo "error: PAIRS entry '$pair' is not teacher:student" >&2; exit 2 ;; esac
+done
+if [ -z "${DRY_RUN:-}" ]; then
+  missing=""
+  for pair in $PAIRS; do
+    path=$(teacher_path "${pair%%:*}")
+    [ -e "$path" ] || case " $missing " in *" $path "*) ;; *) missing="$missing $path" ;; esac
+  done
+  if [ -n "$missing" ]; then
+    echo "error: teacher checkpoint(s) missing:$missing" >&2
+    echo "  fetch the published ones with 'bash scripts/fetch_pretrained_teachers.sh', train them with" >&2
+    echo "  'bash scripts/run_cifar_vanilla.sh', or point TEACHER_DIR / PATH_T at yours" >&2
+    exit 2
+  fi
+fi
+
+failed=0
+for trial in $TRIAL_IDS; do
+  for pair in $PAIRS; do
+    teacher=${pair%%:*} student=${pair##*:}
+    for method in $METHODS; do
+      if { [ "$method" = fsp ] || [ "$method" = kdsvd ]; } && [[ " $EQUAL_CHANNELS " != *" $pair "* ]]; then
+        echo "skip: $method is n/a for $teacher -> $student (unequal channel counts)" >&2
+        continue
+      fi
+      read -r -a flags <<< "$(flags_for "$method")"
+      cmd=("${LAUNCH_WORDS[@]}" train_student.py --path_t "$(teacher_path "$teacher")" --model_s "$student"
+           "${flags[@]}" --trial "$trial" "$@")
+      line=$(quote "${cmd[@]}")
+      if [ -n "${DRY_RUN:-}" ]; then
+        echo "$line"
+        continue
+      fi
+      echo "+ $line"
+      status=0
+      "${cmd[@]}" || status=$?
+      if [ "$status" -ne 0 ]; then
+        failed=$((failed + 1))
+        echo "failed (exit $status): $line" >&2
+        if [ -z "${KEEP_GOING:-}" ]; then
+          echo "stopped; rerun with --resume auto to continue stopped runs, KEEP_GOING=1 to go past failures" >&2
+          exit "$status"
+        fi
+      fi
+    done
+  done
+done
+if [ "$failed" -gt 0 ]; then echo "$failed command(s) failed (see 'failed' lines above)" >&2; exit 1; fi

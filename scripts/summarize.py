@@ -1,0 +1,509 @@
+"""Turn run folders into the paper-comparison table and plots.
+
+    python scripts/summarize.py save/ [--out DIR] [--paper scripts/paper_tables.md]
+                                      [--dataset cifar100] [--include_running]
+
+Every run of ``train_teacher.py`` and ``train_student.py`` leaves ``results.json`` in its run
+folder (``helper/logger.py``). This script finds them all under the given folder, groups the runs
+by (teacher->student pair, method label) over trials, and writes into ``--out`` (default: the
+scanned folder):
+
+- ``summary.md``: mean ± sample std (ddof=1) over trials of the last-epoch and the best test
+  top-1, the number of trials, the published number (``scripts/paper_tables.md``, CIFAR-100) and
+  our last-epoch mean minus it; also printed;
+- ``summary.csv``: the same numbers at full precision;
+- ``accuracy_<pair>.png`` (bars of the last-epoch top-1 per method, the paper's value as a black
+  tick) and ``curves_<pair>.png`` (test top-1 per epoch, mean over trials), if matplotlib imports.
+
+Name mapping: a run's ``label`` (``kd``, ``crd``, ``crd+kd``, ...) is the paper's row name; a
+vanilla run of model M (``train_teacher.py``) is the ``teacher`` row of every pair whose teacher
+is M and the ``student`` row of every pair whose student is M; a vanilla model in none of our
+pairs gets a ``vanilla`` row of its own.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import re
+import statistics
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+ARROW = "->"                 # our pair spelling (results.json)
+PAPER_ARROW = "→"            # the paper tables' spelling, also used for display
+PAPER_DATASET = "cifar100"   # the data set of every table in paper_tables.md
+DEFAULT_PAPER = Path(__file__).resolve().parent / "paper_tables.md"
+MISSING = {"", "–", "—", "-", "n/a", "na", "none"}
+VANILLA = "vanilla"          # results.json label of a run trained with cross-entropy alone
+TEACHER_ROW, STUDENT_ROW = "teacher", "student"   # the paper's rows for vanilla runs
+DASH = "–"
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class Run:
+    """One run folder's ``results.json``, reduced to what the summary needs."""
+    path: Path
+    label: str
+    pair: str                                  # "teacher->student", or the model alone
+    model: str
+    model_t: str | None
+    dataset: str
+    trial: str
+    status: str
+    last_acc: float | None
+    best_acc: float | None
+    curve: dict[int, float] = field(default_factory=dict)   # epoch -> test top-1
+
+
+@dataclass
+class Row:
+    """One line of the summary: a (pair, method) with our statistics and the paper's number."""
+    pair: str
+    method: str
+    runs: list[Run]
+    paper: float | None = None
+
+    @property
+    def n(self) -> int:
+        return len(self.runs)
+
+    @property
+    def last(self) -> tuple[float | None, float | None]:
+        return mean_std(r.last_acc for r in self.runs)
+
+    @property
+    def best(self) -> tuple[float | None, float | None]:
+        return mean_std(r.best_acc for r in self.runs)
+
+    @property
+    def diff(self) -> float | None:
+        mean = self.last[0]
+        return None if mean is None or self.paper is None else mean - self.paper
+
+
+@dataclass
+class PaperTable:
+    """Published numbers: ``values[(pair, method)]`` is a float, or None where the paper's cell
+    is empty ("–", "n/a"); ``pairs`` and ``methods`` keep the tables' order."""
+    values: dict[tuple[str, str], float | None] = field(default_factory=dict)
+    pairs: list[str] = field(default_factory=list)
+    methods: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- paper tables
+
+
+def normalise_pair(text: str) -> str:
+    """A pair in our spelling: ``resnet32x4→resnet8x4`` -> ``resnet32x4->resnet8x4``."""
+    return text.strip().replace(PAPER_ARROW, ARROW).replace(" ", "")
+
+
+def display_pair(pair: str) -> str:
+    """A pair in the paper's spelling, for the Markdown table and plot titles."""
+    return pair.replace(ARROW, PAPER_ARROW)
+
+
+def split_pair(pair: str) -> tuple[str | None, str]:
+    """(teacher, student) of ``t->s``; (None, model) for a model alone."""
+    if ARROW in pair:
+        teacher, student = pair.split(ARROW, 1)
+        return teacher, student
+    return None, pair
+
+
+def parse_cell(text: str) -> float | None:
+    """A table cell as a number, or None for an empty one ("–", "n/a", ...)."""
+    text = text.strip().strip("*")
+    if text.lower() in MISSING:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def table_cells(line: str) -> list[str]:
+    """The cells of a Markdown table line ``| a | b |``."""
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def parse_paper_tables(text: str) -> PaperTable:
+    """Every Markdown table of ``text`` whose columns after the first are teacher→student pairs;
+    the first column holds the method names (lower-cased)."""
+    paper = PaperTable()
+    header: list[str] | None = None
+    for line in text.splitlines():
+        if not line.strip().startswith("|"):
+            header = None
+            continue
+        cells = table_cells(line)
+        if header is None:
+            pairs = cells[1:]
+            header = [normalise_pair(c) for c in pairs] if pairs and all(
+                PAPER_ARROW in c or ARROW in c for c in pairs) else []
+            paper.pairs += [p for p in header if p not in paper.pairs]
+            continue
+        if not header or set("".join(cells)) <= set("-: "):   # not a pair table, or the |---| line
+            continue
+        method = cells[0].strip().lower()
+        if method not in paper.methods:
+            paper.methods.append(method)
+        for pair, cell in zip(header, cells[1:]):
+            paper.values[(pair, method)] = parse_cell(cell)
+    return paper
+
+
+def load_paper(path: Path | None) -> PaperTable | None:
+    """The published tables from ``path``, or None (with a warning) if it cannot be read."""
+    if path is None:
+        return None
+    try:
+        return parse_paper_tables(Path(path).read_text(encoding="utf-8"))
+    except OSError as err:
+        warn(f"no paper column: cannot read {path} ({err.strerror or err})")
+        return None
+
+
+def paper_value(paper: PaperTable | None, pair: str, method: str) -> float | None:
+    """The published number for ``method`` on ``pair``. For a model alone (a vanilla row of its
+    own) it is the model's teacher/student number if all the paper's columns agree on it."""
+    if paper is None:
+        return None
+    if ARROW in pair:
+        return paper.values.get((pair, method))
+    found = {v for (p, m), v in paper.values.items() if v is not None and (
+        (m == TEACHER_ROW and split_pair(p)[0] == pair) or (m == STUDENT_ROW and split_pair(p)[1] == pair))}
+    return found.pop() if len(found) == 1 else None
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def warn(message: str) -> None:
+    """One line on stderr."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def number(value) -> float | None:
+    """``value`` as a finite float, else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def load_run(path: Path) -> Run:
+    """Read one ``results.json``; ValueError if it is not a run record. A run still in progress
+    has no ``last_acc``/``best_acc`` yet: they then come from its history."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    model = data.get("model") or data.get("model_s")
+    model_t = data.get("model_t") or None
+    pair = data.get("pair") or (f"{model_t}{ARROW}{model}" if model_t else model)
+    label = data.get("label") or data.get("method")
+    if not pair or not label:
+        raise ValueError("no pair/label fields (written before helper/logger.py's run_summary?)")
+    curve = {}
+    for record in data.get("history") or []:
+        acc = number(record.get("test_acc")) if isinstance(record, dict) else None
+        if acc is not None and isinstance(record.get("epoch"), int):
+            curve[record["epoch"]] = acc
+    last = number(data.get("last_acc"))
+    best = number(data.get("best_acc"))
+    if last is None and curve:
+        last = curve[max(curve)]
+    if best is None and curve:
+        best = max(curve.values())
+    return Run(path=path, label=str(label).lower(), pair=str(pair), model=str(model or split_pair(pair)[1]),
+               model_t=model_t, dataset=str(data.get("dataset") or data.get("args", {}).get("dataset") or ""),
+               trial=str(data.get("trial", "")), status=str(data.get("status") or "unknown"),
+               last_acc=last, best_acc=best, curve=curve)
+
+
+def collect_runs(folder: Path) -> list[Run]:
+    """Every readable ``results.json`` under ``folder`` (recursively); the others are skipped
+    with a one-line warning."""
+    runs = []
+    for path in sorted(Path(folder).rglob("results.json")):
+        try:
+            runs.append(load_run(path))
+        except (OSError, ValueError, TypeError, AttributeError) as err:
+            warn(f"skipped {path}: {err}")
+    return runs
+
+
+def select_runs(runs: list[Run], dataset: str, include_running: bool) -> tuple[list[Run], list[str]]:
+    """The runs that count: of ``dataset``, finished (or any status with ``include_running``),
+    with a last-epoch accuracy. Also notes saying what was left out and why."""
+    kept, notes = [], []
+    other = [r for r in runs if r.dataset != dataset]
+    if other:
+        names = sorted({r.dataset or "?" for r in other})
+        notes.append(f"{len(other)} run(s) of another data set left out ({', '.join(names)}; see --dataset)")
+    runs = [r for r in runs if r.dataset == dataset]
+    unfinished = [r for r in runs if r.status != "finished"]
+    if unfinished and not include_running:
+        notes.append(f"{len(unfinished)} unfinished run(s) left out (see --include_running)")
+        runs = [r for r in runs if r.status == "finished"]
+    for run in runs:
+        if run.last_acc is None:
+            notes.append(f"{run.path} left out: no test accuracy yet")
+        else:
+            kept.append(run)
+    return kept, notes
+
+
+# ----------------------------------------------------------------------------- grouping
+
+
+def group_runs(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:
+    """Runs by (pair, paper method name) over trials. Distillation runs go to (pair, label); a
+    vanilla run of M goes to the teacher row of each of our pairs whose teacher is M and to the
+    student row of each whose student is M, or to (M, "vanilla") if M is in none."""
+    groups: dict[tuple[str, str], list[Run]] = defaultdict(list)
+    pairs = sorted({r.pair for r in runs if ARROW in r.pair})
+    for run in runs:
+        if ARROW in run.pair:
+            groups[(run.pair, run.label)].append(run)
+            continue
+        keys = [(p, TEACHER_ROW) for p in pairs if split_pair(p)[0] == run.model]
+        keys += [(p, STUDENT_ROW) for p in pairs if split_pair(p)[1] == run.model]
+        for key in keys or [(run.pair, run.label)]:
+            groups[key].append(run)
+    for (pair, method), members in groups.items():
+        trials = [r.trial for r in members]
+        if len(set(trials)) < len(trials):
+            warn(f"{display_pair(pair)} {method}: several runs share a trial name ({', '.join(sorted(trials))}); "
+                 "each counts as one trial")
+    return dict(groups)
+
+
+def pair_order(pairs: Iterable[str], paper: PaperTable | None) -> list[str]:
+    """The paper's column order first, then other pairs, then models alone (each sorted)."""
+    pairs = set(pairs)
+    known = [p for p in (paper.pairs if paper else []) if p in pairs]
+    rest = sorted(pairs - set(known), key=lambda p: (ARROW not in p, p.lower()))
+    return known + rest
+
+
+def build_rows(groups: dict[tuple[str, str], list[Run]], paper: PaperTable | None) -> list[Row]:
+    """One row per (pair, method) that we ran or that the paper lists for a pair we ran, in the
+    paper's order (its pairs, then its methods), our other pairs and methods after."""
+    rows = []
+    for pair in pair_order((p for p, _ in groups), paper):
+        ours = {m for p, m in groups if p == pair}
+        order = paper.methods if paper else [TEACHER_ROW, STUDENT_ROW]
+        listed = [m for m in order if m in ours or (paper is not None and (pair, m) in paper.values)]
+        for method in listed + sorted(ours - set(listed)):
+            rows.append(Row(pair, method, groups.get((pair, method), []), paper_value(paper, pair, method)))
+    return rows
+
+
+# ----------------------------------------------------------------------------- statistics and text
+
+
+def mean_std(values: Iterable[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (ddof=1) of the numbers; std is None for one value."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def fmt(value: float | None, signed: bool = False) -> str:
+    """Two decimals, "–" for none; ``signed`` puts "+" before positive numbers."""
+    if value is None:
+        return DASH
+    text = f"{value:+.2f}" if signed else f"{value:.2f}"
+    return "0.00" if text in ("-0.00", "+0.00") else text
+
+
+def fmt_mean_std(stats: tuple[float | None, float | None], n: int) -> str:
+    """``mean ± std``; ``mean ± –`` for one trial (no spread); "–" for no runs."""
+    mean, std = stats
+    if mean is None:
+        return DASH
+    return f"{fmt(mean)} ± {fmt(std) if n > 1 else DASH}"
+
+
+def markdown_table(rows: list[Row], *, dataset: str, paper_source: str | None, notes: Iterable[str] = ()) -> str:
+    """The summary as Markdown: a title, header lines saying what the numbers are, the table; the
+    paper and difference columns only with a ``paper_source`` (the file the numbers came from)."""
+    with_paper = paper_source is not None
+    lines = [f"# Test top-1 (%) on {dataset}" + (": our runs beside the published numbers" if with_paper else ""),
+             "",
+             "Columns: last = test top-1 after the last epoch (what the papers report), best = the best epoch's; "
+             "each is the mean ± the sample standard deviation (ddof=1) over the n trials "
+             f"(\"± {DASH}\": one trial, no spread). {DASH} = no value."]
+    if with_paper:
+        lines[-1] += (f" paper = the published last-epoch top-1 ({paper_source}); "
+                     "Δ = our last-epoch mean − paper; the teacher/student rows are the vanilla runs of the pair's models.")
+    lines += [""] + [f"- {note}" for note in notes]
+    header = ["pair", "method", "n", "last top-1", "best top-1"] + (["paper", "Δ (last − paper)"] if with_paper else [])
+    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [display_pair(row.pair), row.method, str(row.n), fmt_mean_std(row.last, row.n),
+                 fmt_mean_std(row.best, row.n)]
+        if with_paper:
+            cells += [fmt(row.paper), fmt(row.diff, signed=True)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+CSV_FIELDS = ["pair", "teacher", "student", "method", "n", "last_mean", "last_std", "best_mean", "best_std",
+              "paper", "diff", "trials"]
+
+
+def write_csv(rows: list[Row], path: Path) -> None:
+    """The summary as CSV, numbers at full precision, empty cells for none."""
+    def cell(value):
+        return "" if value is None else repr(value) if isinstance(value, float) else value
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(CSV_FIELDS)
+        for row in rows:
+            teacher, student = split_pair(row.pair)
+            (last_mean, last_std), (best_mean, best_std) = row.last, row.best
+            writer.writerow([cell(v) for v in (row.pair, teacher, student, row.method, row.n, last_mean, last_std,
+                                               best_mean, best_std, row.paper, row.diff,
+                                               ";".join(r.trial for r in row.runs))])
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def safe_name(pair: str) -> str:
+    """A file-name-safe form of a pair: ``S:a->b`` -> ``S_a_to_b``."""
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", pair.replace(ARROW, "_to_")).strip("_") or "runs"
+
+
+def mean_curve(runs: list[Run]) -> tuple[list[int], list[float]]:
+    """Test top-1 per epoch averaged over the runs that reached that epoch."""
+    epochs = sorted({e for r in runs for e in r.curve})
+    return epochs, [statistics.fmean(r.curve[e] for r in runs if e in r.curve) for e in epochs]
+
+
+def plot_pair(pair: str, rows: list[Row], out: Path) -> list[Path]:
+    """``accuracy_<pair>.png`` (bars with std error bars, paper values as black ticks) and
+    ``curves_<pair>.png`` (mean test top-1 per epoch per method) for one pair's rows."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    ran = [r for r in rows if r.n]
+    written = []
+    x = list(range(len(ran)))
+    means = [r.last[0] for r in ran]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(ran) + 2), 4))
+    ax.bar(x, means, color="tab:blue", alpha=0.8, label="ours (mean of n)")
+    spread = [(i, r.last) for i, r in enumerate(ran) if r.last[1] is not None]
+    if spread:
+        ax.errorbar([i for i, _ in spread], [m for _, (m, _) in spread], yerr=[s for _, (_, s) in spread],
+                    fmt="none", ecolor="dimgray", capsize=4, label="± std over trials")
+    marks = [(i, r.paper) for i, r in enumerate(ran) if r.paper is not None]
+    if marks:
+        ax.scatter([i for i, _ in marks], [v for _, v in marks], marker="_", s=600, linewidths=2.5,
+                   color="black", zorder=3, label="paper")
+    values = means + [v for _, v in marks]
+    ax.set_ylim(max(0.0, min(values) - 5), min(100.0, max(values) + 5))
+    ax.set_xticks(x, [f"{r.method}\n(n={r.n})" for r in ran], rotation=45 if len(ran) > 6 else 0, fontsize=8)
+    ax.set_ylabel("last-epoch test top-1 (%)")
+    ax.set_title(display_pair(pair))
+    ax.legend(fontsize=8, loc="upper right", ncol=3)
+    fig.tight_layout()
+    written.append(out / f"accuracy_{safe_name(pair)}.png")
+    fig.savefig(written[-1], dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for row in ran:
+        epochs, accs = mean_curve(row.runs)
+        if epochs:
+            ax.plot(epochs, accs, marker="." if len(epochs) < 30 else None, label=f"{row.method} (n={row.n})")
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("test top-1 (%), mean over trials")
+    ax.set_title(display_pair(pair))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    written.append(out / f"curves_{safe_name(pair)}.png")
+    fig.savefig(written[-1], dpi=100)
+    plt.close(fig)
+    return written
+
+
+def write_plots(rows: list[Row], out: Path) -> list[Path]:
+    """The two plots for every pair with runs; nothing (and a note) if matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot  # noqa: F401
+    except ImportError:
+        print("matplotlib is not importable: plots skipped (pip install matplotlib)", file=sys.stderr)
+        return []
+    by_pair: dict[str, list[Row]] = defaultdict(list)
+    for row in rows:
+        by_pair[row.pair].append(row)
+    return [p for pair, pair_rows in by_pair.items() if any(r.n for r in pair_rows)
+            for p in plot_pair(pair, pair_rows, out)]
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Summarise run folders (results.json) into a table "
+                                     "beside the published CIFAR-100 numbers, and plots.")
+    parser.add_argument("folder", type=Path, help="folder to scan recursively for results.json (e.g. save/)")
+    parser.add_argument("--out", type=Path, default=None, help="where to write summary.md/.csv and plots "
+                        "(default: the scanned folder)")
+    parser.add_argument("--paper", type=Path, default=DEFAULT_PAPER,
+                        help="Markdown file with the published tables (default: scripts/paper_tables.md)")
+    parser.add_argument("--dataset", default=PAPER_DATASET,
+                        help=f"only runs of this data set (default {PAPER_DATASET}); the paper column is "
+                        f"shown for {PAPER_DATASET} only")
+    parser.add_argument("--include_running", action="store_true",
+                        help="also count running and interrupted runs (their last logged epoch)")
+    parser.add_argument("--no_plots", action="store_true", help="write the tables only")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Scan, group, write ``summary.md``, ``summary.csv`` and the plots; print the table.
+    Returns 0, or 1 (with a message) when there is nothing to summarise."""
+    args = parse_args(argv)
+    if not args.folder.is_dir():
+        print(f"error: {args.folder} is not a folder", file=sys.stderr)
+        return 1
+    runs = collect_runs(args.folder)
+    kept, notes = select_runs(runs, args.dataset, args.include_running)
+    if not kept:
+        print(f"error: no {'' if args.include_running else 'finished '}runs of {args.dataset} under "
+              f"{args.folder} ({len(runs)} results.json read)" + "".join(f"; {n}" for n in notes), file=sys.stderr)
+        return 1
+    paper = load_paper(args.paper) if args.dataset == PAPER_DATASET else None
+    rows = build_rows(group_runs(kept), paper)
+
+    out = args.out or args.folder
+    out.mkdir(parents=True, exist_ok=True)
+    notes.insert(0, f"{len(kept)} run(s) counted from {args.folder}")
+    source = None if paper is None else "scripts/paper_tables.md" if args.paper == DEFAULT_PAPER else str(args.paper)
+    text = markdown_table(rows, dataset=args.dataset, paper_source=source, notes=notes)
+    (out / "summary.md").write_text(text, encoding="utf-8")
+    write_csv(rows, out / "summary.csv")
+    print(text)
+    plots = [] if args.no_plots else write_plots(rows, out)
+    print(f"wrote {out / 'summary.md'}, {out / 'summary.csv'}" + (f" and {len(plots)} plots" if plots else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

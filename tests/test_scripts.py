@@ -1,0 +1,347 @@
+"""The reproduction scripts in scripts/: every command they print parses with the training scripts'
+own option parsers and carries the paper's method, weights and recipe; the teacher fetch verifies
+checksums and installs files train_student.py loads."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_student
+import train_teacher
+from models import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The CRD paper's tables (README, "Reproducing the paper"), written out independently of the scripts.
+SAME = ["wrn_40_2:wrn_16_2", "wrn_40_2:wrn_40_1", "resnet56:resnet20", "resnet110:resnet20", "resnet110:resnet32",
+        "resnet32x4:resnet8x4", "vgg13:vgg8"]
+DIFFERENT = ["vgg13:MobileNetV2", "ResNet50:MobileNetV2", "ResNet50:vgg8", "resnet32x4:ShuffleV1",
+             "resnet32x4:ShuffleV2", "wrn_40_2:ShuffleV1"]
+PAIRS = SAME + DIFFERENT
+# method -> (--distill, -r, -a, -b)
+WEIGHTS = {
+    "kd": ("kd", 0.1, 0.9, 0.0), "hint": ("hint", 1.0, 0.0, 100.0), "attention": ("attention", 1.0, 0.0, 1000.0),
+    "similarity": ("similarity", 1.0, 0.0, 3000.0), "correlation": ("correlation", 1.0, 0.0, 0.02),
+    "vid": ("vid", 1.0, 0.0, 1.0), "rkd": ("rkd", 1.0, 0.0, 1.0), "pkt": ("pkt", 1.0, 0.0, 30000.0),
+    "abound": ("abound", 1.0, 0.0, 1.0), "factor": ("factor", 1.0, 0.0, 200.0), "fsp": ("fsp", 1.0, 0.0, 50.0),
+    "nst": ("nst", 1.0, 0.0, 50.0), "crd": ("crd", 1.0, 0.0, 0.8), "crd+kd": ("crd", 1.0, 1.0, 0.8),
+    "dcd": ("dcd", 1.0, 0.0, 1.0), "dcd+kd": ("dcd", 1.0, 1.0, 1.0), "wcord+kd": ("wcord", 1.0, 1.0, 0.8),
+    "dkd": ("dkd", 1.0, 0.0, 1.0),
+}
+LABEL = {v: k for k, v in WEIGHTS.items()}
+NA = {("fsp", pair) for pair in ["wrn_40_2:wrn_40_1"] + DIFFERENT}  # the tables' n/a cells
+TEACHERS = ["wrn_40_2", "resnet56", "resnet110", "resnet32x4", "vgg13", "ResNet50"]
+STUDENTS = ["wrn_16_2", "wrn_40_1", "resnet20", "resnet32", "resnet8x4", "vgg8", "MobileNetV2", "ShuffleV1", "ShuffleV2"]
+CLEAN_ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp")}
+
+
+def script(name: str, *args: str, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+    out = subprocess.run(["bash", f"scripts/{name}", *args], cwd=ROOT, capture_output=True, text=True,
+                         env={**CLEAN_ENV, **env}, timeout=60)
+    if check:
+        assert out.returncode == 0, out.stderr
+    return out
+
+
+def commands(out: subprocess.CompletedProcess, program: str) -> list[list[str]]:
+    """The printed command lines that run ``program``, as argv lists from the program on."""
+    found = []
+    for line in out.stdout.splitlines():
+        argv = shlex.split(line, comments=True)
+        if program in argv:
+            found.append(argv[argv.index(program) + 1:])
+    return found
+
+
+def distill_cells(out: subprocess.CompletedProcess) -> list[tuple[str, str, str]]:
+    """(method label, teacher:student, trial) of each printed train_student.py command."""
+    cells = []
+    for argv in commands(out, "train_student.py"):
+        opt = train_student.parse_option(argv)
+        teacher = Path(opt.path_t).parent.name.removesuffix("_vanilla")
+        cells.append((LABEL[(opt.distill, opt.gamma, opt.alpha, opt.beta)], f"{teacher}:{opt.model_s}", opt.trial))
+    return cells
+
+
+# ---------------------------------------------------------------- run_cifar_distill.sh
+def test_distill_prints_every_cell_of_both_tables():
+    out = script("run_cifar_distill.sh", DRY_RUN="1")
+    lines = out.stdout.splitlines()
+    expected = {(m, p, str(t)) for m in WEIGHTS for p in PAIRS for t in (1, 2, 3) if (m, p) not in NA}
+    assert len(expected) == 18 * 13 * 3 - 7 * 3 == 681
+    assert len(lines) == 681 and all(line.startswith("python train_student.py --path_t ./save/models/") for line in lines)
+    cells = distill_cells(out)
+    assert len(cells) == len(set(cells)) == 681 and set(cells) == expected
+    for argv in commands(out, "train_student.py"):
+        assert argv[1].endswith("_vanilla/ckpt_epoch_240.pth")  # RepDistiller's layout, where fetch/vanilla put them
+    assert "skip: fsp is n/a for wrn_40_2 -> wrn_40_1" in out.stderr
+
+
+def test_distill_fsp_runs_exactly_on_the_pairs_of_equal_channel_counts():
+    out = script("run_cifar_distill.sh", METHODS="fsp kdsvd", TRIALS="1", DRY_RUN="1")
+    printed = {(argv[argv.index("--distill") + 1], f"{Path(argv[1]).parent.name.removesuffix('_vanilla')}:"
+                f"{argv[argv.index('--model_s') + 1]}") for argv in commands(out, "train_student.py")}
+    channel_counts = {}
+    for name in set(p.split(":")[i] for p in PAIRS for i in (0, 1)):
+        with torch.no_grad():
+            feats, _ = build_model(name, num_classes=100).eval()(torch.randn(2, 3, 32, 32), is_feat=True)
+        channel_counts[name] = [f.shape[1] for f in feats]
+    for pair in PAIRS:
+        t, s = (channel_counts[n] for n in pair.split(":"))
+        assert (("fsp", pair) in printed) == (t[:-1] == s[:-1]) == (("fsp", pair) not in NA)
+        assert (("kdsvd", pair) in printed) == (t[1:-1] == s[1:-1])
+
+
+def test_distill_subsets_and_old_variables():
+    out = script("run_cifar_distill.sh", METHODS="crd kd", PAIRS="resnet32x4:resnet8x4 vgg13:vgg8", TRIALS="2",
+                 DRY_RUN="1")
+    assert sorted(distill_cells(out)) == sorted((m, p, t) for m in ("crd", "kd") for p in
+                                                ("resnet32x4:resnet8x4", "vgg13:vgg8") for t in ("1", "2"))
+    out = script("run_cifar_distill.sh", TEACHER="resnet32x4", TRIALS="1", DRY_RUN="1")
+    assert {p for _, p, _ in distill_cells(out)} == {"resnet32x4:resnet8x4", "resnet32x4:ShuffleV1", "resnet32x4:ShuffleV2"}
+    assert len(out.stdout.splitlines()) == 18 * 3 - 2
+    out = script("run_cifar_distill.sh", STUDENT="MobileNetV2", METHODS="crd+kd", TRIAL="7", DRY_RUN="1")
+    assert sorted(distill_cells(out)) == [("crd+kd", "ResNet50:MobileNetV2", "7"), ("crd+kd", "vgg13:MobileNetV2", "7")]
+    # both set: that pair even outside the tables; PATH_T and TEACHER_DIR choose the file
+    out = script("run_cifar_distill.sh", TEACHER="resnet32x4", STUDENT="resnet8", METHODS="kd", TRIALS="1",
+                 PATH_T="/t/my teacher.pth", DRY_RUN="1")
+    (argv,) = commands(out, "train_student.py")
+    assert train_student.parse_option(argv).path_t == "/t/my teacher.pth" and argv[argv.index("--model_s") + 1] == "resnet8"
+    out = script("run_cifar_distill.sh", PAIRS="vgg13:vgg8", METHODS="kd", TRIALS="1", TEACHER_DIR="/teachers",
+                 DRY_RUN="1")
+    assert commands(out, "train_student.py")[0][1] == "/teachers/vgg13_vanilla/ckpt_epoch_240.pth"
+
+
+def test_distill_passes_arguments_through_and_launch_prefixes():
+    out = script("run_cifar_distill.sh", "--amp", "bf16", "--data_folder", "/da ta", "--epochs", "3",
+                 PAIRS="resnet32x4:resnet8x4 wrn_40_2:ShuffleV1", TRIALS="1", DRY_RUN="1",
+                 LAUNCH="torchrun --standalone --nproc_per_node 2")
+    lines = out.stdout.splitlines()
+    assert len(lines) == 18 + 17
+    for line in lines:
+        assert line.startswith("torchrun --standalone --nproc_per_node 2 train_student.py ")
+        assert line.endswith(" --amp bf16 --data_folder '/da ta' --epochs 3")
+    for argv in commands(out, "train_student.py"):
+        opt = train_student.parse_option(argv)
+        assert (opt.amp, opt.data_folder, opt.epochs) == ("bf16", "/da ta", 3)
+        assert opt.learning_rate == (0.01 if opt.model_s == "ShuffleV1" else 0.05)
+
+
+def test_distill_bad_selection_and_missing_teachers_fail_clearly(tmp_path):
+    out = script("run_cifar_distill.sh", METHODS="crd nope", DRY_RUN="1", check=False)
+    assert out.returncode == 2 and "unknown method 'nope'" in out.stderr and not out.stdout
+    out = script("run_cifar_distill.sh", PAIRS="resnet32x4", DRY_RUN="1", check=False)
+    assert out.returncode == 2 and "not teacher:student" in out.stderr
+    out = script("run_cifar_distill.sh", PAIRS="vgg13:vgg8", TEACHER_DIR=str(tmp_path), PYTHON="false", check=False)
+    assert out.returncode == 2 and "teacher checkpoint(s) missing" in out.stderr
+    assert "fetch_pretrained_teachers.sh" in out.stderr and "run_cifar_vanilla.sh" in out.stderr
+
+
+def test_distill_runs_the_commands_and_stops_or_keeps_going(tmp_path):
+    ckpt = tmp_path / "vgg13_vanilla" / "ckpt_epoch_240.pth"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"x")
+    env = {"PAIRS": "vgg13:vgg8", "METHODS": "kd crd", "TRIALS": "1", "TEACHER_DIR": str(tmp_path)}
+    out = script("run_cifar_distill.sh", "--epochs", "1", LAUNCH="echo ran", **env)
+    ran = [line for line in out.stdout.splitlines() if line.startswith("ran train_student.py")]
+    assert len(ran) == 2 and all(line.endswith("--epochs 1") for line in ran)
+    out = script("run_cifar_distill.sh", LAUNCH="false", check=False, **env)
+    assert out.returncode == 1 and out.stderr.count("failed (exit 1)") == 1 and "KEEP_GOING=1" in out.stderr
+    out = script("run_cifar_distill.sh", LAUNCH="false", KEEP_GOING="1", check=False, **env)
+    assert out.returncode == 1 and out.stderr.count("failed (exit 1)") == 2
+
+
+# ---------------------------------------------------------------- run_cifar_vanilla.sh
+def test_vanilla_trains_every_teacher_and_student_with_the_recipe():
+    out = script("run_cifar_vanilla.sh", "--amp", "bf16", DRY_RUN="1")
+    runs = [train_teacher.parse_option(argv) for argv in commands(out, "train_teacher.py")]
+    assert [(o.model, o.trial) for o in runs] == [(m, 0) for m in TEACHERS + STUDENTS]
+    for opt in runs:
+        assert (opt.epochs, opt.batch_size, opt.lr_decay_epochs, opt.weight_decay, opt.save_freq, opt.amp) == \
+            (240, 64, [150, 180, 210], 5e-4, 40, "bf16")
+        assert opt.learning_rate == (0.01 if opt.model in ("MobileNetV2", "ShuffleV1", "ShuffleV2") else 0.05)
+    links = [line for line in out.stdout.splitlines() if line.startswith("# link ")]
+    assert [line.split()[2] for line in links] == [f"./save/models/{m}_vanilla/ckpt_epoch_240.pth" for m in TEACHERS]
+
+    out = script("run_cifar_vanilla.sh", TEACHER_TRIALS="1", STUDENT_TRIALS="3", STUDENTS="resnet8x4 vgg8", DRY_RUN="1")
+    runs = [train_teacher.parse_option(argv) for argv in commands(out, "train_teacher.py")]
+    assert [(o.model, o.trial) for o in runs] == [(m, 0) for m in TEACHERS] + \
+        [(m, t) for m in ("resnet8x4", "vgg8") for t in (0, 1, 2)]
+    out = script("run_cifar_vanilla.sh", TRIALS="2", TEACHERS="", DRY_RUN="1")
+    assert len(commands(out, "train_teacher.py")) == 2 * len(STUDENTS) and "# link" not in out.stdout
+
+
+def test_vanilla_links_trial_0_where_the_distill_script_looks(tmp_path):
+    """The training itself is replaced by `true`; the link step asks train_teacher.py for its run folder."""
+    run_ckpt = tmp_path / "vgg13_cifar100_lr_0.05_decay_0.0005_trial_0" / "ckpt_epoch_240.pth"
+    run_ckpt.parent.mkdir()
+    run_ckpt.write_bytes(b"mine")
+    published = tmp_path / "resnet56_vanilla" / "ckpt_epoch_240.pth"
+    published.parent.mkdir()
+    published.write_bytes(b"published")
+    (tmp_path / "resnet56_cifar100_lr_0.05_decay_0.0005_trial_0").mkdir()
+    (tmp_path / "resnet56_cifar100_lr_0.05_decay_0.0005_trial_0" / "ckpt_epoch_240.pth").write_bytes(b"mine too")
+    out = script("run_cifar_vanilla.sh", "--save_folder", str(tmp_path), TEACHERS="vgg13 resnet56 wrn_40_2",
+                 STUDENTS="", TEACHER_DIR=str(tmp_path), LAUNCH="true", PYTHON=sys.executable)
+    link = tmp_path / "vgg13_vanilla" / "ckpt_epoch_240.pth"
+    assert link.is_symlink() and os.readlink(link) == f"../{run_ckpt.parent.name}/ckpt_epoch_240.pth"
+    assert link.read_bytes() == b"mine"
+    assert published.read_bytes() == b"published" and "kept the existing" in out.stderr  # a fetched teacher stays
+    assert not (tmp_path / "wrn_40_2_vanilla").exists() and "wrn_40_2 not linked" in out.stderr
+    # the distill script finds the linked teacher
+    out = script("run_cifar_distill.sh", PAIRS="vgg13:vgg8", METHODS="kd", TRIALS="1", TEACHER_DIR=str(tmp_path),
+                 LAUNCH="echo ran")
+    assert f"--path_t {link}" in out.stdout
+
+
+# ---------------------------------------------------------------- run_imagenet_distill.sh
+def test_imagenet_commands_follow_the_recipe(tmp_path):
+    teacher = tmp_path / "t.pth"
+    teacher.write_bytes(b"x")
+    out = script("run_imagenet_distill.sh", "--amp", "bf16", DRY_RUN="1", TEACHER=str(teacher), DATA="/data/in")
+    lines = out.stdout.splitlines()
+    assert len(lines) == 3 and all(line.startswith("torchrun --standalone --nproc_per_node 8 train_student.py ")
+                                   for line in lines)
+    seen = []
+    for argv in commands(out, "train_student.py"):
+        opt = train_student.parse_option(argv)
+        assert (opt.dataset, opt.data_folder, opt.model_s, opt.path_t, opt.amp) == \
+            ("imagenet", "/data/in", "ResNet18", str(teacher), "bf16")
+        assert (opt.epochs, opt.learning_rate, opt.lr_decay_epochs, opt.lr_decay_rate, opt.weight_decay,
+                opt.momentum, opt.batch_size) == (100, 0.1, [30, 60, 90], 0.1, 1e-4, 0.9, 32)
+        seen.append((opt.distill, opt.gamma, opt.alpha, opt.beta, opt.kd_T))
+    assert seen == [("kd", 0.5, 0.5, 0.0, 1.0), ("crd", 1.0, 0.0, 0.8, 4.0), ("crd", 1.0, 1.0, 0.8, 4.0)]
+
+    out = script("run_imagenet_distill.sh", DRY_RUN="1", TEACHER=str(teacher), NPROC="4", BATCH="512",
+                 METHODS="dkd", TRIALS="2")
+    runs = [train_student.parse_option(argv) for argv in commands(out, "train_student.py")]
+    assert out.stdout.startswith("torchrun --standalone --nproc_per_node 4 ")
+    assert [(o.batch_size, o.learning_rate, o.distill, o.dkd_beta, o.dkd_T, o.trial) for o in runs] == \
+        [(128, 0.2, "dkd", 0.5, 1.0, "1"), (128, 0.2, "dkd", 0.5, 1.0, "2")]
+    out = script("run_imagenet_distill.sh", DRY_RUN="1", NPROC="3", check=False)
+    assert out.returncode == 2 and "does not split" in out.stderr
+
+
+def test_imagenet_wraps_torchvision_weights_as_a_teacher(tmp_path, monkeypatch):
+    import torchvision
+    from helper.teacher import load_teacher
+    teacher = tmp_path / "ResNet34_torchvision" / "ckpt.pth"
+    weights = tmp_path / "resnet34-tv.pth"
+    out = script("run_imagenet_distill.sh", DRY_RUN="1", TEACHER=str(teacher), TV_WEIGHTS=str(weights))
+    convert = shlex.split(out.stdout.splitlines()[0])
+    assert convert[:2] == ["python", "-c"] and convert[3:] == [str(weights), str(teacher)]
+    assert len(commands(out, "train_student.py")) == 3 and not teacher.exists()  # DRY_RUN: nothing written
+
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet34()
+    torch.save(reference.state_dict(), weights)
+    monkeypatch.setattr(sys, "argv", ["-c"] + convert[3:])
+    exec(convert[2], {"__name__": "__main__"})  # the script's conversion, in this process
+    model, arch = load_teacher(str(teacher), 1000, "imagenet")
+    assert arch == "ResNet34"
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), reference.eval()(x))
+
+
+# ---------------------------------------------------------------- fetch_pretrained_teachers.sh
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A fake download server (a folder for file:// URLs) holding a RepDistiller-format resnet32x4
+    teacher, and a manifest with its true SHA-256."""
+    root = tmp_path_factory.mktemp("server")
+    path = root / "resnet32x4_vanilla" / "ckpt_epoch_240.pth"
+    path.parent.mkdir()
+    torch.manual_seed(0)
+    torch.save({"model": build_model("resnet32x4", num_classes=100).state_dict(), "epoch": 240}, path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    manifest = root / "good.sha256"
+    manifest.write_text(f"# a comment\n{digest}  resnet32x4_vanilla/ckpt_epoch_240.pth\n")
+    assert subprocess.run(["sha256sum", "-c", str(manifest)], cwd=root, capture_output=True).returncode == 0
+    return root, digest, manifest
+
+
+def fetch(dest: Path, manifest: Path | None = None, check: bool = False, **env: str) -> subprocess.CompletedProcess:
+    if manifest is not None:
+        env["CHECKSUMS"] = str(manifest)
+    return script("fetch_pretrained_teachers.sh", DEST=str(dest), check=check, **env)
+
+
+def test_fetch_installs_a_verified_teacher_that_train_student_loads(server, tmp_path):
+    root, digest, manifest = server
+    dest = tmp_path / "models"
+    out = fetch(dest, manifest, NAMES="resnet32x4", BASE_URL=f"file://{root}")
+    assert out.returncode == 0, out.stderr
+    installed = dest / "resnet32x4_vanilla" / "ckpt_epoch_240.pth"
+    assert "SHA-256 verified" in out.stdout and hashlib.sha256(installed.read_bytes()).hexdigest() == digest
+    assert [p.name for p in dest.iterdir()] == ["resnet32x4_vanilla"]  # no temporary file left
+    results = train_student.main(["--path_t", str(installed), "--dataset", "synthetic", "--synthetic_classes", "100",
+                                  "--synthetic_train", "2", "--synthetic_test", "1", "--model_s", "resnet8",
+                                  "--distill", "kd", "--batch_size", "8", "--max_steps", "1", "--epochs", "1",
+                                  "--num_workers", "0", "--device", "cpu", "--save_folder", str(tmp_path / "runs")])
+    assert results["status"] == "finished" and results["model_t"] == "resnet32x4"
+
+    again = fetch(dest, manifest, NAMES="resnet32x4", BASE_URL="file:///nowhere")  # verified: not downloaded again
+    assert again.returncode == 0 and "already there and verified" in again.stdout
+
+
+def test_fetch_refuses_a_wrong_checksum(server, tmp_path):
+    root, digest, _ = server
+    wrong = tmp_path / "wrong.sha256"
+    wrong.write_text(f"{'0' * 64}  resnet32x4_vanilla/ckpt_epoch_240.pth\n")
+    out = fetch(tmp_path / "models", wrong, NAMES="resnet32x4", BASE_URL=f"file://{root}")
+    assert out.returncode == 1 and "checksum mismatch" in out.stderr and digest in out.stderr
+    assert not any(p.is_file() for p in (tmp_path / "models").rglob("*"))  # nothing installed, no temporary left
+
+
+def test_fetch_failed_download_names_the_url_and_the_ways_out(server, tmp_path):
+    _, _, manifest = server
+    out = fetch(tmp_path / "models", manifest, NAMES="resnet32x4", BASE_URL=f"file://{tmp_path}/empty")
+    assert out.returncode == 1
+    assert f"could not download file://{tmp_path}/empty/resnet32x4_vanilla/ckpt_epoch_240.pth" in out.stderr
+    assert "BASE_URL" in out.stderr and "run_cifar_vanilla.sh" in out.stderr
+    assert not any(p.is_file() for p in (tmp_path / "models").rglob("*"))
+
+
+def test_fetch_without_a_known_checksum_refuses_unless_allowed(server, tmp_path):
+    root, digest, _ = server
+    dest = tmp_path / "models"
+    out = fetch(dest, NAMES="resnet32x4", BASE_URL=f"file://{root}")  # the shipped manifest: no checksums known
+    assert out.returncode == 1 and "no checksum for resnet32x4_vanilla/ckpt_epoch_240.pth" in out.stderr
+    assert "ALLOW_UNVERIFIED=1" in out.stderr and not dest.exists()
+    out = fetch(dest, NAMES="resnet32x4", BASE_URL=f"file://{root}", ALLOW_UNVERIFIED="1")
+    assert out.returncode == 0 and "UNVERIFIED" in out.stdout
+    assert f"{digest}  resnet32x4_vanilla/ckpt_epoch_240.pth" in out.stdout.splitlines()  # the line to add
+    assert (dest / "resnet32x4_vanilla" / "ckpt_epoch_240.pth").is_file()
+
+
+def test_fetch_leaves_an_existing_own_teacher_alone(server, tmp_path):
+    root, _, manifest = server
+    own = tmp_path / "models" / "resnet32x4_vanilla" / "ckpt_epoch_240.pth"
+    own.parent.mkdir(parents=True)
+    own.write_bytes(b"my own teacher")
+    out = fetch(tmp_path / "models", manifest, NAMES="resnet32x4", BASE_URL=f"file://{root}")
+    assert out.returncode == 0 and "not the published file" in out.stdout and own.read_bytes() == b"my own teacher"
+    out = fetch(tmp_path / "models", manifest, NAMES="resnet32x4", BASE_URL=f"file://{root}", FORCE="1")
+    assert out.returncode == 0 and "SHA-256 verified" in out.stdout and own.read_bytes() != b"my own teacher"
+
+
+def test_shipped_manifest_claims_no_checksum_it_does_not_have():
+    lines = (ROOT / "scripts" / "teachers.sha256").read_text().splitlines()
+    entries = {}
+    for line in lines:
+        if line.strip() and not line.startswith("#"):
+            digest, path = line.split()
+            assert len(digest) == 64 and int(digest, 16) >= 0, line
+            entries[path] = digest
+    for name in TEACHERS:  # each teacher: a checksum, or said plainly to be unknown (none is known yet)
+        path = f"{name}_vanilla/ckpt_epoch_240.pth"
+        assert (path in entries) != (f"# not yet known  {path}" in lines)
+    assert set(entries) <= {f"{name}_vanilla/ckpt_epoch_240.pth" for name in TEACHERS}

@@ -1,0 +1,180 @@
+"""scripts/summarize.py: paper-table parser, grouping, Markdown/CSV tables and plots on fake runs."""
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import summarize  # noqa: E402
+
+PAIR = "resnet32x4->resnet8x4"
+CRD_LAST = [75.0, 75.5, 76.0]
+CRD_BEST = [75.4, 76.0, 76.1]
+KD_LAST = [73.1, 73.6]
+
+
+def write_run(folder: Path, *, label: str, model: str, model_t: str | None, trial: int, last: float,
+              best: float, status: str = "finished", dataset: str = "cifar100", epochs: int = 3) -> None:
+    """A results.json as helper/logger.py writes it, with a history that ends at ``last``."""
+    role = "student" if model_t else "teacher"
+    name = f"S:{model}_T:{model_t}_{dataset}_{label}_{trial}" if model_t else f"{model}_{dataset}_trial_{trial}"
+    history = [{"epoch": e, "test_acc": last - 2.0 * (epochs - e), "test_acc_top5": 95.0, "train_loss": 1.0 / e}
+               for e in range(1, epochs + 1)]
+    data = {"role": role, "method": label.split("+")[0] if model_t else "vanilla", "label": label,
+            "model": model, "model_t": model_t, "pair": f"{model_t}->{model}" if model_t else model,
+            "dataset": dataset, "trial": str(trial), "seed": trial, "status": status, "history": history,
+            "last_acc": last, "best_acc": best, "last_acc_top5": 95.0, "best_acc_top5": 95.0,
+            "wall_time_s": 1.0, "images_per_s": 100.0, "commit": None, "device": "cpu"}
+    (folder / name).mkdir(parents=True)
+    (folder / name / "results.json").write_text(json.dumps(data))
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("save")
+    for trial, (last, best) in enumerate(zip(CRD_LAST, CRD_BEST)):
+        write_run(root / "student_model", label="crd", model="resnet8x4", model_t="resnet32x4", trial=trial,
+                  last=last, best=best)
+    for trial, last in enumerate(KD_LAST):
+        write_run(root / "student_model", label="kd", model="resnet8x4", model_t="resnet32x4", trial=trial,
+                  last=last, best=last + 0.2)
+    write_run(root / "models", label="vanilla", model="resnet32x4", model_t=None, trial=0, last=79.0, best=79.3)
+    write_run(root / "models", label="vanilla", model="resnet8x4", model_t=None, trial=0, last=72.0, best=72.4)
+    write_run(root / "models", label="vanilla", model="resnet56", model_t=None, trial=0, last=72.0, best=72.5)
+    # a pair the paper does not have
+    write_run(root / "student_model", label="crd+kd", model="resnet8", model_t="resnet14", trial=0,
+              last=60.0, best=61.0)
+    # left out: still running, another data set; skipped with a warning: broken JSON
+    write_run(root / "student_model", label="crd", model="resnet8x4", model_t="resnet32x4", trial=9,
+              last=10.0, best=10.0, status="running")
+    write_run(root / "student_model", label="crd", model="resnet8x4", model_t="resnet32x4", trial=0,
+              last=40.0, best=41.0, dataset="synthetic")
+    (root / "broken").mkdir()
+    (root / "broken" / "results.json").write_text('{"label": "crd", "pair": ')
+    return root
+
+
+@pytest.fixture(scope="module")
+def summary(runs_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    assert summarize.main([str(runs_dir), "--out", str(out)]) == 0
+    md = (out / "summary.md").read_text()
+    with open(out / "summary.csv", newline="") as f:
+        rows = {(r["pair"], r["method"]): r for r in csv.DictReader(f)}
+    return out, md, rows
+
+
+def md_row(md: str, pair: str, method: str) -> list[str]:
+    """The cells of the Markdown row for (pair, method)."""
+    for line in md.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[:2] == [pair.replace("->", "→"), method]:
+            return cells
+    raise AssertionError(f"no row {pair} {method} in\n{md}")
+
+
+def test_paper_table_parser():
+    paper = summarize.parse_paper_tables((ROOT / "scripts" / "paper_tables.md").read_text())
+    assert summarize.paper_value(paper, "wrn_40_2->wrn_16_2", "dkd") == 76.24
+    assert summarize.paper_value(paper, "resnet32x4->resnet8x4", "crd") == 75.51
+    assert summarize.paper_value(paper, "resnet32x4->resnet8x4", "crd+kd") == 75.46
+    assert summarize.paper_value(paper, "ResNet50->MobileNetV2", "teacher") == 79.34
+    assert ("wrn_40_2->wrn_40_1", "fsp") in paper.values                       # "n/a" cell
+    assert summarize.paper_value(paper, "wrn_40_2->wrn_40_1", "fsp") is None
+    assert summarize.paper_value(paper, "resnet110->resnet32", "wcord+kd") is None  # "–" cell
+    assert summarize.paper_value(paper, "vgg13->MobileNetV2", "fsp") is None       # no such row
+    assert len(paper.pairs) == 13 and paper.pairs[0] == "wrn_40_2->wrn_16_2"
+    assert paper.methods[:3] == ["teacher", "student", "kd"] and "dkd" in paper.methods
+    # a model alone: its teacher/student number where the columns agree
+    assert summarize.paper_value(paper, "resnet56", "vanilla") == 72.34
+    assert summarize.paper_value(paper, "resnet14", "vanilla") is None
+
+
+def test_markdown_rows(summary):
+    _, md, _ = summary
+    n, last, best, paper, diff = md_row(md, PAIR, "crd")[2:]
+    assert (n, last, paper, diff) == ("3", "75.50 ± 0.50", "75.51", "-0.01")
+    assert best == f"{statistics.fmean(CRD_BEST):.2f} ± {statistics.stdev(CRD_BEST):.2f}"
+    assert md_row(md, PAIR, "kd")[2:] == ["2", "73.35 ± 0.35", "73.55 ± 0.35", "73.33", "+0.02"]
+    # vanilla runs are the teacher and student rows; one trial has no spread
+    assert md_row(md, PAIR, "teacher")[2:] == ["1", "79.00 ± –", "79.30 ± –", "79.42", "-0.42"]
+    assert md_row(md, PAIR, "student")[2:] == ["1", "72.00 ± –", "72.40 ± –", "72.50", "-0.50"]
+    # a paper method we did not run, and a paper cell that is empty: gaps, not errors
+    assert md_row(md, PAIR, "fsp")[2:] == ["0", "–", "–", "72.62", "–"]
+    assert md_row(md, "resnet14->resnet8", "crd+kd")[2:] == ["1", "60.00 ± –", "61.00 ± –", "–", "–"]
+    # a vanilla model in none of our pairs: a row of its own, with its paper number
+    assert md_row(md, "resnet56", "vanilla")[2:] == ["1", "72.00 ± –", "72.50 ± –", "72.34", "-0.34"]
+    # only the pairs we ran; the paper's order of methods
+    assert "wrn_40_2→wrn_16_2" not in md
+    methods = [line.split("|")[2].strip() for line in md.splitlines() if line.startswith(f"| {PAIR.replace('->', '→')} ")]
+    assert methods[:4] == ["teacher", "student", "kd", "hint"] and methods[-1] == "dkd" and len(methods) == 20
+    assert "ddof=1" in md and "- 1 unfinished run(s) left out" in md and "another data set" in md
+
+
+def test_csv_values(summary):
+    _, _, rows = summary
+    crd = rows[(PAIR, "crd")]
+    assert int(crd["n"]) == 3 and crd["trials"] == "0;1;2"
+    assert float(crd["last_mean"]) == statistics.fmean(CRD_LAST)
+    assert float(crd["last_std"]) == statistics.stdev(CRD_LAST)
+    assert float(crd["best_mean"]) == statistics.fmean(CRD_BEST)
+    assert float(crd["best_std"]) == statistics.stdev(CRD_BEST)
+    assert float(crd["paper"]) == 75.51
+    assert float(crd["diff"]) == statistics.fmean(CRD_LAST) - 75.51
+    assert (crd["teacher"], crd["student"]) == ("resnet32x4", "resnet8x4")
+    teacher = rows[(PAIR, "teacher")]
+    assert float(teacher["last_mean"]) == 79.0 and teacher["last_std"] == "" and float(teacher["paper"]) == 79.42
+    fsp = rows[(PAIR, "fsp")]
+    assert fsp["n"] == "0" and fsp["last_mean"] == "" and fsp["diff"] == "" and float(fsp["paper"]) == 72.62
+    assert rows[("resnet14->resnet8", "crd+kd")]["paper"] == ""
+
+
+def test_plots(summary):
+    from PIL import Image
+    out, _, _ = summary
+    for name in ("accuracy_resnet32x4_to_resnet8x4.png", "curves_resnet32x4_to_resnet8x4.png",
+                 "accuracy_resnet14_to_resnet8.png", "curves_resnet56.png"):
+        path = out / name
+        assert path.stat().st_size > 0, name
+        with Image.open(path) as image:
+            image.verify()
+    with Image.open(out / "curves_resnet32x4_to_resnet8x4.png") as image:
+        assert image.format == "PNG" and image.size[0] > 100
+
+
+def test_command_line(runs_dir, tmp_path):
+    folder = tmp_path / "save"
+    subprocess.run(["cp", "-r", str(runs_dir), str(folder)], check=True)
+    done = subprocess.run([sys.executable, "scripts/summarize.py", str(folder)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "| resnet32x4→resnet8x4 | crd | 3 | 75.50 ± 0.50 |" in done.stdout
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "broken" in warnings[0]
+    assert {"summary.md", "summary.csv", "accuracy_resnet32x4_to_resnet8x4.png"} <= {p.name for p in folder.iterdir()}
+
+
+def test_other_dataset_and_running(runs_dir, tmp_path):
+    assert summarize.main([str(runs_dir), "--out", str(tmp_path / "syn"), "--dataset", "synthetic",
+                           "--no_plots"]) == 0
+    md = (tmp_path / "syn" / "summary.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| pair"))
+    assert "paper" not in header and md_row(md, PAIR, "crd")[2:] == ["1", "40.00 ± –", "41.00 ± –"]
+    assert summarize.main([str(runs_dir), "--out", str(tmp_path / "all"), "--include_running", "--no_plots"]) == 0
+    md = (tmp_path / "all" / "summary.md").read_text()
+    assert md_row(md, PAIR, "crd")[2] == "4"
+    assert summarize.main([str(runs_dir), "--out", str(tmp_path / "none"), "--dataset", "imagenet"]) == 1
+
+
+def test_plots_skipped_without_matplotlib(runs_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)   # import matplotlib -> ImportError
+    assert summarize.main([str(runs_dir), "--out", str(tmp_path)]) == 0
+    assert "plots skipped" in capsys.readouterr().err
+    assert (tmp_path / "summary.md").exists() and not list(tmp_path.glob("*.png"))
