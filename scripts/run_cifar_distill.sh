@@ -59,7 +59,7 @@ PAIR_TABLE=(
 # the pairs whose channel counts agree at every stage: the only ones fsp and kdsvd can serve
 EQUAL_CHANNELS="wrn_40_2:wrn_16_2 resnet56:resnet20 resnet110:resnet20 resnet110:resnet32 resnet32x4:resnet8x4 vgg13:vgg8"
 
-[ "${DRY_RUN:-0}" != 0 ] || DRY_RUN=""; [ "${KEEP_GOING:-0}" != 0 ] || KEEP_GOING=""  # 0 or unset: off
+. scripts/common.sh
 METHODS=${METHODS:-$TABLE_METHODS}
 TRIALS=${TRIALS:-3}
 TEACHER_DIR=${TEACHER_DIR:-./save/models}
@@ -81,20 +81,6 @@ if [ -z "${PAIRS:-}" ]; then
   fi
 fi
 
-flags_for() {  # method -> its flags (empty output and status 1 if unknown)
-  local line
-  for line in "${METHOD_TABLE[@]}"; do
-    if [ "${line%% *}" = "$1" ]; then echo "${line#* }"; return 0; fi
-  done
-  return 1
-}
-quote() {  # the arguments as one shell-quoted line: plain words as they are, others in single quotes
-  local arg out="" sq="'" esc="'\\''"
-  for arg in "$@"; do
-    if [[ "$arg" =~ ^[A-Za-z0-9_./:=+,@%-]+$ ]]; then out+=" $arg"; else out+=" '${arg//$sq/$esc}'"; fi
-  done
-  echo "${out# }"
-}
 teacher_path() { echo "${PATH_T:-$TEACHER_DIR/$1_vanilla/ckpt_epoch_240.pth}"; }
 
 # check the selection before running anything
@@ -121,7 +107,6 @@ if [ -z "${DRY_RUN:-}" ]; then
   fi
 fi
 
-failed=0
 for trial in $TRIAL_IDS; do
   for pair in $PAIRS; do
     teacher=${pair%%:*} student=${pair##*:}
@@ -133,23 +118,8 @@ for trial in $TRIAL_IDS; do
       read -r -a flags <<< "$(flags_for "$method")"
       cmd=("${LAUNCH_WORDS[@]}" train_student.py --path_t "$(teacher_path "$teacher")" --model_s "$student"
            "${flags[@]}" --trial "$trial" "$@")
-      line=$(quote "${cmd[@]}")
-      if [ -n "${DRY_RUN:-}" ]; then
-        echo "$line"
-        continue
-      fi
-      echo "+ $line"
-      status=0
-      "${cmd[@]}" || status=$?
-      if [ "$status" -ne 0 ]; then
-        failed=$((failed + 1))
-        echo "failed (exit $status): $line" >&2
-        if [ -z "${KEEP_GOING:-}" ]; then
-          echo "stopped; rerun with --resume auto to continue stopped runs, KEEP_GOING=1 to go past failures" >&2
-          exit "$status"
-        fi
-      fi
+      run "${cmd[@]}" || true
     done
   done
 done
-if [ "$failed" -gt 0 ]; then echo "$failed command(s) failed (see 'failed' lines above)" >&2; exit 1; fi
+finish

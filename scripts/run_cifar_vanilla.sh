@@ -27,7 +27,7 @@ cd "$(dirname "$0")/.."
 
 TEACHERS=${TEACHERS-"wrn_40_2 resnet56 resnet110 resnet32x4 vgg13 ResNet50"}
 STUDENTS=${STUDENTS-"wrn_16_2 wrn_40_1 resnet20 resnet32 resnet8x4 vgg8 MobileNetV2 ShuffleV1 ShuffleV2"}
-[ "${DRY_RUN:-0}" != 0 ] || DRY_RUN=""; [ "${KEEP_GOING:-0}" != 0 ] || KEEP_GOING=""  # 0 or unset: off
+. scripts/common.sh
 TRIALS=${TRIALS:-1}
 TEACHER_TRIALS=${TEACHER_TRIALS:-$TRIALS}
 STUDENT_TRIALS=${STUDENT_TRIALS:-$TRIALS}
@@ -70,31 +70,7 @@ link_teacher() {  # model: make ${TEACHER_DIR}/<model>_vanilla/ckpt_epoch_240.pt
   fi
 }
 
-quote() {  # the arguments as one shell-quoted line: plain words as they are, others in single quotes
-  local arg out="" sq="'" esc="'\\''"
-  for arg in "$@"; do
-    if [[ "$arg" =~ ^[A-Za-z0-9_./:=+,@%-]+$ ]]; then out+=" $arg"; else out+=" '${arg//$sq/$esc}'"; fi
-  done
-  echo "${out# }"
-}
 
-failed=0
-run() {  # one train_teacher.py command: print it (DRY_RUN) or run it; returns its status
-  local line status=0
-  line=$(quote "$@")
-  if [ -n "${DRY_RUN:-}" ]; then echo "$line"; return 0; fi
-  echo "+ $line"
-  "$@" || status=$?
-  if [ "$status" -ne 0 ]; then
-    failed=$((failed + 1))
-    echo "failed (exit $status): $line" >&2
-    if [ -z "${KEEP_GOING:-}" ]; then
-      echo "stopped; rerun with --resume auto to continue stopped runs, KEEP_GOING=1 to go past failures" >&2
-      exit "$status"
-    fi
-  fi
-  return "$status"
-}
 
 for model in $TEACHERS; do
   for trial in $(seq 0 $((TEACHER_TRIALS - 1))); do
@@ -109,4 +85,4 @@ for model in $STUDENTS; do
     run "${LAUNCH_WORDS[@]}" train_teacher.py --model "$model" --trial "$trial" "$@" || true
   done
 done
-if [ "$failed" -gt 0 ]; then echo "$failed command(s) failed (see 'failed' lines above)" >&2; exit 1; fi
+finish

@@ -43,7 +43,7 @@ METHOD_TABLE=(
   "dkd      --distill dkd -a 0 -b 1 --dkd_beta 0.5 --dkd_T 1 --dkd_warmup 1"
   "crcd     --distill crcd -a 0.9 -b 1"
 )
-[ "${DRY_RUN:-0}" != 0 ] || DRY_RUN=""; [ "${KEEP_GOING:-0}" != 0 ] || KEEP_GOING=""  # 0 or unset: off
+. scripts/common.sh
 METHODS=${METHODS:-"kd crd crd+kd"}
 NPROC=${NPROC:-8}
 NNODES=${NNODES:-1}
@@ -64,24 +64,10 @@ PER_PROCESS_BATCH=$((BATCH / WORLD))
 RECIPE=(--dataset imagenet --data_folder "$DATA" --model_s ResNet18 --epochs 100 --batch_size "$PER_PROCESS_BATCH"
         --learning_rate "$LR" --lr_decay_epochs 30,60,90 --lr_decay_rate 0.1 --weight_decay 1e-4 --momentum 0.9)
 
-flags_for() {
-  local line
-  for line in "${METHOD_TABLE[@]}"; do
-    if [ "${line%% *}" = "$1" ]; then echo "${line#* }"; return 0; fi
-  done
-  return 1
-}
 for method in $METHODS; do
   flags_for "$method" > /dev/null || { echo "error: unknown method '$method'; choose from: kd crd crd+kd dkd crcd" >&2; exit 2; }
 done
 
-quote() {  # the arguments as one shell-quoted line: plain words as they are, others in single quotes
-  local arg out="" sq="'" esc="'\\''"
-  for arg in "$@"; do
-    if [[ "$arg" =~ ^[A-Za-z0-9_./:=+,@%-]+$ ]]; then out+=" $arg"; else out+=" '${arg//$sq/$esc}'"; fi
-  done
-  echo "${out# }"
-}
 
 # wrap torchvision's ResNet34 weights as a train_student.py teacher checkpoint (written atomically)
 CONVERT='import os, sys, torch, torchvision; src, dst = sys.argv[1], sys.argv[2]; sd = torch.load(src, map_location="cpu", weights_only=True) if src else torchvision.models.resnet34(weights="IMAGENET1K_V1").state_dict(); os.makedirs(os.path.dirname(dst) or ".", exist_ok=True); torch.save({"model": sd, "arch": "ResNet34", "dataset": "imagenet", "num_classes": 1000}, dst + ".tmp"); os.replace(dst + ".tmp", dst); print("wrote", dst)'
@@ -95,23 +81,11 @@ if [ ! -e "$TEACHER" ]; then
   fi
 fi
 
-failed=0
 for trial in $(seq 1 "$TRIALS"); do
   for method in $METHODS; do
     read -r -a flags <<< "$(flags_for "$method")"
     cmd=("${LAUNCH_WORDS[@]}" train_student.py --path_t "$TEACHER" "${RECIPE[@]}" "${flags[@]}" --trial "$trial" "$@")
-    if [ -n "${DRY_RUN:-}" ]; then quote "${cmd[@]}"; continue; fi
-    echo "+ $(quote "${cmd[@]}")"
-    status=0
-    "${cmd[@]}" || status=$?
-    if [ "$status" -ne 0 ]; then
-      failed=$((failed + 1))
-      echo "failed (exit $status): $(quote "${cmd[@]}")" >&2
-      if [ -z "${KEEP_GOING:-}" ]; then
-        echo "stopped; rerun with --resume auto to continue stopped runs, KEEP_GOING=1 to go past failures" >&2
-        exit "$status"
-      fi
-    fi
+    run "${cmd[@]}" || true
   done
 done
-if [ "$failed" -gt 0 ]; then echo "$failed command(s) failed (see 'failed' lines above)" >&2; exit 1; fi
+finish
