@@ -10,12 +10,13 @@ names one.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from dataset import get_dataloaders
+from dataset import DataBundle, get_dataloaders
 from distiller_zoo.registry import add_method_arguments, build_distiller, get_method, method_names
 from helper.checkpoint import load_checkpoint
 from helper.distributed import say, wrap_ddp
@@ -28,7 +29,7 @@ from helper.pretrain import run_init_stage
 from helper.runtime import Runtime, run_script
 from helper.steps import DistillStep
 from helper.sync_bn import convert_sync_batchnorm
-from helper.teacher import load_teacher
+from helper.teacher import load_teacher, prepare_teacher
 from models import build_model, resolve_model_name
 
 
@@ -98,26 +99,55 @@ def main(argv: list[str] | None = None) -> dict:
     return run_script(parse_option, train, argv)
 
 
-def train(opt, runtime: Runtime) -> dict:
+@dataclass
+class RunParts:
+    """What a distillation run trains with (built by :func:`build_run`): the ``--distill`` class,
+    the data, the student, the teachers as ``(model, arch, path)``, one Distiller per teacher, the
+    training step and the optimiser of the student and the Distillers' trainable parameters."""
+
+    method: type
+    data: DataBundle
+    student: nn.Module
+    teachers: list[tuple[nn.Module, str, str]]
+    distillers: nn.ModuleList
+    step: DistillStep
+    optimizer: torch.optim.Optimizer
+
+
+def build_run(opt, runtime: Runtime) -> RunParts:
+    """Build everything a run of ``opt`` trains with, on ``runtime``'s device, without training,
+    logging or validating (``train`` runs it; ``scripts/benchmark.py`` times its steps)."""
     method = get_method(opt.distill)
-    data = get_dataloaders(opt, instance=method.needs_index, contrast=method.needs_contrast_idx)
+    data = get_dataloaders(opt, instance=method.needs_index, contrast=method.needs_contrast_idx,
+                           device=runtime.device)
     opt.num_classes, opt.n_data = data.num_classes, data.n_data
 
     # first: its init depends on the seed only
     student = runtime.place(build_model(opt.arch, num_classes=data.num_classes))
     if opt.sync_bn:  # after placing: on GPUs it becomes torch's SyncBatchNorm
         student = convert_sync_batchnorm(student)
+    sample = runtime.to_device(torch.stack([data.val_loader.dataset[i][0] for i in range(2)]))
     teachers = []
     for path in opt.path_t.split(",") if opt.path_t else [""]:
         teacher, arch = load_teacher(path.strip(), data.num_classes, opt.dataset)
-        teachers.append((runtime.place(teacher).eval().requires_grad_(False), arch, path.strip()))
+        # frozen: eval, no grad, BatchNorm folded into its convolution (exact in eval mode)
+        teachers.append((prepare_teacher(teacher, runtime, sample), arch, path.strip()))
     opt.model_t = "+".join(arch for _, arch, _ in teachers)
-    sample = runtime.to_device(torch.stack([data.val_loader.dataset[i][0] for i in range(2)]))
     # One Distiller (heads, banks) per teacher; their terms are averaged.
     distillers = nn.ModuleList([build_distiller(opt.distill, opt, student, teacher, sample)
                                 for teacher, _, _ in teachers])
     runtime.place(distillers)
     runtime.seed_rank(opt.seed)
+    step = DistillStep(student, [t for t, _, _ in teachers], distillers, opt, runtime)
+    extra_params = [p for distiller in distillers for p in distiller.trainable_parameters()]
+    optimizer = build_optimizer(list(student.parameters()) + extra_params, opt)
+    return RunParts(method, data, student, teachers, distillers, step, optimizer)
+
+
+def train(opt, runtime: Runtime) -> dict:
+    parts = build_run(opt, runtime)
+    method, data, teachers, distillers = parts.method, parts.data, parts.teachers, parts.distillers
+    student, step, optimizer = parts.student, parts.step, parts.optimizer
 
     folder = Path(opt.save_folder) / run_name(opt, opt.model_t)
     run = RunLog(folder, opt, active=runtime.dist.is_main,
@@ -131,9 +161,6 @@ def train(opt, runtime: Runtime) -> dict:
     say(f"distilling {opt.model_t} -> {opt.arch} with {opt.distill} (-r {opt.gamma:g} -a {opt.alpha:g} "
         f"-b {opt.beta:g}) on {opt.dataset} ({data.n_data} images) on {runtime.describe()}; run folder {folder}")
 
-    step = DistillStep(student, [t for t, _, _ in teachers], distillers, opt, runtime)
-    extra_params = [p for distiller in distillers for p in distiller.trainable_parameters()]
-    optimizer = build_optimizer(list(student.parameters()) + extra_params, opt)
     ddp_step = wrap_ddp(step, runtime.device, find_unused_parameters=True)
     fit = Fit(opt, modules={"model": student, "distiller": distillers[0] if len(distillers) == 1 else distillers},
               trainable=ddp_step, optimizer=optimizer, train_loader=data.train_loader, val_loader=data.val_loader,

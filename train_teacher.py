@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def train(opt, runtime: Runtime) -> dict:
-    data = get_dataloaders(opt)
+    data = get_dataloaders(opt, device=runtime.device)
     opt.num_classes = data.num_classes
     model = runtime.place(build_model(opt.arch, num_classes=data.num_classes))
     if opt.sync_bn:  # after placing: on GPUs it becomes torch's SyncBatchNorm

@@ -156,7 +156,8 @@ def open_cifar100(opt: Any) -> tuple[CIFAR100Folder, CIFAR100Folder, torch.Tenso
 
 def _compat_bundle(batch_size: int, num_workers: int, data_folder: str, download: bool, **extra: Any):
     opt = argparse.Namespace(dataset="cifar100", data_folder=data_folder, download=download,
-                             batch_size=batch_size, num_workers=num_workers, subset=0, seed=None,
+                             loader="torchvision", batch_size=batch_size, num_workers=num_workers,
+                             subset=0, seed=None,
                              nce_k=extra.pop("k", 4096), mode=extra.pop("mode", "exact"))
     train_set, test_set, labels, num_classes = open_cifar100(opt)
     # RepDistiller's test loader: half the batch size and half the workers

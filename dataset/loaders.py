@@ -13,6 +13,9 @@ from helper.distributed import EpochSampler, ShardSampler, current
 from helper.errors import UserError
 
 from .sampling import ContrastSampler
+from .tensor_loader import TensorImages, TensorLoader, tensor_source
+
+LOADERS = ("tensor", "torchvision")
 
 
 @dataclass
@@ -25,8 +28,8 @@ class DataBundle:
     ``--subset``), ``n_data`` its size and ``train_labels`` (LongTensor ``[n_data]``) its labels.
     """
 
-    train_loader: DataLoader
-    val_loader: DataLoader
+    train_loader: DataLoader | TensorLoader
+    val_loader: DataLoader | TensorLoader
     n_data: int
     num_classes: int
     train_labels: torch.Tensor
@@ -92,13 +95,19 @@ def balanced_subset(labels: torch.Tensor, size: int, seed: int, flag: str = "--s
 def make_bundle(train_set: Dataset, val_set: Dataset, train_labels: torch.Tensor, num_classes: int,
                 opt: Any, *, instance: bool = False, contrast: bool = False,
                 val_batch_size: int | None = None, val_workers: int | None = None,
-                negative_fraction: float = 1.0) -> DataBundle:
+                negative_fraction: float = 1.0, device: torch.device | str | None = None) -> DataBundle:
     """Build the train/validation loaders for a data set given as two map-style sets.
 
-    ``opt`` supplies ``batch_size``, ``num_workers``, ``subset``, ``val_subset``, ``seed``,
-    ``nce_k`` and ``mode`` (optional, with the defaults of the training scripts); ``val_subset``
-    picks a class-balanced validation subset that does not depend on the seed. ``contrast``
-    implies ``instance``.
+    ``opt`` supplies ``loader``, ``batch_size``, ``num_workers``, ``subset``, ``val_subset``,
+    ``seed``, ``nce_k`` and ``mode`` (optional, with the defaults of the training scripts);
+    ``val_subset`` picks a class-balanced validation subset that does not depend on the seed.
+    ``contrast`` implies ``instance``.
+    ``opt.loader`` ``'tensor'`` (the default): sets held in memory as CIFAR's are (uint8 ``data``,
+    see :func:`dataset.tensor_loader.tensor_source`) become :class:`TensorLoader` s whose batches
+    are made with tensor ops on ``device`` (default the CPU) and need no workers; other sets
+    (image folders) silently get torchvision DataLoaders, as with ``'torchvision'``.
+    The tensor loaders have the same order (:class:`EpochSampler`) and, for validation, the same
+    sharding; their augmentations and negatives come from ``(seed, epoch, rank)`` alone.
     Training order: :class:`helper.distributed.EpochSampler` (a permutation drawn from
     ``opt.seed + epoch``, sharded across ranks under torchrun; call ``train_loader.sampler.set_epoch``).
     Each epoch's worker seeds come from ``train_loader.generator`` (seeded ``opt.seed + rank``),
@@ -106,6 +115,9 @@ def make_bundle(train_set: Dataset, val_set: Dataset, train_labels: torch.Tensor
     save (plus torch's global RNG when ``num_workers`` is 0). Validation is sharded without padding.
     """
     batch_size = int(getattr(opt, "batch_size", 64))
+    loader_kind = getattr(opt, "loader", None) or "tensor"
+    if loader_kind not in LOADERS:
+        raise UserError(f"unknown --loader {loader_kind!r}: use one of {', '.join(LOADERS)}")
     num_workers = int(getattr(opt, "num_workers", 0) or 0)
     if batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {batch_size}")
@@ -119,7 +131,7 @@ def make_bundle(train_set: Dataset, val_set: Dataset, train_labels: torch.Tensor
         labels = labels[indices]
     with_index = instance or contrast
     train_view = IndexedDataset(train_set, indices, with_index=with_index)
-    collate = None
+    collate = sampler = None
     if contrast:
         sampler = ContrastSampler(labels, int(getattr(opt, "nce_k", 16384)),
                                   getattr(opt, "mode", "exact"), negative_fraction,
@@ -131,18 +143,30 @@ def make_bundle(train_set: Dataset, val_set: Dataset, train_labels: torch.Tensor
     # on every rank. The loader's generator gives each epoch's worker seeds (different per rank).
     train_sampler = EpochSampler(n_data, seed, rank.rank, rank.world_size)
     per_rank = len(train_sampler)
-    pin = torch.cuda.is_available()
-    train_loader = DataLoader(
-        train_view, batch_size=batch_size, sampler=train_sampler, num_workers=num_workers,
-        collate_fn=collate, pin_memory=pin,
-        # a last batch of one sample would break BatchNorm in training: drop it
-        drop_last=per_rank > 1 and per_rank % batch_size == 1,
-        generator=torch.Generator().manual_seed(int(seed) + rank.rank))
+    # a last batch of one sample would break BatchNorm in training: drop it
+    drop_last = per_rank > 1 and per_rank % batch_size == 1
     val_size = int(getattr(opt, "val_subset", None) or 0)
     val_indices = None
     if val_size:  # the same samples whatever the run's seed, so runs stay comparable
         val_labels = torch.as_tensor(val_set.targets, dtype=torch.long)  # type: ignore[attr-defined]
         val_indices = balanced_subset(val_labels, val_size, seed=0, flag="--val_subset")
+    train_source = tensor_source(train_set) if loader_kind == "tensor" else None
+    val_source = tensor_source(val_set) if train_source is not None else None
+    if train_source is not None and val_source is not None:
+        device = torch.device(device or "cpu")
+        tensor_train = TensorImages(train_source, indices, device=device, with_index=with_index, base=train_set)
+        tensor_val = TensorImages(val_source, val_indices, device=device, base=val_set)
+        return DataBundle(
+            TensorLoader(tensor_train, batch_size, train_sampler, augment=train_source.augment,
+                         contrast=sampler, seed=int(seed), rank=rank.rank, drop_last=drop_last),
+            TensorLoader(tensor_val, val_batch_size or batch_size,
+                         ShardSampler(len(tensor_val), rank.rank, rank.world_size)),
+            n_data, num_classes, labels)
+    pin = torch.cuda.is_available()
+    train_loader = DataLoader(
+        train_view, batch_size=batch_size, sampler=train_sampler, num_workers=num_workers,
+        collate_fn=collate, pin_memory=pin, drop_last=drop_last,
+        generator=torch.Generator().manual_seed(int(seed) + rank.rank))
     val_workers = num_workers if val_workers is None else val_workers
     val_view = IndexedDataset(val_set, val_indices)
     val_loader = DataLoader(

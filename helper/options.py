@@ -5,7 +5,7 @@ import argparse
 import os
 from pathlib import Path
 
-from dataset import DATASETS
+from dataset import DATASETS, LOADERS, TENSOR_DATASETS
 from helper.errors import UserError
 
 # RepDistiller trains these students with lr 0.01 instead of 0.05.
@@ -19,8 +19,21 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
-def default_workers() -> int:
-    return min(8, os.cpu_count() or 1)
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def default_workers(loader: str = "torchvision", dataset: str = "cifar100") -> int:
+    """``--num_workers`` when not given: 0 for the tensor pipeline (it needs no workers); else
+    one core left to the training process, at most 8, and at least 1 when there are two cores."""
+    if loader == "tensor" and dataset in TENSOR_DATASETS:
+        return 0
+    cores = available_cores()
+    return min(8, cores - 1) if cores > 1 else 0
 
 
 def add_training_args(parser: argparse.ArgumentParser) -> None:
@@ -30,8 +43,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tb_freq", type=int, default=500, help="tensorboard frequency (kept for compatibility)")
     g.add_argument("--save_freq", type=int, default=40, help="write ckpt_epoch_N.pth every this many epochs")
     g.add_argument("--batch_size", type=int, default=64, help="batch size")
-    g.add_argument("--num_workers", type=int, default=default_workers(),
-                   help="data-loading worker processes (default: min(8, cores))")
+    g.add_argument("--num_workers", type=int, default=None,
+                   help="data-loading worker processes of the torchvision loader (default: 0 with --loader "
+                        "tensor, which needs none; else min(8, cores - 1))")
     g.add_argument("--epochs", type=int, default=240, help="number of training epochs")
     g.add_argument("--learning_rate", type=float, default=None,
                    help="learning rate (default 0.05; 0.01 for MobileNetV2/ShuffleV1/ShuffleV2)")
@@ -48,6 +62,10 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--data_folder", type=str, default=None,
                    help="where the data set lives (default ./data for cifar100, ./data/imagenet for imagenet)")
     g.add_argument("--download", action="store_true", help="download CIFAR-100 into --data_folder if missing")
+    g.add_argument("--loader", choices=LOADERS, default="tensor",
+                   help="tensor: whole set as a uint8 tensor on the device, crop/flip/normalise per batch with "
+                        "tensor ops (cifar100, synthetic; imagenet always uses torchvision's folder loader); "
+                        "torchvision: DataLoader with PIL transforms in worker processes")
     g.add_argument("--subset", type=int, default=0, help="train on a class-balanced subset of N samples (0: all)")
     g.add_argument("--val_subset", type=int, default=0,
                    help="validate on a class-balanced subset of N test samples (0: all; for smoke tests)")
@@ -88,6 +106,8 @@ def finalize_training_args(opt: argparse.Namespace, model_name: str) -> argparse
         raise UserError(f"--lr_decay_epochs must be comma-separated integers, got '{opt.lr_decay_epochs}'") from None
     if opt.learning_rate is None:
         opt.learning_rate = 0.01 if model_name in SMALL_LR_MODELS else 0.05
+    if opt.num_workers is None:
+        opt.num_workers = default_workers(getattr(opt, "loader", "tensor"), opt.dataset)
     if opt.seed is None:
         trial = str(opt.trial)
         opt.seed = int(trial) if trial.lstrip("-").isdigit() else sum(map(ord, trial))

@@ -12,6 +12,14 @@ from helper.errors import UserError
 from helper.runtime import Runtime
 
 
+def ordinary_tensors(out: NetOutput) -> NetOutput:
+    """A teacher's output computed under ``torch.inference_mode`` as ordinary tensors (copies,
+    made outside it; cheap next to the forward): autograd cannot save inference tensors for the
+    backward of the losses that use them (FitNet's regressor target, CRD's and CC's teacher
+    embeddings, FT's paraphraser, VID, ...)."""
+    return NetOutput([f.clone() for f in out.feats], out.logits.clone())
+
+
 class ClassifyStep(nn.Module):
     """Cross-entropy training of one network (``train_teacher.py``): term ``ce``."""
 
@@ -33,7 +41,8 @@ class DistillStep(nn.Module):
 
     With several teachers, KD's target is their averaged logits and every other term is the
     mean over one Distiller per teacher. Terms whose weight is 0 are not computed. The teachers
-    stay in eval mode, run without gradients and are never trained.
+    stay in eval mode, run under ``torch.inference_mode`` and are never trained (prepare them with
+    ``helper.teacher.prepare_teacher``); the Distillers get ordinary copies of their outputs.
     """
 
     def __init__(self, student: nn.Module, teachers: list[nn.Module], distillers: nn.ModuleList,
@@ -61,8 +70,9 @@ class DistillStep(nn.Module):
     def forward(self, raw: tuple) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         batch = raw if isinstance(raw, Batch) else self.batch(raw)
         feats_s, logits_s = self._student_fn[0](batch.img, is_feat=True, preact=self.preact)
-        with torch.no_grad():
+        with torch.inference_mode():
             outs_t = [NetOutput(*fn(batch.img, is_feat=True, preact=self.preact)) for fn in self._teacher_fns]
+        outs_t = [ordinary_tensors(t) for t in outs_t]
         terms = {}
         if self.gamma:
             terms["ce"] = self.gamma * F.cross_entropy(logits_s, batch.target)

@@ -1,4 +1,5 @@
-"""Loading a frozen teacher from our checkpoints or RepDistiller's."""
+"""Loading a frozen teacher from our checkpoints or RepDistiller's, and preparing it for the
+frozen-teacher fast path."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +9,9 @@ import torch.nn as nn
 
 from helper.checkpoint import load_checkpoint, load_weights
 from helper.errors import UserError
+from helper.runtime import Runtime
 from models import build_model, model_dict
+from models.fold import fold_batchnorm
 
 
 def teacher_name_from_path(path: str) -> str:
@@ -56,3 +59,19 @@ def load_teacher(path: str, num_classes: int, dataset: str = "cifar100") -> tupl
         raise UserError(f"{err} A RepDistiller checkpoint names its architecture only in its folder's name: "
                         f"put it in <model>_vanilla/ with the model it holds") from None
     return model, arch
+
+
+def prepare_teacher(model: nn.Module, runtime: Runtime, sample: torch.Tensor | None = None,
+                    fold: bool = True) -> nn.Module:
+    """The frozen-teacher fast path (in place; returns ``model``): eval mode, no parameter
+    requiring gradients, on the run's device (channels_last when the runtime asks), and with
+    ``fold`` every BatchNorm that follows a convolution folded into it (exact in eval mode, see
+    models/fold.py; ``sample`` [B, 3, H, W] is an input of the data's size, for finding them).
+
+    The teacher must stay in eval mode afterwards (``DistillStep`` keeps it so) and is run under
+    ``torch.inference_mode`` by ``DistillStep``."""
+    model.eval().requires_grad_(False)
+    runtime.place(model)
+    if fold:
+        fold_batchnorm(model, sample)
+    return model
