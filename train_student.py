@@ -56,6 +56,13 @@ def build_parser() -> Parser:
     g.add_argument("--nce_z_momentum", type=float, default=None,
                    help="keep NCE's normaliser Z as an EMA with this momentum (e.g. 0.99); "
                         "default: estimated on the first batch, then frozen (the paper)")
+    g.add_argument("--nce_scores", choices=("auto", "matmul", "gather"), default="auto",
+                   help="how the memory-bank scores are computed (the same numbers either way): one matrix "
+                        "product of the batch against the whole bank, a gather of the K+1 rows of each "
+                        "anchor, or auto: the cheaper one for N and K")
+    g.add_argument("--plain_teacher", action="store_true",
+                   help="run the teacher as loaded (BatchNorm kept, default memory format) instead of the "
+                        "frozen-teacher fast path (BatchNorm folded into the convolutions, channels_last)")
     g.add_argument("--hint_layer", type=int, default=2, choices=[0, 1, 2, 3, 4], help="FitNet's feature index")
     add_method_arguments(parser)
     return parser
@@ -130,8 +137,9 @@ def build_run(opt, runtime: Runtime) -> RunParts:
     teachers = []
     for path in opt.path_t.split(",") if opt.path_t else [""]:
         teacher, arch = load_teacher(path.strip(), data.num_classes, opt.dataset)
-        # frozen: eval, no grad, BatchNorm folded into its convolution (exact in eval mode)
-        teachers.append((prepare_teacher(teacher, runtime, sample), arch, path.strip()))
+        # frozen: eval, no grad; fast: BatchNorm folded into its convolution (exact in eval mode), channels_last
+        teachers.append((prepare_teacher(teacher, runtime, sample, fast=not opt.plain_teacher),
+                         arch, path.strip()))
     opt.model_t = "+".join(arch for _, arch, _ in teachers)
     # One Distiller (heads, banks) per teacher; their terms are averaged.
     distillers = nn.ModuleList([build_distiller(opt.distill, opt, student, teacher, sample)

@@ -188,15 +188,17 @@ class CRCDLoss(nn.Module):
         feat_dim = int(getattr(opt, "feat_dim", 128))
         temperature = float(getattr(opt, "crcd_t", 0.05))
         momentum = float(getattr(opt, "nce_m", 0.5))
+        scores = getattr(opt, "nce_scores", "auto")
         self.grad_weight = float(getattr(opt, "crcd_grad_weight", 1.0))
         self.embed_s = Embed(opt.s_dim, feat_dim)
         self.embed_t = Embed(opt.t_dim, feat_dim)
-        self.contrast = ContrastMemory(feat_dim, n_data, k, temperature, momentum)
+        self.contrast = ContrastMemory(feat_dim, n_data, k, temperature, momentum, score_mode=scores)
         if self.grad_weight:
             # The gradient element has the features' size: the classifier's input.
             self.embed_grad_s = Embed(opt.s_dim, feat_dim)
             self.embed_grad_t = Embed(opt.t_dim, feat_dim)
-            self.contrast_grad = ContrastMemory(feat_dim, n_data, k, temperature, momentum)
+            self.contrast_grad = ContrastMemory(feat_dim, n_data, k, temperature, momentum,
+                                                score_mode=scores)
         self.criterion = ContrastLoss(n_data)
 
     @property

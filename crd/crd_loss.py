@@ -59,7 +59,8 @@ class CRDLoss(nn.Module):
         self.embed_s = Embed(opt.s_dim, opt.feat_dim)
         self.embed_t = Embed(opt.t_dim, opt.feat_dim)
         self.contrast = ContrastMemory(opt.feat_dim, opt.n_data, opt.nce_k, opt.nce_t, opt.nce_m,
-                                       labels=labels, z_momentum=getattr(opt, "nce_z_momentum", None))
+                                       labels=labels, z_momentum=getattr(opt, "nce_z_momentum", None),
+                                       score_mode=getattr(opt, "nce_scores", "auto"))
         self.criterion_s = ContrastLoss(opt.n_data)
         self.criterion_t = ContrastLoss(opt.n_data)
 

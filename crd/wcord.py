@@ -134,7 +134,8 @@ class WCoRDLoss(nn.Module):
         spectral_norm(self.embed_s.linear)
         spectral_norm(self.embed_t.linear)
         self.contrast = ContrastMemory(opt.feat_dim, opt.n_data, opt.nce_k, opt.nce_t, opt.nce_m,
-                                       labels=labels, z_momentum=getattr(opt, "nce_z_momentum", None))
+                                       labels=labels, z_momentum=getattr(opt, "nce_z_momentum", None),
+                                       score_mode=getattr(opt, "nce_scores", "auto"))
         self.criterion_s = ContrastLoss(opt.n_data)
         self.criterion_t = ContrastLoss(opt.n_data)
 

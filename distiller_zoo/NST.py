@@ -35,7 +35,23 @@ class NSTLoss(nn.Module):
         f_s, f_t = pool_to_smaller(f_s, f_t)
         s = F.normalize(f_s.flatten(2), dim=2)
         t = F.normalize(f_t.flatten(2), dim=2)
+        n, c_s, c_t = s.shape[2], s.shape[1], t.shape[1]
+        if n * (2 * c_s + c_t) < 2 * c_s * c_s + 2 * c_s * c_t + c_t * c_t:
+            return NSTLoss.position_form(s, t)
         return poly_kernel(t, t).mean().detach() + poly_kernel(s, s).mean() - 2 * poly_kernel(s, t).mean()
+
+    @staticmethod
+    def position_form(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The same MMD from the [B, N, N] Gram matrices of the positions, cheaper when a map has
+        fewer positions N than channels: ``sum_ij (s_i . t_j)^2 = <S^T S, T^T T>``, so
+
+            NST = mean_b || S_b^T S_b / C_s - T_b^T T_b / C_t ||_F^2
+
+        (S_b [C_s, N] the normalised channel vectors of sample b); the teacher's Gram is a constant."""
+        gram_s = torch.bmm(s.transpose(1, 2), s).div_(s.shape[1])
+        with torch.no_grad():
+            gram_t = torch.bmm(t.transpose(1, 2), t).div_(t.shape[1])
+        return (gram_s - gram_t).pow(2).sum() / s.shape[0]
 
 
 @register("nst")

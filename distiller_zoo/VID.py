@@ -11,6 +11,10 @@ from ._common import channels, fp32, pool_to_smaller
 from .registry import Batch, Distiller, NetOutput, register
 
 
+# Maps of at least this many positions (H W) run VID's 1x1 convolutions as matrix products on CPU.
+BMM_POSITIONS = 512
+
+
 class VIDLoss(nn.Module):
     """Variational lower bound on I(t; s) with a heteroscedastic Gaussian q(t | s) (the negative
     log-likelihood the paper minimises): a mean ``mu(s)`` from three
@@ -38,13 +42,33 @@ class VIDLoss(nn.Module):
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """input: student map [B, C_s, H, W]; target: teacher map [B, C_t, H', W'] -> scalar."""
         input, target = pool_to_smaller(input, target)
-        return self.nll(self.regressor(input), target)
+        return self.nll(self.regress(input), target)
+
+    def regress(self, x: torch.Tensor) -> torch.Tensor:
+        """``mu(s)``: the regressor on x [B, C, H, W]. On CPU maps of at least ``BMM_POSITIONS``
+        positions go through its 1x1 convolutions as batched matrix products over the positions
+        (the same numbers up to float rounding): forward + backward took 60 against 100 ms for
+        64-channel 32x32 maps, batch 64, on a 2-core CPU, where the convolution kernels were
+        equal or faster on smaller maps."""
+        batch, _, height, width = x.shape
+        if x.device.type != "cpu" or height * width < BMM_POSITIONS:
+            return self.regressor(x)
+        y = x.flatten(2)  # [B, C, H W]
+        for layer in self.regressor:
+            if isinstance(layer, nn.Conv2d):
+                y = torch.bmm(layer.weight.flatten(1).expand(batch, -1, -1), y)
+            else:
+                y = layer(y)
+        return y.view(batch, -1, height, width)
 
     @fp32  # softplus, log and a division by a learned variance; a mean over the whole map
     def nll(self, mu: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Gaussian negative log-likelihood (up to constants) of target [B, C, H, W] around mu, same shape."""
-        var = (F.softplus(self.log_scale) + self.eps).view(1, -1, 1, 1)
-        return (0.5 * ((mu - target).pow(2) / var + var.log())).mean()
+        """Gaussian negative log-likelihood (up to constants) of target [B, C, H, W] around mu, same
+        shape, ``mean(0.5 ((mu - t)^2 / var + log var))``, computed from per-channel sums of squares
+        (every channel has as many positions): ``0.5 sum_c(SS_c / var_c) / numel + 0.5 mean_c(log var_c)``."""
+        var = F.softplus(self.log_scale) + self.eps
+        squares = (mu - target).pow(2).sum(dim=(0, 2, 3))  # [C]
+        return 0.5 * (squares / var).sum() / mu.numel() + 0.5 * var.log().mean()
 
 
 @register("vid")

@@ -16,8 +16,10 @@ def ordinary_tensors(out: NetOutput) -> NetOutput:
     """A teacher's output computed under ``torch.inference_mode`` as ordinary tensors (copies,
     made outside it; cheap next to the forward): autograd cannot save inference tensors for the
     backward of the losses that use them (FitNet's regressor target, CRD's and CC's teacher
-    embeddings, FT's paraphraser, VID, ...)."""
-    return NetOutput([f.clone() for f in out.feats], out.logits.clone())
+    embeddings, FT's paraphraser, VID, ...). The copies are contiguous (a channels_last teacher's
+    feature maps are not), as the losses' ``view`` calls expect."""
+    return NetOutput([f.clone(memory_format=torch.contiguous_format) for f in out.feats],
+                     out.logits.clone(memory_format=torch.contiguous_format))
 
 
 class ClassifyStep(nn.Module):

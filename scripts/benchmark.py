@@ -33,8 +33,9 @@ finite check), ``loss_bwd``, ``student_bwd``, ``optimizer`` (``zero_grad`` + ``s
 On CUDA every phase boundary synchronises the device.
 
 Each configuration is compared with a **plain baseline** in the same run: the same pair and
-method with ``--baseline_flags`` (default ``--loader torchvision``: add the switches that turn the
-other fast paths off), or, with ``--baseline_ref COMMIT``, the code of that git commit (e.g. the
+method with ``--baseline_flags`` (default ``--loader torchvision --nce_scores gather
+--plain_teacher``: torchvision's loader, memory-bank rows gathered, the teacher as loaded, default
+memory format), or, with ``--baseline_ref COMMIT``, the code of that git commit (e.g. the
 one before the fast paths: exported with ``git archive`` into a tmp folder, the repository is not
 touched). Flags the measured code's parser does not accept are dropped, with a note. Finally the
 data pipelines alone are timed (``--loader`` tensor and torchvision, each with its default
@@ -92,7 +93,7 @@ from models import build_model  # noqa: E402
 
 # Flags of the plain baseline path; those the measured code's parser does not accept are dropped
 # (with a note), so older commits (--baseline_ref) and newer switches both work.
-BASELINE_FLAGS = "--loader torchvision"
+BASELINE_FLAGS = "--loader torchvision --nce_scores gather --plain_teacher"
 PHASES = ("data", "teacher_fwd", "student_fwd", "loss_fwd", "loss_bwd", "student_bwd", "optimizer", "other")
 # The table's shares (percent of the phased step); they sum to 100.
 SHARES = {"data": ("data",), "teacher_fwd": ("teacher_fwd",), "student_fwd_bwd": ("student_fwd", "student_bwd"),

@@ -22,6 +22,7 @@ from dataset.cifar100 import (CIFAR100_MEAN, CIFAR100_STD, CIFAR100Folder, CIFAR
 from dataset.imagenet import (IMAGENET_MEAN, IMAGENET_STD, ImageFolderSample, get_dataloader_sample,
                               imagenet_train_transform, imagenet_val_transform)
 from dataset.loaders import balanced_subset
+from dataset import sampling
 from dataset.sampling import distinct_positions
 from dataset.synthetic import make_synthetic
 from helper.errors import UserError
@@ -421,6 +422,27 @@ def test_distinct_positions_large_and_mixed_bounds():
     assert out.shape == (4, 40)
     assert (out >= 0).all() and (out < upper[:, None]).all()
     assert all(row.unique().numel() == 40 for row in out)
+
+
+def test_first_copies_table_and_sort_agree(monkeypatch):
+    """The table of first positions and the stable sort find the same first copies, so the
+    sampler draws the same negatives from the same generator whichever path the size takes."""
+    values = torch.randint(0, 50, (6, 200), generator=torch.Generator().manual_seed(3))
+    table = sampling._first_copies(values, 50)
+    monkeypatch.setattr(sampling, "TABLE_ELEMENTS", 0)
+    assert torch.equal(sampling._first_copies(values, 50), table)
+    expected = torch.zeros_like(table)
+    for r, row in enumerate(values.tolist()):
+        seen = set()
+        for j, v in enumerate(row):
+            expected[r, j] = v not in seen
+            seen.add(v)
+    assert torch.equal(table, expected)
+    sampler = ContrastSampler(torch.arange(3000) % 10, 900)
+    index = torch.arange(0, 3000, 97)
+    by_sort = sampler(index, generator=torch.Generator().manual_seed(5))
+    monkeypatch.setattr(sampling, "TABLE_ELEMENTS", 1 << 24)
+    assert torch.equal(sampler(index, generator=torch.Generator().manual_seed(5)), by_sort)
 
 
 def test_sampler_negative_fraction_uses_a_fixed_pool():

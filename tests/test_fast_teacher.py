@@ -201,17 +201,17 @@ def test_prepared_teacher_has_the_same_accuracy(channels_last):
     prepared = prepare_teacher(copy.deepcopy(teacher), runtime, sample)
     assert not prepared.training and not any(p.requires_grad for p in prepared.parameters())
     assert bn_names(prepared) == []
-    if channels_last:
-        assert prepared.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert prepared.conv1.weight.is_contiguous(memory_format=torch.channels_last)  # always on the fast path
     got = validate(prepared, loader, runtime.device, runtime)
     assert 0 < expected["test_acc"] < 100
     assert got["test_acc"] == expected["test_acc"] and got["test_acc_top5"] == expected["test_acc_top5"]
     assert got["test_loss"] == pytest.approx(expected["test_loss"], rel=1e-5)
 
 
-def test_prepare_teacher_without_folding_keeps_the_batchnorms():
-    teacher = prepare_teacher(build_model("resnet8", num_classes=10), CPU, fold=False)
+def test_plain_teacher_keeps_the_batchnorms_and_the_memory_format():
+    teacher = prepare_teacher(build_model("resnet8", num_classes=10), CPU, fast=False)
     assert len(bn_names(teacher)) == 9 and not teacher.training
+    assert teacher.conv1.weight.is_contiguous()
 
 
 B, N_DATA, K, CLASSES = 4, 32, 8, 5
@@ -231,7 +231,7 @@ def make_run(method: str, fold: bool = False):
     torch.manual_seed(0)
     student = build_model("resnet8", num_classes=CLASSES)
     teacher = randomize_batchnorm(build_model("resnet14", num_classes=CLASSES), 32, seed=5)
-    teacher = prepare_teacher(teacher, CPU, img[:2], fold=fold)
+    teacher = prepare_teacher(teacher, CPU, img[:2], fast=fold)
     distiller = build_distiller(method, opt, student, teacher, img[:2])
     return opt, student, teacher, distiller, Batch(img, target, index, contrast_idx)
 

@@ -32,6 +32,7 @@ from distiller_zoo import (
     Similarity,
     VIDLoss,
 )
+import distiller_zoo.VID as VID_MODULE
 from distiller_zoo.registry import Batch, NetOutput, build_distiller, get_method, method_names
 from helper.errors import UserError
 from models import build_model
@@ -227,6 +228,47 @@ def test_vid_pools_to_the_smaller_map(s_size: int, t_size: int) -> None:
                                                       "regressor.4.weight"]
     f_s, f_t = _maps(6, [(2, 6, s_size, s_size), (2, 10, t_size, t_size)])
     assert vid(f_s, f_t).dim() == 0
+
+
+@pytest.mark.parametrize("c_s, c_t, size", [(16, 24, 2), (8, 8, 6), (32, 16, 3)])
+def test_nst_position_form_equals_the_kernel_means(c_s: int, c_t: int, size: int) -> None:
+    """NST from the positions' Gram matrices (used when a map has fewer positions than channels)
+    gives the three kernel means' value and gradient."""
+    gen = torch.Generator().manual_seed(c_s + size)
+    f_s = torch.randn(3, c_s, size, size, generator=gen, dtype=torch.float64, requires_grad=True)
+    f_t = torch.randn(3, c_t, size, size, generator=gen, dtype=torch.float64)
+    s, t = F.normalize(f_s.flatten(2), dim=2), F.normalize(f_t.flatten(2), dim=2)
+    kernel = lambda a, b: torch.bmm(a, b.transpose(1, 2)).pow(2).mean()  # noqa: E731
+    expected = kernel(t, t) + kernel(s, s) - 2 * kernel(s, t)
+    (grad,) = torch.autograd.grad(expected, f_s, retain_graph=True)
+    got = NSTLoss.position_form(s, t)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(got, f_s)[0], grad, rtol=1e-9, atol=1e-12)
+    via_loss = NSTLoss()([f_s], [f_t])[0]  # picks a form by shape; both give the same numbers
+    torch.testing.assert_close(via_loss.double(), expected.detach(), rtol=1e-5, atol=1e-7)
+
+
+def test_vid_matrix_product_path_equals_the_convolutions(monkeypatch) -> None:
+    """On large maps VID runs its 1x1 convolutions as batched matrix products: same loss and
+    gradients as the convolution modules."""
+    torch.manual_seed(0)
+    vid = VIDLoss(6, 10, 8)
+    f_s = torch.randn(3, 6, 24, 24, requires_grad=True)
+    f_t = torch.randn(3, 8, 24, 24)
+    results = []
+    for positions in (10**9, 1):  # convolutions, then matrix products
+        monkeypatch.setattr(VID_MODULE, "BMM_POSITIONS", positions)
+        vid.zero_grad()
+        f_s.grad = None
+        loss = vid(f_s, f_t)
+        loss.backward()
+        results.append([loss, f_s.grad] + [p.grad for p in vid.parameters()])
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    var = F.softplus(vid.log_scale) + vid.eps  # the NLL as the paper writes it
+    mu = vid.regressor(f_s)
+    direct = (0.5 * ((mu - f_t).pow(2) / var.view(1, -1, 1, 1) + var.log().view(1, -1, 1, 1))).mean()
+    torch.testing.assert_close(results[0][0], direct, rtol=1e-6, atol=1e-7)
 
 
 def test_kdsvd_one_value_per_layer_after_the_first() -> None:
