@@ -245,14 +245,14 @@ class CRCDLoss(nn.Module):
             sides = ((e_s, "memory_v2", Z_V1_SLOT),   # student relations, teacher bank
                      (e_t, "memory_v1", Z_V2_SLOT))   # teacher relations, student bank
             for e, bank_name, z_slot in sides:
-                cos = relation_scores_from_bank(memory, e, bank_name, idx, contrast_idx)  # [B, B, K+1]
-                scaled = cos[pairs].div_(temperature)                                      # [P, K+1]
-                if scaled.shape[0] == 0:  # a batch of one sample has no relation
+                if not bool(pairs.any()):  # a batch of one sample has no relation
                     continue
+                cos = relation_scores_from_bank(memory, e, bank_name, idx, contrast_idx)  # [B, B, K+1]
+                scaled = cos.div_(temperature)
                 with torch.no_grad():
-                    log_z = memory._partition(z_slot, scaled.exp()).log()
-                # exp(cos / T) / Z, as one tensor kept for backward
-                loss = loss + self.criterion(scaled.sub_(log_z).exp_())
+                    log_z = memory._partition(z_slot, scaled[pairs].exp()).log()
+                # exp(cos / T) / Z, as one tensor kept for backward; the loss over the pairs only
+                loss = loss + self.criterion(scaled.sub_(log_z).exp_(), rows=pairs)
             memory.update_memory(e_s.detach(), e_t.detach(), idx)
         return loss
 

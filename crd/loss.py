@@ -28,13 +28,23 @@ class ContrastLoss(nn.Module):
         self.n_data = n_data
 
     @fp32  # logs of ratios of scores that span many orders of magnitude
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """x: scores [B, K+1] or [B, K+1, 1], column 0 the positive. Returns the scalar loss, in
-        float32 for fp16/bf16 scores (RepDistiller returns a one-element [1] tensor with the same value)."""
+        float32 for fp16/bf16 scores (RepDistiller returns a one-element [1] tensor with the same value).
+
+        With ``rows`` (a bool mask of x's shape without its score dimension, e.g. [B, A] for
+        scores [B, A, K+1]), the mean over the rows it selects: the loss of ``x[rows]`` without
+        copying the selected rows (the others get zero gradient; their scores must be finite)."""
+        if rows is not None:
+            x = x.reshape(-1, x.shape[-1])
+            rows = rows.reshape(-1)
         x = x.flatten(1)
         batch_size, m = x.shape[0], x.shape[1] - 1
         noise = m / self.n_data  # m * Pn
         p_pos, p_neg = x[:, 0], x[:, 1:]
         log_d1 = torch.log(p_pos / (p_pos + (noise + EPS)))  # log P(data | positive pair)
         log_d0 = torch.log(noise / (p_neg + (noise + EPS)))  # log P(noise | negative pair)
+        if rows is not None:
+            per_row = torch.where(rows, log_d1 + log_d0.sum(1), 0.0)
+            return -per_row.sum() / rows.sum()
         return -(log_d1.sum() + log_d0.sum()) / batch_size
