@@ -228,3 +228,21 @@ def test_nce_z_momentum_flag_reaches_the_memory():
     distiller = build_distiller("crd", opt, build_model("resnet8", 100), build_model("resnet8", 100), sample)
     assert distiller.criterion.contrast.z_momentum == 0.99
     assert train_student.parse_option(["--path_t", "t.pth", "--distill", "crd"]).nce_z_momentum is None
+
+
+@pytest.mark.parametrize("plain", [False, True])
+def test_fast_path_flags_reach_the_teacher_and_the_bank(plain, teachers, tmp_path):
+    """--plain_teacher keeps the teacher as loaded; --nce_scores picks the bank's scoring; the
+    default folds the teacher's BatchNorms, stores it channels_last and scores by auto."""
+    from helper.runtime import setup_runtime
+
+    flags = ["--plain_teacher", "--nce_scores", "gather"] if plain else []
+    opt = train_student.parse_option(["--path_t", str(teachers["resnet32x4"]), "--distill", "crd",
+                                      "--model_s", "resnet8x4", *TINY, "--save_folder", str(tmp_path), *flags])
+    parts = train_student.build_run(opt, setup_runtime(opt))
+    teacher = parts.teachers[0][0]
+    batchnorms = [m for m in teacher.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert (len(batchnorms) > 0) == plain
+    assert teacher.conv1.weight.is_contiguous(memory_format=torch.channels_last) != plain
+    assert parts.distillers[0].criterion.contrast.score_mode == ("gather" if plain else "auto")
+    assert parts.data.train_loader.dataset.images.device.type == "cpu"
