@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -274,54 +273,3 @@ class TensorLoader:
                 gen = self.contrast_generator(epoch, (offset + start) // self.batch_size)
                 batch += (self.contrast(index, batch[1], generator=gen),)
             yield batch
-
-
-def images_per_second(loader: Any, batches: int | None = None, warmup: int = 2) -> float:
-    """Images per second of iterating ``loader`` (any iterable of batches whose first element is
-    the images), over at most ``batches`` batches after ``warmup`` untimed ones."""
-    it = iter(loader)
-    for _ in range(warmup):
-        next(it, None)
-    count, start = 0, time.perf_counter()
-    for i, batch in enumerate(it):
-        if batches is not None and i >= batches:
-            break
-        count += batch[0].shape[0]
-    seconds = time.perf_counter() - start
-    return count / seconds if seconds > 0 else float("inf")
-
-
-def compare_loaders(images: int = 10000, batch_size: int = 64, workers: Sequence[int] | None = None,
-                    device: torch.device | str = "cpu", batches: int | None = None) -> dict[str, float]:
-    """Images/s of one augmented training pass over a CIFAR-sized synthetic set of ``images``
-    images: this pipeline on ``device`` against torchvision's DataLoader (the same transforms)
-    with each count of ``workers`` (default 0 and the scripts' default), at most ``batches``
-    batches each. Prints a line per loader and returns ``{'tensor': ..., 'torchvision_<w>': ...}``.
-
-        python -c "from dataset.tensor_loader import compare_loaders; compare_loaders()"
-    """
-    from torch.utils.data import DataLoader
-
-    from helper.distributed import EpochSampler
-    from helper.options import default_workers
-
-    from .cifar100 import cifar100_train_transform
-    from .synthetic import SyntheticDataset, make_synthetic
-
-    data, labels, _, _ = make_synthetic(num_classes=100, n_train_per_class=max(1, images // 100),
-                                        n_test_per_class=1)
-    train_set = SyntheticDataset(data, labels.tolist(), cifar100_train_transform())
-    source = tensor_source(train_set)
-    assert source is not None and source.augment is not None
-    n = len(train_set)
-    loader = TensorLoader(TensorImages(source, device=device), batch_size, EpochSampler(n, 0), augment=source.augment)
-    rates = {"tensor": images_per_second(loader, batches)}
-    print(f"{n} images, batch {batch_size}, {torch.get_num_threads()} torch threads, "
-          f"{default_workers()} default workers")
-    print(f"tensor pipeline ({device}): {rates['tensor']:9.0f} images/s")
-    for count in workers if workers is not None else sorted({0, default_workers()}):
-        vision = DataLoader(train_set, batch_size=batch_size, sampler=EpochSampler(n, 0), num_workers=count)
-        rate = rates[f"torchvision_{count}"] = images_per_second(vision, batches)
-        print(f"torchvision DataLoader, {count} workers: {rate:9.0f} images/s "
-              f"(tensor pipeline {rates['tensor'] / rate:.1f}x)")
-    return rates

@@ -20,7 +20,7 @@ from dataset import get_dataloaders
 from dataset.cifar100 import CIFAR100_MEAN, CIFAR100_STD, cifar100_test_transform, cifar100_train_transform
 from dataset.sampling import ContrastSampler
 from dataset.synthetic import SyntheticDataset
-from dataset.tensor_loader import (Augment, CropFlip, TensorImages, TensorLoader, compare_loaders, normalize,
+from dataset.tensor_loader import (Augment, CropFlip, TensorImages, TensorLoader, normalize,
                                    stream_seed, tensor_source)
 from helper.distributed import EpochSampler, ShardSampler
 from helper.options import Parser, add_training_args, default_workers, finalize_training_args
@@ -305,11 +305,3 @@ def test_scripts_run_with_either_loader(tmp_path, loader):
     student = train_student.main(["--path_t", str(path), "--model_s", "resnet8", "--distill", "crd",
                                   "--nce_k", "8", *flags, "--save_folder", str(tmp_path / "s")])
     assert student["status"] == "finished" and math.isfinite(student["history"][0]["loss_crd"])
-
-
-def test_throughput_against_torchvision(capsys):
-    """Measured, not asserted (speed depends on the machine and its load)."""
-    with capsys.disabled():
-        print()
-        rates = compare_loaders(images=2000, batch_size=64, workers=[0], batches=12)
-    assert rates["tensor"] > 0 and rates["torchvision_0"] > 0
