@@ -10,7 +10,7 @@ names one.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,14 +18,15 @@ import torch.nn as nn
 
 from dataset import DataBundle, get_dataloaders
 from distiller_zoo.registry import add_method_arguments, build_distiller, get_method, method_names
-from helper.checkpoint import load_checkpoint
+from helper.checkpoint import load_checkpoint, weights_digest
 from helper.distributed import say, wrap_ddp
 from helper.errors import UserError, exit_on_user_error
 from helper.logger import RunLog, run_summary
-from helper.loops import Fit, resume_path, validate
+from helper.loops import Fit, validate
 from helper.optim import build_optimizer
 from helper.options import Parser, add_training_args, finalize_training_args
 from helper.pretrain import run_init_stage
+from helper.resume import claim_run_folder, resume_path
 from helper.runtime import Runtime, run_script
 from helper.steps import DistillStep
 from helper.sync_bn import convert_sync_batchnorm
@@ -83,20 +84,22 @@ def parse_option(argv: list[str] | None = None):
 
 def fill_weights(opt, published: tuple[float, float, float]) -> None:
     """``-r -a -b`` left out take the method's published weights (printed); ``-r`` alone left
-    out is 1, as in RepDistiller."""
+    out is 1, as in RepDistiller (an int there, which its folder names show as ``r:1``)."""
     if opt.alpha is not None and opt.beta is not None:
-        opt.gamma = 1.0 if opt.gamma is None else opt.gamma
+        opt.gamma = 1 if opt.gamma is None else opt.gamma
         return
     filled = []
     for flag, attr, value in zip(("-r", "-a", "-b"), ("gamma", "alpha", "beta"), published):
         if getattr(opt, attr) is None:
-            setattr(opt, attr, value)
+            # as if given on the command line (a float), except -r 1, which is RepDistiller's default 1
+            setattr(opt, attr, 1 if attr == "gamma" and value == 1 else float(value))
             filled.append(f"{flag} {value:g}")
     say(f"--distill {opt.distill}: using its published weights {' '.join(filled)}")
 
 
 def run_name(opt, model_t: str) -> str:
-    """RepDistiller's student folder name."""
+    """RepDistiller's student folder name for the same command line: the weights as its argparse
+    leaves them (floats as given, ``r:1`` for a left-out ``-r``)."""
     return (f"S:{opt.model_s}_T:{model_t}_{opt.dataset}_{opt.distill}"
             f"_r:{opt.gamma}_a:{opt.alpha}_b:{opt.beta}_{opt.trial}")
 
@@ -110,7 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
 class RunParts:
     """What a distillation run trains with (built by :func:`build_run`): the ``--distill`` class,
     the data, the student, the teachers as ``(model, arch, path)``, one Distiller per teacher, the
-    training step and the optimiser of the student and the Distillers' trainable parameters."""
+    training step, the optimiser of the student and the Distillers' trainable parameters, and the
+    digests of the teachers' weights as loaded (what a resume must find again)."""
 
     method: type
     data: DataBundle
@@ -119,6 +123,7 @@ class RunParts:
     distillers: nn.ModuleList
     step: DistillStep
     optimizer: torch.optim.Optimizer
+    teacher_digests: list[str] = field(default_factory=list)
 
 
 def build_run(opt, runtime: Runtime) -> RunParts:
@@ -134,9 +139,10 @@ def build_run(opt, runtime: Runtime) -> RunParts:
     if opt.sync_bn:  # after placing: on GPUs it becomes torch's SyncBatchNorm
         student = convert_sync_batchnorm(student)
     sample = runtime.to_device(torch.stack([data.val_loader.dataset[i][0] for i in range(2)]))
-    teachers = []
+    teachers, digests = [], []
     for path in opt.path_t.split(",") if opt.path_t else [""]:
         teacher, arch = load_teacher(path.strip(), data.num_classes, opt.dataset)
+        digests.append(weights_digest(teacher))
         # frozen: eval, no grad; fast: BatchNorm folded into its convolution (exact in eval mode), channels_last
         teachers.append((prepare_teacher(teacher, runtime, sample, fast=not opt.plain_teacher),
                          arch, path.strip()))
@@ -149,7 +155,7 @@ def build_run(opt, runtime: Runtime) -> RunParts:
     step = DistillStep(student, [t for t, _, _ in teachers], distillers, opt, runtime)
     extra_params = [p for distiller in distillers for p in distiller.trainable_parameters()]
     optimizer = build_optimizer(list(student.parameters()) + extra_params, opt)
-    return RunParts(method, data, student, teachers, distillers, step, optimizer)
+    return RunParts(method, data, student, teachers, distillers, step, optimizer, digests)
 
 
 def train(opt, runtime: Runtime) -> dict:
@@ -158,6 +164,8 @@ def train(opt, runtime: Runtime) -> dict:
     student, step, optimizer = parts.student, parts.step, parts.optimizer
 
     folder = Path(opt.save_folder) / run_name(opt, opt.model_t)
+    resume = resume_path(opt.resume, folder, opt.model_s)
+    claim_run_folder(folder, resume=resume, overwrite=opt.overwrite, resume_asked=bool(opt.resume))
     run = RunLog(folder, opt, active=runtime.dist.is_main,
                  extra=run_summary(opt, role="student", method=opt.distill, model=opt.arch, model_t=opt.model_t,
                                    model_s=opt.arch))
@@ -172,11 +180,11 @@ def train(opt, runtime: Runtime) -> dict:
     ddp_step = wrap_ddp(step, runtime.device, find_unused_parameters=True)
     fit = Fit(opt, modules={"model": student, "distiller": distillers[0] if len(distillers) == 1 else distillers},
               trainable=ddp_step, optimizer=optimizer, train_loader=data.train_loader, val_loader=data.val_loader,
-              train_step=ddp_step, runtime=runtime, run=run,
+              train_step=ddp_step, runtime=runtime, run=run, prefix=opt.model_s,
               static={"arch": opt.arch, "dataset": opt.dataset, "num_classes": opt.num_classes,
                       "distill": opt.distill, "model_t": opt.model_t},
+              identity={"teachers": parts.teacher_digests},
               on_epoch_start=lambda epoch: [d.start_epoch(epoch) for d in distillers])
-    resume = resume_path(opt.resume, folder)
     if resume is not None:
         fit.restore(load_checkpoint(resume), f"'{resume}'")
     elif method.has_init_stage and opt.beta != 0 and opt.init_epochs > 0:

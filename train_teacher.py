@@ -16,9 +16,10 @@ from helper.checkpoint import load_checkpoint
 from helper.distributed import say, wrap_ddp
 from helper.errors import exit_on_user_error
 from helper.logger import RunLog, run_summary
-from helper.loops import Fit, resume_path
+from helper.loops import Fit
 from helper.optim import build_optimizer
 from helper.options import Parser, add_training_args, finalize_training_args
+from helper.resume import claim_run_folder, resume_path
 from helper.runtime import Runtime, run_script
 from helper.steps import ClassifyStep
 from helper.sync_bn import convert_sync_batchnorm
@@ -56,13 +57,14 @@ def train(opt, runtime: Runtime) -> dict:
         model = convert_sync_batchnorm(model)
     runtime.seed_rank(opt.seed)
     optimizer = build_optimizer(model.parameters(), opt)
+    resume = resume_path(opt.resume, opt.save_path, opt.model)
+    claim_run_folder(opt.save_path, resume=resume, overwrite=opt.overwrite, resume_asked=bool(opt.resume))
     run = RunLog(Path(opt.save_path), opt, active=runtime.dist.is_main,
                  extra=run_summary(opt, role="teacher", method="vanilla", model=opt.arch, model_t=None))
     step = wrap_ddp(ClassifyStep(model, runtime), runtime.device)
     fit = Fit(opt, modules={"model": model}, trainable=step, optimizer=optimizer, train_loader=data.train_loader,
-              val_loader=data.val_loader, train_step=step, runtime=runtime, run=run,
+              val_loader=data.val_loader, train_step=step, runtime=runtime, run=run, prefix=opt.model,
               static={"arch": opt.arch, "dataset": opt.dataset, "num_classes": opt.num_classes})
-    resume = resume_path(opt.resume, opt.save_path)
     if resume is not None:
         fit.restore(load_checkpoint(resume), f"'{resume}'")
     say(f"training {opt.arch} on {opt.dataset} ({data.n_data} images, {data.num_classes} classes) on "

@@ -1,13 +1,15 @@
 """CIFAR-100 through torchvision, with clear errors, plus RepDistiller's names for its loaders.
 
 On disk: ``<data_folder>/cifar-100-python/{train,test,meta}`` (torchvision's format, the
-unpacked ``cifar-100-python.tar.gz``). The files are checked for presence and format, not md5
-(torchvision verifies the archive's md5 when it downloads it).
+unpacked ``cifar-100-python.tar.gz``). The files are pickles: each is checked against
+torchvision's published MD5 before it is read, and read by an unpickler that builds numpy arrays
+and plain containers only, so a modified file can never run code. ``allow_modified``
+(``--allow_modified_data``) reads files whose MD5 differs (a copy of one's own making).
 """
 from __future__ import annotations
 
 import argparse
-import os
+import hashlib
 import pickle
 import tarfile
 from pathlib import Path
@@ -44,47 +46,98 @@ def cifar100_test_transform() -> transforms.Compose:
     return transforms.Compose([transforms.ToTensor(), transforms.Normalize(CIFAR100_MEAN, CIFAR100_STD)])
 
 
-class CIFAR100Folder(datasets.CIFAR100):
-    """torchvision's CIFAR100 that explains what is wrong instead of raising a traceback.
+class ArrayUnpickler(pickle.Unpickler):
+    """Unpickles plain containers, strings, numbers and numpy arrays, and refuses every other
+    global (so a pickle cannot call anything else: no code can run)."""
 
-    A missing folder, a failed download and a corrupt file each raise one :class:`UserError`.
-    Items are ``(img, target)``.
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it asks for {module}.{name}, which a data file never needs")
+        return super().find_class(module, name)
+
+
+def md5_of(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class CIFAR100Folder(datasets.CIFAR100):
+    """torchvision's CIFAR100, read safely and explaining what is wrong instead of raising a traceback.
+
+    Each file is checked against its published MD5 before it is read (``allow_modified`` skips
+    that check) and read with :class:`ArrayUnpickler`. A missing folder, a failed download, a
+    modified file and a corrupt file each raise one :class:`UserError`. Items are ``(img, target)``.
     """
 
     def __init__(self, root: str | Path, train: bool = True, transform: Callable | None = None,
-                 target_transform: Callable | None = None, download: bool = False):
+                 target_transform: Callable | None = None, download: bool = False,
+                 allow_modified: bool = False):
         root = Path(root).expanduser()
+        datasets.VisionDataset.__init__(self, str(root), transform=transform, target_transform=target_transform)
+        self.train, self.allow_modified = train, allow_modified
         folder = root / self.base_folder
-        if not download and not self._files_present(root):
+        if download:
+            self.download()
+        if not self._files_present(root):
             raise UserError(
                 f"CIFAR-100 not found in {root}: pass --download to fetch it, or --data_folder to "
                 f"point at a folder that holds {self.base_folder}/ (with train, test and meta)")
+        files = self.train_list if train else self.test_list
+        data, targets = [], []
+        for name, md5 in files:
+            entry = self._read(folder / name, md5)
+            try:
+                data.append(np.asarray(entry["data"]))
+                targets.extend(entry["fine_labels"] if "fine_labels" in entry else entry["labels"])
+            except (KeyError, TypeError) as err:
+                raise self._corrupt(folder, err) from None
         try:
-            super().__init__(str(root), train=train, transform=transform,
-                             target_transform=target_transform, download=download)
-        except UserError:
-            raise
-        except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, AttributeError,
-                IndexError, UnicodeDecodeError, OSError, MemoryError, RuntimeError) as err:
-            raise UserError(
-                f"CIFAR-100 files in {folder} are corrupt or not in torchvision's format "
-                f"({type(err).__name__}: {err}): delete that folder and run again with --download"
-            ) from err
+            self.data = np.vstack(data).reshape(-1, 3, 32, 32).transpose((0, 2, 3, 1))
+        except ValueError as err:
+            raise self._corrupt(folder, err) from None
+        self.targets = targets
+        self._load_meta()
         self._check_format(folder)
+
+    def _read(self, path: Path, md5: str) -> Any:
+        if not self.allow_modified:
+            found = md5_of(path)
+            if found != md5:
+                raise UserError(f"CIFAR-100 file {path} is not the published one (MD5 {found}, expected {md5}): "
+                                f"delete {path.parent} and run again with --download, or pass "
+                                "--allow_modified_data if you modified it on purpose")
+        try:
+            with open(path, "rb") as f:
+                return ArrayUnpickler(f, encoding="latin1").load()
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+                UnicodeDecodeError, OSError, MemoryError) as err:
+            raise self._corrupt(path.parent, err) from None
+
+    def _corrupt(self, folder: Path, err: Exception) -> UserError:
+        return UserError(f"CIFAR-100 files in {folder} are corrupt or not in torchvision's format "
+                         f"({type(err).__name__}: {err}): delete that folder and run again with --download")
 
     def _files_present(self, root: Path) -> bool:
         names = [name for name, _ in self.train_list + self.test_list] + [self.meta["filename"]]
         return all((root / self.base_folder / name).is_file() for name in names)
 
     def _check_integrity(self) -> bool:
-        # presence only: md5 is checked by torchvision on the downloaded archive
+        # presence only: the files are checked one by one when read (see _read)
         return self._files_present(Path(self.root))
 
     def _load_meta(self) -> None:
-        path = os.path.join(self.root, self.base_folder, self.meta["filename"])
-        with open(path, "rb") as infile:
-            meta = pickle.load(infile, encoding="latin1")
-        self.classes = list(meta[self.meta["key"]])
+        path = Path(self.root) / self.base_folder / self.meta["filename"]
+        meta = self._read(path, self.meta["md5"])
+        try:
+            self.classes = list(meta[self.meta["key"]])
+        except (KeyError, TypeError) as err:
+            raise self._corrupt(path.parent, err) from None
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
 
     def _check_format(self, folder: Path) -> None:
@@ -132,9 +185,10 @@ class CIFAR100InstanceSample(CIFAR100Folder):
 
     def __init__(self, root: str | Path, train: bool = True, transform: Callable | None = None,
                  target_transform: Callable | None = None, download: bool = False,
-                 k: int = 4096, mode: str = "exact", is_sample: bool = True, percent: float = 1.0):
-        super().__init__(root, train=train, transform=transform,
-                         target_transform=target_transform, download=download)
+                 k: int = 4096, mode: str = "exact", is_sample: bool = True, percent: float = 1.0,
+                 allow_modified: bool = False):
+        super().__init__(root, train=train, transform=transform, target_transform=target_transform,
+                         download=download, allow_modified=allow_modified)
         self.k, self.mode, self.is_sample = k, mode, is_sample
         self.sampler = ContrastSampler(torch.as_tensor(self.targets), k, mode, percent) if is_sample else None
 
@@ -149,13 +203,17 @@ def open_cifar100(opt: Any) -> tuple[CIFAR100Folder, CIFAR100Folder, torch.Tenso
     """The training and test sets (reference transforms), the training labels and 100."""
     root = getattr(opt, "data_folder", None) or DEFAULT_FOLDER
     download = bool(getattr(opt, "download", False))
-    train_set = CIFAR100Folder(root, train=True, transform=cifar100_train_transform(), download=download)
-    test_set = CIFAR100Folder(root, train=False, transform=cifar100_test_transform())
+    modified = bool(getattr(opt, "allow_modified_data", False))
+    train_set = CIFAR100Folder(root, train=True, transform=cifar100_train_transform(), download=download,
+                               allow_modified=modified)
+    test_set = CIFAR100Folder(root, train=False, transform=cifar100_test_transform(), allow_modified=modified)
     return train_set, test_set, torch.as_tensor(train_set.targets, dtype=torch.long), NUM_CLASSES
 
 
-def _compat_bundle(batch_size: int, num_workers: int, data_folder: str, download: bool, **extra: Any):
+def _compat_bundle(batch_size: int, num_workers: int, data_folder: str, download: bool, allow_modified: bool,
+                   **extra: Any):
     opt = argparse.Namespace(dataset="cifar100", data_folder=data_folder, download=download,
+                             allow_modified_data=allow_modified,
                              loader="torchvision", batch_size=batch_size, num_workers=num_workers,
                              subset=0, seed=None,
                              nce_k=extra.pop("k", 4096), mode=extra.pop("mode", "exact"))
@@ -166,11 +224,12 @@ def _compat_bundle(batch_size: int, num_workers: int, data_folder: str, download
 
 
 def get_cifar100_dataloaders(batch_size: int = 128, num_workers: int = 8, is_instance: bool = False,
-                             *, data_folder: str = DEFAULT_FOLDER, download: bool = True
+                             *, data_folder: str = DEFAULT_FOLDER, download: bool = True,
+                             allow_modified: bool = False
                              ) -> tuple[DataLoader, DataLoader] | tuple[DataLoader, DataLoader, int]:
     """RepDistiller's loader function: ``(train_loader, test_loader)``, or with ``is_instance``
     ``(train_loader, test_loader, n_data)`` and training batches ``(img, target, index)``."""
-    bundle = _compat_bundle(batch_size, num_workers, data_folder, download, instance=is_instance)
+    bundle = _compat_bundle(batch_size, num_workers, data_folder, download, allow_modified, instance=is_instance)
     if is_instance:
         return bundle.train_loader, bundle.val_loader, bundle.n_data
     return bundle.train_loader, bundle.val_loader
@@ -178,10 +237,10 @@ def get_cifar100_dataloaders(batch_size: int = 128, num_workers: int = 8, is_ins
 
 def get_cifar100_dataloaders_sample(batch_size: int = 128, num_workers: int = 8, k: int = 4096,
                                     mode: str = "exact", is_sample: bool = True, percent: float = 1.0,
-                                    *, data_folder: str = DEFAULT_FOLDER, download: bool = True
-                                    ) -> tuple[DataLoader, DataLoader, int]:
+                                    *, data_folder: str = DEFAULT_FOLDER, download: bool = True,
+                                    allow_modified: bool = False) -> tuple[DataLoader, DataLoader, int]:
     """RepDistiller's CRD loader function: ``(train_loader, test_loader, n_data)`` with training
     batches ``(img, target, index, contrast_idx)`` (``(img, target, index)`` if not ``is_sample``)."""
-    bundle = _compat_bundle(batch_size, num_workers, data_folder, download, k=k, mode=mode,
+    bundle = _compat_bundle(batch_size, num_workers, data_folder, download, allow_modified, k=k, mode=mode,
                             instance=True, contrast=is_sample, negative_fraction=percent)
     return bundle.train_loader, bundle.val_loader, bundle.n_data

@@ -1,10 +1,15 @@
-"""Checkpoints: atomic writes, loading with clear errors."""
+"""Checkpoints: atomic writes with the user's file mode, loading that can never run code, and
+clear errors for every way a file can be unusable."""
 from __future__ import annotations
 
+import argparse
+import hashlib
 import os
 import pickle
+import re
 import tempfile
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,39 +18,116 @@ import torch.nn as nn
 
 from helper.errors import UserError
 
+# The only class a checkpoint may hold besides tensors and plain types: RepDistiller's
+# ``<model>_last.pth`` stores its argparse options as ``'opt'``.
+SAFE_CLASSES = (argparse.Namespace,)
+TEMPORARY_PATTERNS = (".*.pth.*.tmp", ".*.json.tmp")
+
+
+def file_mode() -> int:
+    """The mode a new file gets under this process's umask (0o644 under the usual 022)."""
+    try:  # read, not set: setting the umask to probe it would race with other threads' files
+        status = Path("/proc/self/status").read_text()
+        mask = int(re.search(r"^Umask:\s*([0-7]+)", status, re.MULTILINE).group(1), 8)
+    except (OSError, AttributeError):
+        mask = os.umask(0)
+        os.umask(mask)
+    return 0o666 & ~mask
+
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
     """Write ``state`` to ``path`` atomically: a temporary file in the same folder is written,
-    flushed to disk and renamed over ``path``, so a crash never leaves a truncated file and a
-    good checkpoint is only ever replaced by a complete one."""
+    flushed to disk, given the umask's mode and renamed over ``path``, so a crash, a full disk or
+    a failing write never leaves a truncated file and a good checkpoint is only ever replaced by a
+    complete one. A failing write raises :class:`UserError` (the old ``path`` is kept)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except (OSError, RuntimeError) as err:
+        reason = getattr(err, "strerror", None) or str(err).strip().splitlines()[-1]
+        kept = "the previous one was kept" if path.is_file() else "nothing was written"
+        raise UserError(f"could not write the checkpoint {path} ({type(err).__name__}: {reason}): "
+                        f"{kept}; is the disk full or the folder not writable? Free space or choose another "
+                        "--save_folder, then continue with --resume auto") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+
+
+def remove_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files a crashed write left in ``folder`` (``.<name>.pth.*.tmp``,
+    ``.<name>.json.tmp``); returns what was removed."""
+    folder = Path(folder)
+    removed = []
+    if folder.is_dir():
+        for pattern in TEMPORARY_PATTERNS:
+            for path in folder.glob(pattern):
+                try:
+                    path.unlink()
+                    removed.append(path)
+                except OSError:
+                    pass
+    return removed
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint file; a missing, unreadable or non-checkpoint file raises :class:`UserError`."""
+    """Load a checkpoint with ``torch.load(weights_only=True)``: tensors and plain types only (and
+    the argparse options of RepDistiller's ``<model>_last.pth``), so that no file can run code.
+
+    A missing, unreadable or non-checkpoint file, one that holds other objects, and one whose
+    ``'model'`` entry is not a state dict raise :class:`UserError`.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint '{path}' does not exist: check the path")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
-        raise UserError(f"'{path}' is not a readable PyTorch checkpoint ({type(err).__name__}): "
-                        "it may be truncated or another kind of file") from None
-    if not isinstance(state, dict):
+        with torch.serialization.safe_globals(list(SAFE_CLASSES)):
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights only load failed" in str(err).lower():
+            raise _refused(path, str(err)) from None
+        raise _unreadable(path, err) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError, AttributeError,
+            TypeError, IndexError, UnicodeDecodeError) as err:
+        raise _unreadable(path, err) from None
+    if not isinstance(state, Mapping):
         raise UserError(f"'{path}' holds a {type(state).__name__}, not a checkpoint dict with a 'model' entry")
-    return state
+    if "model" in state:
+        check_state_dict(state["model"], f"'{path}'")
+    return dict(state)
+
+
+def _unreadable(path: Path, err: Exception) -> UserError:
+    return UserError(f"'{path}' is not a readable PyTorch checkpoint ({type(err).__name__}): "
+                     "it may be truncated or another kind of file")
+
+
+def _refused(path: Path, message: str) -> UserError:
+    found = re.search(r"GLOBAL ([\w.]+)", message)
+    what = found.group(1) if found else "Python objects"
+    hint = ("; if it was written by an older RepDistill (numpy random states), convert it once with "
+            f"python scripts/upgrade_checkpoint.py {path}" if what.startswith("numpy") else "")
+    return UserError(f"'{path}' was refused: it holds {what}, not only tensors and plain types, and loading it "
+                     f"could run code (only checkpoints of trusted origin should ever be unpickled){hint}")
+
+
+def check_state_dict(state_dict: Any, source: str) -> None:
+    """Raise :class:`UserError` unless ``state_dict`` maps parameter names to tensors."""
+    if not isinstance(state_dict, Mapping):
+        raise UserError(f"the 'model' entry of {source} is a {type(state_dict).__name__}, not a state dict "
+                        "(parameter name -> tensor): it is not a model checkpoint")
+    bad = [str(k) for k, v in state_dict.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise UserError(f"the 'model' entry of {source} holds {len(bad)} entries that are not named tensors "
+                        f"(e.g. {bad[0]!r}): it is not a model checkpoint")
 
 
 def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str,
@@ -53,6 +135,7 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: 
     """Load ``state_dict`` into ``model`` strictly, accepting DataParallel/DDP ('module.') and
     torch.compile ('_orig_mod.') prefixes; disagreeing keys or shapes raise :class:`UserError`
     naming them (``what`` describes the model in that message, e.g. its architecture's name)."""
+    check_state_dict(state_dict, source)
     state_dict = {_strip_prefixes(k): v for k, v in state_dict.items()}
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
@@ -70,6 +153,17 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: 
         raise UserError(f"the weights in {source} do not fit {what or 'a ' + type(model).__name__} "
                         f"({'; '.join(parts)}): {question}")
     model.load_state_dict(state_dict, strict=True)
+
+
+def weights_digest(module: nn.Module) -> str:
+    """SHA-256 of ``module``'s state (names, dtypes, shapes and values): the identity of a set of
+    weights, whatever file they came from."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{tensor.dtype}:{tensor.numel()};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _strip_prefixes(key: str) -> str:

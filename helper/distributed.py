@@ -133,6 +133,15 @@ def gather_objects(obj) -> list:
     return out
 
 
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank (``obj`` itself in a world of one)."""
+    if not current().enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def broadcast_buffers(module: nn.Module) -> None:
     """Copy rank 0's buffers (BatchNorm statistics) to every rank, so that each rank validates and
     saves the same model; the DDP wrapper leaves them per rank (``forward_sync_buffers=False``)."""

@@ -11,6 +11,8 @@ from typing import Any
 
 from torch.utils.tensorboard import SummaryWriter
 
+from helper.errors import UserError
+
 
 def jsonable(value: Any) -> Any:
     """``value`` with paths, tuples and non-finite floats made JSON-safe."""
@@ -69,41 +71,59 @@ def run_summary(opt, *, role: str, method: str, model: str, model_t: str | None,
 class RunLog:
     """The run folder's records: ``args.json`` at the start, TensorBoard scalars and one console
     line per epoch, and ``results.json`` (rewritten after each epoch, so an interrupted run keeps
-    its history). Under torchrun only rank 0's is ``active``; the others keep the history in
-    memory and write and print nothing."""
+    its history). ``sessions`` lists each start of the run (the first, then every resume: where
+    it started, its command line and the flags it changed); each epoch's record names the session
+    that ran it. Under torchrun only rank 0's is ``active``; the others keep the history in memory
+    and write and print nothing."""
 
     def __init__(self, folder: Path, opt, extra: dict[str, Any] | None = None, active: bool = True) -> None:
         self.folder = Path(folder)
         self.active = active
         self.start = time.time()
         self.writer = None
-        if active:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            write_json(self.folder / "args.json", vars(opt))
-            self.writer = SummaryWriter(log_dir=str(self.folder))
         self.history: list[dict[str, Any]] = []
-        self.results: dict[str, Any] = {"args": vars(opt), "commit": git_commit(), **(extra or {})}
+        self.sessions: list[dict[str, Any]] = [{"start_epoch": 1, "start_step": 1, "steps_before": 0,
+                                                "command": list(getattr(opt, "command", []) or []),
+                                                "changed": {}}]
+        self.results: dict[str, Any] = {"args": vars(opt), "commit": git_commit(), **(extra or {}),
+                                        "sessions": self.sessions}
+        if active:
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                write_json(self.folder / "args.json", vars(opt))
+            except OSError as err:
+                raise UserError(f"cannot write into the run folder {self.folder} ({err.strerror or err}): choose "
+                                "a writable --save_folder") from None
+            self.writer = SummaryWriter(log_dir=str(self.folder))
 
     def elapsed(self) -> float:
         """Seconds of this run so far (across resumes)."""
         return time.time() - self.start
 
-    def restore(self, history: list[dict[str, Any]], init_history: list | None, elapsed: float) -> None:
-        """Continue a resumed run's records: its epochs so far and its wall time."""
-        self.history = list(history)
+    def restore(self, history: list[dict[str, Any]], init_history: list | None, elapsed: float,
+                sessions: list[dict[str, Any]] | None = None, session: dict[str, Any] | None = None) -> None:
+        """Continue a resumed run's records: its epochs so far (a trailing epoch cut short by
+        ``--max_steps`` is dropped: the resumed run finishes it and records it whole), its
+        wall time, and its sessions, to which this one (``session``: where it starts and what it
+        changed) is added."""
+        self.history = [h for h in history if not h.get("partial")]
         if init_history:
             self.results["init_history"] = list(init_history)
         self.start = time.time() - elapsed
         self.results["resumed"] = self.results.get("resumed", 0) + 1
+        current = {**self.sessions[-1], **(session or {})}
+        self.sessions[:] = [*(sessions or [self.sessions[0]]), current]
 
     def epoch(self, record: dict[str, Any]) -> None:
-        """Log one epoch's ``record`` (must hold 'epoch'; numbers become TensorBoard scalars)."""
+        """Log one epoch's ``record`` (must hold 'epoch'; numbers become TensorBoard scalars);
+        it is tagged with the current session's number."""
+        record = {**record, "session": len(self.sessions) - 1}
         self.history.append(record)
         if not self.active:
             return
         step = record["epoch"]
         for key, value in record.items():
-            if key != "epoch" and isinstance(value, (int, float)):
+            if key not in ("epoch", "session") and isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.writer.add_scalar(key, value, step)
         self.writer.flush()
         print(console_line(record), flush=True)
@@ -124,7 +144,13 @@ class RunLog:
         self.results.update(summary)
         self.results.update(status=status, wall_time_s=round(time.time() - self.start, 3), history=self.history)
         if self.active:
-            write_json(self.folder / "results.json", self.results)
+            path = self.folder / "results.json"
+            try:
+                write_json(path, self.results)
+            except OSError as err:
+                raise UserError(f"could not write {path} ({type(err).__name__}: {err.strerror or err}): is the "
+                                "disk full or the folder not writable? The checkpoints were kept; continue with "
+                                "--resume auto once it is fixed") from None
         return self.results
 
     def close(self) -> None:
@@ -135,3 +161,9 @@ class RunLog:
 def is_interactive() -> bool:
     """True when stderr is a terminal (live progress bars); logs get one line per epoch."""
     return sys.stderr.isatty()
+
+
+def is_terminal_output() -> bool:
+    """True when stdout is a terminal; otherwise (a cluster's log file) the loop prints a
+    progress line every ``--print_freq`` steps."""
+    return sys.stdout.isatty()

@@ -19,9 +19,10 @@ from tqdm import tqdm
 from helper import distributed
 from helper.checkpoint import load_weights, save_checkpoint
 from helper.errors import Stopped, UserError
-from helper.logger import RunLog, is_interactive
+from helper.logger import RunLog, is_interactive, is_terminal_output
 from helper.meters import accuracy
 from helper.optim import adjust_learning_rate
+from helper.resume import checkpoint_names, compare_options, run_options
 from helper.runtime import Runtime, rng_state, set_rng_state
 
 # train_step(batch) -> (logits [B, C], target [B], named loss terms); the loss is their sum.
@@ -113,8 +114,10 @@ class EpochStats:
         self.correct: float = state.get("correct", 0.0)
         self.terms: dict[str, float] = dict(state.get("terms", {}))
         self.seconds: float = state.get("seconds", 0.0)
+        self.batches: int = state.get("batches", 0)
 
     def update(self, values: dict[str, float], top1: float, n: int) -> None:
+        self.batches += 1
         self.count += n
         self.loss += sum(values.values()) * n
         self.correct += top1 * n
@@ -123,7 +126,7 @@ class EpochStats:
 
     def state_dict(self) -> dict[str, Any]:
         return {"count": self.count, "loss": self.loss, "correct": self.correct, "terms": dict(self.terms),
-                "seconds": self.seconds}
+                "seconds": self.seconds, "batches": self.batches}
 
     def summary(self) -> dict[str, float]:
         n = max(self.count, 1)
@@ -137,25 +140,29 @@ def train_one_epoch(epoch: int, loader, trainable: nn.Module, train_step: TrainS
                     optimizer: torch.optim.Optimizer, budget: StepBudget, *,
                     scaler: torch.amp.GradScaler | None = None, autocast=contextlib.nullcontext,
                     stats: EpochStats | None = None, first_step: int = 1,
-                    stop: StopSignals | None = None, device: torch.device | None = None) -> dict[str, float]:
+                    stop: StopSignals | None = None, device: torch.device | None = None,
+                    print_freq: int = 0) -> dict[str, float]:
     """Train for one pass over ``loader`` (or until the step budget runs out).
 
     Each step runs ``train_step`` under ``autocast()``, checks every loss term is finite (raising
     :class:`NonFiniteLoss` naming the epoch, the step and every term), and steps ``optimizer``
     through ``scaler`` (fp16 loss scaling) when given. ``stats`` and ``first_step`` continue an
     epoch resumed in its middle. When ``stop`` reports a signal after a step, :class:`StopRequest`
-    is raised carrying the step and the stats so far. Returns the epoch's averages:
-    ``train_loss``, ``train_acc``, ``images_per_s`` and one ``loss_<term>`` per term.
+    is raised carrying the step and the stats so far. The budget is checked after each step, so no
+    batch is drawn that is not trained on (``stats.batches`` tells how far the epoch got). When the
+    console is not a terminal, a progress line is printed every ``print_freq`` steps. Returns the
+    epoch's averages: ``train_loss``, ``train_acc``, ``images_per_s`` and one ``loss_<term>`` per term.
     """
     trainable.train()
     stats = stats or EpochStats()
+    if budget.exhausted:
+        return stats.summary()
     start = time.perf_counter()
+    total = len(loader) if hasattr(loader, "__len__") else None
+    progress = Progress(epoch, total, first_step, print_freq if distributed.is_main_process() else 0)
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False,
                disable=not (is_interactive() and distributed.is_main_process()))
-    step = first_step - 1
     for step, batch in enumerate(bar, start=first_step):
-        if budget.exhausted:
-            break
         with autocast():
             logits, target, terms = train_step(batch)
         loss = sum(terms.values())
@@ -172,11 +179,51 @@ def train_one_epoch(epoch: int, loader, trainable: nn.Module, train_step: TrainS
         budget.done += 1
         stats.update(values, accuracy(logits.detach().float(), target)[0].item(), target.size(0))
         bar.set_postfix(loss=f"{stats.loss / stats.count:.3f}", acc=f"{stats.correct / stats.count:.1f}")
+        progress.step(step, stats, values, target.size(0))
         if stop is not None and stop.requested(device or logits.device):
             stats.seconds += time.perf_counter() - start
             raise StopRequest(step, stats)
+        if budget.exhausted:
+            break
     stats.seconds += time.perf_counter() - start
     return stats.summary()
+
+
+class Progress:
+    """One console line every ``every`` steps of an epoch, for logs that are not a terminal
+    (a terminal gets tqdm's bar): the step, the running loss and each term, top-1, images/s
+    and the time left in the epoch."""
+
+    def __init__(self, epoch: int, total: int | None, first_step: int, every: int) -> None:
+        self.epoch, self.total, self.first_step = epoch, total, first_step
+        self.every = every if every > 0 and not is_terminal_output() else 0
+        self.start = time.perf_counter()
+        self.images = 0
+
+    def step(self, step: int, stats: EpochStats, values: dict[str, float], images: int) -> None:
+        """After ``step`` (``values``: its loss terms; ``images``: its batch size)."""
+        if not self.every:
+            return
+        self.images += images
+        if step % self.every:
+            return
+        elapsed = time.perf_counter() - self.start
+        of = f"/{self.total}" if self.total else ""
+        terms = " ".join(f"{name} {value:.4g}" for name, value in values.items())
+        line = (f"epoch {self.epoch} [{step}{of}]  loss {stats.loss / max(stats.count, 1):.4f} ({terms})  "
+                f"top-1 {stats.correct / max(stats.count, 1):.2f}")
+        if elapsed > 0:
+            line += f"  {self.images / elapsed:.1f} img/s"
+            if self.total:
+                left = (self.total - step) * elapsed / (step - self.first_step + 1)
+                line += f"  eta {format_seconds(left)}"
+        print(line, flush=True)
+
+
+def format_seconds(seconds: float) -> str:
+    """``h:mm:ss``."""
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 class StopRequest(Exception):
@@ -222,18 +269,24 @@ class Fit:
 
     ``modules`` are saved by name (``'model'`` is the trained network, saved in RepDistiller's
     layout; e.g. ``'distiller'`` holds a method's heads and memory banks); ``static`` entries
-    are added to every checkpoint as they are (``'arch'``, ``'distill'``, ...).
+    are added to every checkpoint as they are (``'arch'``, ``'distill'``, ...). Checkpoints take
+    RepDistiller's names: ``<prefix>_last.pth`` (every epoch, and at a stop), ``<prefix>_best.pth``
+    and ``ckpt_epoch_N.pth``. ``identity`` entries (e.g. digests of the teachers' weights) are
+    recorded with every option of ``opt``: a resume must agree with them (see helper/resume.py).
     """
 
     def __init__(self, opt, *, modules: dict[str, nn.Module], trainable: nn.Module,
                  optimizer: torch.optim.Optimizer, train_loader, val_loader, train_step: TrainStep,
-                 runtime: Runtime, run: RunLog, static: dict[str, Any] | None = None,
+                 runtime: Runtime, run: RunLog, prefix: str, static: dict[str, Any] | None = None,
+                 identity: dict[str, Any] | None = None,
                  on_epoch_start: Callable[[int], None] | None = None) -> None:
         self.opt, self.modules, self.trainable, self.optimizer = opt, modules, trainable, optimizer
         self.train_loader, self.val_loader, self.train_step = train_loader, val_loader, train_step
         self.runtime, self.run, self.static = runtime, run, static or {}
         self.on_epoch_start = on_epoch_start
         self.folder = Path(run.folder)
+        self.last_name, self.best_name = checkpoint_names(prefix)
+        self.options = run_options(opt, **(identity or {}), world_size=runtime.dist.world_size)
         self.budget = StepBudget(getattr(opt, "max_steps", None))
         self.scaler = runtime.grad_scaler()
         self.best_acc, self.best_top5, self.last = 0.0, 0.0, {}
@@ -247,7 +300,8 @@ class Fit:
 
     def state(self, batches_done: int = 0, stats: EpochStats | None = None) -> dict[str, Any]:
         """The checkpoint of this moment (collective under torchrun: every rank must call it).
-        ``epoch`` counts completed epochs; ``batches_done`` > 0 marks a save inside the next one."""
+        ``epoch`` counts completed epochs; ``batches_done`` > 0 marks a save inside the next one.
+        It holds tensors and plain types only (it loads with ``torch.load(weights_only=True)``)."""
         loader_state = self._loader_state_at_epoch_start if batches_done else self._loader_state()
         per_rank = distributed.gather_objects({"rng": rng_state(), "loader": loader_state})
         state = {name: module.state_dict() for name, module in self.modules.items()}
@@ -259,43 +313,59 @@ class Fit:
                 "batches_done": batches_done, "epoch_stats": stats.state_dict() if stats else None,
                 "steps": self.budget.done, "best_acc_top5": self.best_top5, "last": self.last,
                 "history": self.run.history, "init_history": self.run.results.get("init_history"),
+                "sessions": self.run.sessions, "options": self.options,
                 "wall_time_s": self.run.elapsed(), "scaler": self.scaler.state_dict(),
                 "world_size": self.runtime.dist.world_size, "per_rank": per_rank,
             }})
         return state
 
     def restore(self, state: dict[str, Any], source: str) -> None:
-        """Continue from a checkpoint written by :meth:`state` (``--resume``)."""
+        """Continue from a checkpoint written by :meth:`state` (``--resume``), if it was made with
+        this run's settings (else :class:`UserError` lists the differences)."""
         resume = state.get("resume")
         if not isinstance(resume, dict):
-            raise UserError(f"{source} has no resume state (it was not written by this version's "
-                            "last.pth / ckpt_epoch_N.pth): start a new run, or use it as a teacher")
+            raise UserError(f"{source} has no resume state (it is not a {self.last_name} or ckpt_epoch_N.pth "
+                            "of this library): start a new run, or use it as a teacher")
+        epochs_done = int(state["epoch"])
+        changed = self._check_options(resume.get("options"), epochs_done, source)
         for name, module in self.modules.items():
             if name not in state:
                 raise UserError(f"{source} has no '{name}' entry: it is a checkpoint of another kind of run")
             load_weights(module, state[name], source)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(resume["scaler"])
-        self.epochs_done, self.best_acc = int(state["epoch"]), float(state["best_acc"])
+        self.epochs_done, self.best_acc = epochs_done, float(state["best_acc"])
         self.best_top5, self.last = resume["best_acc_top5"], resume["last"] or {}
         self.budget.done = resume["steps"]
         self.skip_batches = resume["batches_done"]
         self.carry = EpochStats(resume["epoch_stats"]) if resume["epoch_stats"] else None
-        self.run.restore(resume["history"], resume.get("init_history"), resume["wall_time_s"])
-        rank, saved_world = self.runtime.dist.rank, resume["world_size"]
-        if saved_world != self.runtime.dist.world_size:
-            distributed.say(f"note: {source} was written by {saved_world} processes and this run has "
-                            f"{self.runtime.dist.world_size}: the data order and random draws differ from "
-                            "an uninterrupted run from here on")
-        mine = resume["per_rank"][rank] if rank < len(resume["per_rank"]) else resume["per_rank"][0]
+        self.run.restore(resume["history"], resume.get("init_history"), resume["wall_time_s"],
+                         sessions=resume.get("sessions"),
+                         session={"start_epoch": self.epochs_done + 1, "start_step": self.skip_batches + 1,
+                                  "steps_before": self.budget.done, "changed": changed})
+        rank = self.runtime.dist.rank
+        mine = resume["per_rank"][rank]
         set_rng_state(mine["rng"])
         generator = getattr(self.train_loader, "generator", None)
         if generator is not None and mine["loader"] is not None:
             generator.set_state(mine["loader"])
         where = (f"epoch {self.epochs_done + 1}, after step {self.skip_batches}" if self.skip_batches
                  else f"the start of epoch {self.epochs_done + 1}")
+        shown = "".join(f"; {flag} {old} -> {new}" for flag, (old, new) in changed.items())
         distributed.say(f"resuming from {source} at {where} ({self.budget.done} steps done, "
-                        f"best top-1 so far {self.best_acc:.2f})")
+                        f"best top-1 so far {self.best_acc:.2f}{shown})")
+
+    def _check_options(self, saved: dict[str, Any] | None, epochs_done: int, source: str) -> dict[str, list]:
+        if saved is None:
+            distributed.say(f"note: {source} does not record its settings (an older version wrote it): "
+                            "they cannot be checked against this run's")
+            return {}
+        refused, changed = compare_options(saved, self.options, epochs_done)
+        if refused:
+            raise UserError(f"{source} was made with other settings than this run: {'; '.join(refused)}. "
+                            "Resume with the settings it was made with, or start a new run (another --trial, "
+                            "or --overwrite to replace it)")
+        return changed
 
     def _save(self, state: dict[str, Any], names: list[str]) -> None:
         if self.runtime.dist.is_main:
@@ -307,15 +377,36 @@ class Fit:
             raise NonFiniteLoss(f"the weights became non-finite during {where}; the run stopped and its "
                                 "checkpoints were left as they were: lower --learning_rate or the loss weights")
 
+    def _validate(self, epoch: int, train_stats: dict[str, float]) -> None:
+        self._guard_weights(f"epoch {epoch}")
+        distributed.broadcast_buffers(self.modules["model"])
+        self.last = validate(self.modules["model"], self.val_loader, self.runtime.device, self.runtime)
+        if not math.isfinite(self.last["test_loss"]):
+            raise NonFiniteLoss(f"the test loss became non-finite after epoch {epoch} "
+                                f"(train loss {train_stats['train_loss']:.6g}): the weights blew up; the run "
+                                "stopped and its checkpoints were left as they were: lower --learning_rate")
+
+    def _is_best(self, epoch: int) -> bool:
+        is_best = self.last["test_acc"] > self.best_acc or epoch == 1 and not self.run.history
+        if is_best:
+            self.best_acc, self.best_top5 = self.last["test_acc"], self.last["test_acc_top5"]
+        return is_best
+
+    def _stop(self, signum: int, where: str, state: dict[str, Any]) -> None:
+        self._save(state, [self.last_name])
+        self.run.save("interrupted")
+        self.run.close()
+        raise Interrupted(signum, where, self.folder / self.last_name)
+
     # ------------------------------------------------------------------ the epochs
     def __call__(self) -> dict[str, Any]:
-        """Train from the epoch after the last completed one to ``opt.epochs`` (or
-        ``opt.max_steps`` steps), validating the model after each; returns the final results."""
+        """Train from where the run stands to ``opt.epochs`` (or ``opt.max_steps`` steps),
+        validating the model after each epoch; returns the final results. A run stopped by
+        ``--max_steps`` inside an epoch is validated and saved there, and a resume finishes
+        that epoch."""
         opt, runtime = self.opt, self.runtime
-        model = self.modules["model"]
         sampler = getattr(self.train_loader, "sampler", None)
         with StopSignals() as stop:
-            epoch = self.epochs_done
             for epoch in range(self.epochs_done + 1, opt.epochs + 1):
                 if self.budget.exhausted:
                     break
@@ -328,63 +419,55 @@ class Fit:
                 if self.skip_batches and hasattr(sampler, "skip"):
                     sampler.skip(self.skip_batches * self.train_loader.batch_size)
                 self._loader_state_at_epoch_start = self._loader_state()
+                stats = self.carry or EpochStats()
                 start = time.perf_counter()
                 try:
                     train_stats = train_one_epoch(
                         epoch, self.train_loader, self.trainable, self.train_step, self.optimizer,
                         self.budget, scaler=self.scaler if self.scaler.is_enabled() else None,
-                        autocast=runtime.autocast, stats=self.carry, first_step=first_step, stop=stop,
-                        device=runtime.device)
+                        autocast=runtime.autocast, stats=stats, first_step=first_step, stop=stop,
+                        device=runtime.device, print_freq=getattr(opt, "print_freq", 0))
                 except StopRequest as request:
                     self._guard_weights(f"epoch {epoch}")
-                    distributed.broadcast_buffers(model)
-                    self._save(self.state(request.step, request.stats), ["last.pth"])
-                    self.run.save("interrupted")
-                    self.run.close()
-                    raise Interrupted(stop.signum or signal.SIGTERM, f"epoch {epoch}, step {request.step}",
-                                      self.folder / "last.pth") from None
+                    distributed.broadcast_buffers(self.modules["model"])
+                    self._stop(stop.signum or signal.SIGTERM, f"epoch {epoch}, step {request.step}",
+                               self.state(request.step, request.stats))
                 self.skip_batches, self.carry = 0, None
-                self._guard_weights(f"epoch {epoch}")
-                distributed.broadcast_buffers(model)
-                self.last = validate(model, self.val_loader, runtime.device, runtime)
-                if not math.isfinite(self.last["test_loss"]):
-                    raise NonFiniteLoss(f"the test loss became non-finite after epoch {epoch} "
-                                        f"(train loss {train_stats['train_loss']:.6g}): the weights blew up; the run "
-                                        "stopped and its checkpoints were left as they were: lower --learning_rate")
-                is_best = self.last["test_acc"] > self.best_acc or epoch == 1
-                if is_best:
-                    self.best_acc, self.best_top5 = self.last["test_acc"], self.last["test_acc_top5"]
+                partial = stats.batches < len(self.train_loader)
+                self._validate(epoch, train_stats)
+                is_best = self._is_best(epoch)
+                record = {"epoch": epoch, "lr": lr, **train_stats, **self.last,
+                          "epoch_time_s": time.perf_counter() - start}
+                if partial:  # --max_steps ran out inside the epoch: a resume continues it
+                    record.update(partial=True, batches=stats.batches)
+                    self.run.epoch(record)
+                    state = self.state(stats.batches, stats)
+                    self._save(state, [self.last_name] + ([self.best_name] if is_best else []))
+                    break
                 self.epochs_done = epoch
-                self.run.epoch({"epoch": epoch, "lr": lr, **train_stats, **self.last,
-                                "epoch_time_s": time.perf_counter() - start})
+                self.run.epoch(record)
                 state = self.state()
-                names = ["last.pth"] + (["best.pth"] if is_best else [])
+                names = [self.last_name] + ([self.best_name] if is_best else [])
                 if epoch % opt.save_freq == 0:
                     names.append(f"ckpt_epoch_{epoch}.pth")
                 self._save(state, names)
                 if stop.signum is not None:  # arrived during validation or saving: stop here
                     self.run.save("interrupted")
                     self.run.close()
-                    raise Interrupted(stop.signum, f"the end of epoch {epoch}", self.folder / "last.pth")
+                    raise Interrupted(stop.signum, f"the end of epoch {epoch}", self.folder / self.last_name)
+        return self._finish()
+
+    def _finish(self) -> dict[str, Any]:
+        finished = self.epochs_done >= self.opt.epochs
         images_per_s = [h["images_per_s"] for h in self.run.history]
-        results = self.run.save("finished", epochs_run=len(self.run.history), steps=self.budget.done,
-                                last_acc=self.last.get("test_acc"), last_acc_top5=self.last.get("test_acc_top5"),
-                                best_acc=self.best_acc, best_acc_top5=self.best_top5, device=str(runtime.device),
-                                world_size=runtime.dist.world_size, amp=runtime.amp,
-                                images_per_s=sum(images_per_s) / max(len(images_per_s), 1))
+        summary = {}
+        if not finished:
+            summary["stopped_by"] = f"--max_steps {self.budget.max_steps}"
+        results = self.run.save(
+            "finished" if finished else "stopped", epochs_run=self.epochs_done, steps=self.budget.done,
+            last_acc=self.last.get("test_acc"), last_acc_top5=self.last.get("test_acc_top5"),
+            best_acc=self.best_acc, best_acc_top5=self.best_top5, device=str(self.runtime.device),
+            world_size=self.runtime.dist.world_size, amp=self.runtime.amp,
+            images_per_s=sum(images_per_s) / max(len(images_per_s), 1), **summary)
         self.run.close()
         return results
-
-
-def resume_path(value: str | None, folder: Path) -> Path | None:
-    """The checkpoint ``--resume`` names: a path, or ``auto`` for the run folder's ``last.pth``
-    (None when there is none yet: the run starts fresh)."""
-    if not value:
-        return None
-    if value == "auto":
-        path = Path(folder) / "last.pth"
-        return path if path.is_file() else None
-    path = Path(value)
-    if not path.is_file():
-        raise UserError(f"--resume {value}: no such file; give a last.pth path, or 'auto' for this run's folder")
-    return path

@@ -62,6 +62,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--data_folder", type=str, default=None,
                    help="where the data set lives (default ./data for cifar100, ./data/imagenet for imagenet)")
     g.add_argument("--download", action="store_true", help="download CIFAR-100 into --data_folder if missing")
+    g.add_argument("--allow_modified_data", action="store_true",
+                   help="read CIFAR-100 files whose MD5 is not the published one (a copy you modified on purpose); "
+                        "they are still read without running code")
     g.add_argument("--loader", choices=LOADERS, default="tensor",
                    help="tensor: whole set as a uint8 tensor on the device, crop/flip/normalise per batch with "
                         "tensor ops (cifar100, synthetic; imagenet always uses torchvision's folder loader); "
@@ -75,7 +78,11 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                    help="stop after N optimiser steps in total (per stage, with an init stage), then validate and save (0: no limit)")
     g.add_argument("--save_folder", type=str, default="./save/models", help="parent folder of the run folder")
     g.add_argument("--resume", type=str, default=None,
-                   help="continue a run from its last.pth: a path, or 'auto' for this run's folder (fresh start if none)")
+                   help="continue a run from its <model>_last.pth: a path, or 'auto' for this run's folder (fresh start "
+                        "if none); the settings that shape training must be the ones it was made with")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start the run again in a run folder that already holds its checkpoints (they are deleted); "
+                        "without it such a start is refused")
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels, no cuDNN autotuning (exact resume on CPU)")
 

@@ -56,14 +56,14 @@ def files(tmp_path_factory) -> SimpleNamespace:
     """One tiny resnet14 teacher trained by train_teacher.py, and the bad files made from it."""
     root = tmp_path_factory.mktemp("bad_input")
     train_teacher.main(["--model", "resnet14", *SYNTHETIC, *TINY, "--save_folder", str(root / "teachers")])
-    teacher = next((root / "teachers").glob("resnet14_*/last.pth"))
+    teacher = next((root / "teachers").glob("resnet14_*/resnet14_last.pth"))
     f = SimpleNamespace(root=root, teacher=teacher, missing=root / "no_such_folder" / "ckpt_epoch_240.pth",
                         text=root / "notes.pth", truncated=root / "truncated.pth", no_model=root / "no_model.pth",
                         empty=root / "empty", students=root / "students")
     f.text.write_text("these are not weights\n")
     data = teacher.read_bytes()
     f.truncated.write_bytes(data[: len(data) // 2])
-    torch.save({"state_dict": torch.load(teacher, weights_only=False)["model"]}, f.no_model)
+    torch.save({"state_dict": torch.load(teacher, weights_only=True)["model"]}, f.no_model)
     # resnet8 weights in RepDistiller's layout ({'model': state_dict}, no 'arch') in a resnet14 folder.
     f.wrong_arch = root / "save" / "models" / "resnet14_vanilla" / "ckpt_epoch_240.pth"
     f.wrong_arch.parent.mkdir(parents=True)

@@ -31,7 +31,7 @@ from tests.datagen import write_fake_cifar100, write_fake_imagenet
 
 def make_opt(**kw) -> argparse.Namespace:
     base = dict(dataset="cifar100", data_folder=None, download=False, batch_size=16, num_workers=0,
-                subset=0, seed=0, nce_k=8, mode="exact")
+                subset=0, seed=0, nce_k=8, mode="exact", allow_modified_data=True)  # fake CIFAR: not the published MD5s
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -131,32 +131,35 @@ def test_single_sample_last_batch_is_dropped():
 # ---------------------------------------------------------------- RepDistiller compatibility
 
 def test_repdistiller_cifar_functions(cifar_root):
-    train, test = get_cifar100_dataloaders(batch_size=8, num_workers=0, data_folder=str(cifar_root))
+    train, test = get_cifar100_dataloaders(batch_size=8, num_workers=0, data_folder=str(cifar_root),
+                                           allow_modified=True)
     assert len(next(iter(train))) == 2 and test.batch_size == 4
     train, test, n_data = get_cifar100_dataloaders(batch_size=8, num_workers=0, is_instance=True,
-                                                   data_folder=str(cifar_root))
+                                                   data_folder=str(cifar_root), allow_modified=True)
     assert n_data == 200 and len(next(iter(train))) == 3
     train, test, n_data = get_cifar100_dataloaders_sample(batch_size=8, num_workers=0, k=30, mode="relax",
-                                                          data_folder=str(cifar_root))
+                                                          data_folder=str(cifar_root), allow_modified=True)
     img, target, index, contrast_idx = next(iter(train))
     assert contrast_idx.shape == (8, 31) and n_data == 200
     train, _, _ = get_cifar100_dataloaders_sample(batch_size=8, num_workers=0, k=30, percent=0.5,
-                                                  data_folder=str(cifar_root))
+                                                  data_folder=str(cifar_root), allow_modified=True)
     assert next(iter(train))[3].shape == (8, 31)
     train, _, _ = get_cifar100_dataloaders_sample(batch_size=8, num_workers=0, is_sample=False,
-                                                  data_folder=str(cifar_root))
+                                                  data_folder=str(cifar_root), allow_modified=True)
     assert len(next(iter(train))) == 3
 
 
 def test_repdistiller_dataset_classes(cifar_root, imagenet_root):
     tensor = transforms.ToTensor()
-    item = CIFAR100Instance(str(cifar_root), train=True, transform=tensor)[7]
+    item = CIFAR100Instance(str(cifar_root), train=True, transform=tensor, allow_modified=True)[7]
     assert item[1:] == (7, 7)
-    sample_set = CIFAR100InstanceSample(str(cifar_root), train=True, transform=tensor, k=50, mode="exact")
+    sample_set = CIFAR100InstanceSample(str(cifar_root), train=True, transform=tensor, k=50, mode="exact",
+                                        allow_modified=True)
     img, target, index, sample_idx = sample_set[3]
     assert index == 3 and sample_idx.shape == (51,) and int(sample_idx[0]) == 3
     assert all(sample_set.targets[int(i)] != target for i in sample_idx[1:])
-    assert len(CIFAR100InstanceSample(str(cifar_root), transform=tensor, is_sample=False)[0]) == 3
+    assert len(CIFAR100InstanceSample(str(cifar_root), transform=tensor, is_sample=False,
+                                      allow_modified=True)[0]) == 3
     folder = ImageFolderSample(str(imagenet_root / "train"), transform=tensor, is_sample=True, k=4)
     assert folder[0][3].shape == (5,)
     train, val, n_data, num_classes = get_dataloader_sample(
@@ -226,7 +229,7 @@ def test_cifar_wrong_class_count_is_reported(tmp_path):
     meta = root / "cifar-100-python" / "meta"
     meta.write_bytes(pickle.dumps({"fine_label_names": ["a", "b"], "coarse_label_names": []}))
     with pytest.raises(UserError, match="2 class names"):
-        CIFAR100Folder(root)
+        CIFAR100Folder(root, allow_modified=True)
 
 
 def test_imagenet_errors_name_the_layout(tmp_path, imagenet_root):

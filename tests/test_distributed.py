@@ -89,7 +89,7 @@ def two_ranks(tmp_path_factory):
         init_file = out / f"init_{method}"
         mp.start_processes(_worker, args=(2, str(init_file), method, str(out)), nprocs=2,
                            start_method="spawn", join=True)
-        results[method] = [torch.load(out / f"{method}_rank{r}.pt", weights_only=False) for r in range(2)]
+        results[method] = [torch.load(out / f"{method}_rank{r}.pt", weights_only=True) for r in range(2)]
     return results
 
 
@@ -156,7 +156,7 @@ def tiny_teacher(tmp_path_factory):
     train_teacher.main(["--model", "resnet8", "--dataset", "synthetic", "--synthetic_classes", str(CLASSES),
                         "--synthetic_train", "16", "--synthetic_test", "4", "--batch_size", "8", "--epochs", "1",
                         "--num_workers", "0", "--device", "cpu", "--save_folder", str(folder)])
-    return next(folder.glob("*/last.pth"))
+    return next(folder.glob("*/*_last.pth"))
 
 
 def test_torchrun_two_processes_train_student_crd(tiny_teacher, tmp_path):
@@ -178,7 +178,7 @@ def test_torchrun_two_processes_train_student_crd(tiny_teacher, tmp_path):
     assert [h["epoch"] for h in results["history"]] == [1, 2]
     # 64 training images over 2 ranks of batch 8: 4 steps per epoch
     assert results["steps"] == 8
-    state = torch.load(folder / "last.pth", weights_only=False)
+    state = torch.load(next(folder.glob("*_last.pth")), weights_only=True)
     assert state["epoch"] == 2 and len(state["resume"]["per_rank"]) == 2
     assert not any(k.startswith("module.") for k in state["model"])
     assert len(list(folder.glob("events.out.tfevents.*"))) == 1

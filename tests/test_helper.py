@@ -66,7 +66,7 @@ def test_optimizer_and_adjust():
 
 
 def test_atomic_save_keeps_good_file_when_writing_fails(tmp_path, monkeypatch):
-    path = tmp_path / "last.pth"
+    path = tmp_path / "resnet8_last.pth"
     ckpt.save_checkpoint({"model": {"w": torch.ones(2)}, "epoch": 1}, path)
 
     def broken_save(obj, f):
@@ -74,12 +74,12 @@ def test_atomic_save_keeps_good_file_when_writing_fails(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="could not write the checkpoint .* the previous one was kept"):
         ckpt.save_checkpoint({"model": {"w": torch.zeros(2)}, "epoch": 2}, path)
     monkeypatch.undo()
     state = ckpt.load_checkpoint(path)
     assert state["epoch"] == 1 and torch.equal(state["model"]["w"], torch.ones(2))
-    assert [p.name for p in tmp_path.iterdir()] == ["last.pth"], "no temporary file left behind"
+    assert [p.name for p in tmp_path.iterdir()] == ["resnet8_last.pth"], "no temporary file left behind"
 
 
 def test_load_checkpoint_errors(tmp_path):
@@ -115,7 +115,7 @@ def test_runlog_writes_args_results_and_tensorboard(tmp_path):
     assert args["model"] == "resnet8" and args["lr_decay_epochs"] == [1, 2]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["status"] == "finished" and results["best_acc"] == 12.5
-    assert results["history"] == [{"epoch": 1, "test_acc": 12.5, "train_loss": 3.0}]
+    assert results["history"] == [{"epoch": 1, "test_acc": 12.5, "train_loss": 3.0, "session": 0}]
     assert list((tmp_path / "run").glob("events.out.tfevents.*"))
 
 

@@ -286,7 +286,7 @@ def test_fetch_installs_a_verified_teacher_that_train_student_loads(server, tmp_
                                   "--synthetic_train", "2", "--synthetic_test", "1", "--model_s", "resnet8",
                                   "--distill", "kd", "--batch_size", "8", "--max_steps", "1", "--epochs", "1",
                                   "--num_workers", "0", "--device", "cpu", "--save_folder", str(tmp_path / "runs")])
-    assert results["status"] == "finished" and results["model_t"] == "resnet32x4"
+    assert results["status"] == "stopped" and results["model_t"] == "resnet32x4"
 
     again = fetch(dest, manifest, NAMES="resnet32x4", BASE_URL="file:///nowhere")  # verified: not downloaded again
     assert again.returncode == 0 and "already there and verified" in again.stdout

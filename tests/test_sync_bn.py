@@ -214,7 +214,7 @@ def test_convert_keeps_parameters_buffers_and_flags():
 
 def test_two_ranks_match_one_process_on_the_whole_batch(tmp_path):
     mp.start_processes(_worker, args=(str(tmp_path),), nprocs=WORLD, join=True, start_method="spawn")
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
     # reference: one process, plain BatchNorm, the whole batch
     ref = _resnet8()

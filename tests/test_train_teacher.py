@@ -27,10 +27,12 @@ def test_synthetic_run_writes_run_folder(tmp_path):
                                   "--save_freq", "1", "--save_folder", str(tmp_path)])
     run = tmp_path / "resnet8_synthetic_lr_0.05_decay_0.0005_trial_0"
     names = {p.name for p in run.iterdir()}
-    assert {"last.pth", "best.pth", "ckpt_epoch_1.pth", "ckpt_epoch_2.pth", "args.json", "results.json"} <= names
+    # RepDistiller's names
+    assert {"resnet8_last.pth", "resnet8_best.pth", "ckpt_epoch_1.pth", "ckpt_epoch_2.pth", "args.json",
+            "results.json"} <= names
     assert any(n.startswith("events.out.tfevents") for n in names)
 
-    state = torch.load(run / "last.pth", weights_only=False)
+    state = torch.load(run / "resnet8_last.pth")
     assert {"model", "arch", "epoch", "best_acc", "optimizer", "accuracy"} <= set(state)
     assert state["arch"] == "resnet8" and state["epoch"] == 2
     model = build_model("resnet8", num_classes=100)
@@ -50,11 +52,14 @@ def test_synthetic_run_writes_run_folder(tmp_path):
 def test_resnet50_on_fake_cifar_folder_with_max_steps(tmp_path):
     data = write_fake_cifar100(tmp_path / "data")
     results = train_teacher.main(["--model", "ResNet50", "--dataset", "cifar100", "--data_folder", str(data),
+                                  "--allow_modified_data",
                                   "--epochs", "1", "--max_steps", "2", "--batch_size", "8", "--num_workers", "0",
                                   "--save_folder", str(tmp_path / "save")])
-    assert results["steps"] == 2 and results["epochs_run"] == 1
+    # stopped inside epoch 1: validated and saved there, the epoch left for a resume to finish
+    assert results["steps"] == 2 and results["epochs_run"] == 0 and results["status"] == "stopped"
+    assert results["history"][0]["partial"] and results["history"][0]["batches"] == 2
     run = tmp_path / "save" / "ResNet50_cifar100_lr_0.05_decay_0.0005_trial_0"
-    assert (run / "last.pth").is_file() and (run / "best.pth").is_file()
+    assert (run / "ResNet50_last.pth").is_file() and (run / "ResNet50_best.pth").is_file()
 
 
 def test_small_lr_models_default_to_0_01(tmp_path):
@@ -66,9 +71,12 @@ def test_small_lr_models_default_to_0_01(tmp_path):
 
 def test_max_steps_stops_early_and_still_validates(tmp_path):
     results = train_teacher.main(["--model", "resnet8", "--dataset", "synthetic", "--epochs", "5",
-                                  "--subset", "200", "--batch_size", "20", "--max_steps", "3",
+                                  "--subset", "200", "--batch_size", "20", "--max_steps", "3", "--val_subset", "100",
                                   "--num_workers", "0", "--save_folder", str(tmp_path)])
-    assert results["steps"] == 3 and results["epochs_run"] == 1 and results["last_acc"] is not None
+    assert results["steps"] == 3 and results["last_acc"] is not None
+    # 3 of epoch 1's 10 steps: not a finished run, and not a finished epoch
+    assert results["status"] == "stopped" and results["stopped_by"] == "--max_steps 3"
+    assert results["epochs_run"] == 0 and results["history"][0]["partial"] and results["history"][0]["batches"] == 3
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -111,6 +119,6 @@ def test_imagenet_folder_with_imagenet_resnet(tmp_path):
                                   "--epochs", "1", "--max_steps", "1", "--batch_size", "4", "--num_workers", "0",
                                   "--save_folder", str(tmp_path / "save")])
     assert results["steps"] == 1
-    state = torch.load(next((tmp_path / "save").glob("ResNet18_imagenet_*/last.pth")), weights_only=False)
+    state = torch.load(next((tmp_path / "save").glob("ResNet18_imagenet_*/ResNet18_last.pth")), weights_only=True)
     assert state["arch"] == "ResNet18" and state["num_classes"] == 3
     assert state["model"]["fc.weight"].shape == (3, 512)  # torchvision's layout
