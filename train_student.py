@@ -165,18 +165,9 @@ def train(opt, runtime: Runtime) -> dict:
 
     folder = Path(opt.save_folder) / run_name(opt, opt.model_t)
     resume = resume_path(opt.resume, folder, opt.model_s)
-    claim_run_folder(folder, resume=resume, overwrite=opt.overwrite, resume_asked=bool(opt.resume))
     run = RunLog(folder, opt, active=runtime.dist.is_main,
                  extra=run_summary(opt, role="student", method=opt.distill, model=opt.arch, model_t=opt.model_t,
                                    model_s=opt.arch))
-    teacher_accs = []
-    for teacher, arch, path in teachers:
-        teacher_accs.append(validate(teacher, data.val_loader, runtime.device, runtime)["test_acc"])
-        say(f"teacher {arch} ({path}): test top-1 {teacher_accs[-1]:.2f}")
-    run.results["teacher_acc"] = teacher_accs[0] if len(teachers) == 1 else teacher_accs
-    say(f"distilling {opt.model_t} -> {opt.arch} with {opt.distill} (-r {opt.gamma:g} -a {opt.alpha:g} "
-        f"-b {opt.beta:g}) on {opt.dataset} ({data.n_data} images) on {runtime.describe()}; run folder {folder}")
-
     ddp_step = wrap_ddp(step, runtime.device, find_unused_parameters=True)
     fit = Fit(opt, modules={"model": student, "distiller": distillers[0] if len(distillers) == 1 else distillers},
               trainable=ddp_step, optimizer=optimizer, train_loader=data.train_loader, val_loader=data.val_loader,
@@ -185,9 +176,17 @@ def train(opt, runtime: Runtime) -> dict:
                       "distill": opt.distill, "model_t": opt.model_t},
               identity={"teachers": parts.teacher_digests},
               on_epoch_start=lambda epoch: [d.start_epoch(epoch) for d in distillers])
-    if resume is not None:
+    if resume is not None:  # checked before anything is written: a refused resume leaves the folder as it was
         fit.restore(load_checkpoint(resume), f"'{resume}'")
-    elif method.has_init_stage and opt.beta != 0 and opt.init_epochs > 0:
+    claim_run_folder(folder, resume=resume, overwrite=opt.overwrite, resume_asked=bool(opt.resume))
+    teacher_accs = []
+    for teacher, arch, path in teachers:
+        teacher_accs.append(validate(teacher, data.val_loader, runtime.device, runtime)["test_acc"])
+        say(f"teacher {arch} ({path}): test top-1 {teacher_accs[-1]:.2f}")
+    run.results["teacher_acc"] = teacher_accs[0] if len(teachers) == 1 else teacher_accs
+    say(f"distilling {opt.model_t} -> {opt.arch} with {opt.distill} (-r {opt.gamma:g} -a {opt.alpha:g} "
+        f"-b {opt.beta:g}) on {opt.dataset} ({data.n_data} images) on {runtime.describe()}; run folder {folder}")
+    if resume is None and method.has_init_stage and opt.beta != 0 and opt.init_epochs > 0:
         for distiller, (teacher, _, _) in zip(distillers, teachers):
             run_init_stage(distiller, student, teacher, data.train_loader, step.batch, opt,
                            log=run.init_epoch, runtime=runtime)

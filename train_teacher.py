@@ -58,15 +58,15 @@ def train(opt, runtime: Runtime) -> dict:
     runtime.seed_rank(opt.seed)
     optimizer = build_optimizer(model.parameters(), opt)
     resume = resume_path(opt.resume, opt.save_path, opt.model)
-    claim_run_folder(opt.save_path, resume=resume, overwrite=opt.overwrite, resume_asked=bool(opt.resume))
     run = RunLog(Path(opt.save_path), opt, active=runtime.dist.is_main,
                  extra=run_summary(opt, role="teacher", method="vanilla", model=opt.arch, model_t=None))
     step = wrap_ddp(ClassifyStep(model, runtime), runtime.device)
     fit = Fit(opt, modules={"model": model}, trainable=step, optimizer=optimizer, train_loader=data.train_loader,
               val_loader=data.val_loader, train_step=step, runtime=runtime, run=run, prefix=opt.model,
               static={"arch": opt.arch, "dataset": opt.dataset, "num_classes": opt.num_classes})
-    if resume is not None:
+    if resume is not None:  # checked before anything is written: a refused resume leaves the folder as it was
         fit.restore(load_checkpoint(resume), f"'{resume}'")
+    claim_run_folder(opt.save_path, resume=resume, overwrite=opt.overwrite, resume_asked=bool(opt.resume))
     say(f"training {opt.arch} on {opt.dataset} ({data.n_data} images, {data.num_classes} classes) on "
         f"{runtime.describe()}; run folder {opt.save_path}")
     results = fit()

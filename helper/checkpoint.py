@@ -8,6 +8,7 @@ import os
 import pickle
 import re
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -89,7 +90,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not path.is_file():
         raise UserError(f"checkpoint '{path}' does not exist: check the path")
     try:
-        with torch.serialization.safe_globals(list(SAFE_CLASSES)):
+        with torch.serialization.safe_globals(list(SAFE_CLASSES)), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # e.g. about the pickle protocol: we say what matters
             state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         if "weights only load failed" in str(err).lower():

@@ -69,8 +69,8 @@ def run_summary(opt, *, role: str, method: str, model: str, model_t: str | None,
 
 
 class RunLog:
-    """The run folder's records: ``args.json`` at the start, TensorBoard scalars and one console
-    line per epoch, and ``results.json`` (rewritten after each epoch, so an interrupted run keeps
+    """The run folder's records: ``args.json`` when training starts (:meth:`open`), TensorBoard
+    scalars and one console line per epoch, and ``results.json`` (rewritten after each epoch, so an interrupted run keeps
     its history). ``sessions`` lists each start of the run (the first, then every resume: where
     it started, its command line and the flags it changed); each epoch's record names the session
     that ran it. Under torchrun only rank 0's is ``active``; the others keep the history in memory
@@ -87,14 +87,20 @@ class RunLog:
                                                 "changed": {}}]
         self.results: dict[str, Any] = {"args": vars(opt), "commit": git_commit(), **(extra or {}),
                                         "sessions": self.sessions}
-        if active:
-            try:
-                self.folder.mkdir(parents=True, exist_ok=True)
-                write_json(self.folder / "args.json", vars(opt))
-            except OSError as err:
-                raise UserError(f"cannot write into the run folder {self.folder} ({err.strerror or err}): choose "
-                                "a writable --save_folder") from None
-            self.writer = SummaryWriter(log_dir=str(self.folder))
+        self._args = vars(opt)
+
+    def open(self) -> None:
+        """Write ``args.json`` and start the TensorBoard writer (once; the first record does it,
+        so a run refused before it trains leaves nothing behind)."""
+        if not self.active or self.writer is not None:
+            return
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            write_json(self.folder / "args.json", self._args)
+        except OSError as err:
+            raise UserError(f"cannot write into the run folder {self.folder} ({err.strerror or err}): choose "
+                            "a writable --save_folder") from None
+        self.writer = SummaryWriter(log_dir=str(self.folder))
 
     def elapsed(self) -> float:
         """Seconds of this run so far (across resumes)."""
@@ -121,6 +127,7 @@ class RunLog:
         self.history.append(record)
         if not self.active:
             return
+        self.open()
         step = record["epoch"]
         for key, value in record.items():
             if key not in ("epoch", "session") and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -134,6 +141,7 @@ class RunLog:
         self.results.setdefault("init_history", []).append(record)
         if not self.active:
             return
+        self.open()
         for key, value in record.items():
             if key != "init_epoch" and isinstance(value, (int, float)):
                 self.writer.add_scalar(key, value, record["init_epoch"])
@@ -144,6 +152,7 @@ class RunLog:
         self.results.update(summary)
         self.results.update(status=status, wall_time_s=round(time.time() - self.start, 3), history=self.history)
         if self.active:
+            self.open()
             path = self.folder / "results.json"
             try:
                 write_json(path, self.results)

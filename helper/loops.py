@@ -406,6 +406,7 @@ class Fit:
         that epoch."""
         opt, runtime = self.opt, self.runtime
         sampler = getattr(self.train_loader, "sampler", None)
+        self.run.open()
         with StopSignals() as stop:
             for epoch in range(self.epochs_done + 1, opt.epochs + 1):
                 if self.budget.exhausted:

@@ -126,8 +126,10 @@ def _claim(folder: Path, resume: Path | None, overwrite: bool, resume_asked: boo
     if overwrite and resume_asked:
         raise UserError("--overwrite and --resume contradict each other: --resume continues the run in "
                         f"{folder}, --overwrite starts it again; give one of them")
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"the run folder {folder} is a file, not a folder: choose another --save_folder")
+    blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise UserError(f"{blocker} is a file, not a folder, so the run folder {folder} cannot be made there: "
+                        "choose another --save_folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write_test.{os.getpid()}"

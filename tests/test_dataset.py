@@ -18,7 +18,7 @@ from dataset import DATASETS, ContrastSampler, DataBundle, get_dataloaders
 from dataset.cifar100 import (CIFAR100_MEAN, CIFAR100_STD, CIFAR100Folder, CIFAR100Instance,
                               CIFAR100InstanceSample, cifar100_test_transform,
                               cifar100_train_transform, get_cifar100_dataloaders,
-                              get_cifar100_dataloaders_sample)
+                              get_cifar100_dataloaders_sample, md5_of)
 from dataset.imagenet import (IMAGENET_MEAN, IMAGENET_STD, ImageFolderSample, get_dataloader_sample,
                               imagenet_train_transform, imagenet_val_transform)
 from dataset.loaders import balanced_subset
@@ -230,6 +230,41 @@ def test_cifar_wrong_class_count_is_reported(tmp_path):
     meta.write_bytes(pickle.dumps({"fine_label_names": ["a", "b"], "coarse_label_names": []}))
     with pytest.raises(UserError, match="2 class names"):
         CIFAR100Folder(root, allow_modified=True)
+
+
+def test_cifar_files_are_checked_against_the_published_md5s_before_reading(tmp_path, monkeypatch):
+    root = write_fake_cifar100(tmp_path, n_train_per_class=1, n_test_per_class=1)
+    folder = root / "cifar-100-python"
+    with pytest.raises(UserError) as err:
+        get_dataloaders(make_opt(data_folder=str(root), allow_modified_data=False))
+    message = str(err.value)
+    assert f"{folder / 'train'} is not the published one" in message and "--allow_modified_data" in message
+    assert CIFAR100Folder.train_list[0][1] in message  # the published MD5 it expected
+    # files with the published MD5s load without the flag (the published MD5s made to be the fake files')
+    monkeypatch.setattr(CIFAR100Folder, "train_list", [["train", md5_of(folder / "train")]])
+    monkeypatch.setattr(CIFAR100Folder, "test_list", [["test", md5_of(folder / "test")]])
+    monkeypatch.setattr(CIFAR100Folder, "meta", {**CIFAR100Folder.meta, "md5": md5_of(folder / "meta")})
+    assert get_dataloaders(make_opt(data_folder=str(root), allow_modified_data=False)).n_data == 100
+
+
+class RunsCode:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("name", ["meta", "train"])
+def test_a_cifar_pickle_that_would_run_code_is_refused_even_when_modified_files_are_allowed(tmp_path, name):
+    root = write_fake_cifar100(tmp_path / "data", n_train_per_class=1, n_test_per_class=1)
+    marker = tmp_path / "pwned"
+    (root / "cifar-100-python" / name).write_bytes(pickle.dumps({"fine_label_names": RunsCode(marker),
+                                                                 "data": RunsCode(marker)}))
+    with pytest.raises(UserError, match="corrupt or not in torchvision's format.*asks for posix.system"):
+        CIFAR100Folder(root, allow_modified=True)
+    assert not marker.exists(), "the payload ran"
 
 
 def test_imagenet_errors_name_the_layout(tmp_path, imagenet_root):
