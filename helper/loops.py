@@ -47,9 +47,40 @@ class Interrupted(Stopped):
         return 128 + self.signum
 
 
-def check_finite(values: dict[str, float], where: str, step: int, device: torch.device | None = None) -> None:
-    """Raise :class:`NonFiniteLoss` naming ``where``, the step and every term if any term is NaN/inf
-    (on any rank, under torchrun: every rank then stops together)."""
+def nonfinite_cause(values: dict[str, float], *, before_any_update: bool = False, fp16: bool = False,
+                    lr: float | None = None) -> str:
+    """The likely cause of non-finite loss ``values`` (term -> value) and what to do, as one clause.
+
+    In order: at the first step of a fresh run (``before_any_update``) the learning rate
+    cannot be the cause, so the inputs, the teacher or the loss weights are; under ``--amp fp16``
+    (``fp16``) an overflow; when only distillation terms (``kd``, or the method's own ones) are
+    non-finite while others are not, their weight or temperature; otherwise a learning rate
+    (``lr``, that of the step) too high."""
+    bad = [name for name, value in values.items() if not math.isfinite(value)]
+    overflow = "try --amp bf16 or --amp off"
+    if before_any_update:
+        cause = ("it happened at the first step, before any update, so the learning rate is not the cause: "
+                 "check the input images, the teacher (its checkpoint) and the loss weights and temperatures")
+        return cause + (f", or an fp16 overflow ({overflow})" if fp16 else "")
+    if fp16:
+        return f"with --amp fp16 this is likely an fp16 overflow: {overflow}"
+    if bad and "ce" not in bad and len(bad) < len(values):
+        if bad == ["kd"]:
+            return "only the kd term is non-finite: lower its weight -a or raise its temperature --kd_T"
+        method = [name for name in bad if name != "kd"]
+        which = f"the method's term{'s' if len(method) > 1 else ''} {', '.join(method)}"
+        weights = "-a and -b" if "kd" in bad else "-b"
+        return (f"only {'kd and ' if 'kd' in bad else ''}{which} {'are' if len(bad) > 1 else 'is'} non-finite: "
+                f"lower the weight {weights} or raise the method's temperature")
+    at = f" (this step ran at {lr:g})" if lr is not None else ""
+    return f"the learning rate is likely too high: lower --learning_rate{at} or the loss weights"
+
+
+def check_finite(values: dict[str, float], where: str, step: int, device: torch.device | None = None, *,
+                 before_any_update: bool = False, fp16: bool = False, lr: float | None = None) -> None:
+    """Raise :class:`NonFiniteLoss` naming ``where``, the step, every term and the likely cause
+    (see :func:`nonfinite_cause`) if any term is NaN/inf (on any rank, under torchrun: every
+    rank then stops together)."""
     bad = not all(math.isfinite(v) for v in values.values())
     if device is not None:
         bad = distributed.any_rank(bad, device)
@@ -57,7 +88,7 @@ def check_finite(values: dict[str, float], where: str, step: int, device: torch.
         shown = ", ".join(f"{name}={value:.6g}" for name, value in values.items())
         raise NonFiniteLoss(f"the loss became non-finite at {where}, step {step} ({shown}); "
                             "the run stopped and its checkpoints were left as they were: "
-                            "lower --learning_rate or the loss weights")
+                            + nonfinite_cause(values, before_any_update=before_any_update, fp16=fp16, lr=lr))
 
 
 class StepBudget:
@@ -137,11 +168,14 @@ def train_one_epoch(epoch: int, loader, trainable: nn.Module, train_step: TrainS
                     optimizer: torch.optim.Optimizer, budget: StepBudget, *,
                     scaler: torch.amp.GradScaler | None = None, autocast=contextlib.nullcontext,
                     stats: EpochStats | None = None, first_step: int = 1,
-                    stop: StopSignals | None = None, device: torch.device | None = None) -> dict[str, float]:
+                    stop: StopSignals | None = None, device: torch.device | None = None,
+                    fresh_run: bool = False) -> dict[str, float]:
     """Train for one pass over ``loader`` (or until the step budget runs out).
 
     Each step runs ``train_step`` under ``autocast()``, checks every loss term is finite (raising
-    :class:`NonFiniteLoss` naming the epoch, the step and every term), and steps ``optimizer``
+    :class:`NonFiniteLoss` naming the epoch, the step, every term and the likely cause; ``fresh_run``:
+    no update was made before this call's first step, not even in a previous run or an init
+    stage), and steps ``optimizer``
     through ``scaler`` (fp16 loss scaling) when given. ``stats`` and ``first_step`` continue an
     epoch resumed in its middle. When ``stop`` reports a signal after a step, :class:`StopRequest`
     is raised carrying the step and the stats so far. Returns the epoch's averages:
@@ -160,7 +194,8 @@ def train_one_epoch(epoch: int, loader, trainable: nn.Module, train_step: TrainS
             logits, target, terms = train_step(batch)
         loss = sum(terms.values())
         values = {name: term.item() for name, term in terms.items()}
-        check_finite(values, f"epoch {epoch}", step, device)
+        check_finite(values, f"epoch {epoch}", step, device, before_any_update=fresh_run and budget.done == 0,
+                     fp16=scaler is not None and scaler.is_enabled(), lr=optimizer.param_groups[0]["lr"])
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -334,7 +369,7 @@ class Fit:
                         epoch, self.train_loader, self.trainable, self.train_step, self.optimizer,
                         self.budget, scaler=self.scaler if self.scaler.is_enabled() else None,
                         autocast=runtime.autocast, stats=self.carry, first_step=first_step, stop=stop,
-                        device=runtime.device)
+                        device=runtime.device, fresh_run=not self.run.results.get("init_history"))
                 except StopRequest as request:
                     self._guard_weights(f"epoch {epoch}")
                     distributed.broadcast_buffers(model)
