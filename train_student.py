@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from dataset import DataBundle, get_dataloaders
+from dataset.skipping import sample_images
 from distiller_zoo.registry import add_method_arguments, build_distiller, get_method, method_names
 from helper.argtypes import (momentum_float, nonnegative_float, nonnegative_int, path_part, positive_float,
                              positive_int, unit_interval)
@@ -138,7 +139,7 @@ def build_run(opt, runtime: Runtime) -> RunParts:
     student = runtime.place(build_model(opt.arch, num_classes=data.num_classes))
     if opt.sync_bn:  # after placing: on GPUs it becomes torch's SyncBatchNorm
         student = convert_sync_batchnorm(student)
-    sample = runtime.to_device(torch.stack([data.val_loader.dataset[i][0] for i in range(2)]))
+    sample = runtime.to_device(sample_images(data.val_loader.dataset))
     teachers = []
     for path in opt.path_t.split(",") if opt.path_t else [""]:
         teacher, arch = load_teacher(path.strip(), data.num_classes, opt.dataset)

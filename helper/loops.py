@@ -337,6 +337,10 @@ class Fit:
             for name in names:
                 save_checkpoint(state, self.folder / name)
 
+    def _images_skipped(self) -> int:
+        """Unreadable images skipped so far by this process's loaders (see dataset/skipping.py)."""
+        return sum(getattr(loader, "images_skipped", 0) for loader in (self.train_loader, self.val_loader))
+
     def _guard_weights(self, where: str) -> None:
         if not weights_are_finite(self.modules):
             raise NonFiniteLoss(f"the weights became non-finite during {where}; the run stopped and its "
@@ -345,7 +349,9 @@ class Fit:
     # ------------------------------------------------------------------ the epochs
     def __call__(self) -> dict[str, Any]:
         """Train from the epoch after the last completed one to ``opt.epochs`` (or
-        ``opt.max_steps`` steps), validating the model after each; returns the final results."""
+        ``opt.max_steps`` steps), validating the model after each; returns the final results.
+        Each epoch's record and the results hold ``images_skipped``: unreadable images left out
+        by the loaders (their ``images_skipped`` count, summed over ranks) in that epoch / in all."""
         opt, runtime = self.opt, self.runtime
         model = self.modules["model"]
         sampler = getattr(self.train_loader, "sampler", None)
@@ -363,6 +369,7 @@ class Fit:
                 if self.skip_batches and hasattr(sampler, "skip"):
                     sampler.skip(self.skip_batches * self.train_loader.batch_size)
                 self._loader_state_at_epoch_start = self._loader_state()
+                skipped_before = self._images_skipped()
                 start = time.perf_counter()
                 try:
                     train_stats = train_one_epoch(
@@ -390,8 +397,10 @@ class Fit:
                 if is_best:
                     self.best_acc, self.best_top5 = self.last["test_acc"], self.last["test_acc_top5"]
                 self.epochs_done = epoch
+                skipped = distributed.all_reduce_sum(torch.tensor(
+                    [self._images_skipped() - skipped_before], dtype=torch.float64, device=runtime.device))
                 self.run.epoch({"epoch": epoch, "lr": lr, **train_stats, **self.last,
-                                "epoch_time_s": time.perf_counter() - start})
+                                "epoch_time_s": time.perf_counter() - start, "images_skipped": int(skipped.item())})
                 state = self.state()
                 names = ["last.pth"] + (["best.pth"] if is_best else [])
                 if epoch % opt.save_freq == 0:
@@ -403,6 +412,7 @@ class Fit:
                     raise Interrupted(stop.signum, f"the end of epoch {epoch}", self.folder / "last.pth")
         images_per_s = [h["images_per_s"] for h in self.run.history]
         results = self.run.save("finished", epochs_run=len(self.run.history), steps=self.budget.done,
+                                images_skipped=sum(h.get("images_skipped", 0) for h in self.run.history),
                                 last_acc=self.last.get("test_acc"), last_acc_top5=self.last.get("test_acc_top5"),
                                 best_acc=self.best_acc, best_acc_top5=self.best_top5, device=str(runtime.device),
                                 world_size=runtime.dist.world_size, amp=runtime.amp,
