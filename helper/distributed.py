@@ -83,17 +83,16 @@ class RankLost(Stopped):
     exit_code = 1
 
 
-# What gloo and torch raise when a collective times out or a peer's connection drops.
-_COLLECTIVE_FAILURES = ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer",
-                        "Broken pipe", "NCCL", "gloo")
+# What gloo, NCCL and torch's store say when a collective times out or a peer's connection drops
+# (other backend errors, e.g. this rank's own CUDA fault, are not about another rank).
+_PEER_LOST = ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer", "Broken pipe",
+              "remote process exited")
 
 
 def is_collective_failure(err: BaseException) -> bool:
-    """Whether ``err`` is a failed collective (a timeout or a lost peer) rather than an error of
-    this rank's own."""
-    if isinstance(err, getattr(dist, "DistError", ())):
-        return True
-    return isinstance(err, RuntimeError) and any(text in str(err) for text in _COLLECTIVE_FAILURES)
+    """Whether ``err`` is a collective that failed because of another rank (a timeout, or a
+    peer whose connection dropped) rather than an error of this rank's own."""
+    return isinstance(err, RuntimeError) and any(text in str(err) for text in _PEER_LOST)
 
 
 def _lost_key(rank: int) -> str:
