@@ -108,10 +108,12 @@ def lost_rank_error(err: BaseException, timeout_min: float | None, grace_s: floa
     stopped answering. When every other rank had already given up, this rank is the one that
     fell behind. (Call it while the process group is still up.)"""
     info = current()
-    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    timed_out = "imed out" in str(err)
-    wait = (f"no reply within --dist_timeout {timeout_min:g} minutes" if timed_out and timeout_min
-            else "a collective failed: " + first_line[:200])
+    if "imed out" not in str(err):
+        wait = "a connection between ranks dropped: a rank ended or crashed"
+    elif timeout_min:
+        wait = f"no reply within --dist_timeout {timeout_min:g} minutes"
+    else:
+        wait = "a collective timed out"
     if grace_s is None:
         grace_s = min(10.0, max(1.0, 6.0 * (timeout_min or 1.0)))
     try:
