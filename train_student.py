@@ -17,7 +17,10 @@ import torch
 import torch.nn as nn
 
 from dataset import DataBundle, get_dataloaders
+from dataset.skipping import sample_images
 from distiller_zoo.registry import add_method_arguments, build_distiller, get_method, method_names
+from helper.argtypes import (momentum_float, nonnegative_float, nonnegative_int, path_part, positive_float,
+                             positive_int, unit_interval)
 from helper.checkpoint import load_checkpoint, weights_digest
 from helper.distributed import say, wrap_ddp
 from helper.errors import UserError, exit_on_user_error
@@ -39,22 +42,25 @@ def build_parser() -> Parser:
     add_training_args(parser)
     parser.set_defaults(save_folder="./save/student_model")
     g = parser.add_argument_group("distillation")
-    g.add_argument("--init_epochs", type=int, default=30, help="init-stage epochs of abound, factor and fsp")
+    g.add_argument("--init_epochs", type=nonnegative_int, default=30,
+                   help="init-stage epochs of abound, factor and fsp")
     g.add_argument("--model_s", type=str, default="resnet8", help="student architecture")
     g.add_argument("--path_t", type=str, default=None,
                    help="teacher checkpoint; several comma-separated ones distil from their ensemble")
     g.add_argument("--distill", type=str, default="kd", help="method: " + ", ".join(method_names()))
-    g.add_argument("--trial", type=str, default="1", help="trial id")
-    g.add_argument("-r", "--gamma", type=float, default=None, help="weight of cross-entropy (default 1)")
-    g.add_argument("-a", "--alpha", type=float, default=None, help="weight of KD (default: the method's published one)")
-    g.add_argument("-b", "--beta", type=float, default=None, help="weight of the method's loss (default: published)")
-    g.add_argument("--kd_T", type=float, default=4, help="temperature of KD")
-    g.add_argument("--feat_dim", type=int, default=128, help="embedding dimension (CRD, CC)")
+    g.add_argument("--trial", type=path_part, default="1", help="trial id")
+    g.add_argument("-r", "--gamma", type=nonnegative_float, default=None, help="weight of cross-entropy (default 1)")
+    g.add_argument("-a", "--alpha", type=nonnegative_float, default=None,
+                   help="weight of KD (default: the method's published one)")
+    g.add_argument("-b", "--beta", type=nonnegative_float, default=None,
+                   help="weight of the method's loss (default: published)")
+    g.add_argument("--kd_T", type=positive_float, default=4, help="temperature of KD")
+    g.add_argument("--feat_dim", type=positive_int, default=128, help="embedding dimension (CRD, CC)")
     g.add_argument("--mode", type=str, default="exact", choices=["exact", "relax"], help="CRD positives")
-    g.add_argument("--nce_k", type=int, default=16384, help="negatives for NCE")
-    g.add_argument("--nce_t", type=float, default=0.07, help="temperature for NCE")
-    g.add_argument("--nce_m", type=float, default=0.5, help="momentum of the memory-bank update")
-    g.add_argument("--nce_z_momentum", type=float, default=None,
+    g.add_argument("--nce_k", type=positive_int, default=16384, help="negatives for NCE")
+    g.add_argument("--nce_t", type=positive_float, default=0.07, help="temperature for NCE")
+    g.add_argument("--nce_m", type=unit_interval, default=0.5, help="momentum of the memory-bank update")
+    g.add_argument("--nce_z_momentum", type=momentum_float, default=None,
                    help="keep NCE's normaliser Z as an EMA with this momentum (e.g. 0.99); "
                         "default: estimated on the first batch, then frozen (the paper)")
     g.add_argument("--nce_scores", choices=("auto", "matmul", "gather"), default="auto",
@@ -138,7 +144,7 @@ def build_run(opt, runtime: Runtime) -> RunParts:
     student = runtime.place(build_model(opt.arch, num_classes=data.num_classes))
     if opt.sync_bn:  # after placing: on GPUs it becomes torch's SyncBatchNorm
         student = convert_sync_batchnorm(student)
-    sample = runtime.to_device(torch.stack([data.val_loader.dataset[i][0] for i in range(2)]))
+    sample = runtime.to_device(sample_images(data.val_loader.dataset))
     teachers, digests = [], []
     for path in opt.path_t.split(",") if opt.path_t else [""]:
         teacher, arch = load_teacher(path.strip(), data.num_classes, opt.dataset)

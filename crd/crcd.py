@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from distiller_zoo._common import fp32
 from distiller_zoo.registry import Batch, Distiller, NetOutput, register
+from helper.argtypes import nonnegative_float, positive_float, positive_int
 from helper.errors import UserError
 from models import get_classifier
 
@@ -283,11 +284,11 @@ class CRCD(Distiller):
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--crcd_k", type=int, default=500,
+        parser.add_argument("--crcd_k", type=positive_int, default=500,
                             help="CRCD: negatives per relation, drawn from the other samples")
-        parser.add_argument("--crcd_t", type=float, default=0.05,
+        parser.add_argument("--crcd_t", type=positive_float, default=0.05,
                             help="CRCD: temperature of the relation critic")
-        parser.add_argument("--crcd_grad_weight", type=float, default=1.0,
+        parser.add_argument("--crcd_grad_weight", type=nonnegative_float, default=1.0,
                             help="CRCD: weight of the gradient-relation term (0: feature relations only)")
 
     def __init__(self, opt, feats_s: list[torch.Tensor], feats_t: list[torch.Tensor]):

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from distiller_zoo._common import fp32
 from distiller_zoo.registry import Batch, Distiller, NetOutput, register
+from helper.argtypes import finite_float, nonnegative_float, positive_float
 
 from .crd_loss import head_options
 
@@ -115,11 +116,11 @@ class DCD(Distiller):
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--dcd_alpha", type=float, default=0.5,
+        parser.add_argument("--dcd_alpha", type=nonnegative_float, default=0.5,
                             help="DCD: weight of the consistency term (default 0.5)")
-        parser.add_argument("--dcd_max_tau", type=float, default=10.0,
+        parser.add_argument("--dcd_max_tau", type=positive_float, default=10.0,
                             help="DCD: upper bound of the learnable logit scale kappa = exp(theta) (default 10)")
-        parser.add_argument("--dcd_init_tau", type=float, default=1.0,
+        parser.add_argument("--dcd_init_tau", type=finite_float, default=1.0,
                             help="DCD: initial theta, the log of the logit scale kappa (default 1.0)")
 
     def forward(self, s: NetOutput, t: NetOutput, batch: Batch) -> dict[str, torch.Tensor]:

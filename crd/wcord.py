@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
 from distiller_zoo.registry import Batch, Distiller, NetOutput, register
+from helper.argtypes import nonnegative_float, positive_float, positive_int
 from helper.errors import UserError
 
 from .crd_loss import BANK_DEFAULTS, head_options
@@ -201,13 +202,13 @@ class WCoRD(Distiller):
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--wcord_lambda_g", type=float, default=DEFAULT_LAMBDA_G,
+        parser.add_argument("--wcord_lambda_g", type=nonnegative_float, default=DEFAULT_LAMBDA_G,
                             help="WCoRD: weight of the global (dual, contrastive) term")
-        parser.add_argument("--wcord_lambda_l", type=float, default=DEFAULT_LAMBDA_L,
+        parser.add_argument("--wcord_lambda_l", type=nonnegative_float, default=DEFAULT_LAMBDA_L,
                             help="WCoRD: weight of the local (primal, in-batch optimal transport) term")
-        parser.add_argument("--wcord_eps", type=float, default=DEFAULT_EPS,
+        parser.add_argument("--wcord_eps", type=positive_float, default=DEFAULT_EPS,
                             help="WCoRD: entropic regularisation epsilon of the Sinkhorn plan")
-        parser.add_argument("--wcord_iters", type=int, default=DEFAULT_ITERS,
+        parser.add_argument("--wcord_iters", type=positive_int, default=DEFAULT_ITERS,
                             help="WCoRD: Sinkhorn iterations (log domain)")
 
     def forward(self, s: NetOutput, t: NetOutput, batch: Batch) -> dict[str, torch.Tensor]:

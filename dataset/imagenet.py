@@ -14,6 +14,7 @@ from helper.errors import UserError
 
 from .loaders import make_bundle
 from .sampling import ContrastSampler
+from .skipping import DECODE_ERRORS, Unreadable
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -57,6 +58,25 @@ def open_image_folder(folder: str | Path, transform: Callable | None = None,
                         "sub-folder of images per class in both train/ and val/") from err
 
 
+class SafeImageFolder(datasets.ImageFolder):
+    """torchvision's ImageFolder whose items are :class:`~dataset.skipping.Unreadable` for files
+    that cannot be decoded (truncated, empty, not images) instead of an exception (which would end
+    the run from inside a DataLoader worker); the loaders of :func:`dataset.loaders.make_bundle`
+    leave them out of the batches and count them."""
+
+    def __getitem__(self, index: int) -> tuple[Any, Any] | Unreadable:
+        path, target = self.samples[index]
+        try:
+            sample = self.loader(path)
+        except DECODE_ERRORS as err:
+            return Unreadable.from_error(path, err)
+        if self.transform is not None:
+            sample = self.transform(sample)
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return sample, target
+
+
 class ImageFolderInstance(datasets.ImageFolder):
     """RepDistiller's ImageFolderInstance: items are ``(img, target, index)``."""
 
@@ -84,14 +104,15 @@ class ImageFolderSample(datasets.ImageFolder):
 
 
 def open_imagenet(opt: Any) -> tuple[datasets.ImageFolder, datasets.ImageFolder, torch.Tensor, int]:
-    """The training and validation folders (standard transforms), the training labels and the
-    number of classes (that of train/, which val/ must match)."""
+    """The training and validation folders (standard transforms; unreadable files become
+    :class:`~dataset.skipping.Unreadable` items, see :class:`SafeImageFolder`), the training
+    labels and the number of classes (that of train/, which val/ must match)."""
     root = Path(getattr(opt, "data_folder", None) or DEFAULT_FOLDER).expanduser()
     if getattr(opt, "download", False):
         raise UserError("ImageNet cannot be downloaded automatically: get it from image-net.org "
                         f"and arrange it as {LAYOUT}")
-    train_set = open_image_folder(root / "train", imagenet_train_transform())
-    val_set = open_image_folder(root / "val", imagenet_val_transform())
+    train_set = open_image_folder(root / "train", imagenet_train_transform(), SafeImageFolder)
+    val_set = open_image_folder(root / "val", imagenet_val_transform(), SafeImageFolder)
     if val_set.classes != train_set.classes:
         raise UserError(f"{root}/val has {len(val_set.classes)} class folders and {root}/train has "
                         f"{len(train_set.classes)}, or their names differ: both need the same class "

@@ -13,6 +13,7 @@ from helper.distributed import EpochSampler, ShardSampler, current
 from helper.errors import UserError
 
 from .sampling import ContrastSampler
+from .skipping import SkippingLoader, SkipUnreadable, Unreadable
 from .tensor_loader import TensorImages, TensorLoader, tensor_source
 
 LOADERS = ("tensor", "torchvision")
@@ -51,8 +52,11 @@ class IndexedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base) if self.indices is None else len(self.indices)  # type: ignore[arg-type]
 
-    def __getitem__(self, i: int) -> tuple[Any, ...]:
-        img, target = self.base[i if self.indices is None else self.indices[i]][:2]
+    def __getitem__(self, i: int) -> tuple[Any, ...] | Unreadable:
+        item = self.base[i if self.indices is None else self.indices[i]]
+        if isinstance(item, Unreadable):  # an image file that could not be read: the collate drops it
+            return item
+        img, target = item[:2]
         return (img, target, i) if self.with_index else (img, target)
 
 
@@ -163,16 +167,18 @@ def make_bundle(train_set: Dataset, val_set: Dataset, train_labels: torch.Tensor
                          ShardSampler(len(tensor_val), rank.rank, rank.world_size)),
             n_data, num_classes, labels)
     pin = torch.cuda.is_available()
-    train_loader = DataLoader(
+    # Image folders may hold unreadable files: their items are left out of the batches (a
+    # training batch is kept at two samples at least) and counted (``loader.images_skipped``).
+    train_loader = SkippingLoader(
         train_view, batch_size=batch_size, sampler=train_sampler, num_workers=num_workers,
-        collate_fn=collate, pin_memory=pin, drop_last=drop_last,
+        collate_fn=SkipUnreadable(collate, min_size=2), pin_memory=pin, drop_last=drop_last,
         generator=torch.Generator().manual_seed(int(seed) + rank.rank))
     val_workers = num_workers if val_workers is None else val_workers
     val_view = IndexedDataset(val_set, val_indices)
-    val_loader = DataLoader(
+    val_loader = SkippingLoader(
         val_view, batch_size=val_batch_size or batch_size,
         sampler=ShardSampler(len(val_view), rank.rank, rank.world_size), num_workers=val_workers, pin_memory=pin,
         # its own generator: iterating it must not draw from the global RNG (validating
         # teachers or resuming would otherwise change the training run's augmentations)
-        generator=torch.Generator().manual_seed(0))
+        generator=torch.Generator().manual_seed(0), collate_fn=SkipUnreadable())
     return DataBundle(train_loader, val_loader, n_data, num_classes, labels)

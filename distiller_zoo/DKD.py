@@ -7,6 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from helper.argtypes import nonnegative_float, nonnegative_int, positive_float
+
 from ._common import fp32
 from .registry import Batch, Distiller, NetOutput, register
 
@@ -108,12 +110,12 @@ class DKD(Distiller):
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--dkd_alpha", type=float, default=1.0,
+        parser.add_argument("--dkd_alpha", type=nonnegative_float, default=1.0,
                             help="DKD: weight of TCKD, target-class KD (default 1)")
-        parser.add_argument("--dkd_beta", type=float, default=8.0,
+        parser.add_argument("--dkd_beta", type=nonnegative_float, default=8.0,
                             help="DKD: weight of NCKD, non-target-class KD (default 8)")
-        parser.add_argument("--dkd_T", type=float, default=4.0, help="DKD: temperature (default 4)")
-        parser.add_argument("--dkd_warmup", type=int, default=20,
+        parser.add_argument("--dkd_T", type=positive_float, default=4.0, help="DKD: temperature (default 4)")
+        parser.add_argument("--dkd_warmup", type=nonnegative_int, default=20,
                             help="DKD: epochs of linear warm-up, factor min(epoch / warmup, 1) (default 20)")
 
     def forward(self, s: NetOutput, t: NetOutput, batch: Batch) -> dict[str, torch.Tensor]:

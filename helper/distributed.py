@@ -6,8 +6,10 @@ them (a plain ``python train_student.py``) everything here is a no-op for a worl
 """
 from __future__ import annotations
 
+import datetime
 import math
 import os
+import time
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -16,7 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import Sampler
 
-from helper.errors import UserError
+from helper.errors import Stopped, UserError
 
 
 @dataclass(frozen=True)
@@ -41,10 +43,12 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def init_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:
+def init_distributed(device: torch.device, timeout_min: float | None = None) -> tuple[DistInfo, torch.device]:
     """Join the process group that ``torchrun`` describes (``nccl`` for CUDA, ``gloo`` for the CPU)
     and return this process's :class:`DistInfo` and device (``cuda:LOCAL_RANK`` on GPUs).
-    Without ``torchrun`` (``WORLD_SIZE`` unset or 1) returns a world of one and ``device``."""
+    ``timeout_min`` (``--dist_timeout``): minutes a collective waits for the other ranks before it
+    fails (None: torch's default). Without ``torchrun`` (``WORLD_SIZE`` unset or 1) returns a
+    world of one and ``device``."""
     if dist.is_available() and dist.is_initialized():
         return current(), device
     if not launched_by_torchrun():
@@ -59,7 +63,8 @@ def init_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend)
+    timeout = datetime.timedelta(minutes=timeout_min) if timeout_min else None
+    dist.init_process_group(backend=backend, **({"timeout": timeout} if timeout else {}))
     return current(), device
 
 
@@ -69,6 +74,74 @@ def current() -> DistInfo:
         return DistInfo()
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")),
                     dist.get_backend())
+
+
+class RankLost(Stopped):
+    """Under torchrun, a collective failed because another rank stopped answering (it hung,
+    crashed or fell behind by more than ``--dist_timeout``); the message names it."""
+
+    exit_code = 1
+
+
+# What gloo, NCCL and torch's store say when a collective times out or a peer's connection drops
+# (other backend errors, e.g. this rank's own CUDA fault, are not about another rank).
+_PEER_LOST = ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer", "Broken pipe",
+              "remote process exited")
+
+
+def is_collective_failure(err: BaseException) -> bool:
+    """Whether ``err`` is a collective that failed because of another rank (a timeout, or a
+    peer whose connection dropped) rather than an error of this rank's own."""
+    return isinstance(err, RuntimeError) and any(text in str(err) for text in _PEER_LOST)
+
+
+def _lost_key(rank: int) -> str:
+    return f"repdistill/collective_failed/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{rank}"
+
+
+def lost_rank_error(err: BaseException, timeout_min: float | None, grace_s: float | None = None) -> RankLost:
+    """The one-line :class:`RankLost` for a collective that failed with ``err`` on this rank.
+
+    Every rank whose collective fails marks itself in the process group's store (torchrun's),
+    then waits up to ``grace_s`` (default: a tenth of the timeout, 1 to 10 s) for the other ranks'
+    marks: those that did not fail are not in a collective at all, so they are the ones that
+    stopped answering. When every other rank had already given up, this rank is the one that
+    fell behind. (Call it while the process group is still up.)"""
+    info = current()
+    if "imed out" not in str(err):
+        wait = "a connection between ranks dropped: a rank ended or crashed"
+    elif timeout_min:
+        wait = f"no reply within --dist_timeout {timeout_min:g} minutes"
+    else:
+        wait = "a collective timed out"
+    if grace_s is None:
+        grace_s = min(10.0, max(1.0, 6.0 * (timeout_min or 1.0)))
+    try:
+        store = dist.distributed_c10d._get_default_store()  # noqa: SLF001 (torchrun's store; no public getter)
+        others = [r for r in range(info.world_size) if r != info.rank]
+        already = [r for r in others if store.check([_lost_key(r)])]
+        store.set(_lost_key(info.rank), "1")
+        if others and len(already) == len(others):
+            return RankLost(f"error: this rank ({info.rank} of {info.world_size}) fell behind: the others gave up "
+                            f"waiting for it ({wait}); see why it was slow, or raise --dist_timeout")
+        deadline = time.monotonic() + grace_s
+        missing = others
+        while time.monotonic() < deadline:
+            missing = [r for r in others if not store.check([_lost_key(r)])]
+            if not missing:
+                break
+            time.sleep(0.1)
+    except Exception:  # the store lives with rank 0 or torchrun's agent: it may be gone too
+        return RankLost(f"error: rank {info.rank} of {info.world_size}: {wait}; another rank stopped or crashed "
+                        "and it could not be told which: see the other ranks' output")
+    if not missing:
+        return RankLost(f"error: every rank's collective failed ({wait}): the ranks lost contact with each other "
+                        "(network?) or disagree on the collectives they run")
+    names = ", ".join(str(r) for r in missing)
+    which = f"rank{'s' if len(missing) > 1 else ''} {names} of {info.world_size}"
+    return RankLost(f"error: {which} stopped answering ({wait}; rank {info.rank} stops here): see "
+                    f"{'their' if len(missing) > 1 else 'its'} output for a crash or a hang, or raise "
+                    "--dist_timeout if it is only slow")
 
 
 def is_main_process() -> bool:

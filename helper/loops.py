@@ -48,9 +48,40 @@ class Interrupted(Stopped):
         return 128 + self.signum
 
 
-def check_finite(values: dict[str, float], where: str, step: int, device: torch.device | None = None) -> None:
-    """Raise :class:`NonFiniteLoss` naming ``where``, the step and every term if any term is NaN/inf
-    (on any rank, under torchrun: every rank then stops together)."""
+def nonfinite_cause(values: dict[str, float], *, before_any_update: bool = False, fp16: bool = False,
+                    lr: float | None = None) -> str:
+    """The likely cause of non-finite loss ``values`` (term -> value) and what to do, as one clause.
+
+    In order: at the first step of a fresh run (``before_any_update``) the learning rate
+    cannot be the cause, so the inputs, the teacher or the loss weights are; under ``--amp fp16``
+    (``fp16``) an overflow; when only distillation terms (``kd``, or the method's own ones) are
+    non-finite while others are not, their weight or temperature; otherwise a learning rate
+    (``lr``, that of the step) too high."""
+    bad = [name for name, value in values.items() if not math.isfinite(value)]
+    overflow = "try --amp bf16 or --amp off"
+    if before_any_update:
+        cause = ("it happened at the first step, before any update, so the learning rate is not the cause: "
+                 "check the input images, the teacher (its checkpoint) and the loss weights and temperatures")
+        return cause + (f", or an fp16 overflow ({overflow})" if fp16 else "")
+    if fp16:
+        return f"with --amp fp16 this is likely an fp16 overflow: {overflow}"
+    if bad and "ce" not in bad and len(bad) < len(values):
+        if bad == ["kd"]:
+            return "only the kd term is non-finite: lower its weight -a or raise its temperature --kd_T"
+        method = [name for name in bad if name != "kd"]
+        which = f"the method's term{'s' if len(method) > 1 else ''} {', '.join(method)}"
+        weights = "-a and -b" if "kd" in bad else "-b"
+        return (f"only {'kd and ' if 'kd' in bad else ''}{which} {'are' if len(bad) > 1 else 'is'} non-finite: "
+                f"lower the weight {weights} or raise the method's temperature")
+    at = f" (this step ran at {lr:g})" if lr is not None else ""
+    return f"the learning rate is likely too high: lower --learning_rate{at} or the loss weights"
+
+
+def check_finite(values: dict[str, float], where: str, step: int, device: torch.device | None = None, *,
+                 before_any_update: bool = False, fp16: bool = False, lr: float | None = None) -> None:
+    """Raise :class:`NonFiniteLoss` naming ``where``, the step, every term and the likely cause
+    (see :func:`nonfinite_cause`) if any term is NaN/inf (on any rank, under torchrun: every
+    rank then stops together)."""
     bad = not all(math.isfinite(v) for v in values.values())
     if device is not None:
         bad = distributed.any_rank(bad, device)
@@ -58,7 +89,7 @@ def check_finite(values: dict[str, float], where: str, step: int, device: torch.
         shown = ", ".join(f"{name}={value:.6g}" for name, value in values.items())
         raise NonFiniteLoss(f"the loss became non-finite at {where}, step {step} ({shown}); "
                             "the run stopped and its checkpoints were left as they were: "
-                            "lower --learning_rate or the loss weights")
+                            + nonfinite_cause(values, before_any_update=before_any_update, fp16=fp16, lr=lr))
 
 
 class StepBudget:
@@ -141,12 +172,13 @@ def train_one_epoch(epoch: int, loader, trainable: nn.Module, train_step: TrainS
                     scaler: torch.amp.GradScaler | None = None, autocast=contextlib.nullcontext,
                     stats: EpochStats | None = None, first_step: int = 1,
                     stop: StopSignals | None = None, device: torch.device | None = None,
-                    print_freq: int = 0) -> dict[str, float]:
+                    print_freq: int = 0, fresh_run: bool = False) -> dict[str, float]:
     """Train for one pass over ``loader`` (or until the step budget runs out).
 
     Each step runs ``train_step`` under ``autocast()``, checks every loss term is finite (raising
-    :class:`NonFiniteLoss` naming the epoch, the step and every term), and steps ``optimizer``
-    through ``scaler`` (fp16 loss scaling) when given. ``stats`` and ``first_step`` continue an
+    :class:`NonFiniteLoss` naming the epoch, the step, every term and the likely cause; ``fresh_run``:
+    no update was made before this call's first step, not even in a previous run or an init
+    stage), and steps ``optimizer`` through ``scaler`` (fp16 loss scaling) when given. ``stats`` and ``first_step`` continue an
     epoch resumed in its middle. When ``stop`` reports a signal after a step, :class:`StopRequest`
     is raised carrying the step and the stats so far. The budget is checked after each step, so no
     batch is drawn that is not trained on (``stats.batches`` tells how far the epoch got). When the
@@ -167,7 +199,8 @@ def train_one_epoch(epoch: int, loader, trainable: nn.Module, train_step: TrainS
             logits, target, terms = train_step(batch)
         loss = sum(terms.values())
         values = {name: term.item() for name, term in terms.items()}
-        check_finite(values, f"epoch {epoch}", step, device)
+        check_finite(values, f"epoch {epoch}", step, device, before_any_update=fresh_run and budget.done == 0,
+                     fp16=scaler is not None and scaler.is_enabled(), lr=optimizer.param_groups[0]["lr"])
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -372,6 +405,10 @@ class Fit:
             for name in names:
                 save_checkpoint(state, self.folder / name)
 
+    def _images_skipped(self) -> int:
+        """Unreadable images skipped so far by this process's loaders (see dataset/skipping.py)."""
+        return sum(getattr(loader, "images_skipped", 0) for loader in (self.train_loader, self.val_loader))
+
     def _guard_weights(self, where: str) -> None:
         if not weights_are_finite(self.modules):
             raise NonFiniteLoss(f"the weights became non-finite during {where}; the run stopped and its "
@@ -403,7 +440,9 @@ class Fit:
         """Train from where the run stands to ``opt.epochs`` (or ``opt.max_steps`` steps),
         validating the model after each epoch; returns the final results. A run stopped by
         ``--max_steps`` inside an epoch is validated and saved there, and a resume finishes
-        that epoch."""
+        that epoch. Each epoch's record and the results hold ``images_skipped``: unreadable
+        images left out by the loaders (their ``images_skipped`` count, summed over ranks) in
+        that epoch / in all."""
         opt, runtime = self.opt, self.runtime
         sampler = getattr(self.train_loader, "sampler", None)
         self.run.open()
@@ -421,13 +460,15 @@ class Fit:
                     sampler.skip(self.skip_batches * self.train_loader.batch_size)
                 self._loader_state_at_epoch_start = self._loader_state()
                 stats = self.carry or EpochStats()
+                skipped_before = self._images_skipped()
                 start = time.perf_counter()
                 try:
                     train_stats = train_one_epoch(
                         epoch, self.train_loader, self.trainable, self.train_step, self.optimizer,
                         self.budget, scaler=self.scaler if self.scaler.is_enabled() else None,
                         autocast=runtime.autocast, stats=stats, first_step=first_step, stop=stop,
-                        device=runtime.device, print_freq=getattr(opt, "print_freq", 0))
+                        device=runtime.device, print_freq=getattr(opt, "print_freq", 0),
+                        fresh_run=not self.run.results.get("init_history"))
                 except StopRequest as request:
                     self._guard_weights(f"epoch {epoch}")
                     distributed.broadcast_buffers(self.modules["model"])
@@ -437,8 +478,10 @@ class Fit:
                 partial = stats.batches < len(self.train_loader)
                 self._validate(epoch, train_stats)
                 is_best = self._is_best(epoch)
+                skipped = distributed.all_reduce_sum(torch.tensor(
+                    [self._images_skipped() - skipped_before], dtype=torch.float64, device=runtime.device))
                 record = {"epoch": epoch, "lr": lr, **train_stats, **self.last,
-                          "epoch_time_s": time.perf_counter() - start}
+                          "epoch_time_s": time.perf_counter() - start, "images_skipped": int(skipped.item())}
                 if partial:  # --max_steps ran out inside the epoch: a resume continues it
                     record.update(partial=True, batches=stats.batches)
                     self.run.epoch(record)
@@ -466,6 +509,7 @@ class Fit:
             summary["stopped_by"] = f"--max_steps {self.budget.max_steps}"
         results = self.run.save(
             "finished" if finished else "stopped", epochs_run=self.epochs_done, steps=self.budget.done,
+            images_skipped=sum(h.get("images_skipped", 0) for h in self.run.history),
             last_acc=self.last.get("test_acc"), last_acc_top5=self.last.get("test_acc_top5"),
             best_acc=self.best_acc, best_acc_top5=self.best_top5, device=str(self.runtime.device),
             world_size=self.runtime.dist.world_size, amp=self.runtime.amp,

@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 
 from dataset import DATASETS, LOADERS, TENSOR_DATASETS
+from helper.argtypes import (int_at_least, momentum_float, nonfinite_floats, nonnegative_float, nonnegative_int,
+                             positive_float, positive_int)
 from helper.errors import UserError
 
 # RepDistiller trains these students with lr 0.01 instead of 0.05.
@@ -17,6 +19,15 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"error: {message} (see --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        """argparse's parsing, then a check that no float option is NaN or infinite (flags with a
+        checked ``type=`` from :mod:`helper.argtypes` refuse them already; this covers any other)."""
+        namespace, extras = super().parse_known_args(args, namespace)
+        flags = {action.dest: "/".join(action.option_strings) for action in self._actions}
+        for dest, value in nonfinite_floats(namespace):
+            self.error(f"argument {flags.get(dest) or dest}: expected a finite number, got {value!r}")
+        return namespace, extras
 
 
 def available_cores() -> int:
@@ -39,21 +50,22 @@ def default_workers(loader: str = "torchvision", dataset: str = "cifar100") -> i
 def add_training_args(parser: argparse.ArgumentParser) -> None:
     """Flags for optimisation, data, device and run control, with RepDistiller's defaults."""
     g = parser.add_argument_group("RepDistiller flags")
-    g.add_argument("--print_freq", type=int, default=100, help="print frequency (steps; kept for compatibility)")
-    g.add_argument("--tb_freq", type=int, default=500, help="tensorboard frequency (kept for compatibility)")
-    g.add_argument("--save_freq", type=int, default=40, help="write ckpt_epoch_N.pth every this many epochs")
-    g.add_argument("--batch_size", type=int, default=64, help="batch size")
-    g.add_argument("--num_workers", type=int, default=None,
+    g.add_argument("--print_freq", type=positive_int, default=100,
+                   help="print frequency (steps; kept for compatibility)")
+    g.add_argument("--tb_freq", type=positive_int, default=500, help="tensorboard frequency (kept for compatibility)")
+    g.add_argument("--save_freq", type=positive_int, default=40, help="write ckpt_epoch_N.pth every this many epochs")
+    g.add_argument("--batch_size", type=positive_int, default=64, help="batch size")
+    g.add_argument("--num_workers", type=nonnegative_int, default=None,
                    help="data-loading worker processes of the torchvision loader (default: 0 with --loader "
                         "tensor, which needs none; else min(8, cores - 1))")
-    g.add_argument("--epochs", type=int, default=240, help="number of training epochs")
-    g.add_argument("--learning_rate", type=float, default=None,
+    g.add_argument("--epochs", type=positive_int, default=240, help="number of training epochs")
+    g.add_argument("--learning_rate", type=positive_float, default=None,
                    help="learning rate (default 0.05; 0.01 for MobileNetV2/ShuffleV1/ShuffleV2)")
     g.add_argument("--lr_decay_epochs", type=str, default="150,180,210",
                    help="epochs after which the learning rate is multiplied by --lr_decay_rate")
-    g.add_argument("--lr_decay_rate", type=float, default=0.1, help="decay rate for the learning rate")
-    g.add_argument("--weight_decay", type=float, default=5e-4, help="weight decay")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--lr_decay_rate", type=positive_float, default=0.1, help="decay rate for the learning rate")
+    g.add_argument("--weight_decay", type=nonnegative_float, default=5e-4, help="weight decay")
+    g.add_argument("--momentum", type=momentum_float, default=0.9, help="SGD momentum")
     g.add_argument("--dataset", type=str, default="cifar100", help=f"data set: {', '.join(DATASETS)}")
 
     g = parser.add_argument_group("RepDistill flags")
@@ -69,12 +81,13 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                    help="tensor: whole set as a uint8 tensor on the device, crop/flip/normalise per batch with "
                         "tensor ops (cifar100, synthetic; imagenet always uses torchvision's folder loader); "
                         "torchvision: DataLoader with PIL transforms in worker processes")
-    g.add_argument("--subset", type=int, default=0, help="train on a class-balanced subset of N samples (0: all)")
-    g.add_argument("--val_subset", type=int, default=0,
+    g.add_argument("--subset", type=nonnegative_int, default=0,
+                   help="train on a class-balanced subset of N samples (0: all)")
+    g.add_argument("--val_subset", type=nonnegative_int, default=0,
                    help="validate on a class-balanced subset of N test samples (0: all; for smoke tests)")
     g.add_argument("--device", type=str, default="auto", help="auto, cpu or cuda (auto: cuda when available)")
     g.add_argument("--seed", type=int, default=None, help="random seed (default: the trial number)")
-    g.add_argument("--max_steps", type=int, default=0,
+    g.add_argument("--max_steps", type=nonnegative_int, default=0,
                    help="stop after N optimiser steps in total (per stage, with an init stage), then validate and save (0: no limit)")
     g.add_argument("--save_folder", type=str, default="./save/models", help="parent folder of the run folder")
     g.add_argument("--resume", type=str, default=None,
@@ -93,12 +106,16 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true", help="torch.compile the networks (the first steps are slow)")
     g.add_argument("--sync_bn", action="store_true",
                    help="under torchrun, BatchNorm statistics over all processes' batches (SyncBatchNorm)")
+    g.add_argument("--dist_timeout", type=positive_float, default=10.0,
+                   help="under torchrun: minutes a process waits for the others (in a collective) before it "
+                        "stops and names the rank that stopped answering")
 
     g = parser.add_argument_group("the synthetic data set (--dataset synthetic)")
-    g.add_argument("--synthetic_classes", type=int, default=100, help="number of classes")
-    g.add_argument("--synthetic_train", type=int, default=100, help="training images per class")
-    g.add_argument("--synthetic_test", type=int, default=20, help="test images per class")
-    g.add_argument("--synthetic_difficulty", type=float, default=1.0,
+    g.add_argument("--synthetic_classes", type=int_at_least(2, name="synthetic_classes"), default=100,
+                   help="number of classes")
+    g.add_argument("--synthetic_train", type=positive_int, default=100, help="training images per class")
+    g.add_argument("--synthetic_test", type=positive_int, default=20, help="test images per class")
+    g.add_argument("--synthetic_difficulty", type=nonnegative_float, default=1.0,
                    help="strength of warps, blending and noise (0: bare class prototypes)")
     g.add_argument("--synthetic_seed", type=int, default=0,
                    help="seed of the images (fixed apart from --seed, so teachers and students share data)")
@@ -111,6 +128,8 @@ def finalize_training_args(opt: argparse.Namespace, model_name: str) -> argparse
         opt.lr_decay_epochs = [int(e) for e in str(opt.lr_decay_epochs).split(",") if e.strip()]
     except ValueError:
         raise UserError(f"--lr_decay_epochs must be comma-separated integers, got '{opt.lr_decay_epochs}'") from None
+    if any(e < 0 for e in opt.lr_decay_epochs):
+        raise UserError(f"--lr_decay_epochs cannot hold negative epochs, got {opt.lr_decay_epochs}")
     if opt.learning_rate is None:
         opt.learning_rate = 0.01 if model_name in SMALL_LR_MODELS else 0.05
     if opt.num_workers is None:

@@ -50,7 +50,9 @@ def run_init_stage(distiller: Distiller, student: nn.Module, teacher: nn.Module,
                     with torch.no_grad():
                         feats_t, logits_t = teacher(batch.img, is_feat=True, preact=distiller.preact)
                     loss = distiller.init_loss(NetOutput(feats_s, logits_s), NetOutput(feats_t, logits_t), batch)
-                check_finite({"init": loss.item()}, f"init epoch {epoch}", step, device)
+                check_finite({"init": loss.item()}, f"init epoch {epoch}", step, device,
+                             before_any_update=budget.done == 0, fp16=runtime is not None and runtime.amp == "fp16",
+                             lr=optimizer.param_groups[0]["lr"])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 distributed.average_gradients(params)

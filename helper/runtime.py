@@ -11,7 +11,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from helper.distributed import DistInfo, init_distributed, launched_by_torchrun, shutdown
+from helper.distributed import (DistInfo, init_distributed, is_collective_failure, launched_by_torchrun,
+                                lost_rank_error, shutdown)
 from helper.errors import UserError
 
 
@@ -96,14 +97,26 @@ class Runtime:
 
 def run_script(parse_option, train, argv: list[str] | None):
     """A training script's body: parse the flags, set up the :class:`Runtime` (joining torchrun's
-    process group, if any), ``train(opt, runtime)``, and leave the process group at the end."""
+    process group, if any), ``train(opt, runtime)``, and leave the process group at the end.
+    Under torchrun, a collective that fails (another rank stopped answering for
+    ``--dist_timeout`` minutes, or ended) raises :class:`helper.distributed.RankLost`, whose one
+    line names the rank(s) that stopped."""
     opt = parse_option(argv)
     opt.command = list(sys.argv[1:] if argv is None else argv)  # the flags as given, for results.json
     runtime = setup_runtime(opt)
     try:
-        return train(opt, runtime)
-    finally:
+        result = train(opt, runtime)
+    except Exception as err:
+        if runtime.dist.enabled and is_collective_failure(err):
+            # the group is broken: no orderly shutdown (it could wait on the lost rank again)
+            raise lost_rank_error(err, getattr(opt, "dist_timeout", None)) from None
         shutdown()
+        raise
+    except BaseException:
+        shutdown()
+        raise
+    shutdown()
+    return result
 
 
 def setup_runtime(opt) -> Runtime:
@@ -112,7 +125,7 @@ def setup_runtime(opt) -> Runtime:
     device = resolve_device(opt.device)
     if getattr(opt, "sync_bn", False) and not launched_by_torchrun():
         print("note: --sync_bn has no effect in a single process (launch with torchrun)", flush=True)
-    info, device = init_distributed(device)
+    info, device = init_distributed(device, getattr(opt, "dist_timeout", None))
     amp = getattr(opt, "amp", "off") or "off"
     if amp not in AMP_DTYPES:
         raise UserError(f"unknown --amp '{amp}': use off, bf16 or fp16")

@@ -51,14 +51,36 @@ def load_teacher(path: str, num_classes: int, dataset: str = "cifar100") -> tupl
         model = build_model(arch, num_classes=num_classes, dataset=dataset)
     if state.get("arch"):
         load_weights(model, state["model"], f"'{path}'", f"{arch}, the architecture its 'arch' entry names")
-        return model, arch
-    try:
-        load_weights(model, state["model"], f"'{path}'",
-                     f"{arch}, the architecture its folder name '{Path(path).parent.name}' gives")
-    except UserError as err:
-        raise UserError(f"{err} A RepDistiller checkpoint names its architecture only in its folder's name: "
-                        f"put it in <model>_vanilla/ with the model it holds") from None
+    else:
+        try:
+            load_weights(model, state["model"], f"'{path}'",
+                         f"{arch}, the architecture its folder name '{Path(path).parent.name}' gives")
+        except UserError as err:
+            raise UserError(f"{err} A RepDistiller checkpoint names its architecture only in its folder's name: "
+                            f"put it in <model>_vanilla/ with the model it holds") from None
+    check_finite_weights(model, path)
     return model, arch
+
+
+def nonfinite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors of ``state`` holding a NaN or an infinity."""
+    return [name for name, t in state.items()
+            if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def check_finite_weights(model: nn.Module, path: str) -> None:
+    """Raise :class:`UserError` naming ``path`` and the tensors (weights or BatchNorm statistics)
+    of ``model`` that hold NaN or infinite values: such a teacher's outputs are meaningless."""
+    state = model.state_dict()
+    bad = nonfinite_tensors(state)
+    if bad:
+        total = sum(1 for t in state.values() if t.is_floating_point())
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        holds = "holds" if len(bad) == 1 else "hold"
+        raise UserError(f"the teacher in '{path}' has non-finite weights: {len(bad)} of its {total} tensors {holds} "
+                        f"NaN or inf ({shown}), so its outputs are meaningless (was it saved from a run that "
+                        "diverged?): use another checkpoint of that run (e.g. an earlier ckpt_epoch_N.pth) or train "
+                        "it again")
 
 
 def prepare_teacher(model: nn.Module, runtime: Runtime, sample: torch.Tensor | None = None,

@@ -28,6 +28,7 @@ TEACHER, TEACHER_EPOCHS = "resnet14", 6
 STUDENT, STUDENT_EPOCHS = "resnet8", 3
 DATA = ["--dataset", "synthetic", "--synthetic_difficulty", "0.5", "--synthetic_train", "80", "--num_workers", "0", "--seed", "1"]
 SCHEDULE = ["--lr_schedule", "cosine", "--learning_rate", "0.1"]
+AGAIN = ["--overwrite"]  # a second `make demo` trains its runs again
 # (row label, --distill, -r, -a, -b); the student alone is a train_teacher.py run.
 STUDENT_RUNS = [
     ("KD", "kd", "0.1", "0.9", "0"),
@@ -48,18 +49,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     def epochs(n: int) -> list[str]:
         return ["--epochs", str(n), "--save_freq", str(n)]
 
-    teacher = train_teacher.main(["--model", TEACHER, *DATA, *SCHEDULE, *epochs(TEACHER_EPOCHS),
+    teacher = train_teacher.main(["--model", TEACHER, *DATA, *SCHEDULE, *epochs(TEACHER_EPOCHS), *AGAIN,
                                   "--save_folder", str(folder / "teacher")])
     rows = [dict(run="teacher", model=TEACHER, flags="cross-entropy", results=teacher)]
     if not args.teacher_only:
-        alone = train_teacher.main(["--model", STUDENT, *DATA, *SCHEDULE, *epochs(STUDENT_EPOCHS),
+        alone = train_teacher.main(["--model", STUDENT, *DATA, *SCHEDULE, *epochs(STUDENT_EPOCHS), *AGAIN,
                                     "--save_folder", str(folder / "student")])
         rows.append(dict(run="student alone", model=STUDENT, flags="cross-entropy", results=alone))
-        teacher_ckpt = next((folder / "teacher").glob(f"{TEACHER}_*/last.pth"))
+        teacher_ckpt = next((folder / "teacher").glob(f"{TEACHER}_*/{TEACHER}_last.pth"))
         for label, distill, gamma, alpha, beta in STUDENT_RUNS:
             flags = ["--distill", distill, "-r", gamma, "-a", alpha, "-b", beta]
             results = train_student.main(["--path_t", str(teacher_ckpt), "--model_s", STUDENT, *flags,
-                                          "--nce_k", NCE_K, *DATA, *SCHEDULE, *epochs(STUDENT_EPOCHS),
+                                          "--nce_k", NCE_K, *DATA, *SCHEDULE, *epochs(STUDENT_EPOCHS), *AGAIN,
                                           "--save_folder", str(folder / "student")])
             rows.append(dict(run=f"student + {label}", model=STUDENT, flags=" ".join(flags), results=results))
 

@@ -1,0 +1,137 @@
+"""Unreadable files in an ImageNet folder (truncated JPEG, empty file, text named .JPEG) are
+skipped with one warning per file and counted in results.json; a folder of unreadable images
+stops the run with one error line naming it."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import train_student
+import train_teacher
+from dataset import get_dataloaders
+from dataset.skipping import PartialBatch, SkipUnreadable, Unreadable
+from models import build_model
+from tests.datagen import write_fake_imagenet
+
+ROOT = Path(__file__).resolve().parents[1]
+# 12 training files (3 unreadable) and a batch of 4: three batches, every file read each epoch
+RUN = ["--dataset", "imagenet", "--batch_size", "4", "--epochs", "2", "--device", "cpu", "--model", "resnet8"]
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> SimpleNamespace:
+    """An ImageNet folder of real JPEGs with three unreadable training files and one unreadable
+    validation file."""
+    root = write_fake_imagenet(tmp_path_factory.mktemp("imagenet"), classes=3, train_per_class=(4, 3, 3),
+                               val_per_class=2, image_size=(40, 32))
+    bad = SimpleNamespace(truncated=root / "train" / "n00000000" / "n00000000_1.JPEG",
+                          empty=root / "train" / "n00000001" / "empty.JPEG",
+                          text=root / "train" / "n00000002" / "notes.JPEG",
+                          val=root / "val" / "n00000001" / "n00000001_0.JPEG")
+    truncate(bad.truncated)
+    bad.empty.write_bytes(b"")
+    bad.text.write_text("these are not pixels\n")
+    truncate(bad.val)
+    return SimpleNamespace(root=root, bad=bad, train_bad=[bad.truncated, bad.empty, bad.text])
+
+
+def make_opt(root: Path, workers: int, **more) -> argparse.Namespace:
+    return argparse.Namespace(dataset="imagenet", data_folder=str(root), download=False, batch_size=4,
+                              num_workers=workers, subset=0, seed=0, nce_k=3, mode="exact", loader="torchvision",
+                              **more)
+
+
+def test_collate_leaves_unreadable_items_out():
+    ok = [(torch.full((3, 2, 2), float(i)), i % 2, i) for i in range(3)]
+    gone = Unreadable("/data/train/c/x.JPEG", "OSError: image file is truncated")
+    collate = SkipUnreadable(min_size=2)
+    whole = collate(ok)
+    assert isinstance(whole, (tuple, list)) and whole[2].tolist() == [0, 1, 2]  # nothing missing: a plain batch
+    part = collate([ok[0], gone, ok[2]])
+    assert isinstance(part, PartialBatch) and [u.path for u in part.unreadable] == [gone.path]
+    assert part.batch[2].tolist() == [0, 2] and part.batch[1].tolist() == [0, 0]
+    single = collate([gone, ok[1], gone])  # one left: repeated, BatchNorm needs two
+    assert single.batch[2].tolist() == [1, 1] and len(single.unreadable) == 2
+    assert collate([gone, gone]).batch is None
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_contrast_batches_stay_consistent_when_samples_are_dropped(folder, workers):
+    bundle = get_dataloaders(make_opt(folder.root, workers), contrast=True)
+    loader = bundle.train_loader
+    samples = loader.dataset.base.samples
+    bad = {i for i, (path, _) in enumerate(samples) if Path(path) in folder.train_bad}
+    assert bundle.n_data == 12 and len(bad) == 3
+    seen = []
+    for img, target, index, contrast_idx in loader:
+        assert img.shape[0] == target.shape[0] == index.shape[0] == contrast_idx.shape[0] >= 2
+        assert torch.equal(bundle.train_labels[index], target)
+        assert torch.equal(contrast_idx[:, 0], index)  # positives are the kept samples themselves
+        assert not (bundle.train_labels[contrast_idx[:, 1:]] == target[:, None]).any()
+        seen += index.tolist()
+    assert set(seen) == set(range(12)) - bad  # every readable sample once (a lone one may be repeated)
+    assert loader.images_skipped == 3 and loader.warned == {str(p) for p in folder.train_bad}
+    list(bundle.val_loader)
+    assert bundle.val_loader.images_skipped == 1
+
+
+def assert_warned_once_each(err: str, paths: list[Path]) -> None:
+    warnings = [line for line in err.splitlines() if line.startswith("warning: skipping unreadable image")]
+    assert len(warnings) == len(paths), err
+    for path in paths:
+        assert sum(f"image {path} (" in line for line in warnings) == 1, (path, err)
+
+
+def test_teacher_run_skips_unreadable_images_and_records_them(folder, tmp_path, capsys):
+    results = train_teacher.main(RUN + ["--data_folder", str(folder.root), "--num_workers", "0",
+                                        "--save_folder", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert_warned_once_each(err, folder.train_bad + [folder.bad.val])
+    assert "Traceback" not in err and "error" not in err
+    assert "truncated" in err and "not an image file" in err
+    saved = json.loads(next(tmp_path.glob("*/results.json")).read_text())
+    assert saved["status"] == "finished" and saved["epochs_run"] == 2
+    assert [h["images_skipped"] for h in saved["history"]] == [4, 4]  # 3 training + 1 validation image per epoch
+    assert saved["images_skipped"] == results["images_skipped"] == 8
+
+
+def test_student_crd_run_with_workers_skips_and_records(folder, tmp_path, capsys):
+    teacher = tmp_path / "resnet8_vanilla" / "ckpt_epoch_240.pth"
+    teacher.parent.mkdir()
+    torch.manual_seed(0)
+    torch.save({"model": build_model("resnet8", num_classes=3).state_dict()}, teacher)
+    results = train_student.main(["--path_t", str(teacher), "--model_s", "resnet8", "--distill", "crd",
+                                  "--nce_k", "3", *RUN[:-2], "--data_folder", str(folder.root), "--num_workers", "1",
+                                  "--epochs", "1", "--save_folder", str(tmp_path / "students")])
+    err = capsys.readouterr().err
+    assert_warned_once_each(err, folder.train_bad + [folder.bad.val])
+    assert [h["images_skipped"] for h in results["history"]] == [4] and results["images_skipped"] == 4
+    assert results["status"] == "finished" and all(h["loss_crd"] > 0 for h in results["history"])
+
+
+def test_folder_of_unreadable_images_is_one_error_line(folder, tmp_path):
+    broken = write_fake_imagenet(tmp_path / "broken", classes=2, train_per_class=(2,), val_per_class=1,
+                                 image_size=(40, 32))
+    for path in (broken / "train").rglob("*.JPEG"):
+        truncate(path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "train_teacher.py", *RUN, "--data_folder", str(broken), "--num_workers", "1",
+                          "--save_folder", str(tmp_path / "runs")], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: every image of a batch is unreadable"), out.stderr
+    assert f"under {broken / 'train'}" in lines[0] and "truncated" in lines[0], lines[0]
