@@ -101,14 +101,14 @@ archive, name, out = sys.argv[1:4]
 try:
     tar = tarfile.open(archive, "r:*")
     found = [m for m in tar.getmembers() if m.name in (name, "./" + name)]
-except (tarfile.TarError, OSError, EOFError) as err:
-    print(f"not a readable tar archive ({err})", file=sys.stderr)
+except (tarfile.TarError, OSError, EOFError):
+    print(f"error: {archive} is not a readable tar archive (an error page or a partial download?)", file=sys.stderr)
     sys.exit(3)
 if not found:
     sys.exit(4)
 if len(found) > 1 or not found[0].isreg():
     kind = "several members" if len(found) > 1 else "a link or other non-regular member"
-    print(f"{name} is {kind}", file=sys.stderr)
+    print(f"error: {name} in {archive} is {kind}", file=sys.stderr)
     sys.exit(5)
 with tar, tar.extractfile(found[0]) as src, open(out, "wb") as dst:
     shutil.copyfileobj(src, dst, 1 << 20)
@@ -257,7 +257,7 @@ else
       case "$status" in
         0) install_file "$name" "$TMP" "$(expected_sha256 "$rel")" "$verified_by" ;;
         4) echo "error: $archive_name has no $ARCHIVE_ROOT/$rel; $name not installed" >&2 ;;
-        *) echo "error: could not unpack $ARCHIVE_ROOT/$rel from $archive_name (see above); $name not installed" >&2 ;;
+        *) echo "  so $name is not installed" >&2 ;;
       esac
       [ "$status" -eq 0 ] || { rm -f "$TMP"; failed=$((failed + 1)); }
       TMP=""
