@@ -384,3 +384,37 @@ def first_occurrences(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     positions = torch.arange(y.numel(), device=y.device)
     first = torch.full_like(values, y.numel()).scatter_reduce(0, inverse, positions, reduce="amin")
     return values, first
+
+
+class AliasMethod:
+    """RepDistiller's name for its sampler of a discrete distribution (``crd.memory.AliasMethod``),
+    kept so that code written for RepDistiller imports and runs unchanged; this library draws its
+    negatives with :class:`dataset.sampling.ContrastSampler` instead.
+
+    ``AliasMethod(probs).draw(N)`` returns N indices [N] (LongTensor) drawn independently, with
+    replacement, index i with probability ``probs[i] / probs.sum()`` (RepDistiller builds Walker's
+    alias tables for this; here ``torch.multinomial`` draws from the same distribution, for up to
+    2**24 categories).
+    ``cuda()`` / ``to(device)`` move the distribution, and the draws, to a device.
+    """
+
+    def __init__(self, probs: torch.Tensor):
+        probs = torch.as_tensor(probs, dtype=torch.float64)
+        if probs.dim() != 1 or probs.numel() == 0:
+            raise ValueError(f"probs must be a non-empty 1-D tensor, got shape {tuple(probs.shape)}")
+        if not bool(torch.isfinite(probs).all()) or bool((probs < 0).any()) or not probs.sum() > 0:
+            raise ValueError("probs must be finite, non-negative and not all zero")
+        self.probs = probs / probs.sum()
+
+    def to(self, device: torch.device | str) -> "AliasMethod":
+        """Draw on ``device`` from now on; returns self."""
+        self.probs = self.probs.to(device)
+        return self
+
+    def cuda(self) -> "AliasMethod":
+        """Draw on the current CUDA device from now on; returns self."""
+        return self.to("cuda")
+
+    def draw(self, N: int) -> torch.Tensor:
+        """N indices [N] drawn with replacement from the distribution."""
+        return torch.multinomial(self.probs, N, replacement=True)

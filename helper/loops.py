@@ -1,6 +1,12 @@
 """The shared training loop: one epoch of training, validation, and the epoch driver ``fit``
 used by both training scripts, with exact resume, signal handling and mixed precision. Methods
-plug in through ``train_step``; the loop never names one."""
+plug in through ``train_step``; the loop never names one.
+
+For code written for RepDistiller, its ``train_vanilla(epoch, train_loader, model, criterion,
+optimizer, opt)`` and ``validate(val_loader, model, criterion, opt)`` work on this loop. Its
+``train_distill`` is not provided: it finds each method's modules by position in ``module_list``
+and dispatches on ``opt.distill``; here a method is a Distiller (``distiller_zoo.build_distiller``)
+that ``train_student.py`` trains."""
 from __future__ import annotations
 
 import contextlib
@@ -268,9 +274,14 @@ class StopRequest(Exception):
 
 
 @torch.no_grad()
-def validate(model: nn.Module, loader, device: torch.device, runtime: Runtime | None = None) -> dict[str, float]:
-    """Cross-entropy, top-1 and top-5 accuracy (%) of ``model`` over ``loader``; under torchrun
-    each rank scores its shard and the sums are added over ranks."""
+def evaluate(model: nn.Module, loader, device: torch.device, runtime: Runtime | None = None,
+             criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+    """Loss, top-1 and top-5 accuracy (%) of ``model`` over ``loader`` (batches ``(img, target, ...)``);
+    under torchrun each rank scores its shard and the sums are added over ranks.
+
+    The loss is the cross-entropy, or with ``criterion`` (a batch-mean loss such as
+    ``nn.CrossEntropyLoss()``) the mean of ``criterion(logits, target)`` over the batches weighted by
+    their sizes. Returns ``test_acc``, ``test_acc_top5`` and ``test_loss``."""
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, count
     autocast = runtime.autocast if runtime is not None else contextlib.nullcontext
@@ -284,12 +295,61 @@ def validate(model: nn.Module, loader, device: torch.device, runtime: Runtime | 
         logits = logits.float()
         top1, top5 = accuracy(logits, target, topk=(1, 5))
         n = target.size(0)
-        sums += torch.stack([F.cross_entropy(logits, target, reduction="sum").double(),
-                             top1[0].double() * n / 100, top5[0].double() * n / 100,
+        loss = (F.cross_entropy(logits, target, reduction="sum") if criterion is None
+                else criterion(logits, target) * n)
+        sums += torch.stack([loss.double(), top1[0].double() * n / 100, top5[0].double() * n / 100,
                              torch.tensor(n, dtype=torch.float64, device=device)])
     loss, top1, top5, count = distributed.all_reduce_sum(sums).tolist()
     count = max(count, 1)
     return {"test_acc": 100 * top1 / count, "test_acc_top5": 100 * top5 / count, "test_loss": loss / count}
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (or buffer), else the CPU."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def validate(*args: Any, **kwargs: Any) -> dict[str, float] | tuple[float, float, float]:
+    """Test a model; two call forms, told apart by the first argument:
+
+    - ``validate(model, loader, device, runtime=None)``: this library's, :func:`evaluate`'s dict
+      (``test_acc``, ``test_acc_top5``, ``test_loss``);
+    - ``validate(val_loader, model, criterion, opt)``: RepDistiller's (``helper/loops.py``), for code
+      written for it: ``(top1, top5, loss)`` as floats, the accuracies in percent and the loss the
+      size-weighted mean of ``criterion(logits, target)`` over the batches, on the model's device
+      (``opt`` is accepted and not used: RepDistiller reads only its ``print_freq``).
+    """
+    repdistiller = "val_loader" in kwargs or "criterion" in kwargs or (args and not isinstance(args[0], nn.Module))
+    if not repdistiller:
+        return evaluate(*args, **kwargs)
+    return _validate_repdistiller(*args, **kwargs)
+
+
+def _validate_repdistiller(val_loader, model: nn.Module, criterion, opt=None) -> tuple[float, float, float]:
+    stats = evaluate(model, val_loader, _device_of(model), criterion=criterion)
+    return stats["test_acc"], stats["test_acc_top5"], stats["test_loss"]
+
+
+def train_vanilla(epoch: int, train_loader, model: nn.Module, criterion, optimizer: torch.optim.Optimizer,
+                  opt=None) -> tuple[float, float]:
+    """RepDistiller's ``train_vanilla`` (``helper/loops.py``), on this library's epoch loop
+    (:func:`train_one_epoch`): one pass over ``train_loader`` (batches ``(img, target, ...)``)
+    training ``model`` with ``criterion(logits, target)`` and ``optimizer`` on the model's device;
+    a non-finite loss stops with :class:`NonFiniteLoss`. The learning rate is left as it is (call
+    ``adjust_learning_rate`` first, as RepDistiller's scripts do); ``opt`` is accepted and not used.
+
+    Returns ``(top1, loss)``: the training top-1 (%) and loss, each averaged over the samples."""
+    device = _device_of(model)
+
+    def step(batch: tuple) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        images, target = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        logits = model(images)
+        return logits, target, {"loss": criterion(logits, target)}
+
+    stats = train_one_epoch(epoch, train_loader, model, step, optimizer, StepBudget(None))
+    return stats["train_acc"], stats["train_loss"]
 
 
 def weights_are_finite(modules: dict[str, nn.Module]) -> bool:
@@ -417,7 +477,7 @@ class Fit:
     def _validate(self, epoch: int, train_stats: dict[str, float]) -> None:
         self._guard_weights(f"epoch {epoch}")
         distributed.broadcast_buffers(self.modules["model"])
-        self.last = validate(self.modules["model"], self.val_loader, self.runtime.device, self.runtime)
+        self.last = evaluate(self.modules["model"], self.val_loader, self.runtime.device, self.runtime)
         if not math.isfinite(self.last["test_loss"]):
             raise NonFiniteLoss(f"the test loss became non-finite after epoch {epoch} "
                                 f"(train loss {train_stats['train_loss']:.6g}): the weights blew up; the run "

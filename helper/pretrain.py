@@ -1,6 +1,10 @@
 """The init stage of two-stage methods (AB, FT, FSP): pre-train the Distiller's init modules
 (and, where the method says so, the student's feature layers) before distillation, as in
-RepDistiller's ``helper/pretrain.py``."""
+RepDistiller's ``helper/pretrain.py``.
+
+RepDistiller's ``init(model_s, model_t, init_modules, criterion, train_loader, logger, opt)`` is not
+provided: it dispatches on ``opt.distill`` and finds the modules by position in ``init_modules``;
+here each method's Distiller declares its init stage, which :func:`run_init_stage` runs."""
 from __future__ import annotations
 
 import contextlib

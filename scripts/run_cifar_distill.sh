@@ -21,6 +21,11 @@
 #   DRY_RUN=1   print each command (one line, shell-quoted) instead of running it
 #   KEEP_GOING=1  run the remaining commands after one fails (default: stop at the first failure)
 # fsp and kdsvd need equal channel counts: they are skipped (n/a, as in the paper) for other pairs.
+if [ -z "${BASH_VERSION:-}" ]; then  # started as `sh scripts/...` (dash on Debian): rerun with bash
+  command -v bash > /dev/null 2>&1 || { echo "error: $0 needs bash, which is not installed" >&2; exit 2; }
+  exec bash "$0" "$@"
+fi
+set +o posix  # bash started as sh (e.g. macOS): leave POSIX mode for the bash syntax below
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

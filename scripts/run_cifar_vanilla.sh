@@ -22,6 +22,11 @@
 #               are printed as '# link ...' comments
 #   KEEP_GOING=1  run the remaining commands after one fails
 # Each run writes save/models/<model>_cifar100_lr_<lr>_decay_<wd>_trial_<trial>/ (train_teacher.py's layout).
+if [ -z "${BASH_VERSION:-}" ]; then  # started as `sh scripts/...` (dash on Debian): rerun with bash
+  command -v bash > /dev/null 2>&1 || { echo "error: $0 needs bash, which is not installed" >&2; exit 2; }
+  exec bash "$0" "$@"
+fi
+set +o posix  # bash started as sh (e.g. macOS): leave POSIX mode for the bash syntax below
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -33,6 +33,11 @@
 # Weights: kd is the DKD paper's ImageNet re-run (-r 0.5 -a 0.5, T=1: the 71.03 of the table);
 # crd and crd+kd are the CRD paper's (-a 0 -b 0.8, -a 1 -b 0.8 with T=4); dkd is DKD's ImageNet
 # setting (beta 0.5, T=1, 1 warm-up epoch); crcd uses its CIFAR weights (its ImageNet ones unverified).
+if [ -z "${BASH_VERSION:-}" ]; then  # started as `sh scripts/...` (dash on Debian): rerun with bash
+  command -v bash > /dev/null 2>&1 || { echo "error: $0 needs bash, which is not installed" >&2; exit 2; }
+  exec bash "$0" "$@"
+fi
+set +o posix  # bash started as sh (e.g. macOS): leave POSIX mode for the bash syntax below
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -1,19 +1,22 @@
 """Turn run folders into the paper-comparison table and plots.
 
     python scripts/summarize.py save/ [--out DIR] [--paper scripts/paper_tables.md]
-                                      [--dataset cifar100] [--include_running]
+                                      [--dataset NAME] [--include_running]
 
 Every run of ``train_teacher.py`` and ``train_student.py`` leaves ``results.json`` in its run
-folder (``helper/logger.py``). This script finds them all under the given folder, groups the runs
-by (teacher->student pair, method label) over trials, and writes into ``--out`` (default: the
-scanned folder):
+folder (``helper/logger.py``). This script finds them all under the given folder, splits them by
+the data set each run recorded (``dataset`` in results.json, else ``args.dataset``; ``--dataset``
+keeps one), groups each data set's runs by (teacher->student pair, method label) over trials,
+and writes into ``--out`` (default: the scanned folder):
 
-- ``summary.md``: mean ± sample std (ddof=1) over trials of the last-epoch and the best test
-  top-1, the number of trials, the published number (``scripts/paper_tables.md``, CIFAR-100) and
-  our last-epoch mean minus it; also printed;
-- ``summary.csv``: the same numbers at full precision;
+- ``summary.md``: one section per data set (cifar100 first, then the others by name) with the mean
+  ± sample std (ddof=1) over trials of the last-epoch and the best test top-1 and the number of
+  trials; for cifar100 also the published number (``scripts/paper_tables.md``) and our last-epoch
+  mean minus it; also printed;
+- ``summary.csv``: the same numbers at full precision, one row per (data set, pair, method);
 - ``accuracy_<pair>.png`` (bars of the last-epoch top-1 per method, the paper's value as a black
-  tick) and ``curves_<pair>.png`` (test top-1 per epoch, mean over trials), if matplotlib imports.
+  tick) and ``curves_<pair>.png`` (test top-1 per epoch, mean over trials), if matplotlib imports;
+  for a data set other than cifar100 ``accuracy_<dataset>_<pair>.png`` and ``curves_<dataset>_<pair>.png``.
 
 Name mapping: a run's ``label`` (``kd``, ``crd``, ``crd+kd``, ...) is the paper's row name; a
 vanilla run of model M (``train_teacher.py``) is the ``teacher`` row of every pair whose teacher
@@ -39,6 +42,7 @@ PAPER_ARROW = "→"            # the paper tables' spelling, also used for displ
 PAPER_DATASET = "cifar100"   # the data set of every table in paper_tables.md
 DEFAULT_PAPER = Path(__file__).resolve().parent / "paper_tables.md"
 MISSING = {"", "–", "—", "-", "n/a", "na", "none"}
+UNKNOWN_DATASET = "unknown"  # the section of runs whose results.json names no data set
 VANILLA = "vanilla"          # results.json label of a run trained with cross-entropy alone
 TEACHER_ROW, STUDENT_ROW = "teacher", "student"   # the paper's rows for vanilla runs
 DASH = "–"
@@ -240,15 +244,21 @@ def collect_runs(folder: Path) -> list[Run]:
     return runs
 
 
-def select_runs(runs: list[Run], dataset: str, include_running: bool) -> tuple[list[Run], list[str]]:
-    """The runs that count: of ``dataset``, finished (or any status with ``include_running``),
-    with a last-epoch accuracy. Also notes saying what was left out and why."""
+def dataset_name(dataset: str) -> str:
+    """A run's data set for display: its name, or "unknown" when its results.json gives none."""
+    return dataset or UNKNOWN_DATASET
+
+
+def select_runs(runs: list[Run], dataset: str | None, include_running: bool) -> tuple[list[Run], list[str]]:
+    """The runs that count: of ``dataset`` (None: of any data set), finished (or any status with
+    ``include_running``), with a last-epoch accuracy. Also notes saying what was left out and why."""
     kept, notes = [], []
-    other = [r for r in runs if r.dataset != dataset]
-    if other:
-        names = sorted({r.dataset or "?" for r in other})
-        notes.append(f"{len(other)} run(s) of another data set left out ({', '.join(names)}; see --dataset)")
-    runs = [r for r in runs if r.dataset == dataset]
+    if dataset is not None:
+        other = [r for r in runs if r.dataset != dataset]
+        if other:
+            names = sorted({dataset_name(r.dataset) for r in other})
+            notes.append(f"{len(other)} run(s) of another data set left out ({', '.join(names)}; see --dataset)")
+        runs = [r for r in runs if r.dataset == dataset]
     unfinished = [r for r in runs if r.status != "finished"]
     if unfinished and not include_running:
         notes.append(f"{len(unfinished)} unfinished run(s) left out (see --include_running)")
@@ -262,6 +272,14 @@ def select_runs(runs: list[Run], dataset: str, include_running: bool) -> tuple[l
 
 
 # ----------------------------------------------------------------------------- grouping
+
+
+def split_by_dataset(runs: list[Run]) -> dict[str, list[Run]]:
+    """The runs by the data set they recorded: cifar100 (the paper's) first, then the others by name."""
+    split: dict[str, list[Run]] = defaultdict(list)
+    for run in runs:
+        split[run.dataset].append(run)
+    return {name: split[name] for name in sorted(split, key=lambda d: (d != PAPER_DATASET, d == "", d.lower()))}
 
 
 def group_runs(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:
@@ -334,48 +352,70 @@ def fmt_mean_std(stats: tuple[float | None, float | None], n: int) -> str:
     return f"{fmt(mean)} ± {fmt(std) if n > 1 else DASH}"
 
 
-def markdown_table(rows: list[Row], *, dataset: str, paper_source: str | None, notes: Iterable[str] = ()) -> str:
-    """The summary as Markdown: a title, header lines saying what the numbers are, the table; the
-    paper and difference columns only with a ``paper_source`` (the file the numbers came from)."""
-    with_paper = paper_source is not None
-    lines = [f"# Test top-1 (%) on {dataset}" + (": our runs beside the published numbers" if with_paper else ""),
-             "",
-             "Columns: last = test top-1 after the last epoch (what the papers report), best = the best epoch's; "
-             "each is the mean ± the sample standard deviation (ddof=1) over the n trials "
-             f"(\"± {DASH}\": one trial, no spread). {DASH} = no value."]
+@dataclass
+class Section:
+    """The summary of one data set: its rows, and the file its paper numbers came from (None: no paper column)."""
+    dataset: str
+    rows: list[Row]
+    paper_source: str | None = None
+    runs: int = 0
+
+
+def markdown_table(section: Section) -> list[str]:
+    """One data set's section of ``summary.md``: a heading and the table; the paper and difference
+    columns only with a ``paper_source``."""
+    with_paper = section.paper_source is not None
+    title = f"## {dataset_name(section.dataset)}: {section.runs} run(s)"
     if with_paper:
-        lines[-1] += (f" paper = the published last-epoch top-1 ({paper_source}); "
-                     "Δ = our last-epoch mean − paper; the teacher/student rows are the vanilla runs of the pair's models.")
-    lines += [""] + [f"- {note}" for note in notes]
+        title += f", beside the published numbers ({section.paper_source})"
     header = ["pair", "method", "n", "last top-1", "best top-1"] + (["paper", "Δ (last − paper)"] if with_paper else [])
-    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
+    lines = [title, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in section.rows:
         cells = [display_pair(row.pair), row.method, str(row.n), fmt_mean_std(row.last, row.n),
                  fmt_mean_std(row.best, row.n)]
         if with_paper:
             cells += [fmt(row.paper), fmt(row.diff, signed=True)]
         lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown_document(sections: list[Section], *, folder: Path | str, notes: Iterable[str] = ()) -> str:
+    """The summary as Markdown: a title, lines saying what the numbers are, the notes, then one
+    section per data set."""
+    lines = [f"# Test top-1 (%) of the runs under {folder}",
+             "",
+             "Columns: last = test top-1 after the last epoch (what the papers report), best = the best epoch's; "
+             "each is the mean ± the sample standard deviation (ddof=1) over the n trials "
+             f"(\"± {DASH}\": one trial, no spread). {DASH} = no value."]
+    if any(section.paper_source is not None for section in sections):
+        lines[-1] += (f" paper = the published last-epoch top-1 ({PAPER_DATASET} only); "
+                      "Δ = our last-epoch mean − paper; the teacher/student rows are the vanilla runs of the pair's models.")
+    lines += [""] + [f"- {note}" for note in notes]
+    for section in sections:
+        lines += [""] + markdown_table(section)
     return "\n".join(lines) + "\n"
 
 
-CSV_FIELDS = ["pair", "teacher", "student", "method", "n", "last_mean", "last_std", "best_mean", "best_std",
+CSV_FIELDS = ["dataset", "pair", "teacher", "student", "method", "n", "last_mean", "last_std", "best_mean", "best_std",
               "paper", "diff", "trials"]
 
 
-def write_csv(rows: list[Row], path: Path) -> None:
-    """The summary as CSV, numbers at full precision, empty cells for none."""
+def write_csv(sections: list[Section], path: Path) -> None:
+    """The summary as CSV, one row per (data set, pair, method), numbers at full precision, empty
+    cells for none (an unknown data set too)."""
     def cell(value):
         return "" if value is None else repr(value) if isinstance(value, float) else value
 
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(CSV_FIELDS)
-        for row in rows:
-            teacher, student = split_pair(row.pair)
-            (last_mean, last_std), (best_mean, best_std) = row.last, row.best
-            writer.writerow([cell(v) for v in (row.pair, teacher, student, row.method, row.n, last_mean, last_std,
-                                               best_mean, best_std, row.paper, row.diff,
-                                               ";".join(r.trial for r in row.runs))])
+        for section in sections:
+            for row in section.rows:
+                teacher, student = split_pair(row.pair)
+                (last_mean, last_std), (best_mean, best_std) = row.last, row.best
+                writer.writerow([cell(v) for v in (section.dataset, row.pair, teacher, student, row.method, row.n,
+                                                   last_mean, last_std, best_mean, best_std, row.paper, row.diff,
+                                                   ";".join(r.trial for r in row.runs))])
 
 
 # ----------------------------------------------------------------------------- plots
@@ -392,9 +432,15 @@ def mean_curve(runs: list[Run]) -> tuple[list[int], list[float]]:
     return epochs, [statistics.fmean(r.curve[e] for r in runs if e in r.curve) for e in epochs]
 
 
-def plot_pair(pair: str, rows: list[Row], out: Path) -> list[Path]:
-    """``accuracy_<pair>.png`` (bars with std error bars, paper values as black ticks) and
-    ``curves_<pair>.png`` (mean test top-1 per epoch per method) for one pair's rows."""
+def plot_stem(dataset: str, pair: str) -> str:
+    """The plots' file-name part for a pair: ``<pair>``, prefixed by the data set unless it is cifar100."""
+    return safe_name(pair) if dataset == PAPER_DATASET else f"{safe_name(dataset_name(dataset))}_{safe_name(pair)}"
+
+
+def plot_pair(pair: str, rows: list[Row], out: Path, dataset: str = PAPER_DATASET) -> list[Path]:
+    """``accuracy_<stem>.png`` (bars with std error bars, paper values as black ticks) and
+    ``curves_<stem>.png`` (mean test top-1 per epoch per method) for one pair's rows of ``dataset``
+    (the stem: :func:`plot_stem`)."""
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
@@ -416,10 +462,11 @@ def plot_pair(pair: str, rows: list[Row], out: Path) -> list[Path]:
     ax.set_ylim(max(0.0, min(values) - 5), min(100.0, max(values) + 5))
     ax.set_xticks(x, [f"{r.method}\n(n={r.n})" for r in ran], rotation=45 if len(ran) > 6 else 0, fontsize=8)
     ax.set_ylabel("last-epoch test top-1 (%)")
-    ax.set_title(display_pair(pair))
+    title = f"{display_pair(pair)} ({dataset_name(dataset)})"
+    ax.set_title(title)
     ax.legend(fontsize=8, loc="upper right", ncol=3)
     fig.tight_layout()
-    written.append(out / f"accuracy_{safe_name(pair)}.png")
+    written.append(out / f"accuracy_{plot_stem(dataset, pair)}.png")
     fig.savefig(written[-1], dpi=100)
     plt.close(fig)
 
@@ -431,17 +478,18 @@ def plot_pair(pair: str, rows: list[Row], out: Path) -> list[Path]:
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("test top-1 (%), mean over trials")
-    ax.set_title(display_pair(pair))
+    ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    written.append(out / f"curves_{safe_name(pair)}.png")
+    written.append(out / f"curves_{plot_stem(dataset, pair)}.png")
     fig.savefig(written[-1], dpi=100)
     plt.close(fig)
     return written
 
 
-def write_plots(rows: list[Row], out: Path) -> list[Path]:
-    """The two plots for every pair with runs; nothing (and a note) if matplotlib is missing."""
+def write_plots(sections: list[Section], out: Path) -> list[Path]:
+    """The two plots for every pair with runs of every data set; nothing (and a note) if matplotlib
+    is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -449,11 +497,14 @@ def write_plots(rows: list[Row], out: Path) -> list[Path]:
     except ImportError:
         print("matplotlib is not importable: plots skipped (pip install matplotlib)", file=sys.stderr)
         return []
-    by_pair: dict[str, list[Row]] = defaultdict(list)
-    for row in rows:
-        by_pair[row.pair].append(row)
-    return [p for pair, pair_rows in by_pair.items() if any(r.n for r in pair_rows)
-            for p in plot_pair(pair, pair_rows, out)]
+    written = []
+    for section in sections:
+        by_pair: dict[str, list[Row]] = defaultdict(list)
+        for row in section.rows:
+            by_pair[row.pair].append(row)
+        written += [p for pair, pair_rows in by_pair.items() if any(r.n for r in pair_rows)
+                    for p in plot_pair(pair, pair_rows, out, section.dataset)]
+    return written
 
 
 # ----------------------------------------------------------------------------- command line
@@ -467,9 +518,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(default: the scanned folder)")
     parser.add_argument("--paper", type=Path, default=DEFAULT_PAPER,
                         help="Markdown file with the published tables (default: scripts/paper_tables.md)")
-    parser.add_argument("--dataset", default=PAPER_DATASET,
-                        help=f"only runs of this data set (default {PAPER_DATASET}); the paper column is "
-                        f"shown for {PAPER_DATASET} only")
+    parser.add_argument("--dataset", default=None,
+                        help="only runs of this data set (default: every data set, one section each); the "
+                        f"paper column is shown for {PAPER_DATASET} only")
     parser.add_argument("--include_running", action="store_true",
                         help="also count running and interrupted runs (their last logged epoch)")
     parser.add_argument("--no_plots", action="store_true", help="write the tables only")
@@ -486,21 +537,26 @@ def main(argv: list[str] | None = None) -> int:
     runs = collect_runs(args.folder)
     kept, notes = select_runs(runs, args.dataset, args.include_running)
     if not kept:
-        print(f"error: no {'' if args.include_running else 'finished '}runs of {args.dataset} under "
+        of = f" of {args.dataset}" if args.dataset is not None else ""
+        print(f"error: no {'' if args.include_running else 'finished '}runs{of} under "
               f"{args.folder} ({len(runs)} results.json read)" + "".join(f"; {n}" for n in notes), file=sys.stderr)
         return 1
-    paper = load_paper(args.paper) if args.dataset == PAPER_DATASET else None
-    rows = build_rows(group_runs(kept), paper)
+    split = split_by_dataset(kept)
+    paper = load_paper(args.paper) if PAPER_DATASET in split else None
+    source = None if paper is None else "scripts/paper_tables.md" if args.paper == DEFAULT_PAPER else str(args.paper)
+    sections = [Section(dataset, build_rows(group_runs(members), paper if dataset == PAPER_DATASET else None),
+                        source if dataset == PAPER_DATASET else None, len(members))
+                for dataset, members in split.items()]
 
     out = args.out or args.folder
     out.mkdir(parents=True, exist_ok=True)
-    notes.insert(0, f"{len(kept)} run(s) counted from {args.folder}")
-    source = None if paper is None else "scripts/paper_tables.md" if args.paper == DEFAULT_PAPER else str(args.paper)
-    text = markdown_table(rows, dataset=args.dataset, paper_source=source, notes=notes)
+    counts = ", ".join(f"{dataset_name(s.dataset)} {s.runs}" for s in sections)
+    notes.insert(0, f"{len(kept)} run(s) counted from {args.folder} ({counts})")
+    text = markdown_document(sections, folder=args.folder, notes=notes)
     (out / "summary.md").write_text(text, encoding="utf-8")
-    write_csv(rows, out / "summary.csv")
+    write_csv(sections, out / "summary.csv")
     print(text)
-    plots = [] if args.no_plots else write_plots(rows, out)
+    plots = [] if args.no_plots else write_plots(sections, out)
     print(f"wrote {out / 'summary.md'}, {out / 'summary.csv'}" + (f" and {len(plots)} plots" if plots else ""))
     return 0
 

@@ -3,11 +3,17 @@ own option parsers and carries the paper's method, weights and recipe; the teach
 checksums and installs files train_student.py loads."""
 from __future__ import annotations
 
+import functools
 import hashlib
+import http.server
+import io
 import os
 import shlex
+import shutil
 import subprocess
 import sys
+import tarfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -42,8 +48,9 @@ STUDENTS = ["wrn_16_2", "wrn_40_1", "resnet20", "resnet32", "resnet8x4", "vgg8",
 CLEAN_ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp")}
 
 
-def script(name: str, *args: str, check: bool = True, **env: str) -> subprocess.CompletedProcess:
-    out = subprocess.run(["bash", f"scripts/{name}", *args], cwd=ROOT, capture_output=True, text=True,
+def script(name: str, *args: str, check: bool = True, shell: str = "bash", **env: str) -> subprocess.CompletedProcess:
+    """Run ``<shell> scripts/<name> args...`` from the repository root with only ``env`` (and PATH, HOME)."""
+    out = subprocess.run([shell, f"scripts/{name}", *args], cwd=ROOT, capture_output=True, text=True,
                          env={**CLEAN_ENV, **env}, timeout=60)
     if check:
         assert out.returncode == 0, out.stderr
@@ -341,7 +348,255 @@ def test_shipped_manifest_claims_no_checksum_it_does_not_have():
             digest, path = line.split()
             assert len(digest) == 64 and int(digest, 16) >= 0, line
             entries[path] = digest
-    for name in TEACHERS:  # each teacher: a checksum, or said plainly to be unknown (none is known yet)
-        path = f"{name}_vanilla/ckpt_epoch_240.pth"
+    known = [f"{name}_vanilla/ckpt_epoch_240.pth" for name in TEACHERS] + ["cifar_teachers.tar"]
+    for path in known:  # each teacher and the archive: a checksum, or said plainly to be unknown (none is yet)
         assert (path in entries) != (f"# not yet known  {path}" in lines)
-    assert set(entries) <= {f"{name}_vanilla/ckpt_epoch_240.pth" for name in TEACHERS}
+    assert set(entries) <= set(known)
+
+
+# ---------------------------------------------------------------- fetch_pretrained_teachers.sh, SOURCE=mdistiller
+ARCHIVE_NAMES = ("resnet8", "resnet14")  # tiny CIFAR models stand in for the published teachers
+
+
+def checkpoint_bytes(name: str, seed: int) -> bytes:
+    """A RepDistiller-format teacher checkpoint of a real model, as torch.save writes it."""
+    torch.manual_seed(seed)
+    buffer = io.BytesIO()
+    torch.save({"model": build_model(name, num_classes=100).state_dict(), "epoch": 240}, buffer)
+    return buffer.getvalue()
+
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE,
+               link: str = "") -> None:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.size = kind, link, len(data) if kind == tarfile.REGTYPE else 0
+    tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    """mdistiller's release, in small: cifar_teachers.tar with cifar_teachers/<name>_vanilla/ckpt_epoch_240.pth
+    for ARCHIVE_NAMES (and a README), served by a local HTTP server as well as from its folder.
+    Yields (folder, archive path, archive SHA-256, {name: file SHA-256}, base http URL)."""
+    root = tmp_path_factory.mktemp("release")
+    files = {name: checkpoint_bytes(name, seed) for seed, name in enumerate(ARCHIVE_NAMES)}
+    archive = root / "cifar_teachers.tar"
+    with tarfile.open(archive, "w") as tar:
+        add_member(tar, "cifar_teachers", kind=tarfile.DIRTYPE)
+        add_member(tar, "cifar_teachers/README.md", b"teachers\n")
+        for name, data in files.items():
+            add_member(tar, f"cifar_teachers/{name}_vanilla/ckpt_epoch_240.pth", data)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield (root, archive, sha256(archive.read_bytes()), {n: sha256(d) for n, d in files.items()},
+           f"http://127.0.0.1:{server.server_address[1]}")
+    server.shutdown()
+    thread.join()
+
+
+def manifest_file(folder: Path, *lines: str) -> Path:
+    path = folder / "manifest.sha256"
+    path.write_text("# test manifest\n" + "".join(f"{line}\n" for line in lines))
+    return path
+
+
+def files_under(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() or p.is_symlink())
+
+
+def test_fetch_archive_verified_unpacks_the_names_asked_and_train_student_loads_them(release, tmp_path):
+    root, archive, archive_sha, file_sha, url = release
+    dest = tmp_path / "models"
+    own = dest / "resnet14_vanilla" / "ckpt_epoch_240.pth"  # already there, no per-file checksum: left alone
+    own.parent.mkdir(parents=True)
+    own.write_bytes(b"my own teacher")
+    manifest = manifest_file(tmp_path, f"{archive_sha}  cifar_teachers.tar")
+    out = fetch(dest, manifest, NAMES="resnet8 resnet14", ARCHIVE_URL=f"{url}/cifar_teachers.tar")
+    assert out.returncode == 0, out.stderr
+    installed = dest / "resnet8_vanilla" / "ckpt_epoch_240.pth"
+    assert f"fetching {url}/cifar_teachers.tar" in out.stdout  # downloaded to a temporary file...
+    assert f"SHA-256 of cifar_teachers.tar: {archive_sha}" in out.stdout
+    assert "verified by the SHA-256 of cifar_teachers.tar" in out.stdout
+    assert sha256(installed.read_bytes()) == file_sha["resnet8"] and oct(installed.stat().st_mode)[-3:] == "644"
+    assert own.read_bytes() == b"my own teacher" and "skip resnet14" in out.stdout
+    assert files_under(dest) == ["resnet14_vanilla/ckpt_epoch_240.pth", "resnet8_vanilla/ckpt_epoch_240.pth"]  # ...removed
+    line = f"{file_sha['resnet8']}  resnet8_vanilla/ckpt_epoch_240.pth"
+    assert line in out.stdout.splitlines()  # so that later runs can verify the installed file itself
+    results = train_student.main(["--path_t", str(installed), "--dataset", "synthetic", "--synthetic_classes", "100",
+                                  "--synthetic_train", "2", "--synthetic_test", "1", "--model_s", "resnet8",
+                                  "--distill", "kd", "--batch_size", "8", "--max_steps", "1", "--epochs", "1",
+                                  "--num_workers", "0", "--device", "cpu", "--save_folder", str(tmp_path / "runs")])
+    assert results["status"] == "finished" and results["model_t"] == "resnet8"
+
+    # a local path (no copy, no download) and file:// read in place; per-file lines verify
+    manifest = manifest_file(tmp_path, line, f"{file_sha['resnet14']}  resnet14_vanilla/ckpt_epoch_240.pth")
+    out = fetch(dest, manifest, NAMES="resnet8 resnet14", ARCHIVE_URL=str(archive), FORCE="1")
+    assert out.returncode == 0, out.stderr
+    assert f"reading {archive}" in out.stdout and out.stdout.count("(SHA-256 verified)") == 2
+    assert sha256(own.read_bytes()) == file_sha["resnet14"]  # FORCE: replaced by the published file
+    out = fetch(dest, manifest, NAMES="resnet8 resnet14", ARCHIVE_URL=f"file://{archive}")
+    assert out.returncode == 0 and out.stdout.count("already there and verified") == 2
+
+
+def test_fetch_archive_without_any_checksum_refuses_unless_allowed(release, tmp_path):
+    root, archive, archive_sha, file_sha, url = release
+    dest = tmp_path / "models"
+    out = fetch(dest, NAMES="resnet8", ARCHIVE_URL=f"{url}/cifar_teachers.tar")  # the shipped manifest
+    assert out.returncode == 1 and "no checksum for resnet8_vanilla/ckpt_epoch_240.pth" in out.stderr
+    assert "ALLOW_UNVERIFIED=1" in out.stderr and "fetching" not in out.stdout and not dest.exists()
+    out = fetch(dest, NAMES="resnet8 resnet14", ARCHIVE_URL=f"{url}/cifar_teachers.tar", ALLOW_UNVERIFIED="1")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert out.stdout.count("UNVERIFIED") == 2 and f"{archive_sha}  cifar_teachers.tar" in lines
+    for name in ARCHIVE_NAMES:
+        assert f"{file_sha[name]}  {name}_vanilla/ckpt_epoch_240.pth" in lines
+        assert sha256((dest / f"{name}_vanilla" / "ckpt_epoch_240.pth").read_bytes()) == file_sha[name]
+    assert len(files_under(dest)) == 2  # the downloaded archive was a temporary file
+
+
+def test_fetch_archive_checksums_decide(release, tmp_path):
+    root, archive, archive_sha, file_sha, url = release
+    # one teacher has a per-file line, the archive none: that one is installed, the other refused up front
+    manifest = manifest_file(tmp_path, f"{file_sha['resnet14']}  resnet14_vanilla/ckpt_epoch_240.pth")
+    out = fetch(tmp_path / "a", manifest, NAMES="resnet8 resnet14", ARCHIVE_URL=str(archive))
+    assert out.returncode == 1 and "no checksum for resnet8_vanilla/ckpt_epoch_240.pth" in out.stderr
+    assert files_under(tmp_path / "a") == ["resnet14_vanilla/ckpt_epoch_240.pth"] and "SHA-256 verified" in out.stdout
+    # a wrong archive checksum: nothing installed
+    manifest = manifest_file(tmp_path, f"{'0' * 64}  cifar_teachers.tar")
+    out = fetch(tmp_path / "b", manifest, NAMES="resnet8", ARCHIVE_URL=str(archive))
+    assert out.returncode == 1 and "checksum mismatch for cifar_teachers.tar" in out.stderr and archive_sha in out.stderr
+    assert files_under(tmp_path / "b") == []
+    # the archive verifies but a file's own line does not: that file is refused
+    manifest = manifest_file(tmp_path, f"{archive_sha}  cifar_teachers.tar", f"{'1' * 64}  resnet8_vanilla/ckpt_epoch_240.pth")
+    out = fetch(tmp_path / "c", manifest, NAMES="resnet8 resnet14", ARCHIVE_URL=str(archive))
+    assert out.returncode == 1 and "checksum mismatch for resnet8_vanilla/ckpt_epoch_240.pth" in out.stderr
+    assert files_under(tmp_path / "c") == ["resnet14_vanilla/ckpt_epoch_240.pth"]
+
+
+def test_fetch_archive_unpacks_only_expected_regular_members(tmp_path):
+    escape = tmp_path / "escaped"
+    evil = tmp_path / "evil" / "cifar_teachers.tar"
+    evil.parent.mkdir()
+    good = checkpoint_bytes("resnet20", 3)
+    with tarfile.open(evil, "w") as tar:
+        add_member(tar, "../escaped/evil.pth", b"x")
+        add_member(tar, f"{escape}/absolute.pth", b"x")
+        add_member(tar, "cifar_teachers/resnet8_vanilla/ckpt_epoch_240.pth", kind=tarfile.SYMTYPE, link="/etc/passwd")
+        add_member(tar, "cifar_teachers/resnet14_vanilla/ckpt_epoch_240.pth", kind=tarfile.LNKTYPE,
+                   link="../escaped/evil.pth")
+        add_member(tar, "cifar_teachers/resnet20_vanilla/../../escaped/ckpt_epoch_240.pth", b"x")
+        add_member(tar, "./cifar_teachers/resnet20_vanilla/ckpt_epoch_240.pth", good)
+    dest = tmp_path / "models"
+    out = fetch(dest, NAMES="resnet8 resnet14 resnet20 resnet32", ARCHIVE_URL=str(evil), ALLOW_UNVERIFIED="1")
+    assert out.returncode == 1 and "4 teacher(s)" not in out.stderr and "3 teacher(s) not installed" in out.stderr
+    assert out.stderr.count("a link or other non-regular member") == 2
+    assert "has no cifar_teachers/resnet32_vanilla/ckpt_epoch_240.pth" in out.stderr
+    assert files_under(dest) == ["resnet20_vanilla/ckpt_epoch_240.pth"]  # no link, nothing else
+    assert (dest / "resnet20_vanilla" / "ckpt_epoch_240.pth").read_bytes() == good
+    assert not escape.exists() and files_under(tmp_path / "evil") == ["cifar_teachers.tar"]
+
+    page = tmp_path / "page" / "cifar_teachers.tar"  # e.g. an error page saved under the archive's name
+    page.parent.mkdir()
+    page.write_text("<html>rate limited</html>")
+    out = fetch(tmp_path / "m2", NAMES="resnet8 resnet14", ARCHIVE_URL=str(page), ALLOW_UNVERIFIED="1")
+    assert out.returncode == 1 and "not a readable tar archive" in out.stderr and "2 teacher(s)" in out.stderr
+    assert files_under(tmp_path / "m2") == []
+
+
+def test_fetch_archive_download_failure_and_source_choice(release, tmp_path, server):
+    root, archive, archive_sha, file_sha, url = release
+    manifest = manifest_file(tmp_path, f"{archive_sha}  cifar_teachers.tar")
+    out = fetch(tmp_path / "m", manifest, NAMES="resnet8", ARCHIVE_URL=f"{url}/missing/cifar_teachers.tar")
+    assert out.returncode == 1 and f"could not download {url}/missing/cifar_teachers.tar" in out.stderr
+    assert "ARCHIVE_URL=/path/to/cifar_teachers.tar" in out.stderr and "SOURCE=repdistiller" in out.stderr
+    assert files_under(tmp_path / "m") == []  # the partial download removed
+    out = fetch(tmp_path / "m", manifest, NAMES="resnet8", ARCHIVE_URL=str(tmp_path / "nowhere.tar"))
+    assert out.returncode == 1 and f"the archive {tmp_path / 'nowhere.tar'} does not exist" in out.stderr
+    out = fetch(tmp_path / "m", manifest, SOURCE="nope")
+    assert out.returncode == 2 and "SOURCE must be mdistiller or repdistiller" in out.stderr
+    # SOURCE=repdistiller reads BASE_URL even when ARCHIVE_URL is set
+    server_root, digest, server_manifest = server
+    out = fetch(tmp_path / "r", server_manifest, SOURCE="repdistiller", NAMES="resnet32x4",
+                BASE_URL=f"file://{server_root}", ARCHIVE_URL=str(archive))
+    assert out.returncode == 0 and "SHA-256 verified" in out.stdout and "cifar_teachers.tar" not in out.stdout
+
+
+# ---------------------------------------------------------------- `sh scripts/x.sh` (dash on Debian)
+DASH = shutil.which("dash")
+USER_SCRIPTS = sorted(p.name for p in (ROOT / "scripts").glob("*.sh") if p.name != "common.sh")
+GUARD = 'if [ -z "${BASH_VERSION:-}" ]; then'
+
+
+def sh_cases(release_root: Path) -> dict[str, tuple[tuple[str, ...], dict[str, str]]]:
+    """For each user script: arguments and environment of a run that prints its work (with arguments
+    that need quoting, to check they pass through unchanged)."""
+    return {
+        "run_cifar_distill.sh": (("--data_folder", "/da ta", "--epochs", "3"),
+                                 dict(PAIRS="resnet32x4:resnet8x4 vgg13:vgg8", METHODS="kd crd", TRIALS="1",
+                                      DRY_RUN="1", LAUNCH="torchrun --standalone --nproc_per_node 2")),
+        "run_cifar_vanilla.sh": (("--amp", "bf16", "--data_folder", "it's here"), dict(TEACHERS="vgg13", STUDENTS="vgg8",
+                                                                          DRY_RUN="1")),
+        "run_imagenet_distill.sh": (("--amp", "bf16",), dict(DRY_RUN="1", TEACHER="/t/teacher.pth", NPROC="4",
+                                                             METHODS="kd crd")),
+        "fetch_pretrained_teachers.sh": ((), dict(NAMES="resnet8 resnet14 bad-name",
+                                                  ARCHIVE_URL=str(release_root / "cifar_teachers.tar"))),
+    }
+
+
+def test_every_user_script_starts_with_the_bash_guard():
+    assert USER_SCRIPTS == ["fetch_pretrained_teachers.sh", "run_cifar_distill.sh", "run_cifar_vanilla.sh",
+                            "run_imagenet_distill.sh"]
+    for name in USER_SCRIPTS:
+        lines = (ROOT / "scripts" / name).read_text().splitlines()
+        code = [i for i, line in enumerate(lines) if line.strip() and not line.startswith("#")]
+        assert lines[code[0]].startswith(GUARD), name  # the first command, before any bash-only syntax
+        end = next(i for i in code if lines[i] == "fi")
+        if DASH:  # the lines dash reads before it hands over to bash are POSIX
+            head = "\n".join(lines[:end + 1]) + "\n"
+            assert subprocess.run([DASH, "-n"], input=head, text=True, capture_output=True).returncode == 0, name
+
+
+@pytest.mark.skipif(DASH is None, reason="dash is not installed: `sh scripts/x.sh` as on Debian cannot be run")
+@pytest.mark.parametrize("name", USER_SCRIPTS)
+def test_sh_runs_each_script_as_bash_does(name, release, tmp_path):
+    args, env = sh_cases(release[0])[name]
+    env = {**env, "DEST": str(tmp_path / "bash")} if name.startswith("fetch") else env
+    by_bash = script(name, *args, check=False, **env)
+    if name.startswith("fetch"):
+        env["DEST"] = str(tmp_path / "dash")
+    by_dash = script(name, *args, check=False, shell=DASH, **env)
+    if name.startswith("fetch"):  # refuses the unverified teachers, and a bad name
+        assert by_bash.returncode == 1 and "'bad-name' is not a model name" in by_bash.stderr
+        by_dash = subprocess.CompletedProcess(by_dash.args, by_dash.returncode, by_dash.stdout,
+                                              by_dash.stderr.replace(str(tmp_path / "dash"), str(tmp_path / "bash")))
+    else:
+        assert by_bash.returncode == 0 and by_bash.stdout.count("\n") >= 2
+    assert (by_dash.returncode, by_dash.stdout, by_dash.stderr) == (by_bash.returncode, by_bash.stdout, by_bash.stderr)
+    if name == "run_cifar_distill.sh":
+        assert all(line.endswith(" --data_folder '/da ta' --epochs 3") and line.startswith("torchrun ")
+                   for line in by_dash.stdout.splitlines())
+    if name == "run_cifar_vanilla.sh":
+        assert [train_teacher.parse_option(argv).model for argv in commands(by_dash, "train_teacher.py")] == \
+            ["vgg13", "vgg8"] and "--data_folder 'it'\\''s here'" in by_dash.stdout
+
+
+@pytest.mark.skipif(DASH is None, reason="dash is not installed")
+def test_sh_installs_a_teacher_and_says_when_bash_is_missing(release, tmp_path):
+    root, archive, archive_sha, file_sha, _ = release
+    manifest = manifest_file(tmp_path, f"{archive_sha}  cifar_teachers.tar")
+    out = script("fetch_pretrained_teachers.sh", shell=DASH, check=False, NAMES="resnet8", ARCHIVE_URL=str(archive),
+                 DEST=str(tmp_path / "models"), CHECKSUMS=str(manifest))
+    assert out.returncode == 0, out.stderr
+    assert sha256((tmp_path / "models" / "resnet8_vanilla" / "ckpt_epoch_240.pth").read_bytes()) == file_sha["resnet8"]
+    no_bash = tmp_path / "bin"
+    no_bash.mkdir()
+    out = subprocess.run([DASH, "scripts/run_cifar_distill.sh"], cwd=ROOT, capture_output=True, text=True,
+                         env={"PATH": str(no_bash), "DRY_RUN": "1"}, timeout=60)
+    assert out.returncode == 2 and out.stderr == "error: scripts/run_cifar_distill.sh needs bash, which is not installed\n"

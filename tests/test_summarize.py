@@ -67,8 +67,16 @@ def summary(runs_dir, tmp_path_factory):
     assert summarize.main([str(runs_dir), "--out", str(out)]) == 0
     md = (out / "summary.md").read_text()
     with open(out / "summary.csv", newline="") as f:
-        rows = {(r["pair"], r["method"]): r for r in csv.DictReader(f)}
+        rows = {(r["dataset"], r["pair"], r["method"]): r for r in csv.DictReader(f)}
     return out, md, rows
+
+
+def md_section(md: str, dataset: str) -> str:
+    """The section of summary.md for one data set (from its heading to the next)."""
+    parts = md.split("\n## ")
+    found = [part for part in parts[1:] if part.startswith(f"{dataset}: ")]
+    assert len(found) == 1, f"no section {dataset} in\n{md}"
+    return "## " + found[0]
 
 
 def md_row(md: str, pair: str, method: str) -> list[str]:
@@ -98,7 +106,8 @@ def test_paper_table_parser():
 
 
 def test_markdown_rows(summary):
-    _, md, _ = summary
+    _, whole, _ = summary
+    md = md_section(whole, "cifar100")
     n, last, best, paper, diff = md_row(md, PAIR, "crd")[2:]
     assert (n, last, paper, diff) == ("3", "75.50 ± 0.50", "75.51", "-0.01")
     assert best == f"{statistics.fmean(CRD_BEST):.2f} ± {statistics.stdev(CRD_BEST):.2f}"
@@ -115,11 +124,26 @@ def test_markdown_rows(summary):
     assert "wrn_40_2→wrn_16_2" not in md
     methods = [line.split("|")[2].strip() for line in md.splitlines() if line.startswith(f"| {PAIR.replace('->', '→')} ")]
     assert methods[:4] == ["teacher", "student", "kd", "hint"] and methods[-1] == "dkd" and len(methods) == 20
-    assert "ddof=1" in md and "- 1 unfinished run(s) left out" in md and "another data set" in md
+    assert "ddof=1" in whole and "- 1 unfinished run(s) left out" in whole and "another data set" not in whole
+    assert "- 10 run(s) counted from" in whole and "(cifar100 9, synthetic 1)" in whole
+
+
+def test_one_section_per_dataset(summary):
+    _, md, rows = summary
+    assert [line for line in md.splitlines() if line.startswith("## ")] == [
+        "## cifar100: 9 run(s), beside the published numbers (scripts/paper_tables.md)", "## synthetic: 1 run(s)"]
+    synthetic = md_section(md, "synthetic")
+    header = next(line for line in synthetic.splitlines() if line.startswith("| pair"))
+    assert "paper" not in header  # paper_tables.md is CIFAR-100's
+    assert md_row(synthetic, PAIR, "crd")[2:] == ["1", "40.00 ± –", "41.00 ± –"]
+    assert md_row(md_section(md, "cifar100"), PAIR, "crd")[2] == "3"  # the synthetic run is not a cifar100 trial
+    assert rows[("synthetic", PAIR, "crd")]["last_mean"] == "40.0" and rows[("synthetic", PAIR, "crd")]["paper"] == ""
+    assert {d for d, _, _ in rows} == {"cifar100", "synthetic"}
 
 
 def test_csv_values(summary):
-    _, _, rows = summary
+    _, _, all_rows = summary
+    rows = {(pair, method): row for (dataset, pair, method), row in all_rows.items() if dataset == "cifar100"}
     crd = rows[(PAIR, "crd")]
     assert int(crd["n"]) == 3 and crd["trials"] == "0;1;2"
     assert float(crd["last_mean"]) == statistics.fmean(CRD_LAST)
@@ -140,7 +164,8 @@ def test_plots(summary):
     from PIL import Image
     out, _, _ = summary
     for name in ("accuracy_resnet32x4_to_resnet8x4.png", "curves_resnet32x4_to_resnet8x4.png",
-                 "accuracy_resnet14_to_resnet8.png", "curves_resnet56.png"):
+                 "accuracy_resnet14_to_resnet8.png", "curves_resnet56.png",
+                 "accuracy_synthetic_resnet32x4_to_resnet8x4.png", "curves_synthetic_resnet32x4_to_resnet8x4.png"):
         path = out / name
         assert path.stat().st_size > 0, name
         with Image.open(path) as image:
@@ -161,16 +186,43 @@ def test_command_line(runs_dir, tmp_path):
     assert {"summary.md", "summary.csv", "accuracy_resnet32x4_to_resnet8x4.png"} <= {p.name for p in folder.iterdir()}
 
 
-def test_other_dataset_and_running(runs_dir, tmp_path):
-    assert summarize.main([str(runs_dir), "--out", str(tmp_path / "syn"), "--dataset", "synthetic",
-                           "--no_plots"]) == 0
+def test_dataset_filter_and_running(runs_dir, tmp_path):
+    assert summarize.main([str(runs_dir), "--out", str(tmp_path / "syn"), "--dataset", "synthetic"]) == 0
     md = (tmp_path / "syn" / "summary.md").read_text()
+    assert [line for line in md.splitlines() if line.startswith("## ")] == ["## synthetic: 1 run(s)"]
     header = next(line for line in md.splitlines() if line.startswith("| pair"))
     assert "paper" not in header and md_row(md, PAIR, "crd")[2:] == ["1", "40.00 ± –", "41.00 ± –"]
+    assert "10 run(s) of another data set left out (cifar100; see --dataset)" in md
+    assert sorted(p.name for p in (tmp_path / "syn").glob("*.png")) == [
+        "accuracy_synthetic_resnet32x4_to_resnet8x4.png", "curves_synthetic_resnet32x4_to_resnet8x4.png"]
+    assert summarize.main([str(runs_dir), "--out", str(tmp_path / "c"), "--dataset", "cifar100", "--no_plots"]) == 0
+    md = (tmp_path / "c" / "summary.md").read_text()
+    assert [line.split(":")[0] for line in md.splitlines() if line.startswith("## ")] == ["## cifar100"]
+    assert "1 run(s) of another data set left out (synthetic; see --dataset)" in md
     assert summarize.main([str(runs_dir), "--out", str(tmp_path / "all"), "--include_running", "--no_plots"]) == 0
     md = (tmp_path / "all" / "summary.md").read_text()
-    assert md_row(md, PAIR, "crd")[2] == "4"
+    assert md_row(md_section(md, "cifar100"), PAIR, "crd")[2] == "4"
     assert summarize.main([str(runs_dir), "--out", str(tmp_path / "none"), "--dataset", "imagenet"]) == 1
+
+
+def test_dataset_from_args_and_unknown(tmp_path):
+    """Runs that record the data set only in ``args``, or not at all, get sections of their own."""
+    write_run(tmp_path / "runs", label="kd", model="resnet8", model_t="resnet14", trial=0, last=50.0, best=51.0,
+              dataset="imagenet")
+    write_run(tmp_path / "runs", label="kd", model="resnet8", model_t="resnet14", trial=1, last=30.0, best=31.0,
+              dataset="old")
+    for folder, args in (("imagenet", {"dataset": "imagenet"}), ("old", {})):
+        path = next((tmp_path / "runs").glob(f"*_{folder}_kd_*")) / "results.json"
+        data = json.loads(path.read_text())
+        del data["dataset"]
+        data["args"] = args
+        path.write_text(json.dumps(data))
+    assert summarize.main([str(tmp_path / "runs"), "--no_plots"]) == 0
+    md = (tmp_path / "runs" / "summary.md").read_text()
+    assert [line for line in md.splitlines() if line.startswith("## ")] == ["## imagenet: 1 run(s)",
+                                                                           "## unknown: 1 run(s)"]
+    assert md_row(md_section(md, "imagenet"), "resnet14->resnet8", "kd")[2:] == ["1", "50.00 ± –", "51.00 ± –"]
+    assert md_row(md_section(md, "unknown"), "resnet14->resnet8", "kd")[2:] == ["1", "30.00 ± –", "31.00 ± –"]
 
 
 def test_plots_skipped_without_matplotlib(runs_dir, tmp_path, monkeypatch, capsys):
