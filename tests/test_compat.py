@@ -295,7 +295,8 @@ def test_dataset_cifar100_loader_functions(tmp_path):
     test_img, test_target = next(iter(test))
     assert test_img.shape == (4, 3, 32, 32) and test_target.tolist() == [0, 1, 2, 3]  # in order
 
-    train, _, n_data = get_cifar100_dataloaders(batch_size=8, num_workers=0, is_instance=True, data_folder=root, allow_modified=True)
+    train, _, n_data = get_cifar100_dataloaders(batch_size=8, num_workers=0, is_instance=True, data_folder=root,
+                                                allow_modified=True)
     img, target, index = next(iter(train))
     assert n_data == 200 and torch.equal(target, index % 100)
 
@@ -310,12 +311,12 @@ def test_dataset_cifar100_loader_functions(tmp_path):
 def test_dataset_imagenet_loader_functions(tmp_path):
     from dataset.imagenet import get_dataloader_sample, get_imagenet_dataloader
     root = str(write_fake_imagenet(tmp_path / "imagenet"))  # 3 classes, 4 + 2 + 3 training images
-    train, val = get_imagenet_dataloader(batch_size=2, num_workers=0, data_folder=root, allow_modified=True)
+    train, val = get_imagenet_dataloader(batch_size=2, num_workers=0, data_folder=root)
     img, target = next(iter(train))
     assert img.shape == (2, 3, 224, 224) and target.shape == (2,) and len(train.dataset) == 9
     assert next(iter(val))[0].shape[1:] == (3, 224, 224)
     train, _, n_data, num_classes = get_dataloader_sample(batch_size=3, num_workers=0, is_sample=True, k=2,
-                                                          data_folder=root, allow_modified=True)
+                                                          data_folder=root)
     img, target, index, contrast_idx = next(iter(train))
     assert (n_data, num_classes) == (9, 3) and contrast_idx.shape == (3, 3)
     assert torch.equal(contrast_idx[:, 0], index)

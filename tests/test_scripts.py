@@ -433,7 +433,7 @@ def test_fetch_archive_verified_unpacks_the_names_asked_and_train_student_loads_
                                   "--synthetic_train", "2", "--synthetic_test", "1", "--model_s", "resnet8",
                                   "--distill", "kd", "--batch_size", "8", "--max_steps", "1", "--epochs", "1",
                                   "--num_workers", "0", "--device", "cpu", "--save_folder", str(tmp_path / "runs")])
-    assert results["status"] == "finished" and results["model_t"] == "resnet8"
+    assert results["status"] == "stopped" and results["model_t"] == "resnet8"
 
     # a local path (no copy, no download) and file:// read in place; per-file lines verify
     manifest = manifest_file(tmp_path, line, f"{file_sha['resnet14']}  resnet14_vanilla/ckpt_epoch_240.pth")
