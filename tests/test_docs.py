@@ -1,0 +1,156 @@
+"""Every command in the README and docs/ works as written: the shell lines of their ```bash
+blocks are extracted; training commands on the synthetic set run for real (with tiny-run flags
+appended), in document order in a scratch folder, so that a command may use what an earlier one
+made; the others are parsed by the scripts' own parsers, and the launch scripts run with DRY_RUN=1."""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+import train_student
+import train_teacher
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+# appended to the commands that run for real: a couple of steps, a small validation set
+TINY = ["--max_steps", "2", "--val_subset", "100", "--batch_size", "16"]
+SCRIPTS = {"train_teacher.py": train_teacher, "train_student.py": train_student}
+DRY_RUN_SCRIPTS = ("run_cifar_vanilla.sh", "run_cifar_distill.sh", "run_imagenet_distill.sh")
+
+
+@dataclass
+class Command:
+    doc: str
+    line: int
+    text: str
+    env: dict[str, str] = field(default_factory=dict)
+    argv: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return f"{self.doc}:{self.line}: {self.text}"
+
+
+def commands(path: Path) -> list[Command]:
+    """The commands of ``path``'s ```bash blocks: continuation lines joined, comments and
+    pipes to a pager dropped, leading ``VAR=value`` words split off as the environment."""
+    found, block, pending, start = [], False, "", 0
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.startswith("```"):
+            block = line.strip() == "```bash"
+            continue
+        if not block:
+            continue
+        if not pending:
+            start = number
+        pending += line.rstrip("\\").rstrip() + " " if line.endswith("\\") else line
+        if line.endswith("\\"):
+            continue
+        words = shlex.split(pending.split(" | ")[0], comments=True)
+        text, pending = pending.strip(), ""
+        if not words:
+            continue
+        env = {}
+        while words and re.fullmatch(r"[A-Z_]+=.*", words[0]):
+            key, value = words.pop(0).split("=", 1)
+            env[key] = value
+        found.append(Command(path.relative_to(ROOT).as_posix(), start, text, env, words))
+    return found
+
+
+ALL = [c for doc in DOCS for c in commands(doc)]
+
+
+def test_the_documents_have_commands():
+    assert len(ALL) > 30 and {c.doc for c in ALL} >= {"README.md", "docs/usage.md", "docs/reproducing.md"}
+
+
+def script_and_args(argv: list[str]) -> tuple[str, list[str]]:
+    """``train_x.py`` and its arguments, from ``python train_x.py ...`` or ``torchrun ... train_x.py ...``."""
+    at = next(i for i, word in enumerate(argv) if word.endswith(".py"))
+    return Path(argv[at]).name, argv[at + 1:]
+
+
+def runs_here(command: Command) -> bool:
+    """A training command that runs on this CPU in seconds: on the synthetic set, no GPU."""
+    _, args = script_and_args(command.argv)
+    return "synthetic" in args and "cuda" not in args
+
+
+TRAINING = [c for c in ALL if c.argv[0] in ("python", "torchrun") and script_and_args(c.argv)[0] in SCRIPTS]
+
+
+@pytest.mark.parametrize("command", [c for c in TRAINING if not runs_here(c)], ids=str)
+def test_training_commands_parse(command, capsys):
+    script, args = script_and_args(command.argv)
+    opt = SCRIPTS[script].parse_option(args)
+    assert opt.arch and opt.learning_rate > 0
+
+
+@pytest.mark.parametrize("doc", sorted({c.doc for c in TRAINING if runs_here(c)}))
+def test_synthetic_commands_run_as_written(doc, tmp_path, monkeypatch):
+    """In document order, in one scratch folder: a teacher command makes the checkpoint a
+    student command of the same document names."""
+    monkeypatch.chdir(tmp_path)
+    for command in [c for c in TRAINING if c.doc == doc and runs_here(c)]:
+        script, args = script_and_args(command.argv)
+        if command.argv[0] == "torchrun":
+            launcher = command.argv[1:command.argv.index(next(w for w in command.argv if w.endswith(".py")))]
+            out = subprocess.run([sys.executable, "-m", "torch.distributed.run", *launcher, str(ROOT / script),
+                                  *args, *TINY], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                                 env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+            assert out.returncode == 0, f"{command}\n{out.stderr[-3000:]}"
+            continue
+        results = SCRIPTS[script].main(args + TINY)
+        assert results["steps"] == 2 and results["last_acc"] is not None, command
+
+
+@pytest.mark.parametrize("command", [c for c in ALL if c.argv[0] == "python" and c.argv[1].startswith("scripts/")],
+                         ids=str)
+def test_python_scripts_exist_and_parse(command, tmp_path):
+    path = ROOT / command.argv[1]
+    assert path.is_file(), command
+    if path.name == "benchmark.py":
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("benchmark", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.build_parser().parse_args(module.join_flag_values(command.argv[2:]))
+    elif path.name == "summarize.py":  # on an empty folder: it runs and says there is nothing yet
+        (tmp_path / "save").mkdir()
+        out = subprocess.run([sys.executable, str(path), *command.argv[2:]], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode != 0 and "error: no" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("command", [c for c in ALL if c.argv[0] in ("bash", "sh")], ids=str)
+def test_shell_scripts_run_dry_or_parse(command):
+    path = ROOT / command.argv[1]
+    assert path.is_file(), command
+    if path.name in DRY_RUN_SCRIPTS:
+        out = subprocess.run([command.argv[0], str(path), *command.argv[2:]], capture_output=True, text=True,
+                             timeout=120, env={**os.environ, **command.env, "DRY_RUN": "1"})
+        assert out.returncode == 0 and out.stdout.strip(), f"{command}\n{out.stderr}"
+        runs = [shlex.split(line) for line in out.stdout.splitlines() if re.search(r"train_\w+\.py", line)]
+        assert runs, out.stdout
+        for argv in runs:  # each printed training command parses
+            script, args = script_and_args(argv)
+            assert SCRIPTS[script].parse_option(args).arch
+    else:
+        assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
+
+
+def test_make_targets_exist():
+    targets = set(re.findall(r"^([a-z]+):", (ROOT / "Makefile").read_text(), re.MULTILINE))
+    assert {c.argv[1] for c in ALL if c.argv[0] == "make"} <= targets
+
+
+def test_every_command_is_covered():
+    known = {"python", "torchrun", "bash", "sh", "make", "source", "tensorboard"}
+    assert {c.argv[0] for c in ALL} <= known, [str(c) for c in ALL if c.argv[0] not in known]
