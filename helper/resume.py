@@ -139,9 +139,12 @@ def _claim(folder: Path, resume: Path | None, overwrite: bool, resume_asked: boo
         raise UserError(f"cannot write into the run folder {folder} ({err.strerror or err}): choose a writable "
                         "--save_folder") from None
     remove_temporaries(folder)
-    if resume is not None:
-        return
     held = sorted(p.name for p in folder.glob("*.pth"))
+    if resume is not None:
+        if held and resume.resolve().parent != folder.resolve():
+            raise UserError(f"--resume {resume} continues into {folder}, which holds another run's checkpoints "
+                            f"({', '.join(held[:3])}): resume in that run's own folder (--save_folder), or move them")
+        return
     if not held:
         return
     if not overwrite and resume_asked:

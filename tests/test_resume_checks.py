@@ -160,3 +160,20 @@ def test_resume_auto_without_a_last_checkpoint_to_continue(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_teacher.main(args + ["--resume", "auto"])
     assert "none to continue from" in only_error_line(capsys)
+
+
+def test_resume_from_elsewhere_never_writes_over_another_run(tmp_path, capsys):
+    args = TEACHER + ["--epochs", "2", "--max_steps", str(STEPS_PER_EPOCH)]
+    train_teacher.main(args + ["--save_folder", str(tmp_path / "a")])
+    train_teacher.main(args + ["--save_folder", str(tmp_path / "b")])
+    (elsewhere,) = (tmp_path / "a").glob("*/resnet8_last.pth")
+    (folder,) = (tmp_path / "b").iterdir()
+    before = digests(folder)
+    with pytest.raises(SystemExit):
+        train_teacher.main(args + ["--save_folder", str(tmp_path / "b"), "--resume", str(elsewhere)])
+    assert "holds another run's checkpoints" in only_error_line(capsys)
+    assert digests(folder) == before
+    # into a new folder it continues
+    moved = train_teacher.main(args + ["--save_folder", str(tmp_path / "c"), "--resume", str(elsewhere),
+                                       "--max_steps", "0"])
+    assert moved["status"] == "finished" and [h["epoch"] for h in moved["history"]] == [1, 2]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -123,3 +124,16 @@ def test_imagenet_folder_with_imagenet_resnet(tmp_path):
     state = torch.load(next((tmp_path / "save").glob("ResNet18_imagenet_*/ResNet18_last.pth")), weights_only=True)
     assert state["arch"] == "ResNet18" and state["num_classes"] == 3
     assert state["model"]["fc.weight"].shape == (3, 512)  # torchvision's layout
+
+
+def test_print_freq_gives_progress_lines_in_a_log(tmp_path):
+    """stdout is a pipe here, as in a cluster's log: a line every --print_freq steps."""
+    out = run_script("--model", "resnet8", "--dataset", "synthetic", "--synthetic_classes", "4",
+                     "--synthetic_train", "16", "--synthetic_test", "4", "--batch_size", "8", "--epochs", "1",
+                     "--print_freq", "3", "--num_workers", "0", "--device", "cpu", "--save_folder", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stdout.splitlines() if line.startswith("epoch 1 [")]
+    assert [line.split("]")[0] for line in lines] == ["epoch 1 [3/8", "epoch 1 [6/8"]
+    for line in lines:
+        assert re.search(r"loss \d+\.\d+ \(ce \d", line) and "top-1 " in line and " img/s" in line
+        assert re.search(r"eta \d+:\d\d:\d\d$", line)
