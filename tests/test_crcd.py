@@ -307,6 +307,7 @@ def teachers(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("teacher, student", [("resnet32x4", "resnet8x4"), ("vgg13", "MobileNetV2")])
 def test_train_student_two_steps(teacher, student, teachers, tmp_path):
     results = train_student.main([

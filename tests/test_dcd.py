@@ -120,6 +120,7 @@ def teacher_path(tmp_path_factory) -> Path:
     return folder / "ckpt_epoch_240.pth"
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("weights, terms", [([], ["ce", "dcd"]), (["-a", "1", "-b", "1"], ["ce", "kd", "dcd"])])
 def test_train_student_two_steps(weights, terms, teacher_path, tmp_path):
     results = train_student.main([

@@ -110,6 +110,7 @@ def test_flags_and_published_weights():
     assert (opt.gamma, opt.alpha, opt.beta) == (1.0, 0.0, 1.0)
 
 
+@pytest.mark.e2e
 def test_train_student_two_steps(tmp_path):
     folder = tmp_path / "resnet32x4_vanilla"
     folder.mkdir()

@@ -301,6 +301,7 @@ TINY = ["--dataset", "synthetic", "--synthetic_classes", "4", "--synthetic_train
         "--batch_size", "8", "--epochs", "1", "--max_steps", "2", "--device", "cpu"]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("loader", ["tensor", "torchvision"])
 def test_scripts_run_with_either_loader(tmp_path, loader):
     flags = TINY + ["--loader", loader, "--num_workers", "0"]

@@ -234,6 +234,7 @@ def test_flags_and_defaults():
     assert (opt.wcord_eps, opt.wcord_iters) == (0.1, 30)
 
 
+@pytest.mark.e2e
 def test_train_student_end_to_end(tmp_path):
     folder = tmp_path / "resnet32x4_vanilla"
     folder.mkdir()
