@@ -21,6 +21,9 @@ from distiller_zoo import (DKDLoss, FSP, KDSVD, ABLoss, Attention, Correlation, 
 from distiller_zoo._common import fp32, to_fp32
 from distiller_zoo.registry import Batch, Distiller, NetOutput, build_distiller, method_names
 from models import build_model
+from tests.tolerance import AMP, FP32, assert_close
+
+pytestmark = pytest.mark.numeric
 
 BF16 = torch.bfloat16
 # resnet14 -> resnet8: equal channel counts (16, 16, 32, 64), so fsp and kdsvd are served too.
@@ -32,7 +35,7 @@ B, N_DATA, K = 8, 64, 16
 # 2.3e-2: the random teacher's pooled features differ between samples by only ~5% of their norm,
 # so the ~1% rounding of a bf16 forward pass is a sizeable part of the distances and angles
 # RKD compares (RKD of the same features merely rounded to bf16 moves by 0.4%).
-RTOL, ATOL = 2e-2, 1e-6
+RTOL = AMP
 RTOL_OF = {"rkd": 6e-2}
 # KDSVD's value is not a continuous function of the features: the sign of each leading singular
 # vector is arbitrary (LAPACK's choice), and the RBF between consecutive layers depends on the
@@ -52,8 +55,8 @@ def _opt() -> SimpleNamespace:
                            nce_t=0.07, nce_m=0.5, crcd_k=K, learning_rate=0.05, momentum=0.9, weight_decay=5e-4)
 
 
-@pytest.fixture(scope="module")
-def setup():
+def make_setup() -> tuple[nn.Module, nn.Module, Batch]:
+    """The student (train mode), the teacher (eval mode) and one batch of B samples, from seed 0."""
     torch.manual_seed(0)
     teacher = build_model(TEACHER, num_classes=10).eval()
     student = build_model(STUDENT, num_classes=10).train()
@@ -64,13 +67,19 @@ def setup():
     return student, teacher, batch
 
 
+@pytest.fixture(scope="module")
+def setup():
+    return make_setup()
+
+
 def _terms(distiller: Distiller, student: nn.Module, teacher: nn.Module, batch: Batch,
-           amp: bool) -> dict[str, torch.Tensor]:
-    """The method's terms for ``batch``, student and teacher forward and the distiller under bf16
-    autocast when ``amp``; an init stage's loss is the term ``init``, kd's term is the loop's KL.
-    The terms are then back-propagated (the student's gradients are left in its parameters)."""
+           amp: bool, dtype: torch.dtype = BF16) -> dict[str, torch.Tensor]:
+    """The method's terms for ``batch``, student and teacher forward and the distiller under
+    autocast to ``dtype`` on the batch's device when ``amp``; an init stage's loss is the term
+    ``init``, kd's term is the loop's KL. The terms are then back-propagated (the student's
+    gradients are left in its parameters)."""
     student.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=BF16, enabled=amp):
+    with torch.autocast(batch.img.device.type, dtype=dtype, enabled=amp):
         s = NetOutput(*student(batch.img, is_feat=True, preact=distiller.preact))
         with torch.no_grad():
             t = NetOutput(*teacher(batch.img, is_feat=True, preact=distiller.preact))
@@ -90,27 +99,33 @@ def _student_grad(student: nn.Module) -> torch.Tensor:
 
 @pytest.mark.parametrize("method", method_names())
 def test_method_under_bf16_autocast(method: str, setup) -> None:
-    student, teacher, batch = setup
+    check_method_under_autocast(method, *setup, BF16)
+
+
+def check_method_under_autocast(method: str, student: nn.Module, teacher: nn.Module, batch: Batch,
+                                dtype: torch.dtype) -> None:
+    """The method's terms under ``dtype`` autocast (on the device of the networks and ``batch``)
+    against fp32: float32, finite, within the tolerances above; the student's gradients finite
+    and aligned with fp32's."""
     torch.manual_seed(2)
-    reference = build_distiller(method, _opt(), student, teacher, batch.img[:2]).train()
+    reference = build_distiller(method, _opt(), student, teacher, batch.img[:2]).train().to(batch.img.device)
     mixed = copy.deepcopy(reference)  # the same heads and memory banks to start from
     mixed.bind(student, teacher)      # the networks themselves, not copies of them
 
     expected = _terms(reference, student, teacher, batch, amp=False)
     grad_fp32 = _student_grad(student)
-    got = _terms(mixed, student, teacher, batch, amp=True)
-    grad_bf16 = _student_grad(student)
+    got = _terms(mixed, student, teacher, batch, amp=True, dtype=dtype)
+    grad_mixed = _student_grad(student)
 
     assert got.keys() == expected.keys()
     for name, value in got.items():
         assert value.dtype == torch.float32 and value.dim() == 0, (name, value.dtype, value.shape)
         assert torch.isfinite(value), name
         if method not in NOT_COMPARED:
-            torch.testing.assert_close(value, expected[name], rtol=RTOL_OF.get(method, RTOL), atol=ATOL,
-                                       msg=lambda m: f"{name}: {m}")
-    assert grad_bf16.numel() > 0 and torch.isfinite(grad_bf16).all()
-    assert grad_bf16.abs().sum() > 0, "no gradient reached the student"
-    assert F.cosine_similarity(grad_bf16, grad_fp32, dim=0) > GRAD_COSINE_OF.get(method, GRAD_COSINE)
+            assert_close(value, expected[name], rtol=RTOL_OF.get(method, RTOL), msg=name)
+    assert grad_mixed.numel() > 0 and torch.isfinite(grad_mixed).all()
+    assert grad_mixed.abs().sum() > 0, "no gradient reached the student"
+    assert F.cosine_similarity(grad_mixed, grad_fp32, dim=0) > GRAD_COSINE_OF.get(method, GRAD_COSINE)
     for p in mixed.parameters():
         assert p.grad is None or torch.isfinite(p.grad).all()
 
@@ -125,7 +140,7 @@ def test_distill_kl_computes_in_fp32(dtype: torch.dtype, autocast: bool) -> None
         loss = DistillKL(4)(y_s, y_t)
     expected = DistillKL(4)(y_s.detach().float(), y_t.float())  # fp32 on the same rounded logits
     assert loss.dtype == torch.float32
-    torch.testing.assert_close(loss.detach(), expected, rtol=1e-3, atol=0)
+    assert_close(loss, expected, rtol=FP32)
     loss.backward()
     assert y_s.grad.dtype == dtype and torch.isfinite(y_s.grad).all()
 
@@ -168,7 +183,7 @@ def test_loss_classes_are_fp32_islands(case: str) -> None:
     got, expected = (got, expected) if isinstance(got, list) else ([got], [expected])
     for value, reference in zip(got, expected):
         assert value.dtype == torch.float32 and torch.isfinite(value).all()
-        torch.testing.assert_close(value, reference, rtol=0, atol=0)
+        assert torch.equal(value, reference)
 
 
 def test_fp32_helper_leaves_float32_and_float64_alone() -> None:

@@ -16,6 +16,7 @@ import torch
 
 import train_student
 from helper.runtime import setup_runtime
+from tests.tolerance import FP32, FP64, approx, assert_close
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
@@ -62,7 +63,7 @@ def test_report_fields(report):
         # The phases are disjoint intervals of the step and "other" is the rest, so the shares
         # sum to 100 up to float rounding; each is in [0, 100].
         assert all(0 <= v <= 100 for v in c["share"].values())
-        assert sum(c["share"].values()) == pytest.approx(100, abs=1e-6)
+        assert sum(c["share"].values()) == approx(100, rtol=FP64)
     crd = next(c for c in configs if c["method"] == "crd" and not c["baseline"])
     assert crd["weights"] == {"gamma": 1.0, "alpha": 0.0, "beta": 0.8} and crd["nce_k"] == 32
     assert "--no_such_flag" not in configs[2]["argv"] and "torchvision" in configs[2]["argv"]
@@ -130,7 +131,7 @@ def test_phased_step_gives_the_real_gradients(method, tmp_path):
         grads.append([p.grad.clone() for p in step.parameters() if p.grad is not None])
     assert len(grads[0]) == len(grads[1]) > 0
     for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert_close(a, b, rtol=FP32)
 
 
 @pytest.mark.skipif(subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True).returncode != 0,
@@ -147,7 +148,7 @@ def test_baseline_ref_runs_the_code_of_a_commit_in_a_child_process(tmp_path):
                               True, commit)
     result = benchmark.measure_isolated(config, args, tmp_path / "teachers", str(tmp_path / "runs"), code)
     assert result["commit"] == commit and result["dropped_flags"] == ["--no_such_flag"]
-    assert result["images_per_s"] > 0 and sum(result["share"].values()) == pytest.approx(100, abs=1e-6)
+    assert result["images_per_s"] > 0 and sum(result["share"].values()) == approx(100, rtol=FP64)
 
 
 def test_child_reports_a_user_error(tmp_path):

@@ -17,8 +17,13 @@ from crd import CRCDLoss, CRDLoss, ContrastLoss, ContrastMemory
 from crd.crcd import relation_scores, relation_scores_from_bank
 import crd.memory as memory_module
 from crd.memory import choose_score_mode, matmul_nt
+from tests.tolerance import FP32, FP64, assert_close
 
-TOL = dict(rtol=1e-5, atol=1e-6)
+pytestmark = pytest.mark.numeric
+
+# The two modes do the same arithmetic in another order (a GEMM's sums vs a gather's): float32
+# rounding, relative to each quantity's magnitude.
+TOL = dict(rtol=FP32)
 DIM, BATCH = 128, 16
 
 
@@ -63,17 +68,17 @@ def test_matmul_and_gather_agree_over_two_steps(n_data, k, relax, z_momentum):
                                  memory_v2=memory.memory_v2.clone())
             # the direct computation, on the banks as they were scored
             temperature = float(memory.params[1])
-            torch.testing.assert_close(out_v1 * memory.params[2], direct_scores(banks[1], idx, v1, temperature), **TOL)
-            torch.testing.assert_close(out_v2 * memory.params[3], direct_scores(banks[0], idx, v2, temperature), **TOL)
+            assert_close(out_v1 * memory.params[2], direct_scores(banks[1], idx, v1, temperature), **TOL)
+            assert_close(out_v2 * memory.params[3], direct_scores(banks[0], idx, v2, temperature), **TOL)
             if mode == "matmul":
                 a_ref, b_ref = v1.clone().requires_grad_(True), v2.clone().requires_grad_(True)
                 p1 = direct_scores(banks[1], idx, a_ref, temperature) / memory.params[2]
                 p2 = direct_scores(banks[0], idx, b_ref, temperature) / memory.params[3]
                 (criterion(p1) + criterion(p2)).backward()
-                torch.testing.assert_close(a.grad, a_ref.grad, **TOL)
-                torch.testing.assert_close(b.grad, b_ref.grad, **TOL)
+                assert_close(a.grad, a_ref.grad, **TOL)
+                assert_close(b.grad, b_ref.grad, **TOL)
         for name, value in results["matmul"].items():
-            torch.testing.assert_close(value, results["gather"][name], **TOL, msg=f"{name}, step {step}")
+            assert_close(value, results["gather"][name], **TOL, msg=f"{name}, step {step}")
         # the update is the same arithmetic on the same rows: identical banks
         assert torch.equal(results["matmul"]["memory_v1"], results["gather"]["memory_v1"])
         assert torch.equal(results["matmul"]["memory_v2"], results["gather"]["memory_v2"])
@@ -99,9 +104,9 @@ def test_crd_loss_gradients_through_the_heads_equal_the_other_mode(mode):
             loss.backward()
             grads.append([loss, x.grad] + [p.grad for p in model.parameters()])
         for got, expected in zip(*grads):
-            torch.testing.assert_close(got, expected, **TOL)
+            assert_close(got, expected, **TOL)
         assert torch.equal(criterion.contrast.memory_v1, reference.contrast.memory_v1)
-        torch.testing.assert_close(criterion.contrast.params, reference.contrast.params, **TOL)
+        assert_close(criterion.contrast.params, reference.contrast.params, **TOL)
 
 
 @pytest.mark.parametrize("mode", ["matmul", "gather"])
@@ -131,8 +136,8 @@ def test_backward_after_later_steps_uses_the_rows_as_scored(mode):
         expected = ((direct_scores(banks[step][1], idx, a, temperature) / z1 * weights[0]).sum()
                     + (direct_scores(banks[step][0], idx, b, temperature) / z2 * weights[1]).sum())
         expected.backward()
-        torch.testing.assert_close(leaves[2 * step].grad, a.grad, **TOL)
-        torch.testing.assert_close(leaves[2 * step + 1].grad, b.grad, **TOL)
+        assert_close(leaves[2 * step].grad, a.grad, **TOL)
+        assert_close(leaves[2 * step + 1].grad, b.grad, **TOL)
 
 
 def test_a_bank_changed_elsewhere_before_backward_is_refused():
@@ -151,10 +156,11 @@ def test_matmul_nt_is_a_times_b_transposed(dtype, onednn, monkeypatch):
     monkeypatch.setattr(memory_module, "_onednn_gemm", onednn)
     torch.manual_seed(6)
     a, bank, g = torch.randn(7, DIM, dtype=dtype), torch.randn(900, DIM, dtype=dtype), torch.randn(7, 900, dtype=dtype)
-    # unnormalised sums of 128 and 900 products (about 11 and 30 in size): float32 rounding ~ 1e-5
-    torch.testing.assert_close(matmul_nt(a, bank), a @ bank.T, rtol=1e-5, atol=5e-5)
-    torch.testing.assert_close(matmul_nt(g, bank.T), g @ bank, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(matmul_nt(a[:1], bank), a[:1] @ bank.T, rtol=1e-5, atol=5e-5)
+    # the same sums of 128 and 900 products in another order
+    rtol = FP64 if dtype == torch.float64 else FP32
+    assert_close(matmul_nt(a, bank), a @ bank.T, rtol=rtol)
+    assert_close(matmul_nt(g, bank.T), g @ bank, rtol=rtol)
+    assert_close(matmul_nt(a[:1], bank), a[:1] @ bank.T, rtol=rtol)
 
 
 def test_matmul_mode_without_onednn_equals_gather(monkeypatch):
@@ -198,7 +204,7 @@ def test_chunks_of_anchors_give_the_same_scores_and_gradients(mode, monkeypatch)
         ((out_v1 + out_v2) * weights).sum().backward()
         results.append((out_v1, out_v2, a.grad, b.grad, model.memory_v1, model.params))
     for got, expected in zip(*results):
-        torch.testing.assert_close(got, expected, **TOL)
+        assert_close(got, expected, **TOL)
 
 
 class LargestAllocation(TorchDispatchMode):
@@ -263,9 +269,9 @@ def test_crcd_relation_scores_from_the_bank_equal_the_gathered_rows():
         (cos * weights).sum().backward()
         results.append((cos, e.grad))
     direct = relation_scores(e.detach(), bank[idx], bank[contrast], contrast, idx)
-    torch.testing.assert_close(results[0][0], direct, **TOL)
+    assert_close(results[0][0], direct, **TOL)
     for got, expected in zip(*results):
-        torch.testing.assert_close(got, expected, **TOL)
+        assert_close(got, expected, **TOL)
 
 
 @pytest.mark.parametrize("grad_weight", [0.0, 1.0])
@@ -292,4 +298,4 @@ def test_crcd_loss_equal_in_both_modes_over_two_steps(grad_weight):
             results.append([*terms.values(), x.grad, g.grad if grad_weight else x.grad]
                            + [p.grad for p in model.parameters()] + list(model.buffers()))
         for got, expected in zip(*results):
-            torch.testing.assert_close(got, expected, **TOL)
+            assert_close(got, expected, **TOL)

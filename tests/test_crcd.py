@@ -21,6 +21,9 @@ from crd.crcd import ce_feature_grad, relation_scores
 from distiller_zoo.registry import Batch, NetOutput, build_distiller, get_method
 from helper.errors import UserError
 from models import build_model, get_classifier
+from tests.tolerance import FP32, FP32_DEEP, FP64, assert_close
+
+pytestmark = pytest.mark.numeric
 
 
 def small_opt(**kw) -> SimpleNamespace:
@@ -50,8 +53,8 @@ def batch_case(n_data: int, batch: int, k: int, seed: int = 0) -> tuple[torch.Te
 
 # --- relation scores from dot products ----------------------------------------------------
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
-def test_relation_scores_equal_explicit_differences(dtype, tol):
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, FP64), (torch.float32, FP32)])
+def test_relation_scores_equal_explicit_differences(dtype, rtol):
     torch.manual_seed(0)
     n_data, batch, k, dim = 30, 5, 7, 6
     bank = torch.randn(n_data, dim, dtype=dtype) * torch.rand(n_data, 1, dtype=dtype)  # rows not unit
@@ -60,12 +63,12 @@ def test_relation_scores_equal_explicit_differences(dtype, tol):
     fast = relation_scores(e, bank[idx], bank[contrast_idx], contrast_idx, idx)
     slow = naive_scores(e, bank[idx], bank[contrast_idx])
     assert fast.shape == (batch, batch, k + 1)
-    torch.testing.assert_close(fast, slow, rtol=0, atol=tol)
+    assert_close(fast, slow, rtol=rtol, scale=1.0)  # cosines: the scores' size is 1
     assert fast[0, 1, 1] == 0 and fast[1, 0, 3] == 0 and fast.diagonal(dim1=0, dim2=1)[0].eq(0).all()
     weights = torch.randn_like(fast)
     grad_fast, = torch.autograd.grad((fast * weights).sum(), e)
     grad_slow, = torch.autograd.grad((slow * weights).sum(), e)
-    torch.testing.assert_close(grad_fast, grad_slow, rtol=0, atol=50 * tol)
+    assert_close(grad_fast, grad_slow, rtol=rtol)
 
 
 def naive_crcd_side(e: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, contrast_idx: torch.Tensor,
@@ -107,14 +110,14 @@ def test_loss_equals_the_materialised_definition_over_two_steps():
             for bank, e in ((mem.memory_v1, e_s), (mem.memory_v2, e_t)):
                 bank[idx] = F.normalize(0.5 * bank[idx] + 0.5 * e, dim=1)
 
-        torch.testing.assert_close(loss, loss_s + loss_t, rtol=1e-9, atol=0)
-        torch.testing.assert_close(f_s.grad, f_s_ref.grad, rtol=1e-7, atol=1e-12)
+        assert_close(loss, loss_s + loss_t, rtol=FP64)
+        assert_close(f_s.grad, f_s_ref.grad, rtol=FP64)
         for name in ("embed_s", "embed_t"):
-            torch.testing.assert_close(getattr(criterion, name).linear.weight.grad,
-                                       getattr(reference, name).linear.weight.grad, rtol=1e-7, atol=1e-12)
-        torch.testing.assert_close(criterion.contrast.memory_v1, mem.memory_v1)
-        torch.testing.assert_close(criterion.contrast.memory_v2, mem.memory_v2)
-        torch.testing.assert_close(criterion.contrast.params[2:4], torch.stack([z["s"], z["t"]]))
+            assert_close(getattr(criterion, name).linear.weight.grad, getattr(reference, name).linear.weight.grad,
+                         rtol=FP64, msg=name)
+        assert_close(criterion.contrast.memory_v1, mem.memory_v1, rtol=FP64)
+        assert_close(criterion.contrast.memory_v2, mem.memory_v2, rtol=FP64)
+        assert_close(criterion.contrast.params[2:4], torch.stack([z["s"], z["t"]]), rtol=FP64)
 
 
 # --- memory: measured ----------------------------------------------------------------------
@@ -185,13 +188,13 @@ def test_closed_form_ce_gradient_equals_autograd():
     target = torch.randint(0, classes, (batch,))
     closed = ce_feature_grad(head(f), target, head.weight)
     autograd, = torch.autograd.grad(F.cross_entropy(head(f), target), f, create_graph=True)
-    torch.testing.assert_close(closed, autograd * batch)
+    assert_close(closed, autograd * batch, rtol=FP64)
     # and it is the same function of (f, W, b): equal gradients of anything built on it
     weights = torch.randn(batch, dim, dtype=torch.float64)
     params = [f, head.weight, head.bias]
     for a, b in zip(torch.autograd.grad((closed * weights).sum(), params),
                     torch.autograd.grad((autograd * batch * weights).sum(), params)):
-        torch.testing.assert_close(a, b)
+        assert_close(a, b, rtol=FP64)
 
 
 # --- the Distiller ----------------------------------------------------------------------------
@@ -266,7 +269,7 @@ def test_student_gradient_element_matches_double_backward():
     g_t = ce_feature_grad(t.logits, target, get_classifier(teacher).weight)
     reference(feats[-1], t.feats[-1], index, contrast_idx, g_s * len(img), g_t)["crcd_grad"].backward()
     for a, p in zip(closed, student.parameters()):
-        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
+        assert_close(a, p.grad, rtol=FP32_DEEP)  # through the student's backward twice
 
 
 def test_negatives_are_drawn_unless_given_with_crcd_k_columns(monkeypatch):
@@ -304,6 +307,7 @@ def teachers(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("teacher, student", [("resnet32x4", "resnet8x4"), ("vgg13", "MobileNetV2")])
 def test_train_student_two_steps(teacher, student, teachers, tmp_path):
     results = train_student.main([

@@ -27,6 +27,7 @@ from dataset.sampling import distinct_positions
 from dataset.synthetic import make_synthetic
 from helper.errors import UserError
 from tests.datagen import write_fake_cifar100, write_fake_imagenet
+from tests.tolerance import FP32_EXACT, assert_close
 
 
 def make_opt(**kw) -> argparse.Namespace:
@@ -506,8 +507,8 @@ def test_cifar_transforms_are_the_reference_ones():
     pixels[5, 7] = (10, 20, 30)
     out = cifar100_test_transform()(Image.fromarray(pixels))
     mean, std = torch.tensor(CIFAR100_MEAN), torch.tensor(CIFAR100_STD)
-    assert torch.allclose(out[:, 0, 0], (torch.tensor([0, 128, 255]) / 255 - mean) / std, atol=1e-6)
-    assert torch.allclose(out[:, 5, 7], (torch.tensor([10, 20, 30]) / 255 - mean) / std, atol=1e-6)
+    assert_close(out[:, 0, 0], (torch.tensor([0, 128, 255]) / 255 - mean) / std, rtol=FP32_EXACT)
+    assert_close(out[:, 5, 7], (torch.tensor([10, 20, 30]) / 255 - mean) / std, rtol=FP32_EXACT)
 
 
 def test_imagenet_transforms_are_the_standard_ones():
@@ -522,7 +523,8 @@ def test_imagenet_transforms_are_the_standard_ones():
     assert val[0].size == 256 and val[1].size == (224, 224)
     out = imagenet_val_transform()(Image.new("RGB", (300, 260), (255, 0, 128)))
     expected = (torch.tensor([255, 0, 128]) / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
-    assert out.shape == (3, 224, 224) and torch.allclose(out[:, 100, 100], expected, atol=1e-6)
+    assert out.shape == (3, 224, 224)
+    assert_close(out[:, 100, 100], expected, rtol=FP32_EXACT)
 
 
 def test_validation_does_not_draw_from_the_global_rng():

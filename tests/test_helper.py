@@ -15,22 +15,23 @@ from helper.logger import RunLog
 from helper.loops import NonFiniteLoss, StepBudget, train_one_epoch
 from helper.meters import AverageMeter, accuracy
 from helper.optim import adjust_learning_rate, build_optimizer, lr_at_epoch
+from tests.tolerance import FP32, FP64, approx
 
 
 def test_average_meter_weights_by_count():
     m = AverageMeter()
     m.update(1.0, 1)
     m.update(4.0, 3)
-    assert m.val == 4.0 and m.count == 4 and m.avg == pytest.approx(13 / 4)
+    assert m.val == 4.0 and m.count == 4 and m.avg == approx(13 / 4, rtol=FP64)
 
 
 def test_topk_accuracy_by_hand():
     logits = torch.tensor([[0.1, 0.5, 0.4], [0.7, 0.2, 0.1], [0.2, 0.3, 0.5], [0.3, 0.4, 0.3]])
     target = torch.tensor([1, 2, 2, 0])
     top1, top2, top5 = accuracy(logits, target, topk=(1, 2, 5))
-    assert top1.item() == pytest.approx(50.0)   # rows 0 and 2
-    assert top2.item() == pytest.approx(75.0)   # row 3's target 0 ties second; row 1's is last
-    assert top5.item() == pytest.approx(100.0)  # k beyond the class count covers all
+    assert top1.item() == approx(50.0, rtol=FP32)   # rows 0 and 2
+    assert top2.item() == approx(75.0, rtol=FP32)   # row 3's target 0 ties second; row 1's is last
+    assert top5.item() == approx(100.0, rtol=FP32)  # k beyond the class count covers all
 
 
 def _opt(**kw):
@@ -42,18 +43,18 @@ def _opt(**kw):
 
 def test_step_schedule_matches_repdistiller():
     opt = _opt()
-    assert lr_at_epoch(1, opt) == pytest.approx(0.05)
-    assert lr_at_epoch(150, opt) == pytest.approx(0.05)
-    assert lr_at_epoch(151, opt) == pytest.approx(0.005)
-    assert lr_at_epoch(181, opt) == pytest.approx(0.0005)
-    assert lr_at_epoch(240, opt) == pytest.approx(0.00005)
+    assert lr_at_epoch(1, opt) == approx(0.05, rtol=FP64)
+    assert lr_at_epoch(150, opt) == approx(0.05, rtol=FP64)
+    assert lr_at_epoch(151, opt) == approx(0.005, rtol=FP64)
+    assert lr_at_epoch(181, opt) == approx(0.0005, rtol=FP64)
+    assert lr_at_epoch(240, opt) == approx(0.00005, rtol=FP64)
 
 
 def test_cosine_schedule():
     opt = _opt(lr_schedule="cosine", epochs=10)
-    assert lr_at_epoch(1, opt) == pytest.approx(0.05)
-    assert lr_at_epoch(6, opt) == pytest.approx(0.025)
-    assert lr_at_epoch(10, opt) == pytest.approx(0.025 * (1 + math.cos(math.pi * 0.9)))
+    assert lr_at_epoch(1, opt) == approx(0.05, rtol=FP64)
+    assert lr_at_epoch(6, opt) == approx(0.025, rtol=FP64)
+    assert lr_at_epoch(10, opt) == approx(0.025 * (1 + math.cos(math.pi * 0.9)), rtol=FP64)
 
 
 def test_optimizer_and_adjust():
@@ -61,8 +62,8 @@ def test_optimizer_and_adjust():
     optimizer = build_optimizer(model.parameters(), _opt())
     group = optimizer.param_groups[0]
     assert (group["momentum"], group["weight_decay"]) == (0.9, 5e-4)
-    assert adjust_learning_rate(200, _opt(), optimizer) == pytest.approx(0.0005)
-    assert group["lr"] == pytest.approx(0.0005)
+    assert adjust_learning_rate(200, _opt(), optimizer) == approx(0.0005, rtol=FP64)
+    assert group["lr"] == approx(0.0005, rtol=FP64)
 
 
 def test_atomic_save_keeps_good_file_when_writing_fails(tmp_path, monkeypatch):

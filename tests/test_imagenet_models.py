@@ -8,6 +8,9 @@ import torchvision
 
 from models.mobilenetv1 import imagenet_mobilenetv1
 from models.resnet_imagenet import imagenet_resnet18, imagenet_resnet34, imagenet_resnet50
+from tests.tolerance import FP32, assert_close
+
+pytestmark = pytest.mark.numeric
 
 RESNETS = {
     "resnet18": (imagenet_resnet18, torchvision.models.resnet18, 512),
@@ -64,22 +67,22 @@ def test_same_logits_and_feature_contract(resnet_pair):
         feats, logits_feat = ours(x, is_feat=True)
         pre_feats, logits_pre = ours(x, is_feat=True, preact=True)
     for out in (logits, logits_feat, logits_pre):
-        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        assert_close(out, expected, rtol=FP32)  # torchvision's modules: the same ops
 
     assert [tuple(f.shape) for f in feats] == [
         (1, 64, 16, 16), (1, 64 * e, 16, 16), (1, 128 * e, 8, 8), (1, 256 * e, 4, 4), (1, 512 * e, 2, 2), (1, width)
     ]
-    torch.testing.assert_close(feats[0], captured["maxpool"])
+    assert_close(feats[0], captured["maxpool"], rtol=FP32)
     for ours_stage, name in zip(feats[1:-1], ("layer1", "layer2", "layer3", "layer4")):
-        torch.testing.assert_close(ours_stage, captured[name])
-    torch.testing.assert_close(feats[-1], torch.flatten(captured["avgpool"], 1))
+        assert_close(ours_stage, captured[name], rtol=FP32, msg=name)
+    assert_close(feats[-1], torch.flatten(captured["avgpool"], 1), rtol=FP32)
     # pre-activations: same shapes, their ReLU gives the stage outputs, and they have negative values
     assert [f.shape for f in pre_feats] == [f.shape for f in feats]
-    torch.testing.assert_close(pre_feats[0], feats[0])
+    assert_close(pre_feats[0], feats[0], rtol=FP32)
     for pre, post in zip(pre_feats[1:-1], feats[1:-1]):
-        torch.testing.assert_close(pre.relu(), post)
+        assert_close(pre.relu(), post, rtol=FP32)
         assert (pre < 0).any()
-    torch.testing.assert_close(pre_feats[-1], feats[-1])
+    assert_close(pre_feats[-1], feats[-1], rtol=FP32)
 
     bns = ours.get_bn_before_relu()
     assert len(bns) == 4 and all(isinstance(b, nn.BatchNorm2d) for b in bns)
@@ -95,7 +98,7 @@ def test_resnet18_at_224():
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(4))
     with torch.inference_mode():
         feats, logits = ours(x, is_feat=True)
-        torch.testing.assert_close(logits, reference(x), rtol=1e-5, atol=1e-5)
+        assert_close(logits, reference(x), rtol=FP32)
     assert logits.shape == (1, 1000)
     assert [tuple(f.shape[1:]) for f in feats] == [
         (64, 56, 56), (64, 56, 56), (128, 28, 28), (256, 14, 14), (512, 7, 7), (512,)
@@ -123,13 +126,13 @@ def test_mobilenetv1(capsys):
         feats, logits_feat = model(x, is_feat=True)
         pre_feats, _ = model(x, is_feat=True, preact=True)
     assert logits.shape == (1, 1000)
-    torch.testing.assert_close(logits_feat, logits)
+    assert_close(logits_feat, logits, rtol=FP32)
     assert [tuple(f.shape) for f in feats] == [
         (1, 64, 32, 32), (1, 128, 16, 16), (1, 256, 8, 8), (1, 512, 4, 4), (1, 1024, 2, 2), (1, 1024)
     ]
-    torch.testing.assert_close(feats[-1], feats[-2].mean((2, 3)))
+    assert_close(feats[-1], feats[-2].mean((2, 3)), rtol=FP32)
     for pre, post in zip(pre_feats[1:-1], feats[1:-1]):
-        torch.testing.assert_close(pre.relu(), post)
+        assert_close(pre.relu(), post, rtol=FP32)
         assert (pre < 0).any()
     bns = model.get_bn_before_relu()
     assert [b.num_features for b in bns] == [128, 256, 512, 1024]

@@ -20,13 +20,16 @@ import torch.nn.functional as F
 
 from helper.sync_bn import CPUSyncBatchNorm, convert_sync_batchnorm
 from models import model_dict
+from tests.tolerance import FP32_DEEP, assert_close
+
+pytestmark = pytest.mark.numeric
 
 B = 4           # samples per rank in the DDP run
 WORLD = 2
 STEPS = 2
 LR = 0.1
 SPLIT = (3, 5)  # uneven shards for the standalone layers
-ATOL, RTOL = 1e-5, 1e-4
+RTOL = FP32_DEEP  # two processes' partial sums of a network's statistics, gradients and updates
 
 
 def _resnet8() -> nn.Module:
@@ -137,7 +140,7 @@ def _worker(rank: int, folder: str) -> None:
 
 def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     if a.dtype.is_floating_point:
-        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL, msg=lambda m: f"{what}: {m}")
+        assert_close(a, b, rtol=RTOL, msg=what)
     else:
         assert torch.equal(a, b), what
 

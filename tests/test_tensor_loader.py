@@ -24,6 +24,9 @@ from dataset.tensor_loader import (Augment, CropFlip, TensorImages, TensorLoader
                                    stream_seed, tensor_source)
 from helper.distributed import EpochSampler, ShardSampler
 from helper.options import Parser, add_training_args, default_workers, finalize_training_args
+from tests.tolerance import FP32_EXACT, assert_close
+
+pytestmark = pytest.mark.numeric
 
 MEAN = torch.tensor(CIFAR100_MEAN).view(3, 1, 1)
 STD = torch.tensor(CIFAR100_STD).view(3, 1, 1)
@@ -40,10 +43,10 @@ def train_set(images: np.ndarray, labels: list[int]) -> SyntheticDataset:
 
 def make_loader(images: np.ndarray, labels: list[int], *, batch_size: int = 8, seed: int = 3, rank: int = 0,
                 world: int = 1, augment: bool = True, with_index: bool = True, contrast: ContrastSampler | None = None,
-                drop_last: bool = False) -> TensorLoader:
+                drop_last: bool = False, device: str = "cpu") -> TensorLoader:
     source = tensor_source(train_set(images, labels))
     assert source is not None and source.augment == Augment(4, 0.5)
-    data = TensorImages(source, with_index=with_index)
+    data = TensorImages(source, with_index=with_index, device=device)
     return TensorLoader(data, batch_size, EpochSampler(len(labels), seed, rank, world),
                         augment=source.augment if augment else None, contrast=contrast, seed=seed, rank=rank,
                         drop_last=drop_last)
@@ -67,13 +70,14 @@ def test_without_augmentation_images_pass_unchanged():
         assert img.dtype == torch.float32 and img.shape[1:] == (3, 32, 32) and target.dtype == torch.int64
         for row, i in enumerate(index.tolist()):
             expected = reference(Image.fromarray(images[i]))
-            assert torch.allclose(img[row], expected, atol=1e-6, rtol=0)
+            assert_close(img[row], expected, rtol=FP32_EXACT)
             assert int(target[row]) == labels[i]
         seen += index.tolist()
     assert sorted(seen) == list(range(20))
     # the dataset view: item i is the test transform's image
     item = loader.dataset[7]
-    assert torch.allclose(item[0], reference(Image.fromarray(images[7])), atol=1e-6) and item[1:] == (labels[7], 7)
+    assert_close(item[0], reference(Image.fromarray(images[7])), rtol=FP32_EXACT)
+    assert item[1:] == (labels[7], 7)
 
 
 def test_crop_and_flip_equal_torchvision_for_the_same_draws():
@@ -86,7 +90,7 @@ def test_crop_and_flip_equal_torchvision_for_the_same_draws():
     out = normalize(crop_flip(nchw, top, left, flip), MEAN, STD)
     for i in range(162):
         expected = torchvision_reference(images[i], int(top[i]), int(left[i]), bool(flip[i]))
-        assert torch.allclose(out[i], expected, atol=1e-6, rtol=0), (int(top[i]), int(left[i]), bool(flip[i]))
+        assert_close(out[i], expected, rtol=FP32_EXACT, msg=str((int(top[i]), int(left[i]), bool(flip[i]))))
         # and on uint8 tensors, with torchvision's tensor functions
         cropped = TF.crop(TF.pad(nchw[i], [4]), int(top[i]), int(left[i]), 32, 32)
         cropped = TF.hflip(cropped) if flip[i] else cropped
@@ -161,7 +165,7 @@ def test_batches_equal_torchvision_given_the_epoch_draws():
             i = order[position]
             assert int(index[row]) == i and int(target[row]) == labels[i]
             expected = torchvision_reference(images[i], int(top[position]), int(left[position]), bool(flip[position]))
-            assert torch.allclose(img[row], expected, atol=1e-6, rtol=0)
+            assert_close(img[row], expected, rtol=FP32_EXACT)
             position += 1
     assert position == 30
 
@@ -264,7 +268,8 @@ def test_last_batch_of_one_is_dropped_and_get_dataloaders_chooses_the_loader():
     # both loaders: the same order, labels and validation images
     assert torch.equal(next(iter(tensor.train_loader))[2], next(iter(vision.train_loader))[2])
     for (a, ta), (b, tb) in zip(tensor.val_loader, vision.val_loader):
-        assert torch.allclose(a, b, atol=1e-6) and torch.equal(ta, tb)
+        assert_close(a, b, rtol=FP32_EXACT)
+        assert torch.equal(ta, tb)
     with pytest.raises(Exception, match="--loader"):
         get_dataloaders(argparse.Namespace(**base, loader="dali"))
 
@@ -296,6 +301,7 @@ TINY = ["--dataset", "synthetic", "--synthetic_classes", "4", "--synthetic_train
         "--batch_size", "8", "--epochs", "1", "--max_steps", "2", "--device", "cpu"]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("loader", ["tensor", "torchvision"])
 def test_scripts_run_with_either_loader(tmp_path, loader):
     flags = TINY + ["--loader", loader, "--num_workers", "0"]

@@ -26,6 +26,9 @@ from models.util import (
     Regress,
     Translator,
 )
+from tests.tolerance import FP32, FP32_DEEP, assert_close
+
+pytestmark = pytest.mark.numeric
 
 GOLDENS = torch.load(Path(__file__).parent / "fixtures" / "repdistiller_goldens.pt", weights_only=True)
 PAIRS = list(GOLDENS["pairs"])
@@ -58,7 +61,7 @@ def test_convreg_loads_and_maps_to_teacher_shape(pair):
     out = reg(f_s)  # train mode, as the golden was made
     assert out.shape == f_t.shape
     # HintLoss is plain MSE: this pins the regressor's computation
-    torch.testing.assert_close(F.mse_loss(out, f_t), case["values"][0], rtol=1e-4, atol=0)
+    assert_close(F.mse_loss(out, f_t), case["values"][0], rtol=FP32_DEEP)
 
 
 @pytest.mark.parametrize("pair", PAIRS)
@@ -83,7 +86,7 @@ def test_paraphraser_translator_load_and_shapes(pair):
     def squash(x: torch.Tensor) -> torch.Tensor:
         return F.normalize(x.pow(2).mean(1).view(x.size(0), -1))
 
-    torch.testing.assert_close((squash(factor_s) - squash(factor_t)).abs().mean(), case["values"][0], rtol=1e-4, atol=0)
+    assert_close((squash(factor_s) - squash(factor_t)).abs().mean(), case["values"][0], rtol=FP32_DEEP)
 
 
 @pytest.mark.parametrize("pair", PAIRS)
@@ -113,7 +116,7 @@ def test_linear_embeds_load_and_shapes(pair):
     assert e_s.shape == e_t.shape == (f_s.shape[0], 128)
     # Correlation (CC) is mean(sum(d[:-1] * d[1:], 1)) with d = |e_s - e_t|
     delta = (e_s - e_t).abs()
-    torch.testing.assert_close((delta[:-1] * delta[1:]).sum(1).mean(), case["values"][0], rtol=1e-4, atol=0)
+    assert_close((delta[:-1] * delta[1:]).sum(1).mean(), case["values"][0], rtol=FP32_DEEP)
 
 
 def test_convreg_branches():
@@ -150,13 +153,13 @@ def test_connectors_v2_and_embeds():
     for module in (Embed(64, 16), MLPEmbed(64, 16)):
         e = module(x)
         assert e.shape == (4, 16)
-        torch.testing.assert_close(e.norm(dim=1), torch.ones(4))
+        assert_close(e.norm(dim=1), torch.ones(4), rtol=FP32)
     assert set(Embed(64, 16).state_dict()) == {"linear.weight", "linear.bias"}
     assert set(MLPEmbed(64, 16).state_dict()) == {"linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias"}
     assert LinearEmbed(64, 16)(x).shape == (4, 16)
     assert (Regress(64, 10)(x) >= 0).all() and Regress(64, 10)(x).shape == (4, 10)
     assert Flatten()(x).shape == (4, 64)
-    torch.testing.assert_close(Normalize(2)(torch.tensor([[3.0, 4.0]])), torch.tensor([[0.6, 0.8]]))
+    assert_close(Normalize(2)(torch.tensor([[3.0, 4.0]])), torch.tensor([[0.6, 0.8]]), rtol=FP32)
 
     pool = PoolEmbed(layer=2, dim_out=16)
     assert pool(torch.randn(2, 32, 16, 16)).shape == (2, 16)
