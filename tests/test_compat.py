@@ -13,18 +13,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tests.datagen import write_fake_cifar100, write_fake_imagenet
+from tests.tolerance import FP32, FP32_DEEP, FP32_EXACT, FP64, approx, assert_close
+
+pytestmark = pytest.mark.numeric
 
 EPS = 1e-7  # RepDistiller's NCE epsilon
 
 
-def close(actual: torch.Tensor | float, expected: torch.Tensor | float, rel: float = 1e-5) -> None:
-    """Equal up to ``rel`` of the expected values' magnitude (float32 rounding)."""
+def close(actual: torch.Tensor | float, expected: torch.Tensor | float, rel: float = FP32) -> None:
+    """:func:`tests.tolerance.assert_close` for RepDistiller's scalar shapes ([1] or [] alike), at
+    the scale of these tests' inputs, which are of order one (so a zero reference is compared at it)."""
     actual = torch.as_tensor(actual).detach().double()
     expected = torch.as_tensor(expected).detach().double()
     if actual.numel() == expected.numel() == 1:  # RepDistiller's losses may be [1] or []
         actual, expected = actual.reshape(()), expected.reshape(())
-    scale = max(1.0, float(expected.abs().max()))
-    torch.testing.assert_close(actual, expected, rtol=0, atol=rel * scale)
+    assert_close(actual, expected, rtol=rel, scale=1.0)
 
 
 def nce_by_hand(scores: torch.Tensor, n_data: int) -> torch.Tensor:
@@ -141,16 +144,16 @@ def test_helper_util_meter_accuracy_and_learning_rate():
     target = torch.tensor([1, 1, 2, 2])
     top1, top2 = accuracy(logits, target, topk=(1, 2))
     assert top1.shape == top2.shape == (1,)
-    assert top1.item() == pytest.approx(50.0) and top2.item() == pytest.approx(75.0)  # rows 0, 2; and 1
+    assert top1.item() == approx(50.0, rtol=FP32_EXACT) and top2.item() == approx(75.0, rtol=FP32_EXACT)  # rows 0, 2; 1
     (only,) = accuracy(logits, target)
-    assert only.item() == pytest.approx(50.0)
+    assert only.item() == approx(50.0, rtol=FP32_EXACT)
 
     opt = argparse.Namespace(learning_rate=0.05, lr_decay_epochs=[150, 180, 210], lr_decay_rate=0.1)
     params = [nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))]
     optimizer = torch.optim.SGD([{"params": params[:1]}, {"params": params[1:]}], lr=opt.learning_rate)
     for epoch, lr in ((1, 0.05), (150, 0.05), (151, 0.005), (181, 5e-4), (211, 5e-5), (240, 5e-5)):
         adjust_learning_rate(epoch, opt, optimizer)
-        assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([lr, lr], rel=1e-12)
+        assert [g["lr"] for g in optimizer.param_groups] == approx([lr, lr], rtol=FP64)
 
 
 # ---------------------------------------------------------------- helper.loops
@@ -172,12 +175,12 @@ def test_helper_loops_validate_repdistiller_form_by_hand():
         correct = sum((model(x).argmax(1) == y).sum().item() for x, y in batches)
         mean_loss = sum(criterion(model(x), y).item() * len(y) for x, y in batches) / 5
     assert isinstance(top1, float) and isinstance(loss, float)
-    assert top1 == pytest.approx(100 * correct / 5, rel=1e-6) and top5 == pytest.approx(100.0, rel=1e-6)
-    assert loss == pytest.approx(mean_loss, rel=1e-6)
+    assert top1 == approx(100 * correct / 5, rtol=FP32_EXACT) and top5 == approx(100.0, rtol=FP32_EXACT)
+    assert loss == approx(mean_loss, rtol=FP32_EXACT)
     assert validate(val_loader=batches, model=model, criterion=criterion, opt=None) == (top1, top5, loss)
     # this library's form still answers with its dict: the same numbers
     ours = validate(model, batches, torch.device("cpu"))
-    assert ours["test_acc"] == pytest.approx(top1) and ours["test_loss"] == pytest.approx(loss, rel=1e-6)
+    assert ours["test_acc"] == approx(top1, rtol=FP32_EXACT) and ours["test_loss"] == approx(loss, rtol=FP32_EXACT)
 
 
 def test_helper_loops_train_vanilla_matches_a_hand_written_epoch():
@@ -201,9 +204,9 @@ def test_helper_loops_train_vanilla_matches_a_hand_written_epoch():
         ref_optimizer.zero_grad()
         batch_loss.backward()
         ref_optimizer.step()
-    assert top1 == pytest.approx(100 * correct / 5, rel=1e-6) and loss == pytest.approx(loss_sum / 5, rel=1e-6)
+    assert top1 == approx(100 * correct / 5, rtol=FP32_EXACT) and loss == approx(loss_sum / 5, rtol=FP32_EXACT)
     for got, want in zip(model.parameters(), reference.parameters()):
-        close(got.detach(), want.detach(), rel=1e-6)
+        close(got.detach(), want.detach(), rel=FP32_EXACT)
     assert not torch.equal(model.weight, initial.weight)  # it trained
 
 
@@ -229,7 +232,7 @@ def test_distiller_zoo_losses():
         different = loss(maps, other)
         assert len(same) == len(different) == (1 if isinstance(loss, KDSVD) else 2), type(loss).__name__  # KDSVD: layer pairs
         for zero, positive in zip(same, different):
-            close(zero, 0.0, rel=1e-4)
+            close(zero, 0.0, rel=FP32_DEEP)
             assert positive > 1e-4, type(loss).__name__
     fsp_maps = [torch.randn(4, 8, 8, 8), torch.randn(4, 8, 8, 8), torch.randn(4, 16, 4, 4)]
     fsp = FSP([m.shape for m in fsp_maps], [m.shape for m in fsp_maps])
@@ -239,7 +242,7 @@ def test_distiller_zoo_losses():
 
     vectors, others = torch.randn(6, 10), torch.randn(6, 10)
     for loss in (Correlation(), RKDLoss(), PKT()):
-        close(loss(vectors, vectors.clone()), 0.0, rel=1e-5)
+        close(loss(vectors, vectors.clone()), 0.0)
         assert loss(vectors, others) > 1e-4, type(loss).__name__
     close(FactorTransfer()(maps[0], maps[0].clone()), 0.0)
     assert FactorTransfer()(maps[0], other[0]) > 0
@@ -250,7 +253,7 @@ def test_distiller_zoo_losses():
         if isinstance(layer, nn.Conv2d):
             nn.init.zeros_(layer.weight)
     target = torch.randn(4, 5, 8, 8)
-    close(vid(maps[0], target), 0.5 * (target.pow(2).mean() / 5.0 + math.log(5.0)), rel=1e-5)
+    close(vid(maps[0], target), 0.5 * (target.pow(2).mean() / 5.0 + math.log(5.0)))
 
 
 # ---------------------------------------------------------------- models, models.util
@@ -263,7 +266,7 @@ def test_models_model_dict_and_util_modules():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         feats, logits = net(x, is_feat=True)
-        torch.testing.assert_close(net(x), logits)
+        assert torch.equal(net(x), logits)  # the same ops on the same input
     assert logits.shape == (2, 10) and feats[-1].shape == (2, 64)
 
     v = torch.randn(3, 8)
