@@ -18,6 +18,11 @@
 # Needs torch (2.11 or later), torchvision, numpy, tqdm, tensorboard, and pytest for part 2. Without
 # pytest on the machine: `python3 -m pip install --target .gpu_check_deps pytest` elsewhere and bring
 # that folder along; it is put on PYTHONPATH when present.
+if [ -z "${BASH_VERSION:-}" ]; then  # started as `sh scripts/...` (dash on Debian): rerun with bash
+  command -v bash > /dev/null 2>&1 || { echo "error: $0 needs bash, which is not installed" >&2; exit 2; }
+  exec bash "$0" "$@"
+fi
+set +o posix  # bash started as sh runs in POSIX mode: the rest is written for bash
 set -u
 
 if [ $# -ne 1 ]; then
