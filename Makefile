@@ -14,7 +14,7 @@ demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=15
 	$(SECOND_ISA) $(BIN)/python -m pytest -m "numeric and not e2e"
 
 install: $(STAMP)
