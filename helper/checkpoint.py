@@ -157,6 +157,12 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: 
     model.load_state_dict(state_dict, strict=True)
 
 
+def nonfinite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors of ``state`` holding a NaN or an infinity."""
+    return [name for name, t in state.items()
+            if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
 def weights_digest(module: nn.Module) -> str:
     """SHA-256 of ``module``'s state (names, dtypes, shapes and values): the identity of a set of
     weights, whatever file they came from."""

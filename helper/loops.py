@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from helper import distributed
-from helper.checkpoint import load_weights, save_checkpoint
+from helper.checkpoint import load_weights, nonfinite_tensors, save_checkpoint
 from helper.errors import Stopped, UserError
 from helper.logger import RunLog, is_interactive, is_terminal_output
 from helper.meters import accuracy
@@ -353,8 +353,7 @@ def train_vanilla(epoch: int, train_loader, model: nn.Module, criterion, optimiz
 
 
 def weights_are_finite(modules: dict[str, nn.Module]) -> bool:
-    return all(bool(torch.isfinite(t).all()) for m in modules.values() for t in m.state_dict().values()
-               if t.is_floating_point())
+    return not any(nonfinite_tensors(m.state_dict()) for m in modules.values())
 
 
 class Fit:
@@ -420,7 +419,7 @@ class Fit:
             raise UserError(f"{source} has no resume state (it is not a {self.last_name} or ckpt_epoch_N.pth "
                             "of this library): start a new run, or use it as a teacher")
         epochs_done = int(state["epoch"])
-        changed = self._check_options(resume.get("options"), epochs_done, source)
+        changed = self._check_options(resume.get("options"), resume["world_size"], epochs_done, source)
         for name, module in self.modules.items():
             if name not in state:
                 raise UserError(f"{source} has no '{name}' entry: it is a checkpoint of another kind of run")
@@ -448,11 +447,12 @@ class Fit:
         distributed.say(f"resuming from {source} at {where} ({self.budget.done} steps done, "
                         f"best top-1 so far {self.best_acc:.2f}{shown})")
 
-    def _check_options(self, saved: dict[str, Any] | None, epochs_done: int, source: str) -> dict[str, list]:
+    def _check_options(self, saved: dict[str, Any] | None, saved_world: int, epochs_done: int,
+                       source: str) -> dict[str, list]:
         if saved is None:
             distributed.say(f"note: {source} does not record its settings (an older version wrote it): "
-                            "they cannot be checked against this run's")
-            return {}
+                            "only its number of processes can be checked against this run's")
+            saved = {"world_size": saved_world}
         refused, changed = compare_options(saved, self.options, epochs_done)
         if refused:
             raise UserError(f"{source} was made with other settings than this run: {'; '.join(refused)}. "
@@ -484,7 +484,7 @@ class Fit:
                                 "stopped and its checkpoints were left as they were: lower --learning_rate")
 
     def _is_best(self, epoch: int) -> bool:
-        is_best = self.last["test_acc"] > self.best_acc or epoch == 1 and not self.run.history
+        is_best = self.last["test_acc"] > self.best_acc or (epoch == 1 and not self.run.history)
         if is_best:
             self.best_acc, self.best_top5 = self.last["test_acc"], self.last["test_acc_top5"]
         return is_best

@@ -137,11 +137,5 @@ def finalize_training_args(opt: argparse.Namespace, model_name: str) -> argparse
     if opt.seed is None:
         trial = str(opt.trial)
         opt.seed = int(trial) if trial.lstrip("-").isdigit() else sum(map(ord, trial))
-    for flag in ("batch_size", "epochs", "save_freq"):
-        if getattr(opt, flag) < 1:
-            raise UserError(f"--{flag} must be at least 1")
-    for flag in ("num_workers", "subset", "val_subset", "max_steps"):
-        if getattr(opt, flag) < 0:
-            raise UserError(f"--{flag} cannot be negative")
     opt.save_folder = str(Path(opt.save_folder))
     return opt

@@ -150,15 +150,20 @@ def set_deterministic(on: bool, device: torch.device) -> None:
 def rng_state() -> dict:
     """The states of every random number generator a run draws from (Python, numpy, torch CPU
     and CUDA), for an exact resume, as tensors and plain numbers (a checkpoint holds nothing else)."""
-    version, words, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": {"version": version, "words": torch.tensor(words, dtype=torch.int64), "gauss": gauss},
-             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-             "torch": torch.get_rng_state()}
+    state = {**plain_rng_states(random.getstate(), np.random.get_state()), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def plain_rng_states(python_state: tuple, numpy_state: tuple) -> dict:
+    """``random.getstate()`` and ``np.random.get_state()`` as tensors and numbers (what
+    :func:`set_rng_state` reads)."""
+    version, words, gauss = python_state
+    kind, keys, pos, has_gauss, cached = numpy_state
+    return {"python": {"version": version, "words": torch.tensor(words, dtype=torch.int64), "gauss": gauss},
+            "numpy": {"kind": kind, "keys": torch.from_numpy(np.asarray(keys).astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
 
 
 def set_rng_state(state: dict) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from helper.checkpoint import load_checkpoint, load_weights
+from helper.checkpoint import load_checkpoint, load_weights, nonfinite_tensors
 from helper.errors import UserError
 from helper.runtime import Runtime
 from models import build_model, model_dict
@@ -60,12 +60,6 @@ def load_teacher(path: str, num_classes: int, dataset: str = "cifar100") -> tupl
                             f"put it in <model>_vanilla/ with the model it holds") from None
     check_finite_weights(model, path)
     return model, arch
-
-
-def nonfinite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
-    """Names of the floating-point tensors of ``state`` holding a NaN or an infinity."""
-    return [name for name, t in state.items()
-            if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
 def check_finite_weights(model: nn.Module, path: str) -> None:

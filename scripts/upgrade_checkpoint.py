@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from helper.checkpoint import save_checkpoint  # noqa: E402
 from helper.errors import UserError, exit_on_user_error  # noqa: E402
+from helper.runtime import plain_rng_states  # noqa: E402
 
 try:  # numpy 2; numpy 1 names the module numpy.core
     from numpy._core.multiarray import _reconstruct
@@ -36,12 +37,7 @@ def tensor_rng(state: dict) -> dict:
     own tuples) in the current one (tensors and numbers)."""
     if isinstance(state.get("python"), dict):
         return state
-    version, words, gauss = state["python"]
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    return {**state,
-            "python": {"version": version, "words": torch.tensor(words, dtype=torch.int64), "gauss": gauss},
-            "numpy": {"kind": kind, "keys": torch.from_numpy(np.asarray(keys).astype(np.int64)), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
+    return {**state, **plain_rng_states(state["python"], state["numpy"])}
 
 
 def upgrade(path: Path) -> bool:
