@@ -16,25 +16,26 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from dataset import DataBundle, get_dataloaders
+from dataset import DataBundle, DataOptions, get_dataloaders
 from dataset.skipping import sample_images
-from distiller_zoo.registry import add_method_arguments, build_distiller, get_method, method_names
-from helper.argtypes import (momentum_float, nonnegative_float, nonnegative_int, path_part, positive_float,
-                             positive_int, unit_interval)
+from distiller_zoo.registry import BuildContext, Distiller
+from distiller_zoo.step import DistillStep
+from helper.argtypes import nonnegative_float, nonnegative_int, path_part, positive_float
 from helper.checkpoint import load_checkpoint, weights_digest
+from helper.cli.methods import get_method, method_names, method_option_groups
+from helper.cli.options import Parser, add_training_args, finalize_training_args
+from helper.declare import add_option_group, options_from
 from helper.distributed import say, wrap_ddp
 from helper.errors import UserError, exit_on_user_error
 from helper.logger import RunLog, run_summary
 from helper.loops import Fit, validate
 from helper.optim import build_optimizer
-from helper.options import Parser, add_training_args, finalize_training_args
 from helper.pretrain import run_init_stage
 from helper.resume import claim_run_folder, resume_path
 from helper.runtime import Runtime, run_script
-from helper.steps import DistillStep
 from helper.sync_bn import convert_sync_batchnorm
-from helper.teacher import load_teacher, prepare_teacher
 from models import build_model, resolve_model_name
+from models.teacher import load_teacher, prepare_teacher
 
 
 def build_parser() -> Parser:
@@ -55,23 +56,11 @@ def build_parser() -> Parser:
     g.add_argument("-b", "--beta", type=nonnegative_float, default=None,
                    help="weight of the method's loss (default: published)")
     g.add_argument("--kd_T", type=positive_float, default=4, help="temperature of KD")
-    g.add_argument("--feat_dim", type=positive_int, default=128, help="embedding dimension (CRD, CC)")
-    g.add_argument("--mode", type=str, default="exact", choices=["exact", "relax"], help="CRD positives")
-    g.add_argument("--nce_k", type=positive_int, default=16384, help="negatives for NCE")
-    g.add_argument("--nce_t", type=positive_float, default=0.07, help="temperature for NCE")
-    g.add_argument("--nce_m", type=unit_interval, default=0.5, help="momentum of the memory-bank update")
-    g.add_argument("--nce_z_momentum", type=momentum_float, default=None,
-                   help="keep NCE's normaliser Z as an EMA with this momentum (e.g. 0.99); "
-                        "default: estimated on the first batch, then frozen (the paper)")
-    g.add_argument("--nce_scores", choices=("auto", "matmul", "gather"), default="auto",
-                   help="how the memory-bank scores are computed (the same numbers either way): one matrix "
-                        "product of the batch against the whole bank, a gather of the K+1 rows of each "
-                        "anchor, or auto: the cheaper one for N and K")
     g.add_argument("--plain_teacher", action="store_true",
                    help="run the teacher as loaded (BatchNorm kept, default memory format) instead of the "
                         "frozen-teacher fast path (BatchNorm folded into the convolutions, channels_last)")
-    g.add_argument("--hint_layer", type=int, default=2, choices=[0, 1, 2, 3, 4], help="FitNet's feature index")
-    add_method_arguments(parser)
+    for group, title in method_option_groups():
+        add_option_group(parser, group, title)
     return parser
 
 
@@ -117,12 +106,13 @@ def main(argv: list[str] | None = None) -> dict:
 
 @dataclass
 class RunParts:
-    """What a distillation run trains with (built by :func:`build_run`): the ``--distill`` class,
-    the data, the student, the teachers as ``(model, arch, path)``, one Distiller per teacher, the
-    training step, the optimiser of the student and the Distillers' trainable parameters, and the
-    digests of the teachers' weights as loaded (what a resume must find again)."""
+    """What a distillation run trains with (built by :func:`build_run`): the ``--distill`` class
+    and its options, the data, the student, the teachers as ``(model, arch, path)``, one Distiller
+    per teacher, the training step, the optimiser of the student and the Distillers' trainable
+    parameters, and the digests of the teachers' weights as loaded (what a resume must find again)."""
 
-    method: type
+    method: type[Distiller]
+    options: object
     data: DataBundle
     student: nn.Module
     teachers: list[tuple[nn.Module, str, str]]
@@ -131,37 +121,51 @@ class RunParts:
     optimizer: torch.optim.Optimizer
     teacher_digests: list[str] = field(default_factory=list)
 
+    @property
+    def model_t(self) -> str:
+        """The teachers' architectures, joined by ``+`` (RepDistiller's ``model_t``, for one)."""
+        return "+".join(arch for _, arch, _ in self.teachers)
+
+
+def load_teachers(opt, num_classes: int, runtime: Runtime, sample: torch.Tensor
+                  ) -> tuple[list[tuple[nn.Module, str, str]], list[str]]:
+    """The teachers of ``--path_t`` (comma-separated for an ensemble) as ``(model, arch, path)``,
+    frozen and (unless ``--plain_teacher``) on the fast path, and the digests of their weights."""
+    teachers, digests = [], []
+    for path in opt.path_t.split(",") if opt.path_t else [""]:
+        teacher, arch = load_teacher(path.strip(), num_classes, opt.dataset)
+        digests.append(weights_digest(teacher))
+        # frozen: eval, no grad; fast: BatchNorm folded into its convolution (exact in eval mode), channels_last
+        teachers.append((prepare_teacher(teacher, runtime, sample, fast=not opt.plain_teacher), arch, path.strip()))
+    return teachers, digests
+
 
 def build_run(opt, runtime: Runtime) -> RunParts:
     """Build everything a run of ``opt`` trains with, on ``runtime``'s device, without training,
     logging or validating (``train`` runs it; ``scripts/benchmark.py`` times its steps)."""
     method = get_method(opt.distill)
-    data = get_dataloaders(opt, instance=method.needs_index, contrast=method.needs_contrast_idx,
-                           device=runtime.device)
-    opt.num_classes, opt.n_data = data.num_classes, data.n_data
-
+    options = options_from(method.Options, opt)
+    data = get_dataloaders(options_from(DataOptions, opt), method.data_needs(options), device=runtime.device)
     # first: its init depends on the seed only
     student = runtime.place(build_model(opt.arch, num_classes=data.num_classes))
     if opt.sync_bn:  # after placing: on GPUs it becomes torch's SyncBatchNorm
         student = convert_sync_batchnorm(student)
     sample = runtime.to_device(sample_images(data.val_loader.dataset))
-    teachers, digests = [], []
-    for path in opt.path_t.split(",") if opt.path_t else [""]:
-        teacher, arch = load_teacher(path.strip(), data.num_classes, opt.dataset)
-        digests.append(weights_digest(teacher))
-        # frozen: eval, no grad; fast: BatchNorm folded into its convolution (exact in eval mode), channels_last
-        teachers.append((prepare_teacher(teacher, runtime, sample, fast=not opt.plain_teacher),
-                         arch, path.strip()))
-    opt.model_t = "+".join(arch for _, arch, _ in teachers)
+    teachers, digests = load_teachers(opt, data.num_classes, runtime, sample)
     # One Distiller (heads, banks) per teacher; their terms are averaged.
-    distillers = nn.ModuleList([build_distiller(opt.distill, opt, student, teacher, sample)
-                                for teacher, _, _ in teachers])
+    distillers = nn.ModuleList()
+    for teacher, arch, _ in teachers:
+        ctx = BuildContext.probe(student, teacher, sample, preact=method.preact, n_data=data.n_data,
+                                 labels=data.train_labels, model_s=opt.model_s, model_t=arch)
+        distillers.append(method(options, ctx))
+        distillers[-1].bind(student, teacher)
     runtime.place(distillers)
     runtime.seed_rank(opt.seed)
-    step = DistillStep(student, [t for t, _, _ in teachers], distillers, opt, runtime)
+    step = DistillStep(student, [t for t, _, _ in teachers], distillers, (opt.gamma, opt.alpha, opt.beta),
+                       opt.kd_T, runtime)
     extra_params = [p for distiller in distillers for p in distiller.trainable_parameters()]
     optimizer = build_optimizer(list(student.parameters()) + extra_params, opt)
-    return RunParts(method, data, student, teachers, distillers, step, optimizer, digests)
+    return RunParts(method, options, data, student, teachers, distillers, step, optimizer, digests)
 
 
 def train(opt, runtime: Runtime) -> dict:
@@ -169,17 +173,17 @@ def train(opt, runtime: Runtime) -> dict:
     method, data, teachers, distillers = parts.method, parts.data, parts.teachers, parts.distillers
     student, step, optimizer = parts.student, parts.step, parts.optimizer
 
-    folder = Path(opt.save_folder) / run_name(opt, opt.model_t)
+    folder = Path(opt.save_folder) / run_name(opt, parts.model_t)
     resume = resume_path(opt.resume, folder, opt.model_s)
     run = RunLog(folder, opt, active=runtime.dist.is_main,
-                 extra=run_summary(opt, role="student", method=opt.distill, model=opt.arch, model_t=opt.model_t,
+                 extra=run_summary(opt, role="student", method=opt.distill, model=opt.arch, model_t=parts.model_t,
                                    model_s=opt.arch))
     ddp_step = wrap_ddp(step, runtime.device, find_unused_parameters=True)
     fit = Fit(opt, modules={"model": student, "distiller": distillers[0] if len(distillers) == 1 else distillers},
               trainable=ddp_step, optimizer=optimizer, train_loader=data.train_loader, val_loader=data.val_loader,
               train_step=ddp_step, runtime=runtime, run=run, prefix=opt.model_s,
-              static={"arch": opt.arch, "dataset": opt.dataset, "num_classes": opt.num_classes,
-                      "distill": opt.distill, "model_t": opt.model_t},
+              static={"arch": opt.arch, "dataset": opt.dataset, "num_classes": data.num_classes,
+                      "distill": opt.distill, "model_t": parts.model_t},
               identity={"teachers": parts.teacher_digests},
               on_epoch_start=lambda epoch: [d.start_epoch(epoch) for d in distillers])
     if resume is not None:  # checked before anything is written: a refused resume leaves the folder as it was
@@ -190,7 +194,7 @@ def train(opt, runtime: Runtime) -> dict:
         teacher_accs.append(validate(teacher, data.val_loader, runtime.device, runtime)["test_acc"])
         say(f"teacher {arch} ({path}): test top-1 {teacher_accs[-1]:.2f}")
     run.results["teacher_acc"] = teacher_accs[0] if len(teachers) == 1 else teacher_accs
-    say(f"distilling {opt.model_t} -> {opt.arch} with {opt.distill} (-r {opt.gamma:g} -a {opt.alpha:g} "
+    say(f"distilling {parts.model_t} -> {opt.arch} with {opt.distill} (-r {opt.gamma:g} -a {opt.alpha:g} "
         f"-b {opt.beta:g}) on {opt.dataset} ({data.n_data} images) on {runtime.describe()}; run folder {folder}")
     if resume is None and method.has_init_stage and opt.beta != 0 and opt.init_epochs > 0:
         for distiller, (teacher, _, _) in zip(distillers, teachers):

@@ -11,14 +11,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from dataset import get_dataloaders
+from dataset import DataOptions, get_dataloaders
 from helper.checkpoint import load_checkpoint
+from helper.cli.options import Parser, add_training_args, finalize_training_args
+from helper.declare import options_from
 from helper.distributed import say, wrap_ddp
 from helper.errors import exit_on_user_error
 from helper.logger import RunLog, run_summary
 from helper.loops import Fit
 from helper.optim import build_optimizer
-from helper.options import Parser, add_training_args, finalize_training_args
 from helper.resume import claim_run_folder, resume_path
 from helper.runtime import Runtime, run_script
 from helper.steps import ClassifyStep
@@ -50,8 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def train(opt, runtime: Runtime) -> dict:
-    data = get_dataloaders(opt, device=runtime.device)
-    opt.num_classes = data.num_classes
+    data = get_dataloaders(options_from(DataOptions, opt), device=runtime.device)
     model = runtime.place(build_model(opt.arch, num_classes=data.num_classes))
     if opt.sync_bn:  # after placing: on GPUs it becomes torch's SyncBatchNorm
         model = convert_sync_batchnorm(model)
@@ -63,7 +63,7 @@ def train(opt, runtime: Runtime) -> dict:
     step = wrap_ddp(ClassifyStep(model, runtime), runtime.device)
     fit = Fit(opt, modules={"model": model}, trainable=step, optimizer=optimizer, train_loader=data.train_loader,
               val_loader=data.val_loader, train_step=step, runtime=runtime, run=run, prefix=opt.model,
-              static={"arch": opt.arch, "dataset": opt.dataset, "num_classes": opt.num_classes})
+              static={"arch": opt.arch, "dataset": opt.dataset, "num_classes": data.num_classes})
     if resume is not None:  # checked before anything is written: a refused resume leaves the folder as it was
         fit.restore(load_checkpoint(resume), f"'{resume}'")
     claim_run_folder(opt.save_path, resume=resume, overwrite=opt.overwrite, resume_asked=bool(opt.resume))

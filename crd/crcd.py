@@ -17,22 +17,24 @@ own embedding heads and banks.
 """
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from distiller_zoo._common import fp32
-from distiller_zoo.registry import Batch, Distiller, NetOutput, register
+from dataset.needs import DataNeeds
+from distiller_zoo.registry import Batch, BuildContext, Distiller, NetOutput, register
 from helper.argtypes import nonnegative_float, positive_float, positive_int
+from helper.declare import option
 from helper.errors import UserError
 from models import get_classifier
 
-from .crd_loss import head_options
 from .embed import Embed
 from .loss import ContrastLoss
 from .memory import T_SLOT, Z_V1_SLOT, Z_V2_SLOT, ContrastMemory, matmul_nt
+from .options import BankOptions
 
 # Floor of the squared length of a relation vector before 1/sqrt (a zero relation is masked).
 SQUARED_NORM_EPS = 1e-12
@@ -151,6 +153,16 @@ def _frozen(x: torch.Tensor) -> torch.Tensor:
     return x.clone() if x.is_inference() else x.detach()
 
 
+@dataclass
+class CRCDOptions(BankOptions):
+    """CRCD"""
+
+    crcd_k: int = option(500, "CRCD: negatives per relation, drawn from the other samples", type=positive_int)
+    crcd_t: float = option(0.05, "CRCD: temperature of the relation critic", type=positive_float)
+    crcd_grad_weight: float = option(1.0, "CRCD: weight of the gradient-relation term (0: feature relations only)",
+                                     type=nonnegative_float)
+
+
 class CRCDLoss(nn.Module):
     """The CRCD objective of "Complementary Relation Contrastive Distillation" (Zhu, Tang, Chen,
     Yu, Liu, Yang, Rong & Wang, CVPR 2021, §3; a relation is the normalised difference to an
@@ -171,33 +183,32 @@ class CRCDLoss(nn.Module):
     NCE loss over the ``B (B - 1)`` pairs. Memory is O(B^2 K). After scoring, each bank's rows
     of the batch move towards the new embeddings (momentum ``nce_m``), as in CRD.
 
-    opt: ``s_dim``, ``t_dim`` (feature sizes), ``feat_dim``, ``n_data`` (N), ``crcd_k`` (K,
-    default 500), ``crcd_t`` (T, default 0.05), ``nce_m`` (bank momentum, default 0.5),
-    ``crcd_grad_weight`` (default 1; 0 leaves the gradient element out, and its modules).
+    s_dim, t_dim: feature sizes; n_data: N; options (:class:`CRCDOptions`): ``feat_dim``,
+    ``crcd_k`` (K, default 500), ``crcd_t`` (T, default 0.05), ``nce_m`` (bank momentum, default
+    0.5), ``nce_scores``, ``crcd_grad_weight`` (default 1; 0 leaves the gradient element out, and
+    its modules).
     State dict: ``embed_s.linear.*``, ``embed_t.linear.*``, ``contrast.{params,memory_v1,memory_v2}``
     and, with the gradient element, ``embed_grad_s.linear.*``, ``embed_grad_t.linear.*``,
     ``contrast_grad.{params,memory_v1,memory_v2}`` (``memory_v1`` the student's, ``memory_v2``
     the teacher's).
     """
 
-    def __init__(self, opt):
+    def __init__(self, s_dim: int, t_dim: int, n_data: int, options: CRCDOptions | None = None):
         super().__init__()
-        n_data, k = int(opt.n_data), int(getattr(opt, "crcd_k", 500))
+        options = options or CRCDOptions()
+        k = options.crcd_k
         if not 0 < k <= n_data - 1:
             raise UserError(f"--crcd_k {k}: CRCD needs between 1 and {n_data - 1} negatives "
                             f"(the other samples of a training set of {n_data})")
-        feat_dim = int(getattr(opt, "feat_dim", 128))
-        temperature = float(getattr(opt, "crcd_t", 0.05))
-        momentum = float(getattr(opt, "nce_m", 0.5))
-        scores = getattr(opt, "nce_scores", "auto")
-        self.grad_weight = float(getattr(opt, "crcd_grad_weight", 1.0))
-        self.embed_s = Embed(opt.s_dim, feat_dim)
-        self.embed_t = Embed(opt.t_dim, feat_dim)
+        feat_dim, temperature, momentum, scores = options.feat_dim, options.crcd_t, options.nce_m, options.nce_scores
+        self.grad_weight = options.crcd_grad_weight
+        self.embed_s = Embed(s_dim, feat_dim)
+        self.embed_t = Embed(t_dim, feat_dim)
         self.contrast = ContrastMemory(feat_dim, n_data, k, temperature, momentum, score_mode=scores)
         if self.grad_weight:
             # The gradient element has the features' size: the classifier's input.
-            self.embed_grad_s = Embed(opt.s_dim, feat_dim)
-            self.embed_grad_t = Embed(opt.t_dim, feat_dim)
+            self.embed_grad_s = Embed(s_dim, feat_dim)
+            self.embed_grad_t = Embed(t_dim, feat_dim)
             self.contrast_grad = ContrastMemory(feat_dim, n_data, k, temperature, momentum,
                                                 score_mode=scores)
         self.criterion = ContrastLoss(n_data)
@@ -278,25 +289,17 @@ class CRCD(Distiller):
     ``--nce_k``, ``--nce_t`` and ``--mode`` do not apply (``--feat_dim`` and ``--nce_m`` do).
     """
 
-    needs_index = True
-    needs_contrast_idx = False
+    Options = CRCDOptions
     weights = (1.0, 0.9, 1.0)
 
     @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--crcd_k", type=positive_int, default=500,
-                            help="CRCD: negatives per relation, drawn from the other samples")
-        parser.add_argument("--crcd_t", type=positive_float, default=0.05,
-                            help="CRCD: temperature of the relation critic")
-        parser.add_argument("--crcd_grad_weight", type=nonnegative_float, default=1.0,
-                            help="CRCD: weight of the gradient-relation term (0: feature relations only)")
+    def data_needs(cls, options: CRCDOptions) -> DataNeeds:
+        return DataNeeds(index=True)
 
-    def __init__(self, opt, feats_s: list[torch.Tensor], feats_t: list[torch.Tensor]):
+    def __init__(self, options: CRCDOptions, ctx: BuildContext):
         super().__init__()
-        crcd_opt = head_options(opt, feats_s, feats_t, "crcd", feat_dim=128, crcd_k=500, crcd_t=0.05,
-                                nce_m=0.5, crcd_grad_weight=1.0)
-        self.criterion = CRCDLoss(crcd_opt)
-        self.s_dim, self.t_dim = crcd_opt.s_dim, crcd_opt.t_dim
+        self.criterion = CRCDLoss(ctx.s_dim, ctx.t_dim, ctx.training_set_size(self.name), options)
+        self.s_dim, self.t_dim = ctx.s_dim, ctx.t_dim
         # References to the networks' classifiers, in a tuple so that nn.Module does not register
         # them: they stay out of this module's parameters, state_dict and .to().
         self._classifiers: tuple[nn.Linear, nn.Linear] | None = None

@@ -1,36 +1,16 @@
 """CRD: the full contrastive distillation loss, and its ``--distill crd`` Distiller."""
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 import torch.nn as nn
 
-from distiller_zoo.registry import Batch, Distiller, NetOutput, register
-from helper.errors import UserError
+from dataset.needs import ContrastNeed, DataNeeds
+from distiller_zoo.registry import Batch, BuildContext, Distiller, NetOutput, register
 
 from .embed import Embed
 from .loss import ContrastLoss
 from .memory import ContrastMemory
-
-
-# Defaults of the memory-bank flags, for an ``opt`` built outside train_student.py.
-BANK_DEFAULTS = dict(feat_dim=128, nce_k=16384, nce_t=0.07, nce_m=0.5, nce_z_momentum=None)
-
-
-def head_options(opt, feats_s: list[torch.Tensor], feats_t: list[torch.Tensor], method: str,
-                 needs_bank: bool = True, **defaults) -> SimpleNamespace:
-    """The options of a contrastive loss: ``opt``'s attributes over ``defaults``, plus ``s_dim``
-    and ``t_dim``, the sizes of the pooled features ``feats[-1]``. With ``needs_bank``, ``opt``
-    must give ``n_data`` (the training-set size, the memory banks' rows)."""
-    if needs_bank and not getattr(opt, "n_data", None):
-        raise UserError(f"--distill {method} needs opt.n_data, the number of training samples "
-                        "(the memory bank's rows)")
-    values = {**defaults, **vars(opt)}
-    values.update(s_dim=feats_s[-1].flatten(1).shape[1], t_dim=feats_t[-1].flatten(1).shape[1])
-    if needs_bank:
-        values["n_data"] = int(values["n_data"])
-    return SimpleNamespace(**values)
+from .options import NCEOptions
 
 
 class CRDLoss(nn.Module):
@@ -45,24 +25,26 @@ class CRDLoss(nn.Module):
     against the student's bank; the banks' rows ``idx`` are then updated (see
     :class:`ContrastMemory`).
 
-    opt: ``s_dim``, ``t_dim`` (feature sizes), ``feat_dim`` (embedding size), ``n_data`` (N),
-    ``nce_k`` (K), ``nce_t`` (T), ``nce_m`` (memory momentum); optional ``nce_z_momentum``
-    (None: Z frozen after the first batch, as in the paper; a float such as 0.99: Z as an EMA).
-    labels: optional classes [N] of the training samples, used only when ``contrast_idx`` is
-    not given (negatives are then drawn from other classes).
+    s_dim, t_dim: feature sizes; n_data: N, the training samples (the banks' rows); feat_dim:
+    embedding size; nce_k (K), nce_t (T), nce_m (memory momentum), nce_z_momentum (None: Z
+    frozen after the first batch, as in the paper; a float such as 0.99: Z as an EMA) and
+    nce_scores: see :class:`ContrastMemory`. labels: optional classes [N] of the training
+    samples, used only when ``contrast_idx`` is not given (negatives are then drawn from other
+    classes). RepDistiller's ``CRDLoss(opt)`` is :class:`crd.criterion.CRDLoss`.
     State dict: ``embed_s.linear.*``, ``embed_t.linear.*``, ``contrast.params``,
     ``contrast.memory_v1``, ``contrast.memory_v2``.
     """
 
-    def __init__(self, opt, labels: torch.Tensor | None = None):
+    def __init__(self, s_dim: int, t_dim: int, n_data: int, feat_dim: int = 128, nce_k: int = 16384,
+                 nce_t: float = 0.07, nce_m: float = 0.5, nce_z_momentum: float | None = None,
+                 nce_scores: str = "auto", labels: torch.Tensor | None = None):
         super().__init__()
-        self.embed_s = Embed(opt.s_dim, opt.feat_dim)
-        self.embed_t = Embed(opt.t_dim, opt.feat_dim)
-        self.contrast = ContrastMemory(opt.feat_dim, opt.n_data, opt.nce_k, opt.nce_t, opt.nce_m,
-                                       labels=labels, z_momentum=getattr(opt, "nce_z_momentum", None),
-                                       score_mode=getattr(opt, "nce_scores", "auto"))
-        self.criterion_s = ContrastLoss(opt.n_data)
-        self.criterion_t = ContrastLoss(opt.n_data)
+        self.embed_s = Embed(s_dim, feat_dim)
+        self.embed_t = Embed(t_dim, feat_dim)
+        self.contrast = ContrastMemory(feat_dim, n_data, nce_k, nce_t, nce_m, labels=labels,
+                                       z_momentum=nce_z_momentum, score_mode=nce_scores)
+        self.criterion_s = ContrastLoss(n_data)
+        self.criterion_t = ContrastLoss(n_data)
 
     def forward(self, f_s: torch.Tensor, f_t: torch.Tensor, idx: torch.Tensor,
                 contrast_idx: torch.Tensor | None = None) -> torch.Tensor:
@@ -82,17 +64,22 @@ class CRD(Distiller):
     """``--distill crd``: :class:`CRDLoss` on the pooled features ``feats[-1]`` of both nets.
 
     Published weights: ``-r 1 -a 0 -b 0.8`` (CRD+KD: ``-a 1 -b 0.8``). The data loader supplies
-    ``index`` and ``contrast_idx`` (``--mode exact|relax``, ``--nce_k``); ``opt.n_data`` is the
-    number of training samples (the bank's rows).
+    ``index`` and ``contrast_idx`` with ``--nce_k`` negatives (``--mode exact|relax``), the
+    bank's K; the context's ``n_data`` is the number of training samples (the bank's rows).
     """
 
-    needs_index = True
-    needs_contrast_idx = True
+    Options = NCEOptions
     weights = (1.0, 0.0, 0.8)
 
-    def __init__(self, opt, feats_s: list[torch.Tensor], feats_t: list[torch.Tensor]):
+    def __init__(self, options: NCEOptions, ctx: BuildContext):
         super().__init__()
-        self.criterion = CRDLoss(head_options(opt, feats_s, feats_t, "crd", **BANK_DEFAULTS))
+        self.criterion = CRDLoss(ctx.s_dim, ctx.t_dim, ctx.training_set_size(self.name), options.feat_dim,
+                                 options.nce_k, options.nce_t, options.nce_m, options.nce_z_momentum,
+                                 options.nce_scores)
+
+    @classmethod
+    def data_needs(cls, options: NCEOptions) -> DataNeeds:
+        return DataNeeds(index=True, contrast=ContrastNeed(options.nce_k, options.mode))
 
     def forward(self, s: NetOutput, t: NetOutput, batch: Batch) -> dict[str, torch.Tensor]:
         """s / t: network outputs, ``feats[-1]`` [B, C]; batch: ``index`` [B], ``contrast_idx`` [B, K+1]."""

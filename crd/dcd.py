@@ -1,17 +1,28 @@
 """DCD: Giakoumoglou & Stathaki, "Discriminative and Consistent Representation Distillation" (2024)."""
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from distiller_zoo._common import fp32
-from distiller_zoo.registry import Batch, Distiller, NetOutput, register
+from distiller_zoo.options import EmbedOptions
+from distiller_zoo.registry import Batch, BuildContext, Distiller, NetOutput, register
 from helper.argtypes import finite_float, nonnegative_float, positive_float
+from helper.declare import option
 
-from .crd_loss import head_options
+
+@dataclass
+class DCDOptions(EmbedOptions):
+    """DCD"""
+
+    dcd_alpha: float = option(0.5, "DCD: weight of the consistency term (default 0.5)", type=nonnegative_float)
+    dcd_max_tau: float = option(10.0, "DCD: upper bound of the learnable logit scale kappa = exp(theta) (default 10)",
+                                type=positive_float)
+    dcd_init_tau: float = option(1.0, "DCD: initial theta, the log of the logit scale kappa (default 1.0)",
+                                 type=finite_float)
 
 
 class DCDLoss(nn.Module):
@@ -36,17 +47,17 @@ class DCDLoss(nn.Module):
     authors' parameterisation and state-dict names. When ``exp(theta)`` exceeds ``max_tau`` the
     clamp is active and theta receives no gradient.
 
-    opt: ``s_dim``, ``t_dim`` (feature sizes), ``feat_dim`` (embedding size).
+    s_dim, t_dim: feature sizes; feat_dim: embedding size.
     State dict: ``embed_s.weight``/``.bias`` [feat_dim, s_dim]/[feat_dim], ``embed_t.*`` likewise,
     ``params.tau`` and ``params.b`` (scalars).
     Under DDP each process contrasts its own batch (negatives are not gathered across processes).
     """
 
-    def __init__(self, opt, max_tau: float = 10.0, alpha: float = 0.5, init_tau: float = 1.0,
-                 init_b: float = 0.0) -> None:
+    def __init__(self, s_dim: int, t_dim: int, feat_dim: int = 128, max_tau: float = 10.0, alpha: float = 0.5,
+                 init_tau: float = 1.0, init_b: float = 0.0) -> None:
         super().__init__()
-        self.embed_s = nn.Linear(opt.s_dim, opt.feat_dim)
-        self.embed_t = nn.Linear(opt.t_dim, opt.feat_dim)
+        self.embed_s = nn.Linear(s_dim, feat_dim)
+        self.embed_t = nn.Linear(t_dim, feat_dim)
         self.params = nn.ParameterDict({
             "tau": nn.Parameter(torch.tensor(float(init_tau))),
             "b": nn.Parameter(torch.tensor(float(init_b))),
@@ -106,22 +117,13 @@ class DCD(Distiller):
     b are parameters of this module, so the optimiser updates them.
     """
 
+    Options = DCDOptions
     weights = (1.0, 0.0, 1.0)
 
-    def __init__(self, opt, feats_s: list[torch.Tensor], feats_t: list[torch.Tensor]) -> None:
+    def __init__(self, options: DCDOptions, ctx: BuildContext) -> None:
         super().__init__()
-        dcd_opt = head_options(opt, feats_s, feats_t, "dcd", needs_bank=False, feat_dim=128)
-        self.criterion = DCDLoss(dcd_opt, max_tau=getattr(opt, "dcd_max_tau", 10.0),
-                                 alpha=getattr(opt, "dcd_alpha", 0.5), init_tau=getattr(opt, "dcd_init_tau", 1.0))
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--dcd_alpha", type=nonnegative_float, default=0.5,
-                            help="DCD: weight of the consistency term (default 0.5)")
-        parser.add_argument("--dcd_max_tau", type=positive_float, default=10.0,
-                            help="DCD: upper bound of the learnable logit scale kappa = exp(theta) (default 10)")
-        parser.add_argument("--dcd_init_tau", type=finite_float, default=1.0,
-                            help="DCD: initial theta, the log of the logit scale kappa (default 1.0)")
+        self.criterion = DCDLoss(ctx.s_dim, ctx.t_dim, options.feat_dim, max_tau=options.dcd_max_tau,
+                                 alpha=options.dcd_alpha, init_tau=options.dcd_init_tau)
 
     def forward(self, s: NetOutput, t: NetOutput, batch: Batch) -> dict[str, torch.Tensor]:
         """s.feats[-1]: [B, s_dim]; t.feats[-1]: [B, t_dim]."""

@@ -3,22 +3,24 @@ Distillation" (CVPR 2021): a global dual-form (critic) term and a local primal-f
 transport) term, and its ``--distill wcord`` Distiller."""
 from __future__ import annotations
 
-import argparse
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
-from distiller_zoo.registry import Batch, Distiller, NetOutput, register
+from dataset.needs import ContrastNeed, DataNeeds
+from distiller_zoo.registry import Batch, BuildContext, Distiller, NetOutput, register
 from helper.argtypes import nonnegative_float, positive_float, positive_int
+from helper.declare import option
 from helper.errors import UserError
 
-from .crd_loss import BANK_DEFAULTS, head_options
 from .embed import Embed
 from .loss import ContrastLoss
 from .memory import ContrastMemory
+from .options import NCEOptions
 
 # Defaults of the method's own flags (the paper's exact constants were not available to us).
 DEFAULT_LAMBDA_G = 1.0
@@ -80,6 +82,19 @@ def wasserstein_local(x: torch.Tensor, y: torch.Tensor, eps: float = DEFAULT_EPS
     return (plan * cost).sum()
 
 
+@dataclass
+class WCoRDOptions(NCEOptions):
+    """WCoRD"""
+
+    wcord_lambda_g: float = option(DEFAULT_LAMBDA_G, "WCoRD: weight of the global (dual, contrastive) term",
+                                   type=nonnegative_float)
+    wcord_lambda_l: float = option(DEFAULT_LAMBDA_L, "WCoRD: weight of the local (primal, in-batch optimal "
+                                   "transport) term", type=nonnegative_float)
+    wcord_eps: float = option(DEFAULT_EPS, "WCoRD: entropic regularisation epsilon of the Sinkhorn plan",
+                              type=positive_float)
+    wcord_iters: int = option(DEFAULT_ITERS, "WCoRD: Sinkhorn iterations (log domain)", type=positive_int)
+
+
 class WCoRDLoss(nn.Module):
     """The WCoRD objective of "Wasserstein Contrastive Representation Distillation" (Chen et al.,
     CVPR 2021, §3), ``lambda_g * global + lambda_l * local``::
@@ -110,9 +125,9 @@ class WCoRDLoss(nn.Module):
     128 dimensions the row marginals came within 1e-6 (relative) of uniform in at most 100
     iterations; eps 0.01 stays finite but needs many more iterations), ``iters = 100``.
 
-    opt: ``s_dim``, ``t_dim`` (feature sizes), ``feat_dim``, ``n_data`` (N), ``nce_k`` (K),
-    ``nce_t`` (T), ``nce_m`` (memory momentum), optional ``nce_z_momentum`` (as in CRD) and
-    ``wcord_lambda_g``, ``wcord_lambda_l``, ``wcord_eps``, ``wcord_iters``.
+    s_dim, t_dim: feature sizes; n_data: N; options (:class:`WCoRDOptions`): ``feat_dim``,
+    ``nce_k`` (K), ``nce_t`` (T), ``nce_m`` (memory momentum), ``nce_z_momentum`` and
+    ``nce_scores`` (as in CRD), ``wcord_lambda_g``, ``wcord_lambda_l``, ``wcord_eps``, ``wcord_iters``.
     labels: optional classes [N] of the training samples (used only when ``contrast_idx`` is
     not given, as in :class:`crd.CRDLoss`).
     State dict: ``embed_s.linear.parametrizations.weight.{original,0._u,0._v}``,
@@ -120,25 +135,23 @@ class WCoRDLoss(nn.Module):
     ``contrast.memory_v1``, ``contrast.memory_v2``.
     """
 
-    def __init__(self, opt, labels: torch.Tensor | None = None):
+    def __init__(self, s_dim: int, t_dim: int, n_data: int, options: WCoRDOptions | None = None,
+                 labels: torch.Tensor | None = None):
         super().__init__()
-        self.lambda_g = float(getattr(opt, "wcord_lambda_g", DEFAULT_LAMBDA_G))
-        self.lambda_l = float(getattr(opt, "wcord_lambda_l", DEFAULT_LAMBDA_L))
-        self.eps = float(getattr(opt, "wcord_eps", DEFAULT_EPS))
-        self.iters = int(getattr(opt, "wcord_iters", DEFAULT_ITERS))
+        o = options or WCoRDOptions()
+        self.lambda_g, self.lambda_l, self.eps, self.iters = o.wcord_lambda_g, o.wcord_lambda_l, o.wcord_eps, o.wcord_iters
         if self.eps <= 0:
             raise UserError(f"--wcord_eps must be positive, got {self.eps}")
         if self.iters < 1:
             raise UserError(f"--wcord_iters must be at least 1, got {self.iters}")
-        self.embed_s = Embed(opt.s_dim, opt.feat_dim)
-        self.embed_t = Embed(opt.t_dim, opt.feat_dim)
+        self.embed_s = Embed(s_dim, o.feat_dim)
+        self.embed_t = Embed(t_dim, o.feat_dim)
         spectral_norm(self.embed_s.linear)
         spectral_norm(self.embed_t.linear)
-        self.contrast = ContrastMemory(opt.feat_dim, opt.n_data, opt.nce_k, opt.nce_t, opt.nce_m,
-                                       labels=labels, z_momentum=getattr(opt, "nce_z_momentum", None),
-                                       score_mode=getattr(opt, "nce_scores", "auto"))
-        self.criterion_s = ContrastLoss(opt.n_data)
-        self.criterion_t = ContrastLoss(opt.n_data)
+        self.contrast = ContrastMemory(o.feat_dim, n_data, o.nce_k, o.nce_t, o.nce_m, labels=labels,
+                                       z_momentum=o.nce_z_momentum, score_mode=o.nce_scores)
+        self.criterion_s = ContrastLoss(n_data)
+        self.criterion_t = ContrastLoss(n_data)
 
     def embed(self, f_s: torch.Tensor, f_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """f_s: [B, s_dim]; f_t: [B, t_dim] (detached here: no gradient reaches the teacher).
@@ -185,31 +198,20 @@ class WCoRD(Distiller):
     (cross-entropy + KD + WCoRD), and its global term is CRD's NCE on the same banks, so
     WCoRD+KD keeps CRD+KD's weights (``-a 1 -b 0.8``); the local term's share is set by
     ``--wcord_lambda_l``. Like CRD, it uses ``--feat_dim --nce_k --nce_t --nce_m`` and the data
-    loader supplies ``index`` and ``contrast_idx`` (``--mode exact|relax``); ``opt.n_data`` is
-    the number of training samples (the banks' rows).
+    loader supplies ``index`` and ``contrast_idx`` (``--mode exact|relax``); the context's ``n_data``
+    is the number of training samples (the banks' rows).
     """
 
-    needs_index = True
-    needs_contrast_idx = True
+    Options = WCoRDOptions
     weights = (1.0, 1.0, 0.8)
 
-    def __init__(self, opt, feats_s: list[torch.Tensor], feats_t: list[torch.Tensor]):
+    def __init__(self, options: WCoRDOptions, ctx: BuildContext):
         super().__init__()
-        wcord_opt = head_options(opt, feats_s, feats_t, "wcord", **BANK_DEFAULTS,
-                                 wcord_lambda_g=DEFAULT_LAMBDA_G, wcord_lambda_l=DEFAULT_LAMBDA_L,
-                                 wcord_eps=DEFAULT_EPS, wcord_iters=DEFAULT_ITERS)
-        self.criterion = WCoRDLoss(wcord_opt)
+        self.criterion = WCoRDLoss(ctx.s_dim, ctx.t_dim, ctx.training_set_size(self.name), options)
 
     @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--wcord_lambda_g", type=nonnegative_float, default=DEFAULT_LAMBDA_G,
-                            help="WCoRD: weight of the global (dual, contrastive) term")
-        parser.add_argument("--wcord_lambda_l", type=nonnegative_float, default=DEFAULT_LAMBDA_L,
-                            help="WCoRD: weight of the local (primal, in-batch optimal transport) term")
-        parser.add_argument("--wcord_eps", type=positive_float, default=DEFAULT_EPS,
-                            help="WCoRD: entropic regularisation epsilon of the Sinkhorn plan")
-        parser.add_argument("--wcord_iters", type=positive_int, default=DEFAULT_ITERS,
-                            help="WCoRD: Sinkhorn iterations (log domain)")
+    def data_needs(cls, options: WCoRDOptions) -> DataNeeds:
+        return DataNeeds(index=True, contrast=ContrastNeed(options.nce_k, options.mode))
 
     def forward(self, s: NetOutput, t: NetOutput, batch: Batch) -> dict[str, torch.Tensor]:
         """s / t: network outputs, ``feats[-1]`` [B, C]; batch: ``index`` [B], ``contrast_idx`` [B, K+1]."""

@@ -5,7 +5,7 @@ dataset classes keep their names in :mod:`dataset.cifar100` and :mod:`dataset.im
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
@@ -13,40 +13,37 @@ from helper.errors import UserError
 
 from .cifar100 import open_cifar100
 from .imagenet import open_imagenet
-from .loaders import LOADERS, DataBundle, make_bundle
+from .loaders import DataBundle, make_bundle
+from .needs import ContrastNeed, DataNeeds
+from .options import DATASETS, LOADERS, DataOptions, SyntheticOptions
 from .sampling import ContrastSampler
 from .synthetic import open_synthetic
 
-DATASETS = ("cifar100", "imagenet", "synthetic")
 # the sets that --loader tensor serves (held in memory as uint8 arrays); imagenet always uses
 # torchvision's folder loader
 TENSOR_DATASETS = ("cifar100", "synthetic")
 
-_OPENERS: dict[str, Callable[[Any], tuple]] = {
+_OPENERS: dict[str, Callable[[DataOptions], tuple]] = {
     "cifar100": open_cifar100,
     "imagenet": open_imagenet,
     "synthetic": open_synthetic,
 }
 
-__all__ = ["DATASETS", "LOADERS", "TENSOR_DATASETS", "DataBundle", "ContrastSampler", "get_dataloaders"]
+__all__ = ["DATASETS", "LOADERS", "TENSOR_DATASETS", "ContrastNeed", "ContrastSampler", "DataBundle", "DataNeeds",
+           "DataOptions", "SyntheticOptions", "get_dataloaders"]
 
 
-def get_dataloaders(opt: Any, *, instance: bool = False, contrast: bool = False,
+def get_dataloaders(data: DataOptions, needs: DataNeeds = DataNeeds(),
                     device: torch.device | str | None = None) -> DataBundle:
-    """The loaders for ``opt.dataset`` (one of :data:`DATASETS`).
+    """The loaders for ``data.dataset`` (one of :data:`DATASETS`), their training batches
+    carrying what ``needs`` (the method's) asks for; see :func:`dataset.loaders.make_bundle`.
 
-    ``opt`` is the scripts' argparse namespace: ``dataset``, ``data_folder`` (None: ``./data``
-    for cifar100, ``./data/imagenet`` for imagenet), ``download``, ``loader`` (``tensor``, the
-    default: for :data:`TENSOR_DATASETS` the tensor pipeline, whose batches are made on ``device``,
-    default the CPU; ``torchvision``: DataLoaders with workers), ``batch_size``,
-    ``num_workers``, ``subset`` (0/None: the whole training set), ``val_subset`` (0/None: the
-    whole validation set), ``seed``, ``nce_k`` and ``mode``. With ``instance`` the training batches carry ``index``; with ``contrast`` also
-    ``contrast_idx`` ``[B, nce_k + 1]``. The validation loader uses ``batch_size`` and is not
-    shuffled.
+    ``data.data_folder`` None means ``./data`` for cifar100 and ``./data/imagenet`` for imagenet;
+    ``data.loader`` ``tensor`` (the default) serves :data:`TENSOR_DATASETS` with the tensor
+    pipeline, whose batches are made on ``device`` (default the CPU). The validation loader uses
+    ``data.batch_size`` and is not shuffled.
     """
-    name = getattr(opt, "dataset", "cifar100")
-    if name not in _OPENERS:
-        raise UserError(f"unknown data set {name!r}: choose one of {', '.join(DATASETS)}")
-    train_set, val_set, train_labels, num_classes = _OPENERS[name](opt)
-    return make_bundle(train_set, val_set, train_labels, num_classes, opt,
-                       instance=instance, contrast=contrast, device=device)
+    if data.dataset not in _OPENERS:
+        raise UserError(f"unknown data set {data.dataset!r}: choose one of {', '.join(DATASETS)}")
+    train_set, val_set, train_labels, num_classes = _OPENERS[data.dataset](data)
+    return make_bundle(train_set, val_set, train_labels, num_classes, data, needs, device=device)

@@ -8,7 +8,6 @@ and plain containers only, so a modified file can never run code. ``allow_modifi
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import pickle
 import tarfile
@@ -23,6 +22,8 @@ from torchvision import datasets, transforms
 from helper.errors import UserError
 
 from .loaders import make_bundle
+from .needs import ContrastNeed, DataNeeds
+from .options import DataOptions
 from .sampling import ContrastSampler
 
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
@@ -199,11 +200,10 @@ class CIFAR100InstanceSample(CIFAR100Folder):
         return img, target, index, self.sampler(torch.tensor([index]))[0]
 
 
-def open_cifar100(opt: Any) -> tuple[CIFAR100Folder, CIFAR100Folder, torch.Tensor, int]:
+def open_cifar100(data: DataOptions) -> tuple[CIFAR100Folder, CIFAR100Folder, torch.Tensor, int]:
     """The training and test sets (reference transforms), the training labels and 100."""
-    root = getattr(opt, "data_folder", None) or DEFAULT_FOLDER
-    download = bool(getattr(opt, "download", False))
-    modified = bool(getattr(opt, "allow_modified_data", False))
+    root = data.data_folder or DEFAULT_FOLDER
+    download, modified = data.download, data.allow_modified_data
     train_set = CIFAR100Folder(root, train=True, transform=cifar100_train_transform(), download=download,
                                allow_modified=modified)
     test_set = CIFAR100Folder(root, train=False, transform=cifar100_test_transform(), allow_modified=modified)
@@ -211,15 +211,13 @@ def open_cifar100(opt: Any) -> tuple[CIFAR100Folder, CIFAR100Folder, torch.Tenso
 
 
 def _compat_bundle(batch_size: int, num_workers: int, data_folder: str, download: bool, allow_modified: bool,
-                   **extra: Any):
-    opt = argparse.Namespace(dataset="cifar100", data_folder=data_folder, download=download,
-                             allow_modified_data=allow_modified,
-                             loader="torchvision", batch_size=batch_size, num_workers=num_workers,
-                             subset=0, seed=None,
-                             nce_k=extra.pop("k", 4096), mode=extra.pop("mode", "exact"))
-    train_set, test_set, labels, num_classes = open_cifar100(opt)
+                   needs: DataNeeds, **extra: Any):
+    data = DataOptions(dataset="cifar100", data_folder=data_folder, download=download,
+                       allow_modified_data=allow_modified, loader="torchvision", batch_size=batch_size,
+                       num_workers=num_workers)
+    train_set, test_set, labels, num_classes = open_cifar100(data)
     # RepDistiller's test loader: half the batch size and half the workers
-    return make_bundle(train_set, test_set, labels, num_classes, opt,
+    return make_bundle(train_set, test_set, labels, num_classes, data, needs,
                        val_batch_size=max(1, batch_size // 2), val_workers=num_workers // 2, **extra)
 
 
@@ -229,7 +227,8 @@ def get_cifar100_dataloaders(batch_size: int = 128, num_workers: int = 8, is_ins
                              ) -> tuple[DataLoader, DataLoader] | tuple[DataLoader, DataLoader, int]:
     """RepDistiller's loader function: ``(train_loader, test_loader)``, or with ``is_instance``
     ``(train_loader, test_loader, n_data)`` and training batches ``(img, target, index)``."""
-    bundle = _compat_bundle(batch_size, num_workers, data_folder, download, allow_modified, instance=is_instance)
+    bundle = _compat_bundle(batch_size, num_workers, data_folder, download, allow_modified,
+                            DataNeeds(index=is_instance))
     if is_instance:
         return bundle.train_loader, bundle.val_loader, bundle.n_data
     return bundle.train_loader, bundle.val_loader
@@ -241,6 +240,7 @@ def get_cifar100_dataloaders_sample(batch_size: int = 128, num_workers: int = 8,
                                     allow_modified: bool = False) -> tuple[DataLoader, DataLoader, int]:
     """RepDistiller's CRD loader function: ``(train_loader, test_loader, n_data)`` with training
     batches ``(img, target, index, contrast_idx)`` (``(img, target, index)`` if not ``is_sample``)."""
-    bundle = _compat_bundle(batch_size, num_workers, data_folder, download, allow_modified, k=k, mode=mode,
-                            instance=True, contrast=is_sample, negative_fraction=percent)
+    needs = DataNeeds(index=True, contrast=ContrastNeed(k, mode) if is_sample else None)
+    bundle = _compat_bundle(batch_size, num_workers, data_folder, download, allow_modified, needs,
+                            negative_fraction=percent)
     return bundle.train_loader, bundle.val_loader, bundle.n_data

@@ -2,7 +2,6 @@
 ``<data_folder>/val/<class>/*``, read by torchvision's ImageFolder, plus RepDistiller's names."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any, Callable
 
@@ -13,6 +12,8 @@ from torchvision import datasets, transforms
 from helper.errors import UserError
 
 from .loaders import make_bundle
+from .needs import ContrastNeed, DataNeeds
+from .options import DataOptions
 from .sampling import ContrastSampler
 from .skipping import DECODE_ERRORS, Unreadable
 
@@ -103,12 +104,12 @@ class ImageFolderSample(datasets.ImageFolder):
         return img, target, index, self.sampler(torch.tensor([index]))[0]
 
 
-def open_imagenet(opt: Any) -> tuple[datasets.ImageFolder, datasets.ImageFolder, torch.Tensor, int]:
+def open_imagenet(data: DataOptions) -> tuple[datasets.ImageFolder, datasets.ImageFolder, torch.Tensor, int]:
     """The training and validation folders (standard transforms; unreadable files become
     :class:`~dataset.skipping.Unreadable` items, see :class:`SafeImageFolder`), the training
     labels and the number of classes (that of train/, which val/ must match)."""
-    root = Path(getattr(opt, "data_folder", None) or DEFAULT_FOLDER).expanduser()
-    if getattr(opt, "download", False):
+    root = Path(data.data_folder or DEFAULT_FOLDER).expanduser()
+    if data.download:
         raise UserError("ImageNet cannot be downloaded automatically: get it from image-net.org "
                         f"and arrange it as {LAYOUT}")
     train_set = open_image_folder(root / "train", imagenet_train_transform(), SafeImageFolder)
@@ -120,10 +121,8 @@ def open_imagenet(opt: Any) -> tuple[datasets.ImageFolder, datasets.ImageFolder,
     return train_set, val_set, torch.as_tensor(train_set.targets, dtype=torch.long), len(train_set.classes)
 
 
-def _compat_opt(batch_size: int, num_workers: int, data_folder: str, k: int = 4096) -> argparse.Namespace:
-    return argparse.Namespace(dataset="imagenet", data_folder=data_folder, download=False,
-                              batch_size=batch_size, num_workers=num_workers, subset=0, seed=None,
-                              nce_k=k, mode="exact")
+def _compat_options(batch_size: int, num_workers: int, data_folder: str) -> DataOptions:
+    return DataOptions(dataset="imagenet", data_folder=data_folder, batch_size=batch_size, num_workers=num_workers)
 
 
 def get_imagenet_dataloader(dataset: str = "imagenet", batch_size: int = 128, num_workers: int = 16,
@@ -132,8 +131,8 @@ def get_imagenet_dataloader(dataset: str = "imagenet", batch_size: int = 128, nu
     """RepDistiller's loader function: ``(train_loader, test_loader)``, or with ``is_instance``
     ``(train_loader, test_loader, n_data)`` and training batches ``(img, target, index)``."""
     _check_name(dataset)
-    opt = _compat_opt(batch_size, num_workers, data_folder)
-    bundle = make_bundle(*open_imagenet(opt), opt, instance=is_instance, val_workers=num_workers // 2)
+    data = _compat_options(batch_size, num_workers, data_folder)
+    bundle = make_bundle(*open_imagenet(data), data, DataNeeds(index=is_instance), val_workers=num_workers // 2)
     if is_instance:
         return bundle.train_loader, bundle.val_loader, bundle.n_data
     return bundle.train_loader, bundle.val_loader
@@ -145,8 +144,9 @@ def get_dataloader_sample(dataset: str = "imagenet", batch_size: int = 128, num_
     """RepDistiller's CRD loader function: ``(train_loader, test_loader, n_data, num_classes)``,
     training batches ``(img, target, index[, contrast_idx])``."""
     _check_name(dataset)
-    opt = _compat_opt(batch_size, num_workers, data_folder, k)
-    bundle = make_bundle(*open_imagenet(opt), opt, instance=True, contrast=is_sample)
+    data = _compat_options(batch_size, num_workers, data_folder)
+    needs = DataNeeds(index=True, contrast=ContrastNeed(k) if is_sample else None)
+    bundle = make_bundle(*open_imagenet(data), data, needs)
     return bundle.train_loader, bundle.val_loader, bundle.n_data, bundle.num_classes
 
 

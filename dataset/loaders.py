@@ -12,19 +12,19 @@ from torch.utils.data._utils.collate import default_collate
 from helper.distributed import EpochSampler, ShardSampler, current
 from helper.errors import UserError
 
+from .needs import DataNeeds
+from .options import LOADERS, DataOptions
 from .sampling import ContrastSampler
 from .skipping import SkippingLoader, SkipUnreadable, Unreadable
 from .tensor_loader import TensorImages, TensorLoader, tensor_source
-
-LOADERS = ("tensor", "torchvision")
 
 
 @dataclass
 class DataBundle:
     """The loaders of one run and what the models and losses need to know about the data.
 
-    train_loader batches: ``(img, target)``, ``(img, target, index)`` with ``instance``, or
-    ``(img, target, index, contrast_idx)`` with ``contrast`` (``contrast_idx``: ``[B, K+1]``).
+    train_loader batches: ``(img, target)``, ``(img, target, index)`` when the needs ask for
+    ``index``, ``(img, target, index, contrast_idx)`` with a contrast need (``[B, K+1]``).
     val_loader batches: ``(img, target)``. ``index`` is the position in the training set (after
     ``--subset``), ``n_data`` its size and ``train_labels`` (LongTensor ``[n_data]``) its labels.
     """
@@ -97,48 +97,45 @@ def balanced_subset(labels: torch.Tensor, size: int, seed: int, flag: str = "--s
 
 
 def make_bundle(train_set: Dataset, val_set: Dataset, train_labels: torch.Tensor, num_classes: int,
-                opt: Any, *, instance: bool = False, contrast: bool = False,
+                data: DataOptions, needs: DataNeeds = DataNeeds(), *,
                 val_batch_size: int | None = None, val_workers: int | None = None,
                 negative_fraction: float = 1.0, device: torch.device | str | None = None) -> DataBundle:
     """Build the train/validation loaders for a data set given as two map-style sets.
 
-    ``opt`` supplies ``loader``, ``batch_size``, ``num_workers``, ``subset``, ``val_subset``,
-    ``seed``, ``nce_k`` and ``mode`` (optional, with the defaults of the training scripts);
-    ``val_subset`` picks a class-balanced validation subset that does not depend on the seed.
-    ``contrast`` implies ``instance``.
-    ``opt.loader`` ``'tensor'`` (the default): sets held in memory as CIFAR's are (uint8 ``data``,
+    ``data`` supplies ``loader``, ``batch_size``, ``num_workers``, ``subset``, ``val_subset`` and
+    ``seed`` (None: a random one); ``val_subset`` picks a class-balanced validation subset that
+    does not depend on the seed. ``needs`` (the method's :class:`DataNeeds`) says whether the
+    training batches carry ``index`` and ``contrast_idx`` (its ``contrast.k`` negatives,
+    ``contrast.mode`` positives; RepDistiller's ``percent`` is ``negative_fraction``).
+    ``data.loader`` ``'tensor'`` (the default): sets held in memory as CIFAR's are (uint8 ``data``,
     see :func:`dataset.tensor_loader.tensor_source`) become :class:`TensorLoader` s whose batches
     are made with tensor ops on ``device`` (default the CPU) and need no workers; other sets
     (image folders) silently get torchvision DataLoaders, as with ``'torchvision'``.
     The tensor loaders have the same order (:class:`EpochSampler`) and, for validation, the same
     sharding; their augmentations and negatives come from ``(seed, epoch, rank)`` alone.
     Training order: :class:`helper.distributed.EpochSampler` (a permutation drawn from
-    ``opt.seed + epoch``, sharded across ranks under torchrun; call ``train_loader.sampler.set_epoch``).
-    Each epoch's worker seeds come from ``train_loader.generator`` (seeded ``opt.seed + rank``),
+    ``seed + epoch``, sharded across ranks under torchrun; call ``train_loader.sampler.set_epoch``).
+    Each epoch's worker seeds come from ``train_loader.generator`` (seeded ``seed + rank``),
     so the loader's output is reproducible, and that generator's state is all a resume has to
     save (plus torch's global RNG when ``num_workers`` is 0). Validation is sharded without padding.
     """
-    batch_size = int(getattr(opt, "batch_size", 64))
-    loader_kind = getattr(opt, "loader", None) or "tensor"
+    batch_size, loader_kind, num_workers = data.batch_size, data.loader, data.num_workers or 0
     if loader_kind not in LOADERS:
         raise UserError(f"unknown --loader {loader_kind!r}: use one of {', '.join(LOADERS)}")
-    num_workers = int(getattr(opt, "num_workers", 0) or 0)
     if batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {batch_size}")
-    seed = getattr(opt, "seed", None)
+    seed = data.seed
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()))
     labels = torch.as_tensor(train_labels).long()
-    subset_size = getattr(opt, "subset", None) or 0
-    indices = balanced_subset(labels, int(subset_size), seed) if subset_size else None
+    indices = balanced_subset(labels, data.subset, seed) if data.subset else None
     if indices is not None:
         labels = labels[indices]
-    with_index = instance or contrast
+    with_index = needs.with_index
     train_view = IndexedDataset(train_set, indices, with_index=with_index)
     collate = sampler = None
-    if contrast:
-        sampler = ContrastSampler(labels, int(getattr(opt, "nce_k", 16384)),
-                                  getattr(opt, "mode", "exact"), negative_fraction,
+    if needs.contrast is not None:
+        sampler = ContrastSampler(labels, needs.contrast.k, needs.contrast.mode, negative_fraction,
                                   generator=torch.Generator().manual_seed(int(seed)))
         collate = ContrastCollate(sampler)
     n_data = len(train_view)
@@ -149,7 +146,7 @@ def make_bundle(train_set: Dataset, val_set: Dataset, train_labels: torch.Tensor
     per_rank = len(train_sampler)
     # a last batch of one sample would break BatchNorm in training: drop it
     drop_last = per_rank > 1 and per_rank % batch_size == 1
-    val_size = int(getattr(opt, "val_subset", None) or 0)
+    val_size = data.val_subset
     val_indices = None
     if val_size:  # the same samples whatever the run's seed, so runs stay comparable
         val_labels = torch.as_tensor(val_set.targets, dtype=torch.long)  # type: ignore[attr-defined]

@@ -22,7 +22,7 @@ import torch
 
 from helper.errors import UserError
 
-MODES = ("exact", "relax")
+from .needs import MODES
 
 # Rows with K > DENSE_SHARE * candidates rank random keys (cost O(candidates) < O(K / share));
 # the others take the first K distinct values of a random stream (at most about 1.4 K draws).

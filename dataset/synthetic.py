@@ -26,6 +26,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .cifar100 import cifar100_test_transform, cifar100_train_transform
+from .options import DataOptions
 
 DEFAULTS = dict(num_classes=100, n_train_per_class=100, n_test_per_class=20, image_size=32,
                 seed=0, difficulty=1.0)
@@ -165,26 +166,14 @@ def make_synthetic(num_classes: int = 100, n_train_per_class: int = 100, n_test_
     return splits[0], splits[1], splits[2], splits[3]
 
 
-def open_synthetic(opt: Any) -> tuple[SyntheticDataset, SyntheticDataset, torch.Tensor, int]:
+def open_synthetic(data: DataOptions) -> tuple[SyntheticDataset, SyntheticDataset, torch.Tensor, int]:
     """The synthetic training and test sets with CIFAR-100's transforms, the training labels and
-    the number of classes. Sizes come from ``opt.synthetic_classes``, ``opt.synthetic_train``
-    and ``opt.synthetic_test`` (images per class), ``opt.synthetic_difficulty`` and
-    ``opt.synthetic_seed`` when present, else the defaults (100 classes, 100 + 20 per class).
-    The data seed is not ``opt.seed``: a teacher and its students see the same data whatever
-    their run seeds.
+    the number of classes, as ``data``'s ``synthetic_*`` options say. The data seed is not
+    ``data.seed``: a teacher and its students see the same data whatever their run seeds.
     """
-    def option(name: str, default: Any) -> Any:
-        value = getattr(opt, name, None)
-        return default if value is None else type(default)(value)
-
-    num_classes = option("synthetic_classes", DEFAULTS["num_classes"])
     train_x, train_y, test_x, test_y = make_synthetic(
-        num_classes=num_classes,
-        n_train_per_class=option("synthetic_train", DEFAULTS["n_train_per_class"]),
-        n_test_per_class=option("synthetic_test", DEFAULTS["n_test_per_class"]),
-        seed=option("synthetic_seed", DEFAULTS["seed"]),
-        difficulty=option("synthetic_difficulty", DEFAULTS["difficulty"]),
-    )
+        num_classes=data.synthetic_classes, n_train_per_class=data.synthetic_train,
+        n_test_per_class=data.synthetic_test, seed=data.synthetic_seed, difficulty=data.synthetic_difficulty)
     train_set = SyntheticDataset(train_x, train_y.tolist(), cifar100_train_transform())
     test_set = SyntheticDataset(test_x, test_y.tolist(), cifar100_test_transform())
-    return train_set, test_set, train_y, num_classes
+    return train_set, test_set, train_y, data.synthetic_classes

@@ -11,7 +11,7 @@ from helper.errors import UserError
 from models.util import Connector
 
 from ._common import detached, fp32
-from .registry import Batch, Distiller, NetOutput, register
+from .registry import Batch, BuildContext, Distiller, NetOutput, NoOptions, register
 
 
 class ABLoss(nn.Module):
@@ -52,10 +52,10 @@ class ABDistiller(Distiller):
     weights = (1.0, 0.0, 1.0)
     has_init_stage = True
 
-    def __init__(self, opt, feats_s: list[torch.Tensor], feats_t: list[torch.Tensor]) -> None:
+    def __init__(self, options: NoOptions, ctx: BuildContext) -> None:
         super().__init__()
-        s_shapes = [f.shape for f in feats_s[1:-1]]
-        t_shapes = [f.shape for f in feats_t[1:-1]]
+        s_shapes = list(ctx.feats_s[1:-1])
+        t_shapes = list(ctx.feats_t[1:-1])
         try:
             self.connector = Connector(s_shapes, t_shapes)
         except ValueError as err:

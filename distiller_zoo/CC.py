@@ -7,7 +7,8 @@ import torch.nn as nn
 from models.util import LinearEmbed
 
 from ._common import fp32
-from .registry import Batch, Distiller, NetOutput, register
+from .options import EmbedOptions
+from .registry import Batch, BuildContext, Distiller, NetOutput, register
 
 
 class Correlation(nn.Module):
@@ -29,12 +30,13 @@ class CorrelationDistiller(Distiller):
     """``--distill correlation``: CC between ``LinearEmbed`` heads (-> ``--feat_dim``) on ``feats[-1]``
     of both networks; both heads are trained."""
 
+    Options = EmbedOptions
     weights = (1.0, 0.0, 0.02)
 
-    def __init__(self, opt, feats_s: list[torch.Tensor], feats_t: list[torch.Tensor]) -> None:
+    def __init__(self, options: EmbedOptions, ctx: BuildContext) -> None:
         super().__init__()
-        self.embed_s = LinearEmbed(feats_s[-1].shape[1], opt.feat_dim)
-        self.embed_t = LinearEmbed(feats_t[-1].shape[1], opt.feat_dim)
+        self.embed_s = LinearEmbed(ctx.feats_s[-1][1], options.feat_dim)
+        self.embed_t = LinearEmbed(ctx.feats_t[-1][1], options.feat_dim)
         self.loss = Correlation()
 
     def forward(self, s: NetOutput, t: NetOutput, batch: Batch) -> dict[str, torch.Tensor]:

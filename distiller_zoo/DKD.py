@@ -1,16 +1,17 @@
 """DKD: Zhao, Cui, Song, Qiu and Liang, "Decoupled Knowledge Distillation" (CVPR 2022)."""
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from helper.argtypes import nonnegative_float, nonnegative_int, positive_float
+from helper.declare import option
 
 from ._common import fp32
-from .registry import Batch, Distiller, NetOutput, register
+from .registry import Batch, BuildContext, Distiller, NetOutput, register
 
 # Subtracted from the (temperature-scaled) target logit so that its softmax weight is exp(-1000) = 0:
 # the softmax over the masked logits is the distribution over the non-target classes (p-hat).
@@ -92,6 +93,17 @@ def warmup_factor(epoch: int, warmup: int) -> float:
     return 1.0 if warmup <= 0 else min(epoch / warmup, 1.0)
 
 
+@dataclass
+class DKDOptions:
+    """DKD"""
+
+    dkd_alpha: float = option(1.0, "DKD: weight of TCKD, target-class KD (default 1)", type=nonnegative_float)
+    dkd_beta: float = option(8.0, "DKD: weight of NCKD, non-target-class KD (default 8)", type=nonnegative_float)
+    dkd_T: float = option(4.0, "DKD: temperature (default 4)", type=positive_float)
+    dkd_warmup: int = option(20, "DKD: epochs of linear warm-up, factor min(epoch / warmup, 1) (default 20)",
+                             type=nonnegative_int)
+
+
 @register("dkd")
 class DKD(Distiller):
     """``--distill dkd``: :class:`DKDLoss` on the logits, times the warm-up factor of the current epoch.
@@ -100,23 +112,13 @@ class DKD(Distiller):
     its own flags).
     """
 
+    Options = DKDOptions
     weights = (1.0, 0.0, 1.0)
 
-    def __init__(self, opt, feats_s: list[torch.Tensor], feats_t: list[torch.Tensor]) -> None:
+    def __init__(self, options: DKDOptions, ctx: BuildContext) -> None:
         super().__init__()
-        self.criterion = DKDLoss(alpha=getattr(opt, "dkd_alpha", 1.0),
-                                 beta=getattr(opt, "dkd_beta", 8.0), T=getattr(opt, "dkd_T", 4.0))
-        self.warmup = int(getattr(opt, "dkd_warmup", 20))
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--dkd_alpha", type=nonnegative_float, default=1.0,
-                            help="DKD: weight of TCKD, target-class KD (default 1)")
-        parser.add_argument("--dkd_beta", type=nonnegative_float, default=8.0,
-                            help="DKD: weight of NCKD, non-target-class KD (default 8)")
-        parser.add_argument("--dkd_T", type=positive_float, default=4.0, help="DKD: temperature (default 4)")
-        parser.add_argument("--dkd_warmup", type=nonnegative_int, default=20,
-                            help="DKD: epochs of linear warm-up, factor min(epoch / warmup, 1) (default 20)")
+        self.criterion = DKDLoss(alpha=options.dkd_alpha, beta=options.dkd_beta, T=options.dkd_T)
+        self.warmup = options.dkd_warmup
 
     def forward(self, s: NetOutput, t: NetOutput, batch: Batch) -> dict[str, torch.Tensor]:
         """s.logits, t.logits: [B, C]; batch.target: [B]."""

@@ -10,7 +10,7 @@ import torch.nn as nn
 from helper.errors import UserError
 
 from ._common import channels, detached, fp32, pool_to_smaller
-from .registry import Batch, Distiller, NetOutput, register
+from .registry import Batch, BuildContext, Distiller, NetOutput, NoOptions, register
 
 
 class FSP(nn.Module):
@@ -55,14 +55,14 @@ class FSPDistiller(Distiller):
     weights = (1.0, 0.0, 50.0)
     has_init_stage = True
 
-    def __init__(self, opt, feats_s: list[torch.Tensor], feats_t: list[torch.Tensor]) -> None:
+    def __init__(self, options: NoOptions, ctx: BuildContext) -> None:
         super().__init__()
-        s_c, t_c = channels(feats_s[:-1]), channels(feats_t[:-1])
+        s_c, t_c = channels(ctx.feats_s[:-1]), channels(ctx.feats_t[:-1])
         if s_c != t_c:
             raise UserError(f"FSP needs a student and a teacher with the same channel counts at every stage "
                             f"(student {s_c}, teacher {t_c}); use another --distill, or a pair of equal "
                             f"widths such as resnet32x4 -> resnet8x4")
-        self.loss = FSP([f.shape for f in feats_s[:-1]], [f.shape for f in feats_t[:-1]])
+        self.loss = FSP(list(ctx.feats_s[:-1]), list(ctx.feats_t[:-1]))
 
     def forward(self, s: NetOutput, t: NetOutput, batch: Batch) -> dict[str, torch.Tensor]:
         return {}

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from models.util import Paraphraser, Translator
 
 from ._common import fp32, pool_to_smaller
-from .registry import Batch, Distiller, NetOutput, register
+from .registry import Batch, BuildContext, Distiller, NetOutput, NoOptions, register
 
 
 class FactorTransfer(nn.Module):
@@ -45,10 +45,11 @@ class FactorDistiller(Distiller):
     weights = (1.0, 0.0, 200.0)
     has_init_stage = True
 
-    def __init__(self, opt, feats_s: list[torch.Tensor], feats_t: list[torch.Tensor]) -> None:
+    def __init__(self, options: NoOptions, ctx: BuildContext) -> None:
         super().__init__()
-        self.translator = Translator(feats_s[-2].shape, feats_t[-2].shape)
-        self.paraphraser = Paraphraser(feats_t[-2].shape)
+        self.model_s = ctx.model_s
+        self.translator = Translator(ctx.feats_s[-2], ctx.feats_t[-2])
+        self.paraphraser = Paraphraser(ctx.feats_t[-2])
         self.loss = FactorTransfer()
 
     def forward(self, s: NetOutput, t: NetOutput, batch: Batch) -> dict[str, torch.Tensor]:
@@ -62,9 +63,9 @@ class FactorDistiller(Distiller):
     def init_modules(self) -> list[nn.Module]:
         return [self.paraphraser]
 
-    def init_learning_rate(self, opt) -> float:
+    def init_learning_rate(self, learning_rate: float) -> float:
         # RepDistiller pre-trains the paraphraser at 0.01 for its ResNet and WRN students.
-        return 0.01 if opt.model_s.startswith(("resnet", "wrn_")) else opt.learning_rate
+        return 0.01 if self.model_s.startswith(("resnet", "wrn_")) else learning_rate
 
     def init_loss(self, s: NetOutput, t: NetOutput, batch: Batch) -> torch.Tensor:
         f_t = t.feats[-2].detach()

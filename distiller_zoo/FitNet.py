@@ -1,15 +1,18 @@
 """FitNet: Romero et al., "FitNets: Hints for Thin Deep Nets" (ICLR 2015)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from helper.declare import option
 from helper.errors import UserError
 from models.util import ConvReg
 
 from ._common import fp32
-from .registry import Batch, Distiller, NetOutput, register
+from .registry import Batch, BuildContext, Distiller, NetOutput, register
 
 
 class HintLoss(nn.Module):
@@ -22,23 +25,31 @@ class HintLoss(nn.Module):
         return F.mse_loss(f_s, f_t)
 
 
+@dataclass
+class HintOptions:
+    """FitNet"""
+
+    hint_layer: int = option(2, "FitNet's feature index", type=int, choices=[0, 1, 2, 3, 4])
+
+
 @register("hint")
 class HintDistiller(Distiller):
     """``--distill hint``: ``HintLoss(ConvReg(f_s[hint_layer]), f_t[hint_layer])``."""
 
+    Options = HintOptions
     weights = (1.0, 0.0, 100.0)
 
-    def __init__(self, opt, feats_s: list[torch.Tensor], feats_t: list[torch.Tensor]) -> None:
+    def __init__(self, options: HintOptions, ctx: BuildContext) -> None:
         super().__init__()
-        self.hint_layer = int(opt.hint_layer)
-        names = {"student": getattr(opt, "model_s", None), "teacher": getattr(opt, "model_t", None)}
-        for who, feats in (("student", feats_s), ("teacher", feats_t)):
+        self.hint_layer = options.hint_layer
+        names = {"student": ctx.model_s, "teacher": ctx.model_t}
+        for who, feats in (("student", ctx.feats_s), ("teacher", ctx.feats_t)):
             n_maps = len(feats) - 1  # the last feature is the pooled vector, not a map
             if not 0 <= self.hint_layer < n_maps:
                 name = f" {names[who]}" if names[who] and "+" not in names[who] else ""
                 raise UserError(f"--hint_layer {self.hint_layer} is not a feature map of the {who}{name}: it has "
                                 f"{n_maps} feature maps, so use --hint_layer 0 to {n_maps - 1}")
-        s_shape, t_shape = feats_s[self.hint_layer].shape, feats_t[self.hint_layer].shape
+        s_shape, t_shape = ctx.feats_s[self.hint_layer], ctx.feats_t[self.hint_layer]
         try:
             self.conv_reg = ConvReg(s_shape, t_shape)
         except ValueError as err:

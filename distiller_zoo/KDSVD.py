@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from helper.errors import UserError
 
 from ._common import channels, detached, fp32
-from .registry import Batch, Distiller, NetOutput, register
+from .registry import Batch, BuildContext, Distiller, NetOutput, NoOptions, register
 
 
 def finite_or_zero(x: torch.Tensor) -> torch.Tensor:
@@ -85,9 +85,9 @@ class KDSVDDistiller(Distiller):
 
     weights = (1.0, 0.0, 1.0)
 
-    def __init__(self, opt, feats_s: list[torch.Tensor], feats_t: list[torch.Tensor]) -> None:
+    def __init__(self, options: NoOptions, ctx: BuildContext) -> None:
         super().__init__()
-        s_c, t_c = channels(feats_s[1:-1]), channels(feats_t[1:-1])
+        s_c, t_c = channels(ctx.feats_s[1:-1]), channels(ctx.feats_t[1:-1])
         if s_c != t_c:
             raise UserError(f"KDSVD needs a student and a teacher with the same channel counts at every stage "
                             f"(student {s_c}, teacher {t_c}); use another --distill, or a pair of equal "

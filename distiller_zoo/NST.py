@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._common import detached, fp32, pool_to_smaller
-from .registry import Batch, Distiller, NetOutput, register
+from .registry import Batch, BuildContext, Distiller, NetOutput, NoOptions, register
 
 
 def poly_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -60,7 +60,7 @@ class NSTDistiller(Distiller):
 
     weights = (1.0, 0.0, 50.0)
 
-    def __init__(self, opt, feats_s: list[torch.Tensor], feats_t: list[torch.Tensor]) -> None:
+    def __init__(self, options: NoOptions, ctx: BuildContext) -> None:
         super().__init__()
         self.loss = NSTLoss()
 

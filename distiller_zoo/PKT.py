@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from ._common import fp32
-from .registry import Batch, Distiller, NetOutput, register
+from .registry import Batch, BuildContext, Distiller, NetOutput, NoOptions, register
 
 
 class PKT(nn.Module):
@@ -39,7 +39,7 @@ class PKTDistiller(Distiller):
 
     weights = (1.0, 0.0, 30000.0)
 
-    def __init__(self, opt, feats_s: list[torch.Tensor], feats_t: list[torch.Tensor]) -> None:
+    def __init__(self, options: NoOptions, ctx: BuildContext) -> None:
         super().__init__()
         self.loss = PKT()
 

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._common import detached, fp32
-from .registry import Batch, Distiller, NetOutput, register
+from .registry import Batch, BuildContext, Distiller, NetOutput, NoOptions, register
 
 
 class Similarity(nn.Module):
@@ -41,7 +41,7 @@ class SimilarityDistiller(Distiller):
 
     weights = (1.0, 0.0, 3000.0)
 
-    def __init__(self, opt, feats_s: list[torch.Tensor], feats_t: list[torch.Tensor]) -> None:
+    def __init__(self, options: NoOptions, ctx: BuildContext) -> None:
         super().__init__()
         self.loss = Similarity()
 

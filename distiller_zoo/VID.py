@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._common import channels, fp32, pool_to_smaller
-from .registry import Batch, Distiller, NetOutput, register
+from .registry import Batch, BuildContext, Distiller, NetOutput, NoOptions, register
 
 
 # Maps of at least this many positions (H W) run VID's 1x1 convolutions as matrix products on CPU.
@@ -77,9 +77,9 @@ class VIDDistiller(Distiller):
 
     weights = (1.0, 0.0, 1.0)
 
-    def __init__(self, opt, feats_s: list[torch.Tensor], feats_t: list[torch.Tensor]) -> None:
+    def __init__(self, options: NoOptions, ctx: BuildContext) -> None:
         super().__init__()
-        pairs = zip(channels(feats_s[1:-1]), channels(feats_t[1:-1]))
+        pairs = zip(channels(ctx.feats_s[1:-1]), channels(ctx.feats_t[1:-1]))
         self.vid_losses = nn.ModuleList([VIDLoss(c_s, c_t, c_t) for c_s, c_t in pairs])
 
     def forward(self, s: NetOutput, t: NetOutput, batch: Batch) -> dict[str, torch.Tensor]:

@@ -2,7 +2,8 @@
 
 Importing this package registers every classic method (one module per loss, its Distiller beside it).
 """
-from .registry import Batch, Distiller, NetOutput, build_distiller, get_method, method_names, register
+from .registry import (Batch, BuildContext, Distiller, NetOutput, NoOptions, build_distiller, get_method, method_names,
+                       register)
 
 from .AB import ABLoss
 from .AT import Attention
@@ -20,7 +21,8 @@ from .SP import Similarity
 from .VID import VIDLoss
 
 __all__ = [
-    "Batch", "Distiller", "NetOutput", "build_distiller", "get_method", "method_names", "register",
+    "Batch", "BuildContext", "Distiller", "NetOutput", "NoOptions", "build_distiller", "get_method", "method_names",
+    "register",
     "ABLoss", "Attention", "Correlation", "DKDLoss", "DistillKL", "FSP", "FactorTransfer", "HintLoss", "KDSVD",
     "NSTLoss", "PKT", "RKDLoss", "Similarity", "VIDLoss",
 ]

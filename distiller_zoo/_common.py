@@ -26,9 +26,9 @@ def detached(feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [f.detach() for f in feats]
 
 
-def channels(feats: Sequence[torch.Tensor]) -> list[int]:
-    """Channel counts of a list of maps [B, C, H, W]."""
-    return [int(f.shape[1]) for f in feats]
+def channels(shapes: Sequence[Sequence[int]]) -> list[int]:
+    """Channel counts of a list of map shapes [B, C, H, W]."""
+    return [int(shape[1]) for shape in shapes]
 
 
 def to_fp32(x: Any) -> Any:

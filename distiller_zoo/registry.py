@@ -1,29 +1,33 @@
 """The ``--distill`` registry and the Distiller contract every method implements.
 
-A method is one file: its loss class(es) and a :class:`Distiller` subclass decorated with
+A method is one file: its options (a dataclass of :func:`helper.declare.option` fields, from
+which its flags are made), its loss class(es) and a :class:`Distiller` subclass decorated with
 ``@register("name")``. The training loop only talks to this interface:
 
-    distiller = build_distiller(opt.distill, opt, student, teacher, sample_images)
+    ctx = BuildContext.probe(student, teacher, sample_images, preact=cls.preact, n_data=..., labels=...)
+    distiller = cls(options, ctx)                                        # or build_distiller(...)
+    loader = ...batches as cls.data_needs(options) says...
     s = NetOutput(*student(img, is_feat=True, preact=distiller.preact))
     t = NetOutput(*teacher(img, is_feat=True, preact=distiller.preact))   # no grad
     terms = distiller(s, t, Batch(img, target, index, contrast_idx))   # {name: loss}
     loss = gamma * CE + alpha * KL + beta * sum(terms.values())
+
+This module knows the methods that were imported; the complete list (this package's and
+``crd``'s) is :mod:`helper.cli.methods`.
 """
 from __future__ import annotations
 
 import abc
-import argparse
-import importlib
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
+from dataset.needs import DataNeeds
+from helper.declare import option_groups
 from helper.errors import UserError
-
-# The packages whose modules register methods when imported.
-METHOD_PACKAGES = ("distiller_zoo", "crd")
 
 
 @dataclass
@@ -45,25 +49,78 @@ class Batch:
     contrast_idx: torch.Tensor | None = None
 
 
+@dataclass
+class NoOptions:
+    """A method without options of its own."""
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What a method may size itself by, besides its options: the shapes of both networks'
+    features (``feats``, batch dimension included, as probed by :meth:`probe`), the number of
+    classes, the training set (its size ``n_data`` and its labels [n_data]; needed by methods
+    with memory banks), the device, and the architectures' names (for messages and recipes)."""
+
+    feats_s: tuple[torch.Size, ...]
+    feats_t: tuple[torch.Size, ...]
+    num_classes: int
+    n_data: int | None = None
+    labels: torch.Tensor | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    model_s: str = ""
+    model_t: str = ""
+
+    @classmethod
+    @torch.no_grad()
+    def probe(cls, student: nn.Module, teacher: nn.Module, sample: torch.Tensor, *, preact: bool = False,
+              **facts) -> "BuildContext":
+        """The context of ``student`` and ``teacher``, their feature shapes read from one eval-mode
+        forward of ``sample`` [b, 3, H, W] (b >= 2, an input of the data's size) with ``preact``;
+        ``facts`` fill the other fields (``n_data``, ``labels``, ``model_s``, ...)."""
+        feats_s, logits_s = probe_features(student, sample, preact)
+        feats_t, _ = probe_features(teacher, sample, preact)
+        facts.setdefault("device", sample.device)
+        return cls(tuple(f.shape for f in feats_s), tuple(f.shape for f in feats_t), int(logits_s.shape[1]),
+                   **facts)
+
+    @property
+    def s_dim(self) -> int:
+        """Size of the student's pooled feature ``feats[-1]`` (flattened)."""
+        return math.prod(self.feats_s[-1][1:])
+
+    @property
+    def t_dim(self) -> int:
+        """Size of the teacher's pooled feature ``feats[-1]`` (flattened)."""
+        return math.prod(self.feats_t[-1][1:])
+
+    def training_set_size(self, method: str) -> int:
+        """``n_data``, which methods with a memory bank need (one row per training sample)."""
+        if not self.n_data:
+            raise UserError(f"--distill {method} needs the number of training samples (n_data of its "
+                            "BuildContext): its memory bank has one row per sample")
+        return int(self.n_data)
+
+
 class Distiller(nn.Module, abc.ABC):
     """Base class of the methods selectable with ``--distill``.
 
     A Distiller owns the method's extra modules (embeds, regressors, memory banks) and
     computes the method's loss terms (unweighted; the loop multiplies them by ``-b``).
     Subclasses set the class attributes that declare what they need and their published
-    weights, and implement ``__init__(opt, feats_s, feats_t)`` and ``forward``.
+    weights, and implement ``__init__(options, ctx)`` (``options``: an ``Options`` instance;
+    ``ctx``: the :class:`BuildContext`) and ``forward``; :meth:`data_needs` says what their
+    batches must carry.
 
     Class attributes:
+        Options: the dataclass of the method's options (its flags; shared groups are inherited).
         preact: take stage features before their last ReLU.
-        needs_index / needs_contrast_idx: the data loader must supply ``index`` / ``contrast_idx``.
         weights: published ``(gamma, alpha, beta)`` for ``-r -a -b`` (used when left out).
         has_init_stage: the method pre-trains in an init stage of ``--init_epochs`` (see :meth:`init_loss`).
     """
 
     name: str = ""
+    Options: type = NoOptions
     preact: bool = False
-    needs_index: bool = False
-    needs_contrast_idx: bool = False
     weights: tuple[float, float, float] = (1.0, 0.0, 1.0)
     has_init_stage: bool = False
 
@@ -74,8 +131,10 @@ class Distiller(nn.Module, abc.ABC):
     epoch: int = 1  # the current (1-based) training epoch, kept up to date by start_epoch
 
     @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        """Add the method's own command-line flags (named ``--<method>_<what>``) to ``parser``."""
+    def data_needs(cls, options) -> DataNeeds:
+        """What the training batches must carry for this method with ``options`` (default: nothing
+        beyond images and labels)."""
+        return DataNeeds()
 
     def start_epoch(self, epoch: int) -> None:
         """Called by the training loop before each epoch (e.g. for warm-up schedules)."""
@@ -97,9 +156,9 @@ class Distiller(nn.Module, abc.ABC):
         """Whether the init stage also updates the student."""
         return False
 
-    def init_learning_rate(self, opt) -> float:
-        """Learning rate of the init stage (RepDistiller: ``--learning_rate``)."""
-        return opt.learning_rate
+    def init_learning_rate(self, learning_rate: float) -> float:
+        """Learning rate of the init stage, given the main stage's (RepDistiller: the same)."""
+        return learning_rate
 
     def init_loss(self, s: NetOutput, t: NetOutput, batch: Batch) -> torch.Tensor:
         """The init stage's loss (methods with ``has_init_stage`` override this)."""
@@ -110,6 +169,7 @@ class Distiller(nn.Module, abc.ABC):
 
 
 _REGISTRY: dict[str, type[Distiller]] = {}
+
 
 
 def register(name: str) -> Callable[[type[Distiller]], type[Distiller]]:
@@ -125,47 +185,50 @@ def register(name: str) -> Callable[[type[Distiller]], type[Distiller]]:
     return wrap
 
 
-def _load_methods() -> None:
-    for package in METHOD_PACKAGES:
-        importlib.import_module(package)
-
-
-def add_method_arguments(parser: argparse.ArgumentParser) -> None:
-    """Every registered method's own flags, in one argument group per method."""
-    for name in method_names():
-        _REGISTRY[name].add_arguments(parser.add_argument_group(f"--distill {name}"))
-
-
 def method_names() -> list[str]:
-    """Every ``--distill`` choice."""
-    _load_methods()
+    """Every registered ``--distill`` choice."""
     return sorted(_REGISTRY)
 
 
 def get_method(name: str) -> type[Distiller]:
     """The Distiller class of ``--distill name``; unknown names raise :class:`UserError`."""
-    _load_methods()
     if name not in _REGISTRY:
         raise UserError(f"unknown --distill '{name}'; choose one of: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
 
 
+def method_option_groups() -> list[tuple[type, str]]:
+    """Every option group of the registered methods, each once, with a title naming the methods
+    that use it (e.g. ``memory bank (--distill crd, wcord)``)."""
+    users: dict[type, list[str]] = {}
+    for name in method_names():
+        for group in option_groups([_REGISTRY[name].Options]):
+            users.setdefault(group, []).append(name)
+    titled = []
+    for group, names in users.items():
+        what = (group.__doc__ or group.__name__).strip().splitlines()[0]
+        titled.append((group, f"{what} (--distill {', '.join(names)})"))
+    return titled
+
+
 @torch.no_grad()
-def probe_features(model: nn.Module, sample: torch.Tensor, preact: bool) -> list[torch.Tensor]:
-    """Features of ``model`` for ``sample`` [2, 3, H, W] in eval mode (for sizing modules)."""
+def probe_features(model: nn.Module, sample: torch.Tensor, preact: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Features and logits of ``model`` for ``sample`` [b, 3, H, W] in eval mode (for sizing modules)."""
     was_training = model.training
     model.eval()
-    feats, _ = model(sample, is_feat=True, preact=preact)
+    feats, logits = model(sample, is_feat=True, preact=preact)
     model.train(was_training)
-    return feats
+    return feats, logits
 
 
-def build_distiller(name: str, opt, student: nn.Module, teacher: nn.Module, sample: torch.Tensor) -> Distiller:
-    """Build ``--distill name`` for this student/teacher pair; ``sample`` [2, 3, H, W] is an input
-    of the data's size, used to read the feature shapes."""
-    cls = get_method(name)
-    feats_s = probe_features(student, sample, cls.preact)
-    feats_t = probe_features(teacher, sample, cls.preact)
-    distiller = cls(opt, feats_s, feats_t)
+def build_distiller(method: str | type[Distiller], options, student: nn.Module, teacher: nn.Module,
+                    sample: torch.Tensor, **facts) -> Distiller:
+    """Build ``method`` (a ``--distill`` name or a Distiller class) with ``options`` (its
+    ``Options``; None: the defaults) for this student/teacher pair: ``sample`` [b, 3, H, W] is an
+    input of the data's size, used to read the feature shapes, and ``facts`` are the other fields
+    of the :class:`BuildContext` (``n_data``, ``labels``, ``model_s``, ``model_t``)."""
+    cls = get_method(method) if isinstance(method, str) else method
+    ctx = BuildContext.probe(student, teacher, sample, preact=cls.preact, **facts)
+    distiller = cls(cls.Options() if options is None else options, ctx)
     distiller.bind(student, teacher)
     return distiller

@@ -31,7 +31,7 @@ def run_init_stage(distiller: Distiller, student: nn.Module, teacher: nn.Module,
     if distiller.init_trains_student():
         modules.append(student.get_feat_modules())
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=distiller.init_learning_rate(opt), momentum=opt.momentum,
+    optimizer = torch.optim.SGD(params, lr=distiller.init_learning_rate(opt.learning_rate), momentum=opt.momentum,
                                 weight_decay=opt.weight_decay)
     budget = StepBudget(getattr(opt, "max_steps", None))
     teacher.eval()

@@ -1,13 +1,14 @@
-"""Command-line flags shared by train_teacher.py and train_student.py (RepDistiller's, plus ours)."""
+"""Command-line flags shared by train_teacher.py and train_student.py (RepDistiller's, plus ours);
+the data's flags come from :class:`dataset.DataOptions`, declared once."""
 from __future__ import annotations
 
 import argparse
 import os
 from pathlib import Path
 
-from dataset import DATASETS, LOADERS, TENSOR_DATASETS
-from helper.argtypes import (int_at_least, momentum_float, nonfinite_floats, nonnegative_float, nonnegative_int,
-                             positive_float, positive_int)
+from dataset import DATASETS, TENSOR_DATASETS, DataOptions
+from helper.argtypes import momentum_float, nonfinite_floats, nonnegative_float, nonnegative_int, positive_float, positive_int
+from helper.declare import add_option_groups
 from helper.errors import UserError
 
 # RepDistiller trains these students with lr 0.01 instead of 0.05.
@@ -54,10 +55,6 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                    help="print frequency (steps; kept for compatibility)")
     g.add_argument("--tb_freq", type=positive_int, default=500, help="tensorboard frequency (kept for compatibility)")
     g.add_argument("--save_freq", type=positive_int, default=40, help="write ckpt_epoch_N.pth every this many epochs")
-    g.add_argument("--batch_size", type=positive_int, default=64, help="batch size")
-    g.add_argument("--num_workers", type=nonnegative_int, default=None,
-                   help="data-loading worker processes of the torchvision loader (default: 0 with --loader "
-                        "tensor, which needs none; else min(8, cores - 1))")
     g.add_argument("--epochs", type=positive_int, default=240, help="number of training epochs")
     g.add_argument("--learning_rate", type=positive_float, default=None,
                    help="learning rate (default 0.05; 0.01 for MobileNetV2/ShuffleV1/ShuffleV2)")
@@ -66,27 +63,11 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lr_decay_rate", type=positive_float, default=0.1, help="decay rate for the learning rate")
     g.add_argument("--weight_decay", type=nonnegative_float, default=5e-4, help="weight decay")
     g.add_argument("--momentum", type=momentum_float, default=0.9, help="SGD momentum")
-    g.add_argument("--dataset", type=str, default="cifar100", help=f"data set: {', '.join(DATASETS)}")
 
     g = parser.add_argument_group("RepDistill flags")
     g.add_argument("--lr_schedule", choices=("step", "cosine"), default="step",
                    help="step: RepDistiller's decays at --lr_decay_epochs; cosine: cosine annealing to 0")
-    g.add_argument("--data_folder", type=str, default=None,
-                   help="where the data set lives (default ./data for cifar100, ./data/imagenet for imagenet)")
-    g.add_argument("--download", action="store_true", help="download CIFAR-100 into --data_folder if missing")
-    g.add_argument("--allow_modified_data", action="store_true",
-                   help="read CIFAR-100 files whose MD5 is not the published one (a copy you modified on purpose); "
-                        "they are still read without running code")
-    g.add_argument("--loader", choices=LOADERS, default="tensor",
-                   help="tensor: whole set as a uint8 tensor on the device, crop/flip/normalise per batch with "
-                        "tensor ops (cifar100, synthetic; imagenet always uses torchvision's folder loader); "
-                        "torchvision: DataLoader with PIL transforms in worker processes")
-    g.add_argument("--subset", type=nonnegative_int, default=0,
-                   help="train on a class-balanced subset of N samples (0: all)")
-    g.add_argument("--val_subset", type=nonnegative_int, default=0,
-                   help="validate on a class-balanced subset of N test samples (0: all; for smoke tests)")
     g.add_argument("--device", type=str, default="auto", help="auto, cpu or cuda (auto: cuda when available)")
-    g.add_argument("--seed", type=int, default=None, help="random seed (default: the trial number)")
     g.add_argument("--max_steps", type=nonnegative_int, default=0,
                    help="stop after N optimiser steps in total (per stage, with an init stage), then validate and save (0: no limit)")
     g.add_argument("--save_folder", type=str, default="./save/models", help="parent folder of the run folder")
@@ -110,15 +91,8 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                    help="under torchrun: minutes a process waits for the others (in a collective) before it "
                         "stops and names the rank that stopped answering")
 
-    g = parser.add_argument_group("the synthetic data set (--dataset synthetic)")
-    g.add_argument("--synthetic_classes", type=int_at_least(2, name="synthetic_classes"), default=100,
-                   help="number of classes")
-    g.add_argument("--synthetic_train", type=positive_int, default=100, help="training images per class")
-    g.add_argument("--synthetic_test", type=positive_int, default=20, help="test images per class")
-    g.add_argument("--synthetic_difficulty", type=nonnegative_float, default=1.0,
-                   help="strength of warps, blending and noise (0: bare class prototypes)")
-    g.add_argument("--synthetic_seed", type=int, default=0,
-                   help="seed of the images (fixed apart from --seed, so teachers and students share data)")
+    add_option_groups(parser, [DataOptions])
+
 
 def finalize_training_args(opt: argparse.Namespace, model_name: str) -> argparse.Namespace:
     """Check the shared flags and fill in derived values (learning rate, decay epochs, seed, data folder)."""
@@ -133,7 +107,7 @@ def finalize_training_args(opt: argparse.Namespace, model_name: str) -> argparse
     if opt.learning_rate is None:
         opt.learning_rate = 0.01 if model_name in SMALL_LR_MODELS else 0.05
     if opt.num_workers is None:
-        opt.num_workers = default_workers(getattr(opt, "loader", "tensor"), opt.dataset)
+        opt.num_workers = default_workers(opt.loader, opt.dataset)
     if opt.seed is None:
         trial = str(opt.trial)
         opt.seed = int(trial) if trial.lstrip("-").isdigit() else sum(map(ord, trial))

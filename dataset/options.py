@@ -1,0 +1,46 @@
+"""The data options of the training scripts, declared once (their flags are generated from them)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from helper.argtypes import int_at_least, nonnegative_float, nonnegative_int, positive_int
+from helper.declare import option
+
+DATASETS = ("cifar100", "imagenet", "synthetic")
+LOADERS = ("tensor", "torchvision")
+
+
+@dataclass
+class SyntheticOptions:
+    """the synthetic data set (--dataset synthetic)"""
+
+    synthetic_classes: int = option(100, "number of classes", type=int_at_least(2, name="synthetic_classes"))
+    synthetic_train: int = option(100, "training images per class", type=positive_int)
+    synthetic_test: int = option(20, "test images per class", type=positive_int)
+    synthetic_difficulty: float = option(1.0, "strength of warps, blending and noise (0: bare class prototypes)",
+                                         type=nonnegative_float)
+    synthetic_seed: int = option(0, "seed of the images (fixed apart from --seed, so teachers and students share data)",
+                                 type=int)
+
+
+@dataclass
+class DataOptions(SyntheticOptions):
+    """data"""
+
+    dataset: str = option("cifar100", f"data set: {', '.join(DATASETS)}")
+    data_folder: str | None = option(None, "where the data set lives (default ./data for cifar100, ./data/imagenet "
+                                     "for imagenet)")
+    download: bool = option(False, "download CIFAR-100 into --data_folder if missing")
+    allow_modified_data: bool = option(False, "read CIFAR-100 files whose MD5 is not the published one (a copy you "
+                                       "modified on purpose); they are still read without running code")
+    loader: str = option("tensor", "tensor: whole set as a uint8 tensor on the device, crop/flip/normalise per batch "
+                         "with tensor ops (cifar100, synthetic; imagenet always uses torchvision's folder loader); "
+                         "torchvision: DataLoader with PIL transforms in worker processes", choices=LOADERS)
+    batch_size: int = option(64, "batch size", type=positive_int)
+    num_workers: int | None = option(None, "data-loading worker processes of the torchvision loader (default: 0 "
+                                     "with --loader tensor, which needs none; else min(8, cores - 1))",
+                                     type=nonnegative_int)
+    subset: int = option(0, "train on a class-balanced subset of N samples (0: all)", type=nonnegative_int)
+    val_subset: int = option(0, "validate on a class-balanced subset of N test samples (0: all; for smoke tests)",
+                             type=nonnegative_int)
+    seed: int | None = option(None, "random seed (default: the trial number)", type=int)

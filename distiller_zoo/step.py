@@ -1,0 +1,77 @@
+"""The distillation step of ``train_student.py`` as a module, so that one object holds everything
+a step trains (and DDP can wrap it): ``step(raw_batch) -> (logits, target, {term: loss})``."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from helper.errors import UserError
+from helper.runtime import Runtime
+
+from .KD import DistillKL
+from .registry import Batch, NetOutput
+
+
+def ordinary_tensors(out: NetOutput) -> NetOutput:
+    """A teacher's output computed under ``torch.inference_mode`` as ordinary tensors (copies,
+    made outside it; cheap next to the forward): autograd cannot save inference tensors for the
+    backward of the losses that use them (FitNet's regressor target, CRD's and CC's teacher
+    embeddings, FT's paraphraser, VID, ...). The copies are contiguous (a channels_last teacher's
+    feature maps are not), as the losses' ``view`` calls expect."""
+    return NetOutput([f.clone(memory_format=torch.contiguous_format) for f in out.feats],
+                     out.logits.clone(memory_format=torch.contiguous_format))
+
+
+class DistillStep(nn.Module):
+    """One distillation step (``train_student.py``): the weighted terms
+    ``gamma * CE + alpha * KL_T + beta * method`` of the student against frozen teacher(s).
+
+    With several teachers, KD's target is their averaged logits and every other term is the
+    mean over one Distiller per teacher. Terms whose weight is 0 are not computed. The teachers
+    stay in eval mode, run under ``torch.inference_mode`` and are never trained (prepare them with
+    ``models.teacher.prepare_teacher``); the Distillers get ordinary copies of their outputs.
+    ``weights``: ``(gamma, alpha, beta)``; ``kd_T``: KD's temperature.
+    """
+
+    def __init__(self, student: nn.Module, teachers: list[nn.Module], distillers: nn.ModuleList,
+                 weights: tuple[float, float, float], kd_T: float, runtime: Runtime):
+        super().__init__()
+        self.student = student
+        self.teachers = nn.ModuleList(teachers)
+        self.distillers = distillers
+        self.gamma, self.alpha, self.beta = weights
+        self.kd = DistillKL(kd_T)
+        self.preact = distillers[0].preact
+        self.runtime = runtime
+        # tuples: compiled wrappers must not be registered as submodules (their weights are saved once)
+        self._student_fn = (runtime.forward_fn(student),)
+        self._teacher_fns = tuple(runtime.forward_fn(t) for t in teachers)
+
+    def train(self, mode: bool = True) -> "DistillStep":
+        super().train(mode)
+        self.teachers.eval()
+        return self
+
+    def batch(self, raw: tuple) -> Batch:
+        return Batch(*(self.runtime.to_device(t) for t in raw))
+
+    def forward(self, raw: tuple) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        batch = raw if isinstance(raw, Batch) else self.batch(raw)
+        feats_s, logits_s = self._student_fn[0](batch.img, is_feat=True, preact=self.preact)
+        with torch.inference_mode():
+            outs_t = [NetOutput(*fn(batch.img, is_feat=True, preact=self.preact)) for fn in self._teacher_fns]
+        outs_t = [ordinary_tensors(t) for t in outs_t]
+        terms = {}
+        if self.gamma:
+            terms["ce"] = self.gamma * F.cross_entropy(logits_s, batch.target)
+        if self.alpha:
+            terms["kd"] = self.alpha * self.kd(logits_s, torch.stack([t.logits for t in outs_t]).mean(0))
+        if self.beta:
+            s = NetOutput(feats_s, logits_s)
+            per_teacher = [distiller(s, t, batch) for distiller, t in zip(self.distillers, outs_t)]
+            terms.update({name: self.beta * torch.stack([p[name] for p in per_teacher]).mean()
+                          for name in per_teacher[0]})
+        if not terms:
+            raise UserError("-r, -a and -b are all 0 (or the method has no term): nothing to train")
+        return logits_s, batch.target, terms
