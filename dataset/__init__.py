@@ -1,7 +1,7 @@
 """Data for RepDistill: CIFAR-100, ImageNet folders and the built-in synthetic set.
 
-``get_dataloaders(opt)`` is what the training scripts call; RepDistiller's loader functions and
-dataset classes keep their names in :mod:`dataset.cifar100` and :mod:`dataset.imagenet`.
+``get_dataloaders(DataOptions, DataNeeds)`` is what the training scripts call; RepDistiller's loader
+functions and dataset classes keep their names in :mod:`dataset.cifar100` and :mod:`dataset.imagenet`.
 """
 from __future__ import annotations
 
