@@ -119,63 +119,91 @@ def make_bundle(train_set: Dataset, val_set: Dataset, train_labels: torch.Tensor
     so the loader's output is reproducible, and that generator's state is all a resume has to
     save (plus torch's global RNG when ``num_workers`` is 0). Validation is sharded without padding.
     """
-    batch_size, loader_kind, num_workers = data.batch_size, data.loader, data.num_workers or 0
-    if loader_kind not in LOADERS:
-        raise UserError(f"unknown --loader {loader_kind!r}: use one of {', '.join(LOADERS)}")
-    if batch_size < 1:
-        raise UserError(f"--batch_size must be at least 1, got {batch_size}")
-    seed = data.seed
-    if seed is None:
-        seed = int(torch.randint(0, 2**62, ()))
+    if data.loader not in LOADERS:
+        raise UserError(f"unknown --loader {data.loader!r}: use one of {', '.join(LOADERS)}")
+    if data.batch_size < 1:
+        raise UserError(f"--batch_size must be at least 1, got {data.batch_size}")
+    plan = _plan(train_set, val_set, train_labels, data, needs, negative_fraction)
+    val_batch_size = val_batch_size or data.batch_size
+    train_source = tensor_source(train_set) if data.loader == "tensor" else None
+    val_source = tensor_source(val_set) if train_source is not None else None
+    if train_source is not None and val_source is not None:
+        device = torch.device(device or "cpu")
+        tensor_train = TensorImages(train_source, plan.indices, device=device, with_index=needs.with_index,
+                                    base=train_set)
+        tensor_val = TensorImages(val_source, plan.val_indices, device=device, base=val_set)
+        return DataBundle(
+            TensorLoader(tensor_train, data.batch_size, plan.order, augment=train_source.augment,
+                         contrast=plan.contrast, seed=plan.seed, rank=plan.rank, drop_last=plan.drop_last),
+            TensorLoader(tensor_val, val_batch_size, ShardSampler(len(tensor_val), plan.rank, plan.world_size)),
+            plan.n_data, num_classes, plan.labels)
+    num_workers = data.num_workers or 0
+    val_workers = num_workers if val_workers is None else val_workers
+    return DataBundle(*_folder_loaders(train_set, val_set, plan, needs, data.batch_size, val_batch_size,
+                                       num_workers, val_workers), plan.n_data, num_classes, plan.labels)
+
+
+@dataclass
+class _Plan:
+    """What both kinds of loaders share: the seed, the training rows (``indices`` of the set, None:
+    all) and their labels, the training order, the contrastive sampler, the validation rows."""
+
+    seed: int
+    labels: torch.Tensor
+    indices: torch.Tensor | None
+    val_indices: torch.Tensor | None
+    order: EpochSampler
+    contrast: ContrastSampler | None
+    drop_last: bool
+    rank: int
+    world_size: int
+
+    @property
+    def n_data(self) -> int:
+        return len(self.labels)
+
+
+def _plan(train_set: Dataset, val_set: Dataset, train_labels: torch.Tensor, data: DataOptions, needs: DataNeeds,
+          negative_fraction: float) -> _Plan:
+    seed = int(torch.randint(0, 2**62, ())) if data.seed is None else int(data.seed)
     labels = torch.as_tensor(train_labels).long()
     indices = balanced_subset(labels, data.subset, seed) if data.subset else None
     if indices is not None:
         labels = labels[indices]
-    with_index = needs.with_index
-    train_view = IndexedDataset(train_set, indices, with_index=with_index)
-    collate = sampler = None
+    contrast = None
     if needs.contrast is not None:
-        sampler = ContrastSampler(labels, needs.contrast.k, needs.contrast.mode, negative_fraction,
-                                  generator=torch.Generator().manual_seed(int(seed)))
-        collate = ContrastCollate(sampler)
-    n_data = len(train_view)
+        contrast = ContrastSampler(labels, needs.contrast.k, needs.contrast.mode, negative_fraction,
+                                   generator=torch.Generator().manual_seed(seed))
     rank = current()
     # One permutation per epoch from (seed, epoch), sharded across ranks: resumable and the same
     # on every rank. The loader's generator gives each epoch's worker seeds (different per rank).
-    train_sampler = EpochSampler(n_data, seed, rank.rank, rank.world_size)
-    per_rank = len(train_sampler)
+    order = EpochSampler(len(labels), seed, rank.rank, rank.world_size)
     # a last batch of one sample would break BatchNorm in training: drop it
-    drop_last = per_rank > 1 and per_rank % batch_size == 1
-    val_size = data.val_subset
+    drop_last = len(order) > 1 and len(order) % data.batch_size == 1
     val_indices = None
-    if val_size:  # the same samples whatever the run's seed, so runs stay comparable
+    if data.val_subset:  # the same samples whatever the run's seed, so runs stay comparable
         val_labels = torch.as_tensor(val_set.targets, dtype=torch.long)  # type: ignore[attr-defined]
-        val_indices = balanced_subset(val_labels, val_size, seed=0, flag="--val_subset")
-    train_source = tensor_source(train_set) if loader_kind == "tensor" else None
-    val_source = tensor_source(val_set) if train_source is not None else None
-    if train_source is not None and val_source is not None:
-        device = torch.device(device or "cpu")
-        tensor_train = TensorImages(train_source, indices, device=device, with_index=with_index, base=train_set)
-        tensor_val = TensorImages(val_source, val_indices, device=device, base=val_set)
-        return DataBundle(
-            TensorLoader(tensor_train, batch_size, train_sampler, augment=train_source.augment,
-                         contrast=sampler, seed=int(seed), rank=rank.rank, drop_last=drop_last),
-            TensorLoader(tensor_val, val_batch_size or batch_size,
-                         ShardSampler(len(tensor_val), rank.rank, rank.world_size)),
-            n_data, num_classes, labels)
+        val_indices = balanced_subset(val_labels, data.val_subset, seed=0, flag="--val_subset")
+    return _Plan(seed, labels, indices, val_indices, order, contrast, drop_last, rank.rank, rank.world_size)
+
+
+def _folder_loaders(train_set: Dataset, val_set: Dataset, plan: _Plan, needs: DataNeeds, batch_size: int,
+                    val_batch_size: int, num_workers: int, val_workers: int) -> tuple[SkippingLoader, SkippingLoader]:
+    """torchvision DataLoaders (workers, PIL transforms) of the plan's training and validation rows."""
     pin = torch.cuda.is_available()
+    train_view = IndexedDataset(train_set, plan.indices, with_index=needs.with_index)
+    collate = ContrastCollate(plan.contrast) if plan.contrast is not None else None
     # Image folders may hold unreadable files: their items are left out of the batches (a
     # training batch is kept at two samples at least) and counted (``loader.images_skipped``).
     train_loader = SkippingLoader(
-        train_view, batch_size=batch_size, sampler=train_sampler, num_workers=num_workers,
-        collate_fn=SkipUnreadable(collate, min_size=2), pin_memory=pin, drop_last=drop_last,
-        generator=torch.Generator().manual_seed(int(seed) + rank.rank))
-    val_workers = num_workers if val_workers is None else val_workers
-    val_view = IndexedDataset(val_set, val_indices)
+        train_view, batch_size=batch_size, sampler=plan.order, num_workers=num_workers,
+        collate_fn=SkipUnreadable(collate, min_size=2), pin_memory=pin, drop_last=plan.drop_last,
+        generator=torch.Generator().manual_seed(plan.seed + plan.rank))
+    val_view = IndexedDataset(val_set, plan.val_indices)
     val_loader = SkippingLoader(
-        val_view, batch_size=val_batch_size or batch_size,
-        sampler=ShardSampler(len(val_view), rank.rank, rank.world_size), num_workers=val_workers, pin_memory=pin,
+        val_view, batch_size=val_batch_size,
+        sampler=ShardSampler(len(val_view), plan.rank, plan.world_size), num_workers=val_workers, pin_memory=pin,
         # its own generator: iterating it must not draw from the global RNG (validating
         # teachers or resuming would otherwise change the training run's augmentations)
         generator=torch.Generator().manual_seed(0), collate_fn=SkipUnreadable())
-    return DataBundle(train_loader, val_loader, n_data, num_classes, labels)
+    return train_loader, val_loader
