@@ -11,6 +11,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from helper.argtypes import positive_float
+from helper.declare import option, options_from
 from helper.distributed import (DistInfo, init_distributed, is_collective_failure, launched_by_torchrun,
                                 lost_rank_error, shutdown)
 from helper.errors import UserError
@@ -40,15 +42,32 @@ AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
+class RuntimeOptions:
+    """device and speed"""
+
+    device: str = option("auto", "auto, cpu or cuda (auto: cuda when available)")
+    deterministic: bool = option(False, "deterministic kernels, no cuDNN autotuning (exact resume on CPU)")
+    amp: str = option("off", "mixed precision of the forward passes (fp16 with loss scaling); NCE, KL and Sinkhorn "
+                      "stay fp32", choices=tuple(AMP_DTYPES))
+    channels_last: bool = option(False, "channels_last memory format for the networks and images")
+    compile: bool = option(False, "torch.compile the networks (the first steps are slow)")
+    sync_bn: bool = option(False, "under torchrun, BatchNorm statistics over all processes' batches (SyncBatchNorm)")
+    dist_timeout: float = option(10.0, "under torchrun: minutes a process waits for the others (in a collective) "
+                                 "before it stops and names the rank that stopped answering", type=positive_float)
+
+
+@dataclass
 class Runtime:
     """How a run executes: its ``device``, mixed precision (``amp``: off, bf16 or fp16),
-    ``channels_last`` memory format, ``compile`` and its place among ``torchrun``'s processes."""
+    ``channels_last`` memory format, ``compile``, its place among ``torchrun``'s processes and
+    how long (minutes) it waits for the others in a collective (``dist_timeout``)."""
 
     device: torch.device
     amp: str = "off"
     channels_last: bool = False
     compile: bool = False
     dist: DistInfo = field(default_factory=DistInfo)
+    dist_timeout: float | None = None
 
     def autocast(self):
         """The autocast context of the forward passes (a no-op with ``amp`` off). Losses that need
@@ -109,7 +128,7 @@ def run_script(parse_option, train, argv: list[str] | None):
     except Exception as err:
         if runtime.dist.enabled and is_collective_failure(err):
             # the group is broken: no orderly shutdown (it could wait on the lost rank again)
-            raise lost_rank_error(err, getattr(opt, "dist_timeout", None)) from None
+            raise lost_rank_error(err, runtime.dist_timeout) from None
         shutdown()
         raise
     except BaseException:
@@ -120,21 +139,20 @@ def run_script(parse_option, train, argv: list[str] | None):
 
 
 def setup_runtime(opt) -> Runtime:
-    """Device, process group, determinism and seeds of a run, from its flags (``--device``,
-    ``--amp``, ``--channels_last``, ``--compile``, ``--deterministic``, ``--seed``)."""
-    device = resolve_device(opt.device)
-    if getattr(opt, "sync_bn", False) and not launched_by_torchrun():
+    """Device, process group, determinism and seeds of a run, from its flags (:class:`RuntimeOptions`
+    and ``--seed``)."""
+    o = options_from(RuntimeOptions, opt)
+    device = resolve_device(o.device)
+    if o.sync_bn and not launched_by_torchrun():
         print("note: --sync_bn has no effect in a single process (launch with torchrun)", flush=True)
-    info, device = init_distributed(device, getattr(opt, "dist_timeout", None))
-    amp = getattr(opt, "amp", "off") or "off"
-    if amp not in AMP_DTYPES:
-        raise UserError(f"unknown --amp '{amp}': use off, bf16 or fp16")
-    if amp == "fp16" and device.type == "cpu":
+    info, device = init_distributed(device, o.dist_timeout)
+    if o.amp not in AMP_DTYPES:
+        raise UserError(f"unknown --amp '{o.amp}': use off, bf16 or fp16")
+    if o.amp == "fp16" and device.type == "cpu":
         print("note: --amp fp16 on the CPU is slow and meant for testing; bf16 is the CPU's format", flush=True)
-    set_deterministic(bool(getattr(opt, "deterministic", False)), device)
+    set_deterministic(o.deterministic, device)
     set_seed(opt.seed)
-    return Runtime(device, amp, bool(getattr(opt, "channels_last", False)),
-                   bool(getattr(opt, "compile", False)), info)
+    return Runtime(device, o.amp, o.channels_last, o.compile, info, o.dist_timeout)
 
 
 def set_deterministic(on: bool, device: torch.device) -> None:

@@ -10,6 +10,7 @@ from dataset import DATASETS, TENSOR_DATASETS, DataOptions
 from helper.argtypes import momentum_float, nonfinite_floats, nonnegative_float, nonnegative_int, positive_float, positive_int
 from helper.declare import add_option_groups
 from helper.errors import UserError
+from helper.runtime import RuntimeOptions
 
 # RepDistiller trains these students with lr 0.01 instead of 0.05.
 SMALL_LR_MODELS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
@@ -67,7 +68,6 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("RepDistill flags")
     g.add_argument("--lr_schedule", choices=("step", "cosine"), default="step",
                    help="step: RepDistiller's decays at --lr_decay_epochs; cosine: cosine annealing to 0")
-    g.add_argument("--device", type=str, default="auto", help="auto, cpu or cuda (auto: cuda when available)")
     g.add_argument("--max_steps", type=nonnegative_int, default=0,
                    help="stop after N optimiser steps in total (per stage, with an init stage), then validate and save (0: no limit)")
     g.add_argument("--save_folder", type=str, default="./save/models", help="parent folder of the run folder")
@@ -77,21 +77,8 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--overwrite", action="store_true",
                    help="start the run again in a run folder that already holds its checkpoints (they are deleted); "
                         "without it such a start is refused")
-    g.add_argument("--deterministic", action="store_true",
-                   help="deterministic kernels, no cuDNN autotuning (exact resume on CPU)")
 
-    g = parser.add_argument_group("speed and scale")
-    g.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off",
-                   help="mixed precision of the forward passes (fp16 with loss scaling); NCE, KL and Sinkhorn stay fp32")
-    g.add_argument("--channels_last", action="store_true", help="channels_last memory format for the networks and images")
-    g.add_argument("--compile", action="store_true", help="torch.compile the networks (the first steps are slow)")
-    g.add_argument("--sync_bn", action="store_true",
-                   help="under torchrun, BatchNorm statistics over all processes' batches (SyncBatchNorm)")
-    g.add_argument("--dist_timeout", type=positive_float, default=10.0,
-                   help="under torchrun: minutes a process waits for the others (in a collective) before it "
-                        "stops and names the rank that stopped answering")
-
-    add_option_groups(parser, [DataOptions])
+    add_option_groups(parser, [DataOptions, RuntimeOptions])
 
 
 def finalize_training_args(opt: argparse.Namespace, model_name: str) -> argparse.Namespace:
