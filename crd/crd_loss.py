@@ -25,8 +25,8 @@ class CRDLoss(nn.Module):
     against the student's bank; the banks' rows ``idx`` are then updated (see
     :class:`ContrastMemory`).
 
-    s_dim, t_dim: feature sizes; n_data: N, the training samples (the banks' rows); feat_dim:
-    embedding size; nce_k (K), nce_t (T), nce_m (memory momentum), nce_z_momentum (None: Z
+    s_dim, t_dim: feature sizes; n_data: N, the training samples (the banks' rows); the others
+    default to their flags' defaults (:class:`crd.options.NCEOptions`): feat_dim: embedding size; nce_k (K), nce_t (T), nce_m (memory momentum), nce_z_momentum (None: Z
     frozen after the first batch, as in the paper; a float such as 0.99: Z as an EMA) and
     nce_scores: see :class:`ContrastMemory`. labels: optional classes [N] of the training
     samples, used only when ``contrast_idx`` is not given (negatives are then drawn from other
@@ -35,9 +35,10 @@ class CRDLoss(nn.Module):
     ``contrast.memory_v1``, ``contrast.memory_v2``.
     """
 
-    def __init__(self, s_dim: int, t_dim: int, n_data: int, feat_dim: int = 128, nce_k: int = 16384,
-                 nce_t: float = 0.07, nce_m: float = 0.5, nce_z_momentum: float | None = None,
-                 nce_scores: str = "auto", labels: torch.Tensor | None = None):
+    def __init__(self, s_dim: int, t_dim: int, n_data: int, feat_dim: int = NCEOptions.feat_dim,
+                 nce_k: int = NCEOptions.nce_k, nce_t: float = NCEOptions.nce_t, nce_m: float = NCEOptions.nce_m,
+                 nce_z_momentum: float | None = NCEOptions.nce_z_momentum, nce_scores: str = NCEOptions.nce_scores,
+                 labels: torch.Tensor | None = None):
         super().__init__()
         self.embed_s = Embed(s_dim, feat_dim)
         self.embed_t = Embed(t_dim, feat_dim)

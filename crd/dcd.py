@@ -53,8 +53,9 @@ class DCDLoss(nn.Module):
     Under DDP each process contrasts its own batch (negatives are not gathered across processes).
     """
 
-    def __init__(self, s_dim: int, t_dim: int, feat_dim: int = 128, max_tau: float = 10.0, alpha: float = 0.5,
-                 init_tau: float = 1.0, init_b: float = 0.0) -> None:
+    def __init__(self, s_dim: int, t_dim: int, feat_dim: int = DCDOptions.feat_dim,
+                 max_tau: float = DCDOptions.dcd_max_tau, alpha: float = DCDOptions.dcd_alpha,
+                 init_tau: float = DCDOptions.dcd_init_tau, init_b: float = 0.0) -> None:
         super().__init__()
         self.embed_s = nn.Linear(s_dim, feat_dim)
         self.embed_t = nn.Linear(t_dim, feat_dim)

@@ -62,6 +62,17 @@ def dkd_terms(y_s: torch.Tensor, y_t: torch.Tensor, target: torch.Tensor,
     return tckd, nckd
 
 
+@dataclass
+class DKDOptions:
+    """DKD"""
+
+    dkd_alpha: float = option(1.0, "DKD: weight of TCKD, target-class KD (default 1)", type=nonnegative_float)
+    dkd_beta: float = option(8.0, "DKD: weight of NCKD, non-target-class KD (default 8)", type=nonnegative_float)
+    dkd_T: float = option(4.0, "DKD: temperature (default 4)", type=positive_float)
+    dkd_warmup: int = option(20, "DKD: epochs of linear warm-up, factor min(epoch / warmup, 1) (default 20)",
+                             type=nonnegative_int)
+
+
 class DKDLoss(nn.Module):
     """Decoupled KD of Zhao et al. (CVPR 2022; the DKD objective alpha TCKD + beta NCKD), scaled
     by T^2 like KD and averaged over the batch:
@@ -74,7 +85,8 @@ class DKDLoss(nn.Module):
     not here.
     """
 
-    def __init__(self, alpha: float = 1.0, beta: float = 8.0, T: float = 4.0) -> None:
+    def __init__(self, alpha: float = DKDOptions.dkd_alpha, beta: float = DKDOptions.dkd_beta,
+                 T: float = DKDOptions.dkd_T) -> None:
         super().__init__()
         self.alpha = alpha
         self.beta = beta
@@ -91,17 +103,6 @@ class DKDLoss(nn.Module):
 def warmup_factor(epoch: int, warmup: int) -> float:
     """Linear warm-up of DKD: ``min(epoch / warmup, 1)`` for the 1-based ``epoch`` (1 if warmup <= 0)."""
     return 1.0 if warmup <= 0 else min(epoch / warmup, 1.0)
-
-
-@dataclass
-class DKDOptions:
-    """DKD"""
-
-    dkd_alpha: float = option(1.0, "DKD: weight of TCKD, target-class KD (default 1)", type=nonnegative_float)
-    dkd_beta: float = option(8.0, "DKD: weight of NCKD, non-target-class KD (default 8)", type=nonnegative_float)
-    dkd_T: float = option(4.0, "DKD: temperature (default 4)", type=positive_float)
-    dkd_warmup: int = option(20, "DKD: epochs of linear warm-up, factor min(epoch / warmup, 1) (default 20)",
-                             type=nonnegative_int)
 
 
 @register("dkd")
