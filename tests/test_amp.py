@@ -19,7 +19,9 @@ from crd import ContrastLoss
 from distiller_zoo import (DKDLoss, FSP, KDSVD, ABLoss, Attention, Correlation, DistillKL, FactorTransfer,
                            HintLoss, NSTLoss, PKT, RKDLoss, Similarity)
 from distiller_zoo._common import fp32, to_fp32
-from distiller_zoo.registry import Batch, Distiller, NetOutput, build_distiller, method_names
+from distiller_zoo.registry import Batch, Distiller, NetOutput
+from helper.cli.methods import build_distiller, get_method, method_names
+from helper.declare import options_from
 from models import build_model
 from tests.tolerance import AMP, FP32, assert_close
 
@@ -50,9 +52,13 @@ NOT_COMPARED = {"kdsvd"}
 GRAD_COSINE, GRAD_COSINE_OF = 0.95, {"factor": 0.85}
 
 
-def _opt() -> SimpleNamespace:
-    return SimpleNamespace(feat_dim=32, hint_layer=2, kd_T=4, model_s=STUDENT, n_data=N_DATA, nce_k=K,
-                           nce_t=0.07, nce_m=0.5, crcd_k=K, learning_rate=0.05, momentum=0.9, weight_decay=5e-4)
+# The option values of these tests; each method reads those its Options declare.
+OPTION_VALUES = SimpleNamespace(feat_dim=32, hint_layer=2, nce_k=K, nce_t=0.07, nce_m=0.5, crcd_k=K)
+
+
+def _options(method: str):
+    """``--distill method``'s options: OPTION_VALUES where it declares them, else its defaults."""
+    return options_from(get_method(method).Options, OPTION_VALUES)
 
 
 def make_setup() -> tuple[nn.Module, nn.Module, Batch]:
@@ -108,7 +114,8 @@ def check_method_under_autocast(method: str, student: nn.Module, teacher: nn.Mod
     against fp32: float32, finite, within the tolerances above; the student's gradients finite
     and aligned with fp32's."""
     torch.manual_seed(2)
-    reference = build_distiller(method, _opt(), student, teacher, batch.img[:2]).train().to(batch.img.device)
+    reference = build_distiller(method, _options(method), student, teacher, batch.img[:2], n_data=N_DATA,
+                                model_s=STUDENT, model_t=TEACHER).train().to(batch.img.device)
     mixed = copy.deepcopy(reference)  # the same heads and memory banks to start from
     mixed.bind(student, teacher)      # the networks themselves, not copies of them
 

@@ -54,6 +54,15 @@ def test_crd_criterion_crdloss_by_hand():
     torch.manual_seed(0)
     opt = SimpleNamespace(s_dim=8, t_dim=6, feat_dim=4, n_data=20, nce_k=5, nce_t=0.07, nce_m=0.5)
     criterion = CRDLoss(opt)
+    # RepDistiller's CRDLoss(opt) is this library's CRDLoss with the same settings as arguments
+    from crd.crd_loss import CRDLoss as ExplicitCRDLoss
+    assert isinstance(criterion, ExplicitCRDLoss)
+    torch.manual_seed(0)
+    explicit = ExplicitCRDLoss(opt.s_dim, opt.t_dim, opt.n_data, feat_dim=opt.feat_dim, nce_k=opt.nce_k,
+                               nce_t=opt.nce_t, nce_m=opt.nce_m)
+    assert list(explicit.state_dict()) == list(criterion.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(explicit.state_dict().values(), criterion.state_dict().values()))
+    assert explicit.contrast.z_momentum is criterion.contrast.z_momentum is None
     f_s, f_t = torch.randn(3, 8, requires_grad=True), torch.randn(3, 6)
     idx = torch.tensor([0, 4, 7])
     contrast_idx = contrast_indices(idx, opt.n_data, opt.nce_k)

@@ -5,8 +5,6 @@ matmul path; backward after the bank moved."""
 from __future__ import annotations
 
 import copy
-from types import SimpleNamespace
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from crd import CRCDLoss, CRDLoss, ContrastLoss, ContrastMemory
-from crd.crcd import relation_scores, relation_scores_from_bank
+from crd.crcd import CRCDOptions, relation_scores, relation_scores_from_bank
 import crd.memory as memory_module
 from crd.memory import choose_score_mode, matmul_nt
 from tests.tolerance import FP32, FP64, assert_close
@@ -87,15 +85,15 @@ def test_matmul_and_gather_agree_over_two_steps(n_data, k, relax, z_momentum):
 @pytest.mark.parametrize("mode", ["matmul", "gather"])
 def test_crd_loss_gradients_through_the_heads_equal_the_other_mode(mode):
     torch.manual_seed(1)
-    opt = SimpleNamespace(s_dim=24, t_dim=40, feat_dim=DIM, n_data=800, nce_k=200, nce_t=0.07, nce_m=0.5)
-    reference = CRDLoss(opt)
+    s_dim, t_dim, n_data, k = 24, 40, 800, 200
+    reference = CRDLoss(s_dim, t_dim, n_data, feat_dim=DIM, nce_k=k, nce_t=0.07, nce_m=0.5)
     reference.contrast.score_mode = "gather" if mode == "matmul" else "matmul"
     criterion = copy.deepcopy(reference)
     criterion.contrast.score_mode = mode
     for step in range(2):
-        y = torch.randperm(opt.n_data)[:BATCH]
-        idx = contrast_idx(y, opt.n_data, opt.nce_k, relax=False, seed=10 + step)
-        f_s, f_t = torch.randn(BATCH, opt.s_dim), torch.randn(BATCH, opt.t_dim)
+        y = torch.randperm(n_data)[:BATCH]
+        idx = contrast_idx(y, n_data, k, relax=False, seed=10 + step)
+        f_s, f_t = torch.randn(BATCH, s_dim), torch.randn(BATCH, t_dim)
         grads = []
         for model in (criterion, reference):
             model.zero_grad()
@@ -228,8 +226,7 @@ class LargestAllocation(TorchDispatchMode):
 @pytest.mark.parametrize("mode", ["matmul", "gather"])
 def test_matmul_path_never_materialises_the_gathered_rows(mode):
     n_data, k = 5000, 400
-    criterion = CRDLoss(SimpleNamespace(s_dim=32, t_dim=32, feat_dim=DIM, n_data=n_data, nce_k=k,
-                                        nce_t=0.07, nce_m=0.5))
+    criterion = CRDLoss(32, 32, n_data, feat_dim=DIM, nce_k=k, nce_t=0.07, nce_m=0.5)
     criterion.contrast.score_mode = mode
     y = torch.randperm(n_data)[:BATCH]
     idx = contrast_idx(y, n_data, k, relax=False, seed=0)
@@ -277,18 +274,18 @@ def test_crcd_relation_scores_from_the_bank_equal_the_gathered_rows():
 @pytest.mark.parametrize("grad_weight", [0.0, 1.0])
 def test_crcd_loss_equal_in_both_modes_over_two_steps(grad_weight):
     torch.manual_seed(4)
-    opt = SimpleNamespace(s_dim=24, t_dim=40, feat_dim=DIM, n_data=400, crcd_k=60, crcd_t=0.05,
-                          nce_m=0.5, crcd_grad_weight=grad_weight)
-    models = {"matmul": CRCDLoss(opt)}
+    s_dim, t_dim, n_data = 24, 40, 400
+    options = CRCDOptions(feat_dim=DIM, crcd_k=60, crcd_t=0.05, nce_m=0.5, crcd_grad_weight=grad_weight)
+    models = {"matmul": CRCDLoss(s_dim, t_dim, n_data, options)}
     models["gather"] = copy.deepcopy(models["matmul"])
     for mode, model in models.items():
         for memory in (model.contrast, getattr(model, "contrast_grad", None)):
             if memory is not None:
                 memory.score_mode = mode
     for step in range(2):
-        idx, contrast = crcd_case(opt.n_data, opt.crcd_k, seed=step)
-        f_s, g_s = torch.randn(2, BATCH, opt.s_dim)
-        f_t, g_t = torch.randn(2, BATCH, opt.t_dim)
+        idx, contrast = crcd_case(n_data, options.crcd_k, seed=step)
+        f_s, g_s = torch.randn(2, BATCH, s_dim)
+        f_t, g_t = torch.randn(2, BATCH, t_dim)
         results = []
         for model in models.values():
             model.zero_grad()

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from types import SimpleNamespace
-
 import pytest
 import torch
 import torch.nn as nn
@@ -17,8 +15,10 @@ from torch.utils._pytree import tree_flatten
 
 import train_student
 from crd import CRCDLoss
-from crd.crcd import ce_feature_grad, relation_scores
-from distiller_zoo.registry import Batch, NetOutput, build_distiller, get_method
+from crd.crcd import CRCDOptions, ce_feature_grad, relation_scores
+from dataset.needs import DataNeeds
+from distiller_zoo.registry import Batch, NetOutput
+from helper.cli.methods import build_distiller, get_method
 from helper.errors import UserError
 from models import build_model, get_classifier
 from tests.tolerance import FP32, FP32_DEEP, FP64, assert_close
@@ -26,11 +26,13 @@ from tests.tolerance import FP32, FP32_DEEP, FP64, assert_close
 pytestmark = pytest.mark.numeric
 
 
-def small_opt(**kw) -> SimpleNamespace:
-    base = dict(s_dim=12, t_dim=20, feat_dim=8, n_data=40, crcd_k=6, crcd_t=0.05, nce_m=0.5,
-                crcd_grad_weight=1.0)
+S_DIM, T_DIM, N_DATA = 12, 20, 40  # feature sizes and training-set size of the small losses
+
+
+def small_options(**kw) -> CRCDOptions:
+    base = dict(feat_dim=8, crcd_k=6, crcd_t=0.05, nce_m=0.5, crcd_grad_weight=1.0)
     base.update(kw)
-    return SimpleNamespace(**base)
+    return CRCDOptions(**base)
 
 
 def naive_scores(e: torch.Tensor, anchors: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -86,14 +88,14 @@ def naive_crcd_side(e: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, cont
 
 def test_loss_equals_the_materialised_definition_over_two_steps():
     torch.manual_seed(1)
-    opt = small_opt(crcd_grad_weight=0.0)
-    criterion = CRCDLoss(opt).double()
+    options = small_options(crcd_grad_weight=0.0)
+    criterion = CRCDLoss(S_DIM, T_DIM, N_DATA, options).double()
     reference = copy.deepcopy(criterion)
     z = {"s": None, "t": None}
     for step in range(2):
-        idx, contrast_idx = batch_case(opt.n_data, 6, opt.crcd_k, seed=step)
-        f_s = torch.randn(6, opt.s_dim, dtype=torch.float64, requires_grad=True)
-        f_t = torch.randn(6, opt.t_dim, dtype=torch.float64)
+        idx, contrast_idx = batch_case(N_DATA, 6, options.crcd_k, seed=step)
+        f_s = torch.randn(6, S_DIM, dtype=torch.float64, requires_grad=True)
+        f_t = torch.randn(6, T_DIM, dtype=torch.float64)
         criterion.zero_grad()
         loss = criterion(f_s, f_t, idx, contrast_idx)["crcd"]
         loss.backward()
@@ -103,8 +105,8 @@ def test_loss_equals_the_materialised_definition_over_two_steps():
         e_s, e_t = reference.embed_s(f_s_ref), reference.embed_t(f_t)
         mem = reference.contrast
         temperature = float(mem.params[1])  # 0.05 as stored (in float32, then float64)
-        loss_s, z["s"] = naive_crcd_side(e_s, mem.memory_v2, idx, contrast_idx, opt.n_data, temperature, z["s"])
-        loss_t, z["t"] = naive_crcd_side(e_t, mem.memory_v1, idx, contrast_idx, opt.n_data, temperature, z["t"])
+        loss_s, z["s"] = naive_crcd_side(e_s, mem.memory_v2, idx, contrast_idx, N_DATA, temperature, z["s"])
+        loss_t, z["t"] = naive_crcd_side(e_t, mem.memory_v1, idx, contrast_idx, N_DATA, temperature, z["t"])
         (loss_s + loss_t).backward()
         with torch.no_grad():
             for bank, e in ((mem.memory_v1, e_s), (mem.memory_v2, e_t)):
@@ -150,9 +152,9 @@ class LiveTensorMemory(TorchDispatchMode):
 def measure(batch: int, k: int, dim: int) -> LiveTensorMemory:
     """Forward + backward of CRCDLoss (both terms) under the accounting."""
     torch.manual_seed(0)
-    opt = small_opt(s_dim=16, t_dim=16, feat_dim=dim, n_data=200, crcd_k=k)
-    criterion = CRCDLoss(opt)
-    idx = torch.randperm(opt.n_data)[:batch]
+    n_data = 200
+    criterion = CRCDLoss(16, 16, n_data, small_options(feat_dim=dim, crcd_k=k))
+    idx = torch.randperm(n_data)[:batch]
     contrast_idx = criterion.contrast.draw_contrast_idx(idx)
     f_s, g_s = torch.randn(2, batch, 16, requires_grad=True)
     f_t, g_t = torch.randn(2, batch, 16)
@@ -202,15 +204,15 @@ def test_closed_form_ce_gradient_equals_autograd():
 def tiny_distiller(grad_weight: float = 1.0):
     torch.manual_seed(3)
     student, teacher = build_model("resnet8", num_classes=10), build_model("resnet14", num_classes=10)
-    opt = SimpleNamespace(n_data=40, crcd_k=6, crcd_t=0.05, crcd_grad_weight=grad_weight,
-                          feat_dim=8, nce_m=0.5)
-    distiller = build_distiller("crcd", opt, student, teacher, torch.randn(2, 3, 32, 32))
+    options = CRCDOptions(crcd_k=6, crcd_t=0.05, crcd_grad_weight=grad_weight, feat_dim=8, nce_m=0.5)
+    distiller = build_distiller("crcd", options, student, teacher, torch.randn(2, 3, 32, 32), n_data=40)
     return distiller, student, teacher
 
 
 def test_published_weights_and_flags():
     method = get_method("crcd")
-    assert method.weights == (1.0, 0.9, 1.0) and method.needs_index and not method.needs_contrast_idx
+    assert method.weights == (1.0, 0.9, 1.0)
+    assert method.data_needs(method.Options()) == DataNeeds(index=True)  # draws its own negatives
     opt = train_student.parse_option(["--path_t", "x/resnet32x4_vanilla/ckpt_epoch_240.pth", "--distill", "crcd"])
     assert (opt.crcd_k, opt.crcd_t, opt.crcd_grad_weight) == (500, 0.05, 1.0)
     assert (opt.gamma, opt.alpha, opt.beta) == (1.0, 0.9, 1.0)
@@ -273,7 +275,7 @@ def test_student_gradient_element_matches_double_backward():
 
 
 def test_negatives_are_drawn_unless_given_with_crcd_k_columns(monkeypatch):
-    criterion = CRCDLoss(small_opt(crcd_grad_weight=0.0))
+    criterion = CRCDLoss(S_DIM, T_DIM, N_DATA, small_options(crcd_grad_weight=0.0))
     drawn = []
     draw = criterion.contrast.draw_contrast_idx
     monkeypatch.setattr(criterion.contrast, "draw_contrast_idx", lambda y: drawn.append(draw(y)) or drawn[-1])
@@ -290,7 +292,7 @@ def test_negatives_are_drawn_unless_given_with_crcd_k_columns(monkeypatch):
     criterion(f_s, f_t, idx, given)
     assert len(drawn) == 2
     with pytest.raises(UserError, match="--crcd_k 40"):
-        CRCDLoss(small_opt(crcd_k=40))
+        CRCDLoss(S_DIM, T_DIM, N_DATA, small_options(crcd_k=40))
 
 
 # --- end to end --------------------------------------------------------------------------------

@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from types import SimpleNamespace
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from crd import CRDLoss, ContrastLoss, ContrastMemory, Embed
+from crd.options import NCEOptions
+from dataset.needs import ContrastNeed, DataNeeds
 from dataset.sampling import ContrastSampler
-from distiller_zoo.registry import Batch, NetOutput, build_distiller, get_method
+from distiller_zoo.registry import Batch, NetOutput
+from helper.cli.methods import build_distiller, get_method
 from helper.errors import UserError
 from models import build_model
 from tests.tolerance import FP32, FP32_DEEP, FP32_DEEP_GRAD, approx, assert_close
@@ -25,10 +26,12 @@ pytestmark = pytest.mark.numeric
 GOLDENS = torch.load(Path(__file__).parent / "fixtures" / "repdistiller_goldens.pt", weights_only=True)
 
 
-def small_opt(**kw) -> SimpleNamespace:
-    base = dict(s_dim=12, t_dim=20, feat_dim=8, n_data=50, nce_k=10, nce_t=0.07, nce_m=0.5)
-    base.update(kw)
-    return SimpleNamespace(**base)
+SMALL = dict(s_dim=12, t_dim=20, feat_dim=8, n_data=50, nce_k=10, nce_t=0.07, nce_m=0.5)
+
+
+def small_loss(**kw) -> CRDLoss:
+    """A small CRDLoss: the sizes and settings of ``SMALL``, with ``kw`` instead where given."""
+    return CRDLoss(**{**SMALL, **kw})
 
 
 def raw_scores(bank: torch.Tensor, idx: torch.Tensor, v: torch.Tensor, T: float) -> torch.Tensor:
@@ -40,7 +43,7 @@ def raw_scores(bank: torch.Tensor, idx: torch.Tensor, v: torch.Tensor, T: float)
 
 def test_reproduces_repdistiller_three_steps():
     case = GOLDENS["crd"]
-    criterion = CRDLoss(SimpleNamespace(**case["opt"]))
+    criterion = CRDLoss(**case["opt"])  # RepDistiller's opt: s_dim, t_dim, feat_dim, n_data, nce_k, nce_t, nce_m
     criterion.load_state_dict(case["initial_state"], strict=True)
     assert list(criterion.state_dict()) == list(case["initial_state"])
     for step, (inputs, expected) in enumerate(zip(case["steps"], case["after_each_step"])):
@@ -132,9 +135,9 @@ def test_z_as_moving_average_when_asked():
         z = estimate if z is None else 0.99 * z + 0.01 * estimate
         out_v1, _ = memory(v1, v2, y, idx)
         assert memory.params[2].item() == approx(z, rtol=FP32)
-    # and CRDLoss takes it from opt
-    assert CRDLoss(small_opt(nce_z_momentum=0.99)).contrast.z_momentum == 0.99
-    assert CRDLoss(small_opt()).contrast.z_momentum is None
+    # and CRDLoss takes it as nce_z_momentum
+    assert small_loss(nce_z_momentum=0.99).contrast.z_momentum == 0.99
+    assert small_loss().contrast.z_momentum is None
 
 
 def test_memory_update_touches_only_the_batch_rows():
@@ -203,12 +206,11 @@ def test_too_many_negatives_for_the_fallback_sampler_is_a_user_error():
 
 def test_gradients_reach_embeds_and_student_but_not_memory_or_teacher():
     torch.manual_seed(5)
-    opt = small_opt()
-    criterion = CRDLoss(opt)
-    f_s = torch.randn(4, opt.s_dim, requires_grad=True)
-    f_t = torch.randn(4, opt.t_dim, requires_grad=True)
+    criterion = small_loss()
+    f_s = torch.randn(4, SMALL["s_dim"], requires_grad=True)
+    f_t = torch.randn(4, SMALL["t_dim"], requires_grad=True)
     idx = torch.tensor([1, 2, 3, 4])
-    contrast_idx = torch.cat([idx[:, None], torch.randint(5, opt.n_data, (4, opt.nce_k))], dim=1)
+    contrast_idx = torch.cat([idx[:, None], torch.randint(5, SMALL["n_data"], (4, SMALL["nce_k"]))], dim=1)
     loss = criterion(f_s, f_t, idx, contrast_idx)
     assert loss.dim() == 0 and torch.isfinite(loss)
     loss.backward()
@@ -223,20 +225,18 @@ def test_gradients_reach_embeds_and_student_but_not_memory_or_teacher():
 
 
 def test_teacher_features_from_inference_mode_are_accepted():
-    opt = small_opt()
-    criterion = CRDLoss(opt)
+    criterion = small_loss()
     with torch.inference_mode():
-        f_t = torch.randn(4, opt.t_dim)
-    f_s = torch.randn(4, opt.s_dim, requires_grad=True)
+        f_t = torch.randn(4, SMALL["t_dim"])
+    f_s = torch.randn(4, SMALL["s_dim"], requires_grad=True)
     idx = torch.arange(4)
     criterion(f_s, f_t, idx).backward()
     assert criterion.embed_t.linear.weight.grad is not None
 
 
 def test_scores_stay_in_the_bank_dtype_under_autocast():
-    opt = small_opt()
-    criterion = CRDLoss(opt)
-    f_s = torch.randn(4, opt.s_dim, requires_grad=True)
+    criterion = small_loss()
+    f_s = torch.randn(4, SMALL["s_dim"], requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         e_s = criterion.embed_s(f_s)
         out_v1, _ = criterion.contrast(e_s, e_s.detach(), torch.arange(4))
@@ -257,10 +257,12 @@ def test_crd_distiller_resnet32x4_to_resnet8x4(resnet_pair, mode):
     student, teacher = resnet_pair
     n_data, k, batch = 40, 16, 4
     labels = torch.arange(n_data) % 10
-    opt = SimpleNamespace(n_data=n_data, feat_dim=32, nce_k=k, nce_t=0.07, nce_m=0.5, mode=mode)
+    options = NCEOptions(feat_dim=32, nce_k=k, nce_t=0.07, nce_m=0.5, mode=mode)
     cls = get_method("crd")
-    assert cls.needs_index and cls.needs_contrast_idx and cls.weights == (1.0, 0.0, 0.8)
-    distiller = build_distiller("crd", opt, student, teacher, torch.randn(2, 3, 32, 32))
+    assert cls.data_needs(options) == DataNeeds(index=True, contrast=ContrastNeed(k, mode))
+    assert cls.data_needs(cls.Options()) == DataNeeds(index=True, contrast=ContrastNeed(16384, "exact"))
+    assert cls.weights == (1.0, 0.0, 0.8)
+    distiller = build_distiller("crd", options, student, teacher, torch.randn(2, 3, 32, 32), n_data=n_data)
     assert distiller.criterion.embed_s.linear.in_features == 256
     assert distiller.criterion.embed_t.linear.in_features == 256
     assert distiller.criterion.contrast.memory_v1.shape == (n_data, 32)
@@ -285,5 +287,5 @@ def test_crd_distiller_resnet32x4_to_resnet8x4(resnet_pair, mode):
 def test_crd_distiller_needs_n_data(resnet_pair):
     student, teacher = resnet_pair
     with pytest.raises(UserError, match="n_data"):
-        build_distiller("crd", SimpleNamespace(feat_dim=8, nce_k=4, nce_t=0.07, nce_m=0.5),
+        build_distiller("crd", NCEOptions(feat_dim=8, nce_k=4, nce_t=0.07, nce_m=0.5),
                         student, teacher, torch.randn(2, 3, 32, 32))

@@ -26,10 +26,11 @@ import train_teacher
 from crd import ContrastLoss, ContrastMemory
 from crd.crcd import relation_scores_from_bank
 from dataset.sampling import ContrastSampler
-from distiller_zoo.registry import Batch, method_names
+from distiller_zoo.registry import Batch
+from helper.cli.methods import method_names
 from helper.runtime import Runtime
-from helper.teacher import prepare_teacher
 from models import build_model
+from models.teacher import prepare_teacher
 from tests.test_amp import GRAD_COSINE, check_method_under_autocast, make_setup
 from tests.test_contrast_fast import BATCH, DIM, contrast_idx, crcd_case
 from tests.test_fast_teacher import all_outputs, assert_outputs_close, input_size, randomize_batchnorm

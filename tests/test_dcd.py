@@ -3,15 +3,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from types import SimpleNamespace
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import train_student
 from crd import DCDLoss
-from crd.dcd import DCD
+from crd.dcd import DCD, DCDOptions
+from distiller_zoo.registry import BuildContext
+from helper.declare import options_from
 from models import build_model
 from tests.tolerance import FP32, approx, assert_close
 
@@ -22,7 +22,7 @@ B, S_DIM, T_DIM, FEAT_DIM = 6, 12, 20, 8
 
 def make_loss(**kwargs) -> DCDLoss:
     torch.manual_seed(0)
-    return DCDLoss(SimpleNamespace(s_dim=S_DIM, t_dim=T_DIM, feat_dim=FEAT_DIM), **kwargs)
+    return DCDLoss(S_DIM, T_DIM, FEAT_DIM, **kwargs)
 
 
 def features() -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,7 +106,9 @@ def test_distiller_trains_theta_and_b_and_flags():
     opt = train_student.parse_option(["--path_t", "t.pth", "--distill", "dcd"])
     assert (opt.dcd_alpha, opt.dcd_max_tau, opt.dcd_init_tau) == (0.5, 10.0, 1.0)
     assert (opt.gamma, opt.alpha, opt.beta) == (1.0, 0.0, 1.0)
-    distiller = DCD(opt, [torch.zeros(2, S_DIM)], [torch.zeros(2, T_DIM)])
+    options = options_from(DCDOptions, opt)
+    assert options == DCDOptions(feat_dim=128, dcd_alpha=0.5, dcd_max_tau=10.0, dcd_init_tau=1.0)
+    distiller = DCD(options, BuildContext((torch.Size([2, S_DIM]),), (torch.Size([2, T_DIM]),), num_classes=100))
     trainable = {id(p) for p in distiller.trainable_parameters()}
     assert id(distiller.criterion.params["tau"]) in trainable and id(distiller.criterion.params["b"]) in trainable
 

@@ -16,12 +16,13 @@ import torch.nn as nn
 
 import train_student
 import train_teacher
-from distiller_zoo.registry import build_distiller
+from distiller_zoo.step import DistillStep
 from helper import distributed
+from helper.cli.methods import build_distiller, get_method
+from helper.declare import options_from
 from helper.distributed import EpochSampler, ShardSampler, all_gather_cat, wrap_ddp
 from helper.optim import build_optimizer
 from helper.runtime import Runtime
-from helper.steps import DistillStep
 from helper.sync_bn import convert_sync_batchnorm
 from models import build_model
 from tests.tolerance import FP32, FP32_DEEP, approx, assert_close
@@ -40,12 +41,17 @@ def _batch() -> tuple[torch.Tensor, ...]:
     return img, target, index, torch.cat([index[:, None], negatives], dim=1)
 
 
+def _distiller(method: str, opt, student: nn.Module, teacher: nn.Module, sample: torch.Tensor) -> nn.Module:
+    """``--distill method`` with the options of ``opt``, for a training set of N_DATA samples."""
+    options = options_from(get_method(method).Options, opt)
+    return build_distiller(method, options, student, teacher, sample, n_data=N_DATA, model_s=opt.model_s)
+
+
 def one_step(method: str, rank: int, world: int) -> dict:
     """Build student, teacher and Distiller from fixed seeds, take one SGD step on this rank's
     share of :func:`_batch` (all of it in a world of one) and return what the step produced."""
     opt = train_student.parse_option(["--path_t", "unused.pth", "--distill", method, "--model_s", "resnet8", "--nce_k", str(K),
                                       "--dataset", "synthetic", "--device", "cpu", "-a", "1", "-b", "0.8"])
-    opt.num_classes, opt.n_data = CLASSES, N_DATA
     torch.manual_seed(0)
     student = build_model("resnet8", num_classes=CLASSES)
     teacher = build_model("resnet14", num_classes=CLASSES).eval().requires_grad_(False)
@@ -53,8 +59,8 @@ def one_step(method: str, rank: int, world: int) -> dict:
         student = convert_sync_batchnorm(student)
     runtime = Runtime(torch.device("cpu"), dist=distributed.current())
     img, target, index, contrast_idx = _batch()
-    distillers = nn.ModuleList([build_distiller(method, opt, student, teacher, img[:2])])
-    step = DistillStep(student, [teacher], distillers, opt, runtime)
+    distillers = nn.ModuleList([_distiller(method, opt, student, teacher, img[:2])])
+    step = DistillStep(student, [teacher], distillers, (opt.gamma, opt.alpha, opt.beta), opt.kd_T, runtime)
     params = list(student.parameters()) + [p for d in distillers for p in d.trainable_parameters()]
     optimizer = build_optimizer(params, opt)
     ddp = wrap_ddp(step, runtime.device, find_unused_parameters=True)
@@ -120,11 +126,10 @@ def test_two_processes_equal_one_with_twice_the_batch(two_ranks, method):
 def one_step_initial_bank(key: str) -> torch.Tensor:
     opt = train_student.parse_option(["--path_t", "unused.pth", "--distill", "crd", "--model_s", "resnet8", "--nce_k", str(K),
                                       "--dataset", "synthetic", "--device", "cpu"])
-    opt.num_classes, opt.n_data = CLASSES, N_DATA
     torch.manual_seed(0)
     student = build_model("resnet8", num_classes=CLASSES)
     teacher = build_model("resnet14", num_classes=CLASSES).eval()
-    return build_distiller("crd", opt, student, teacher, _batch()[0][:2]).state_dict()[key]
+    return _distiller("crd", opt, student, teacher, _batch()[0][:2]).state_dict()[key]
 
 
 def test_epoch_sampler_shards_one_permutation():

@@ -2,16 +2,14 @@
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import train_student
 from distiller_zoo import DKDLoss
-from distiller_zoo.DKD import DKD, MASK_OFFSET, dkd_terms, warmup_factor
-from distiller_zoo.registry import Batch, NetOutput
+from distiller_zoo.DKD import DKD, MASK_OFFSET, DKDOptions, dkd_terms, warmup_factor
+from distiller_zoo.registry import Batch, BuildContext, NetOutput
 from models import build_model
 from tests.tolerance import FP32, FP32_EXACT, FP64, approx, assert_close
 
@@ -92,8 +90,8 @@ def test_finite_for_a_confident_teacher_and_no_gradient_to_teacher():
 
 
 def test_warmup_factor_by_epoch():
-    opt = SimpleNamespace(dkd_alpha=1.0, dkd_beta=8.0, dkd_T=4.0, dkd_warmup=20)
-    distiller = DKD(opt, [], [])
+    options = DKDOptions(dkd_alpha=1.0, dkd_beta=8.0, dkd_T=4.0, dkd_warmup=20)
+    distiller = DKD(options, BuildContext((), (), num_classes=10))  # logits only: no feature shapes
     s = NetOutput([], torch.randn(3, 10))
     t = NetOutput([], torch.randn(3, 10))
     batch = Batch(torch.zeros(3, 3, 32, 32), torch.tensor([0, 1, 2]))

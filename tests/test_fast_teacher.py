@@ -1,5 +1,5 @@
 """The frozen-teacher fast path: BatchNorm folded into convolutions (models/fold.py), the teacher
-prepared by helper.teacher.prepare_teacher, and DistillStep running the teachers under
+prepared by models.teacher.prepare_teacher, and DistillStep running the teachers under
 torch.inference_mode."""
 from __future__ import annotations
 
@@ -14,13 +14,15 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import train_student
 from distiller_zoo import DistillKL
-from distiller_zoo.registry import Batch, NetOutput, build_distiller
+from distiller_zoo.registry import Batch, NetOutput
+from distiller_zoo.step import DistillStep, ordinary_tensors
+from helper.cli.methods import build_distiller, get_method
+from helper.declare import options_from
 from helper.loops import validate
 from helper.runtime import Runtime
-from helper.steps import DistillStep, ordinary_tensors
-from helper.teacher import prepare_teacher
 from models import build_model, imagenet_model_dict, model_dict
 from models.fold import find_foldable, fold_batchnorm
+from models.teacher import prepare_teacher
 from tests.tolerance import FP32, FP32_DEEP, FP32_DEEP_GRAD, FP32_EXACT, FP64, approx, assert_close
 
 pytestmark = pytest.mark.numeric
@@ -236,7 +238,6 @@ def make_run(method: str, fold: bool = False):
     opt = train_student.parse_option(["--path_t", "unused.pth", "--distill", method, "--model_s", "resnet8",
                                       "--nce_k", str(K), "--dataset", "synthetic", "--device", "cpu",
                                       "-a", "1", "-b", "0.8"])
-    opt.num_classes, opt.n_data = CLASSES, N_DATA
     gen = torch.Generator().manual_seed(7)
     img = torch.randn(B, 3, 32, 32, generator=gen)
     target = torch.randint(0, CLASSES, (B,), generator=gen)
@@ -246,7 +247,8 @@ def make_run(method: str, fold: bool = False):
     student = build_model("resnet8", num_classes=CLASSES)
     teacher = randomize_batchnorm(build_model("resnet14", num_classes=CLASSES), 32, seed=5)
     teacher = prepare_teacher(teacher, CPU, img[:2], fast=fold)
-    distiller = build_distiller(method, opt, student, teacher, img[:2])
+    options = options_from(get_method(method).Options, opt)
+    distiller = build_distiller(method, options, student, teacher, img[:2], n_data=N_DATA, model_s=opt.model_s)
     return opt, student, teacher, distiller, Batch(img, target, index, contrast_idx)
 
 
@@ -267,7 +269,8 @@ def step_result(method: str, inference: bool, fold: bool = False, trained_paraph
         distiller.after_init_stage()
     teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
     if inference:
-        step = DistillStep(student, [teacher], nn.ModuleList([distiller]), opt, CPU).train()
+        step = DistillStep(student, [teacher], nn.ModuleList([distiller]), (opt.gamma, opt.alpha, opt.beta),
+                           opt.kd_T, CPU).train()
         _, _, terms = step(batch)
     else:
         student.train(), distiller.train()

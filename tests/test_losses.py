@@ -33,7 +33,9 @@ from distiller_zoo import (
     VIDLoss,
 )
 import distiller_zoo.VID as VID_MODULE
-from distiller_zoo.registry import Batch, NetOutput, build_distiller, get_method, method_names
+from distiller_zoo.registry import Batch, NetOutput
+from helper.cli.methods import build_distiller, get_method, method_names
+from helper.declare import options_from
 from helper.errors import UserError
 from models import build_model
 from models.util import Connector, ConvReg, LinearEmbed, Paraphraser, Translator
@@ -323,9 +325,14 @@ PAIR_IDS = [f"{t}->{s}" for t, s in PAIRS]
 SAME_WIDTHS = {"fsp", "kdsvd"}  # need equal channel counts (RepDistiller fails on other pairs)
 
 
-def _opt(model_s: str) -> SimpleNamespace:
-    return SimpleNamespace(feat_dim=32, hint_layer=2, kd_T=4, model_s=model_s, n_data=100,
-                           learning_rate=0.05, momentum=0.9, weight_decay=5e-4)
+# The option values of these tests; each method reads those its Options declare.
+OPTION_VALUES = SimpleNamespace(feat_dim=32, hint_layer=2)
+N_DATA = 100
+
+
+def _options(method: str, **values):
+    """``--distill method``'s options: OPTION_VALUES where it declares them, then ``values``."""
+    return options_from(get_method(method).Options, OPTION_VALUES, **values)
 
 
 class Pair:
@@ -342,8 +349,10 @@ class Pair:
         feats_t = self._teacher_out[False][0]
         self.equal_widths = [f.shape[1] for f in feats_s] == [f.shape[1] for f in feats_t]
 
-    def build(self, method: str, opt: SimpleNamespace | None = None):
-        return build_distiller(method, opt or _opt(self.student_name), self.student, self.teacher, self.batch.img)
+    def build(self, method: str, **values):
+        """``--distill method`` for this pair, its options from :func:`_options` (``values`` win)."""
+        return build_distiller(method, _options(method, **values), self.student, self.teacher, self.batch.img,
+                               n_data=N_DATA, model_s=self.student_name)
 
     def outputs(self, preact: bool) -> tuple[NetOutput, NetOutput]:
         """Student outputs with grad (train mode); the teacher's as fresh leaves that would collect
@@ -423,7 +432,7 @@ def test_init_stage_losses(method: str, pair_id: str, pairs) -> None:
 def test_factor_init_learning_rate_and_freeze(pairs) -> None:
     for pair_id, lr in [(PAIR_IDS[0], 0.01), (PAIR_IDS[1], 0.05)]:
         distiller = pairs[pair_id].build("factor")
-        assert distiller.init_learning_rate(_opt(pairs[pair_id].student_name)) == lr
+        assert distiller.init_learning_rate(0.05) == lr
     paraphraser = {id(p) for p in distiller.paraphraser.parameters()}
     assert not paraphraser & {id(p) for p in distiller.trainable_parameters()}
     distiller.after_init_stage()
@@ -445,10 +454,9 @@ def test_published_weights_and_preact() -> None:
 
 @pytest.mark.parametrize("layer", [4, -1])
 def test_hint_layer_the_student_lacks(layer: int, pairs) -> None:
-    opt = _opt("resnet8x4")
-    opt.hint_layer = layer  # 4 is the pooled vector of a ResNet, not a map
+    # 4 is the pooled vector of a ResNet, not a map
     with pytest.raises(UserError, match="--hint_layer"):
-        pairs[PAIR_IDS[0]].build("hint", opt)
+        pairs[PAIR_IDS[0]].build("hint", hint_layer=layer)
 
 
 def test_method_modules_are_sized_from_the_features(pairs) -> None:

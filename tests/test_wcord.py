@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import copy
 import itertools
-from types import SimpleNamespace
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import train_student
 from crd import ContrastLoss, CRDLoss, WCoRDLoss
-from crd.wcord import WCoRD, cosine_cost, sinkhorn_plan, wasserstein_local
-from distiller_zoo.registry import Batch, NetOutput, get_method
+from crd.wcord import WCoRD, WCoRDOptions, cosine_cost, sinkhorn_plan, wasserstein_local
+from dataset.needs import ContrastNeed, DataNeeds
+from distiller_zoo.registry import Batch, BuildContext, NetOutput
+from helper.cli.methods import get_method
 from models import build_model
 from tests.tolerance import FP32, FP32_EXACT, approx, assert_close
 
@@ -26,10 +26,12 @@ SINKHORN = 1e-4
 N_DATA, K = 60, 12
 
 
-def make_opt(**overrides) -> SimpleNamespace:
-    opt = dict(s_dim=24, t_dim=40, feat_dim=16, n_data=N_DATA, nce_k=K, nce_t=0.07, nce_m=0.5)
-    opt.update(overrides)
-    return SimpleNamespace(**opt)
+BANK = dict(feat_dim=16, nce_k=K, nce_t=0.07, nce_m=0.5)  # the memory bank's settings in these tests
+
+
+def make_loss(s_dim: int = 24, t_dim: int = 40, **options) -> WCoRDLoss:
+    """A WCoRDLoss over N_DATA samples with the settings of BANK, ``options`` (WCoRDOptions) instead where given."""
+    return WCoRDLoss(s_dim, t_dim, N_DATA, WCoRDOptions(**{**BANK, **options}))
 
 
 def unit(n: int, d: int = 32, seed: int = 0) -> torch.Tensor:
@@ -116,7 +118,7 @@ def test_plan_is_constant_and_local_gradient_reaches_the_student_only():
     x, y = unit(8, seed=13).requires_grad_(True), unit(8, seed=14)
     assert not sinkhorn_plan(cosine_cost(x, y)).requires_grad
 
-    criterion = WCoRDLoss(make_opt())
+    criterion = make_loss()
     f_s, f_t, idx, contrast_idx = batch_inputs()
     e_s, e_t = criterion.embed(f_s, f_t)
     criterion.local_loss(e_s, e_t).backward()
@@ -127,7 +129,7 @@ def test_plan_is_constant_and_local_gradient_reaches_the_student_only():
 
 
 def test_loss_never_sends_gradients_into_the_teacher_features():
-    criterion = WCoRDLoss(make_opt())
+    criterion = make_loss()
     f_s, f_t, idx, contrast_idx = batch_inputs()
     terms = criterion(f_s, f_t, idx, contrast_idx)
     assert set(terms) == {"wcord_global", "wcord_local"}
@@ -137,7 +139,7 @@ def test_loss_never_sends_gradients_into_the_teacher_features():
 
 
 def test_inference_mode_teacher_features_are_accepted():
-    criterion = WCoRDLoss(make_opt())
+    criterion = make_loss()
     f_s, f_t, idx, contrast_idx = batch_inputs()
     with torch.inference_mode():
         f_t = f_t * 1.0
@@ -149,10 +151,10 @@ def test_inference_mode_teacher_features_are_accepted():
 
 def test_global_term_equals_crd_through_the_same_memory():
     torch.manual_seed(0)
-    criterion = WCoRDLoss(make_opt(wcord_lambda_g=0.7, wcord_lambda_l=0.3)).eval()  # eval: the spectral norm is fixed
+    criterion = make_loss(wcord_lambda_g=0.7, wcord_lambda_l=0.3).eval()  # eval: the spectral norm is fixed
     f_s, f_t, idx, contrast_idx = batch_inputs()
     # A CRD loss with the same (effective, spectrally normalised) heads and a copy of the same banks.
-    crd = CRDLoss(make_opt())
+    crd = CRDLoss(24, 40, N_DATA, **BANK)
     with torch.no_grad():
         for mine, theirs in ((criterion.embed_s, crd.embed_s), (criterion.embed_t, crd.embed_t)):
             theirs.linear.weight.copy_(mine.linear.weight)
@@ -177,7 +179,7 @@ def test_global_term_equals_crd_through_the_same_memory():
 
 
 def test_zero_lambda_term_is_not_computed():
-    criterion = WCoRDLoss(make_opt(wcord_lambda_g=0.0))
+    criterion = make_loss(wcord_lambda_g=0.0)
     f_s, f_t, idx, contrast_idx = batch_inputs()
     bank = criterion.contrast.memory_v1.clone()
     assert set(criterion(f_s, f_t, idx, contrast_idx)) == {"wcord_local"}
@@ -186,7 +188,7 @@ def test_zero_lambda_term_is_not_computed():
 
 def test_heads_are_spectrally_normalised():
     torch.manual_seed(0)
-    criterion = WCoRDLoss(make_opt(s_dim=256, t_dim=64, feat_dim=32)).train()
+    criterion = make_loss(s_dim=256, t_dim=64, feat_dim=32).train()
     heads = (criterion.embed_s, criterion.embed_t)
 
     def top_singular_values() -> list[float]:
@@ -206,19 +208,22 @@ def test_heads_are_spectrally_normalised():
 def test_bad_flags_are_refused():
     from helper.errors import UserError
     with pytest.raises(UserError, match="wcord_eps"):
-        WCoRDLoss(make_opt(wcord_eps=0.0))
+        make_loss(wcord_eps=0.0)
     with pytest.raises(UserError, match="wcord_iters"):
-        WCoRDLoss(make_opt(wcord_iters=0))
+        make_loss(wcord_iters=0)
 
 
 # --- the Distiller ------------------------------------------------------------------------------
 
 def test_distiller_contract():
     cls = get_method("wcord")
-    assert cls is WCoRD and cls.needs_index and cls.needs_contrast_idx
+    assert cls is WCoRD
+    assert cls.data_needs(cls.Options()) == DataNeeds(index=True, contrast=ContrastNeed(16384, "exact"))
     assert cls.weights == (1.0, 1.0, 0.8)
-    opt = SimpleNamespace(n_data=N_DATA, nce_k=K, feat_dim=16, wcord_iters=20)
-    distiller = cls(opt, [torch.zeros(2, 24)], [torch.zeros(2, 40)])
+    options = WCoRDOptions(nce_k=K, feat_dim=16, wcord_iters=20, mode="relax")
+    assert cls.data_needs(options) == DataNeeds(index=True, contrast=ContrastNeed(K, "relax"))
+    ctx = BuildContext((torch.Size([2, 24]),), (torch.Size([2, 40]),), num_classes=10, n_data=N_DATA)
+    distiller = cls(options, ctx)
     assert distiller.criterion.iters == 20 and distiller.criterion.eps == 0.05
     f_s, f_t, idx, contrast_idx = batch_inputs()
     out = distiller(NetOutput([f_s], torch.zeros(6, 10)), NetOutput([f_t], torch.zeros(6, 10)),
