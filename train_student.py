@@ -23,7 +23,7 @@ from distiller_zoo.step import DistillStep
 from helper.argtypes import nonnegative_float, nonnegative_int, path_part, positive_float
 from helper.checkpoint import load_checkpoint, weights_digest
 from helper.cli.methods import get_method, method_names, method_option_groups
-from helper.cli.options import Parser, add_training_args, finalize_training_args
+from helper.cli.options import Parser, add_training_args, finalize_training_args, with_print_config
 from helper.declare import add_option_group, options_from
 from helper.distributed import say, wrap_ddp
 from helper.errors import UserError, exit_on_user_error
@@ -101,7 +101,7 @@ def run_name(opt, model_t: str) -> str:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
-    return run_script(parse_option, train, argv)
+    return run_script(with_print_config(parse_option, build_parser), train, argv)
 
 
 @dataclass

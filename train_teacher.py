@@ -13,7 +13,7 @@ from pathlib import Path
 
 from dataset import DataOptions, get_dataloaders
 from helper.checkpoint import load_checkpoint
-from helper.cli.options import Parser, add_training_args, finalize_training_args
+from helper.cli.options import Parser, add_training_args, finalize_training_args, with_print_config
 from helper.declare import options_from
 from helper.distributed import say, wrap_ddp
 from helper.errors import exit_on_user_error
@@ -47,7 +47,7 @@ def parse_option(argv: list[str] | None = None):
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
-    return run_script(parse_option, train, argv)
+    return run_script(with_print_config(parse_option, build_parser), train, argv)
 
 
 def train(opt, runtime: Runtime) -> dict:

@@ -1,10 +1,22 @@
 """Command-line flags shared by train_teacher.py and train_student.py (RepDistiller's, plus ours);
-the data's flags come from :class:`dataset.DataOptions`, declared once."""
+the data's flags come from :class:`dataset.DataOptions`, declared once. Option values can also
+come from a configuration file (``--config``: YAML, or a run's ``args.json``), which the flags
+given on the command line override; ``--print_config`` prints a command line's resolved options
+as such a file."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import difflib
+import io
+import json
 import os
+import re
+import sys
 from pathlib import Path
+from typing import Any, Callable
+
+import yaml
 
 from dataset import DATASETS, TENSOR_DATASETS, DataOptions
 from helper.argtypes import momentum_float, nonfinite_floats, nonnegative_float, nonnegative_int, positive_float, positive_int
@@ -15,21 +27,240 @@ from helper.runtime import RuntimeOptions
 # RepDistiller trains these students with lr 0.01 instead of 0.05.
 SMALL_LR_MODELS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
 
+# Options written comma-separated on the command line: a configuration file may give a list.
+COMMA_LISTS = frozenset({"lr_decay_epochs", "path_t"})
+# Entries of a run's args.json that are derived or recorded values, not options (this version
+# records the first four; earlier ones also wrote n_data, num_classes and model_t; print_config
+# is False in a run that a script's parse_option made without its main): a replay ignores them.
+RECORDED_KEYS = frozenset({"arch", "model_name", "save_path", "command", "n_data", "num_classes", "model_t",
+                           "print_config"})
+# Flags about the configuration itself: not options of a run, never in a configuration file.
+CONFIG_FLAGS = ("config", "print_config")
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (plain data, no objects) with two changes for option values: only
+    ``true``/``false`` are booleans (YAML 1.2's rule: ``amp: off`` is the string 'off', not
+    YAML 1.1's False), and a key given twice is refused instead of the last one silently winning."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str):
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"key '{key}' given twice",
+                                                            key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+BOOL_TAG = "tag:yaml.org,2002:bool"
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != BOOL_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+ConfigLoader.add_implicit_resolver(BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                   list("tTfF"))
+
+
+class GivenOnce(argparse.Action):
+    """Store the flag's value, refusing a second occurrence (``--config`` names one file)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} may be given once")
+        setattr(namespace, self.dest, values)
+
+
+def config_value(action: argparse.Action, value: Any) -> Any:
+    """The configuration file's ``value`` for ``action``'s flag, checked and converted as the
+    command line converts the flag's text (its ``type=`` function and ``choices``); a switch
+    takes ``true``/``false``, ``null`` is accepted where the flag's default is None, and a list
+    where the flag is comma-separated. Raises ValueError with the reason."""
+    if action.nargs == 0:  # a switch (store_true)
+        if not isinstance(value, bool):
+            raise ValueError(f"expected true or false (a switch), got {value!r}")
+        return value
+    if value is None:
+        if action.default is None:
+            return None
+        raise ValueError(f"expected a value, got null (leave the key out for the default, {action.default!r})")
+    if isinstance(value, list) and action.dest in COMMA_LISTS:
+        if not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value):
+            raise ValueError(f"expected a list of values, got {value!r}")
+        value = ",".join(str(v) for v in value)
+    if isinstance(value, (bool, list, dict)):
+        raise ValueError(f"expected one value, got {json.dumps(value, default=str)}")
+    text = value if isinstance(value, str) else str(value)
+    parse = action.type or str
+    try:
+        result = parse(text)
+    except argparse.ArgumentTypeError as err:
+        raise ValueError(str(err)) from None
+    except (TypeError, ValueError):
+        raise ValueError(f"invalid {getattr(parse, '__name__', 'value')} value: {text!r}") from None
+    if action.choices is not None and result not in action.choices:
+        raise ValueError(f"invalid choice: {result!r} (choose from {', '.join(map(repr, action.choices))})")
+    # An integer stays one where the flag takes floats: RepDistiller's own defaults are such ints
+    # (a left-out -r is 1, its folder name 'r:1'; -r 1 gives 1.0, 'r:1.0'), so a run replayed
+    # from args.json or --print_config's output names the same folder.
+    if type(value) is int and isinstance(result, float) and result == value:
+        return value
+    return result
+
 
 class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line (``error: ...``) with exit status 2."""
+    """An ArgumentParser whose errors are one line (``error: ...``) with exit status 2. With
+    ``--config FILE`` (see :func:`add_config_args`) the file's values replace the defaults and
+    the flags given on the command line override them."""
 
     def error(self, message: str):
         self.exit(2, f"error: {message} (see --help)\n")
 
+    def option_actions(self) -> list[argparse.Action]:
+        """The actions of the options a configuration file may set (not ``--help``, ``--config``, ``--print_config``)."""
+        return [a for a in self._actions if a.option_strings and a.dest not in (*CONFIG_FLAGS, "help")]
+
+    def read_config(self, path: str) -> dict[str, Any]:
+        """The option values of the configuration file ``path``, by ``dest``, each checked and
+        converted by :func:`config_value`. A key is a flag's name (``nce_k``, ``gamma``) or
+        any spelling of the flag without its dashes (``r`` for ``-r``). A ``.json`` file is read
+        as a run's ``args.json``: its :data:`RECORDED_KEYS` are ignored. Any problem is one
+        ``error:`` line naming the file and the key (exit status 2)."""
+        where = f"--config {path}"
+        file = Path(path)
+        if not file.is_file():
+            self.error(f"{where}: {'is a folder, not a file' if file.is_dir() else 'no such file'}")
+        recorded = file.suffix.lower() == ".json"
+        try:
+            text = file.read_text(encoding="utf-8")
+            data = json.loads(text, object_pairs_hook=_unique_keys) if recorded else yaml.load(text, ConfigLoader)
+        except OSError as err:
+            self.error(f"{where}: cannot read it ({err.strerror or err})")
+        except UnicodeDecodeError:
+            self.error(f"{where}: not a text file (UTF-8)")
+        except json.JSONDecodeError as err:
+            self.error(f"{where}: not valid JSON ({err.msg}, line {err.lineno}, column {err.colno})")
+        except yaml.YAMLError as err:
+            self.error(f"{where}: not valid YAML ({_yaml_problem(err)})")
+        except ValueError as err:  # a JSON key given twice
+            self.error(f"{where}: {err}")
+        if data is None:  # an empty file
+            data = {}
+        if not isinstance(data, dict):
+            self.error(f"{where}: expected a mapping of option names to values (nce_k: 4096), "
+                       f"got {type(data).__name__}")
+        by_key = {}
+        for action in self.option_actions():
+            by_key[action.dest] = action
+            by_key.update((flag.lstrip("-"), action) for flag in action.option_strings)
+        values: dict[str, Any] = {}
+        keys: dict[str, str] = {}
+        for key, value in data.items():
+            key = str(key)
+            if recorded and key in RECORDED_KEYS:
+                continue
+            if key in CONFIG_FLAGS:
+                self.error(f"{where}: '{key}' cannot be set in a configuration file (give --{key} on the command line)")
+            action = by_key.get(key)
+            if action is None:
+                close = difflib.get_close_matches(key, list(by_key), n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                self.error(f"{where}: unknown option '{key}'{hint} (keys are the flags' names, e.g. nce_k for --nce_k)")
+            if action.dest in keys:
+                self.error(f"{where}: '{keys[action.dest]}' and '{key}' both set {'/'.join(action.option_strings)}")
+            keys[action.dest] = key
+            try:
+                values[action.dest] = config_value(action, value)
+            except ValueError as err:
+                self.error(f"{where}: {key} ({'/'.join(action.option_strings)}): {err}")
+        return values
+
+    def resolved_options(self, opt: argparse.Namespace) -> dict[str, Any]:
+        """The values of ``opt`` for this parser's options, in the parser's order: what
+        ``--print_config`` prints and ``--config`` reads back."""
+        return {a.dest: getattr(opt, a.dest) for a in self.option_actions() if hasattr(opt, a.dest)}
+
     def parse_known_args(self, args=None, namespace=None):
-        """argparse's parsing, then a check that no float option is NaN or infinite (flags with a
-        checked ``type=`` from :mod:`helper.argtypes` refuse them already; this covers any other)."""
-        namespace, extras = super().parse_known_args(args, namespace)
+        """argparse's parsing, with a ``--config`` file's values in place of the defaults (so
+        that the flags given override them; ``opt`` keeps the values, not the file's name), then
+        a check that no float option is NaN or infinite (flags with a checked ``type=`` from
+        :mod:`helper.argtypes` refuse them already; this covers any other)."""
+        args = list(sys.argv[1:] if args is None else args)
+        given = vars(namespace) if namespace is not None else {}
+        namespace, extras = super().parse_known_args(args, argparse.Namespace(**given))
+        path = getattr(namespace, "config", None)
+        if path is not None:
+            preset = argparse.Namespace(**{**given, **self.read_config(path)})
+            namespace, extras = super().parse_known_args(args, preset)
+            in_order = {a.dest: None for a in self._actions if hasattr(namespace, a.dest)}
+            namespace = argparse.Namespace(**{**in_order, **vars(namespace)})  # the parser's order, as without a file
+        if hasattr(namespace, "config"):
+            del namespace.config
         flags = {action.dest: "/".join(action.option_strings) for action in self._actions}
         for dest, value in nonfinite_floats(namespace):
             self.error(f"argument {flags.get(dest) or dest}: expected a finite number, got {value!r}")
         return namespace, extras
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object as a dict, refusing a key given twice (ValueError)."""
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:
+            raise ValueError(f"key '{key}' given twice")
+        data[key] = value
+    return data
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error in one line: the problem and where (line, column)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or " ".join(str(err).split())
+    return f"{problem}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """``--config FILE`` and ``--print_config`` (handled by :class:`Parser` and :func:`with_print_config`)."""
+    g = parser.add_argument_group("configuration files")
+    g.add_argument("--config", action=GivenOnce, default=None, metavar="FILE",
+                   help="option values from a YAML file, or a run's args.json (replays that run); "
+                        "flags given on the command line override them")
+    g.add_argument("--print_config", action="store_true",
+                   help="print the resolved options as YAML (what --config reads) and exit without running")
+
+
+def with_print_config(parse_option: Callable[[list[str] | None], argparse.Namespace],
+                      build_parser: Callable[[], Parser]) -> Callable[[list[str] | None], argparse.Namespace]:
+    """A script's ``parse_option`` that, for ``--print_config``, prints the options it resolved
+    (finalised as for a run: published weights, learning rate, seed, ...) as YAML that
+    ``--config`` accepts, the notes it printed while parsing as comments on top, and exits with
+    status 0 before anything is built or written. ``print_config`` is removed from the options."""
+
+    def parse(argv: list[str] | None = None) -> argparse.Namespace:
+        notes, opt = io.StringIO(), None
+        try:
+            with contextlib.redirect_stdout(notes):
+                opt = parse_option(argv)
+        finally:
+            printing = bool(getattr(opt, "print_config", False))
+            if not printing:
+                sys.stdout.write(notes.getvalue())
+        if hasattr(opt, "print_config"):
+            del opt.print_config
+        if printing:
+            comments = "".join(f"# {line}\n" for line in notes.getvalue().splitlines())
+            sys.stdout.write(comments + config_text(build_parser().resolved_options(opt)))
+            sys.stdout.flush()
+            raise SystemExit(0)
+        return opt
+
+    return parse
+
+
+def config_text(options: dict[str, Any]) -> str:
+    """``options`` as the YAML text of a configuration file (lists on one line)."""
+    return yaml.safe_dump(options, sort_keys=False, default_flow_style=None, allow_unicode=True)
 
 
 def available_cores() -> int:
@@ -79,6 +310,7 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                         "without it such a start is refused")
 
     add_option_groups(parser, [DataOptions, RuntimeOptions])
+    add_config_args(parser)
 
 
 def finalize_training_args(opt: argparse.Namespace, model_name: str) -> argparse.Namespace:
