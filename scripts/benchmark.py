@@ -3,15 +3,17 @@
     python scripts/benchmark.py                                   # CRD and KD, resnet32x4 -> resnet8x4, CPU or GPU
     python scripts/benchmark.py --methods all --steps 10          # every --distill method on that pair
     python scripts/benchmark.py --pairs resnet56:resnet20,vgg13:vgg8 --methods crd --device cuda --json out.json
-    python scripts/benchmark.py --baseline_ref 67003d6 --rounds 3 # baseline: the code of a commit
+    python scripts/benchmark.py --baseline_ref 31064c4 --rounds 3 # each configuration also on a commit's code
     python scripts/benchmark.py --data_only                       # the data pipelines alone
 
-Every configuration (teacher, student, method, loader) is built by ``train_student.build_run``
-from a ``train_student.py`` command line on the synthetic set (``--dataset synthetic``, CIFAR-shaped,
-``--n_data`` training images; the teachers have random weights whose BatchNorm statistics are set
-on one batch, saved in RepDistiller's layout ``<arch>_vanilla/ckpt_epoch_240.pth``, or your
-checkpoints with ``--teacher_dir``). Then, after ``--warmup`` steps of each kind, ``--steps`` real
-steps and ``--steps`` phased steps, alternating (so that both see the same machine load):
+Every configuration (teacher, student, method, flags) is a ``train_student.py`` command line on the
+synthetic set (``--dataset synthetic``, CIFAR-shaped, ``--n_data`` training images), read by
+``train_student.parse_option``, its runtime set up by ``helper.runtime.setup_runtime`` (as
+``train_student.py`` does) and built by ``train_student.build_run``: the benchmark builds no part
+of a run itself. The teachers have random weights whose BatchNorm statistics are set on one batch,
+saved in RepDistiller's layout ``<arch>_vanilla/ckpt_epoch_240.pth`` (or your checkpoints with
+``--teacher_dir``). Then, after ``--warmup`` steps of each kind, ``--steps`` real steps and
+``--steps`` phased steps, alternating (so that both see the same machine load):
 
 * **real step**: one step of ``helper.loops.train_one_epoch`` itself (the code ``train_student.py``
   runs: autocast, the ``DistillStep``, the finite check, ``zero_grad``, backward, optimiser step,
@@ -32,15 +34,22 @@ CE, KD and the method's Distillers, memory-bank update included; summing the ter
 finite check), ``loss_bwd``, ``student_bwd``, ``optimizer`` (``zero_grad`` + ``step``), ``other``.
 On CUDA every phase boundary synchronises the device.
 
-Each configuration is compared with a **plain baseline** in the same run: the same pair and
-method with ``--baseline_flags`` (default ``--loader torchvision --nce_scores gather
---plain_teacher``: torchvision's loader, memory-bank rows gathered, the teacher as loaded, default
-memory format), or, with ``--baseline_ref COMMIT``, the code of that git commit (e.g. the
-one before the fast paths: exported with ``git archive`` into a tmp folder, the repository is not
-touched). Flags the measured code's parser does not accept are dropped, with a note. Finally the
-data pipelines alone are timed (``--loader`` tensor and torchvision, each with its default
-``--num_workers``, batches with augmentation moved to the device), and the issue's targets are
-checked and printed.
+Each configuration is compared with a **baseline** in the same run:
+
+* by default, the same pair and method with ``--baseline_flags`` on this code (default
+  ``--loader torchvision --nce_scores gather --plain_teacher``: torchvision's loader, memory-bank
+  rows gathered, the teacher as loaded, default memory format);
+* with ``--baseline_ref COMMIT``, the same command line on the code of that git commit (exported
+  with ``git archive`` into a tmp folder and measured in a child process; the repository is not
+  touched), so that each configuration is timed on both codes; with ``--baseline_flags`` too,
+  those flags on that commit, once per pair and method. The commit must have
+  ``train_student.build_run`` (1564697 and later); of what it returns, only the parts that every
+  version of it has are used (``step``, ``data.train_loader``, ``optimizer``, ``student``,
+  ``teachers``, ``distillers``).
+
+Finally the data pipelines alone are timed (``--loader`` tensor and torchvision, each with its
+default ``--num_workers``, plain batches and CRD's, from the train loader that ``build_run`` builds,
+moved to the device), and the issue's targets are checked and printed.
 
 Each configuration runs in a fresh Python process (``--in_process``: all in this one), so that
 peak memory and the allocator's state do not carry over. ``--rounds N`` measures the whole list N
@@ -51,6 +60,14 @@ Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during the timed steps;
 peak resident set size (``VmHWM``, reset through ``/proc/self/clear_refs``) during the timed steps
 minus the resident size before the configuration was built (data, models, banks, activations;
 data-loader worker processes not included).
+
+Changed with issue 13 (no flag was removed): the benchmark's own construction of a run for code
+without ``build_run`` is gone, so ``--baseline_ref`` refuses such a commit (e.g. 67003d6) with one
+error line; flags that the measured code's ``train_student.py`` does not accept are refused (one
+error line; on a ``--baseline_ref`` commit, that configuration is skipped with the commit's
+message) instead of dropped with a note, and the results' ``dropped_flags`` field is gone;
+``--baseline_ref`` without ``--baseline_flags`` times each configuration's own command line on
+the commit (before: the plain baseline flags on it).
 """
 from __future__ import annotations
 
@@ -58,11 +75,11 @@ import argparse
 import contextlib
 import gc
 import io
-import inspect
 import itertools
 import json
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
@@ -76,6 +93,7 @@ from typing import Any, Callable, Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 # The code that is measured: this checkout, or (in a --baseline_ref child process) an exported tree.
+# Only modules that every commit with train_student.build_run has are imported here.
 CODE_ROOT = Path(os.environ.get("BENCHMARK_CODE_ROOT") or ROOT)
 sys.path.insert(0, str(CODE_ROOT))
 
@@ -83,16 +101,14 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 import train_student  # noqa: E402
-from helper.errors import UserError  # noqa: E402
+from helper.errors import UserError, exit_on_user_error  # noqa: E402
 from helper.logger import write_json  # noqa: E402
 from helper.loops import StepBudget, check_finite, train_one_epoch  # noqa: E402
 from helper.meters import accuracy  # noqa: E402
 from helper.optim import adjust_learning_rate  # noqa: E402
-from helper.runtime import Runtime, resolve_device, setup_runtime  # noqa: E402
+from helper.runtime import resolve_device, setup_runtime  # noqa: E402
 from models import build_model  # noqa: E402
 
-# Flags of the plain baseline path; those the measured code's parser does not accept are dropped
-# (with a note), so older commits (--baseline_ref) and newer switches both work.
 BASELINE_FLAGS = "--loader torchvision --nce_scores gather --plain_teacher"
 PHASES = ("data", "teacher_fwd", "student_fwd", "loss_fwd", "loss_bwd", "student_bwd", "optimizer", "other")
 # The table's shares (percent of the phased step); they sum to 100.
@@ -101,6 +117,8 @@ SHARES = {"data": ("data",), "teacher_fwd": ("teacher_fwd",), "student_fwd_bwd":
 # The issue's targets (CPU, resnet32x4 -> resnet8x4, batch 64, K 16384, N 50000).
 TARGET_PAIR, TARGET_SETTINGS = "resnet32x4:resnet8x4", {"batch_size": 64, "nce_k": 16384, "n_data": 50000}
 CRD_SPEEDUP, LOSS_SHARE, LOADER_SPEEDUP = 2.5, 10.0, 5.0
+# The pair whose runs give the loader-alone timing (only their train loader is used).
+LOADER_PAIR = ("resnet8", "resnet8")
 
 
 # ---------------------------------------------------------------- small tools
@@ -162,48 +180,17 @@ class PeakMemory:
         return max(peak - self.before_mb, 0.0), peak
 
 
-def parser_flags(parser: argparse.ArgumentParser, tokens: list[str]) -> tuple[list[str], list[str]]:
-    """Split ``tokens`` (``--flag [values]`` groups) into those ``parser`` accepts and those it
-    does not know (or whose value is not one of its choices): ``(kept, dropped)``."""
-    groups: list[list[str]] = []
-    for token in tokens:
-        if token.startswith("-") and not _is_number(token) or not groups:
-            groups.append([token])
-        else:
-            groups[-1].append(token)
-    kept, dropped = [], []
-    actions = parser._option_string_actions  # noqa: SLF001 (argparse has no public lookup)
-    for group in groups:
-        flag = group[0].split("=", 1)[0]
-        action = actions.get(flag)
-        values = group[1:] + group[0].split("=", 1)[1:]
-        ok = action is not None and (action.choices is None or all(
-            _convert(action, v) in action.choices for v in values))
-        (kept if ok else dropped).extend(group)
-    return kept, dropped
-
-
-def _is_number(token: str) -> bool:
-    try:
-        float(token)
-        return True
-    except ValueError:
-        return False
-
-
-def _convert(action: argparse.Action, value: str) -> Any:
-    try:
-        return action.type(value) if callable(action.type) else value
-    except (TypeError, ValueError):
-        return value
-
-
 def _load_average() -> float | None:
     """The 1-minute load average (None where the platform has none)."""
     try:
         return os.getloadavg()[0]
     except (AttributeError, OSError):
         return None
+
+
+def _quiet(verbose: bool):
+    """Hide the training code's console output unless ``--verbose``."""
+    return contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
 
 
 # ---------------------------------------------------------------- teachers
@@ -231,16 +218,18 @@ def teacher_checkpoint(arch: str, folder: Path, num_classes: int, image_size: in
 
 # ---------------------------------------------------------------- one configuration
 class Config:
-    """One measured configuration: a teacher/student pair, a method, ``train_student.py`` flags
-    (those the measured code's parser does not accept are dropped) and, for ``--baseline_ref``,
-    the git commit whose code is measured (None: this checkout)."""
+    """One measured configuration: a teacher/student pair, a method, its ``train_student.py``
+    flags, and the git commit whose code is measured (None: this checkout). A configuration and
+    its baseline share ``group``. (A plain class: a dataclass needs its module in ``sys.modules``,
+    which a script loaded from its path is not.)"""
 
-    def __init__(self, teacher: str, student: str, method: str, flags: list[str], label: str, baseline: bool,
-                 commit: str | None = None):
+    def __init__(self, teacher: str, student: str, method: str, flags: list[str], label: str,
+                 baseline: bool = False, group: str = "", commit: str | None = None):
         self.teacher, self.student, self.method = teacher, student, method
-        self.flags, self.label, self.baseline, self.commit = flags, label, baseline, commit
+        self.flags, self.label, self.baseline, self.group, self.commit = flags, label, baseline, group, commit
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields, as ``Config(**d)`` takes them back."""
         return dict(vars(self))
 
     @property
@@ -252,52 +241,44 @@ class Config:
         return f"{self.method} {self.teacher}->{self.student} [{self.label}]"
 
 
-def base_argv(args: argparse.Namespace, teacher_path: Path, config: Config, save_folder: str,
-              flags: list[str]) -> list[str]:
+def training_argv(args: argparse.Namespace, config: Config, teacher_path: Path, save_folder: str) -> list[str]:
     """The ``train_student.py`` command line of ``config`` on the synthetic set."""
     per_class = max(1, args.n_data // args.classes)
     return ["--path_t", str(teacher_path), "--model_s", config.student, "--distill", config.method,
             "--dataset", "synthetic", "--synthetic_classes", str(args.classes),
             "--synthetic_train", str(per_class), "--synthetic_test", "1",
             "--batch_size", str(args.batch_size), "--nce_k", str(args.nce_k), "--device", args.device,
-            "--epochs", "1", "--seed", "1", "--save_folder", save_folder, *flags]
+            "--epochs", "1", "--seed", "1", "--save_folder", save_folder, *config.flags]
 
 
-def build_parts(opt, runtime: Runtime):
-    """What train_student.py trains with: ``train_student.build_run``, or for code from before it
-    existed (``--baseline_ref``), the same construction as that code's ``train()``."""
-    if hasattr(train_student, "build_run"):
-        return train_student.build_run(opt, runtime)
-    from dataset import get_dataloaders
-    from distiller_zoo.registry import build_distiller, get_method
-    from helper.optim import build_optimizer
-    from helper.steps import DistillStep
-    from helper.teacher import load_teacher
-
-    method = get_method(opt.distill)
-    data = get_dataloaders(opt, instance=method.needs_index, contrast=method.needs_contrast_idx)
-    opt.num_classes, opt.n_data = data.num_classes, data.n_data
-    student = runtime.place(build_model(opt.arch, num_classes=data.num_classes))
-    teachers = []
-    for path in opt.path_t.split(","):
-        teacher, arch = load_teacher(path.strip(), data.num_classes, opt.dataset)
-        teachers.append((runtime.place(teacher).eval().requires_grad_(False), arch, path.strip()))
-    sample = runtime.to_device(torch.stack([data.val_loader.dataset[i][0] for i in range(2)]))
-    distillers = nn.ModuleList([build_distiller(opt.distill, opt, student, teacher, sample)
-                                for teacher, _, _ in teachers])
-    runtime.place(distillers)
-    runtime.seed_rank(opt.seed)
-    step = DistillStep(student, [t for t, _, _ in teachers], distillers, opt, runtime)
-    extra = [p for distiller in distillers for p in distiller.trainable_parameters()]
-    optimizer = build_optimizer(list(student.parameters()) + extra, opt)
-    return SimpleNamespace(method=method, data=data, student=student, teachers=teachers, distillers=distillers,
-                           step=step, optimizer=optimizer)
+def parse_training(argv: list[str], verbose: bool = False):
+    """``train_student.parse_option(argv)``; its parser's one-line refusal (exit 2) is raised as a
+    :class:`UserError`."""
+    errors = io.StringIO()
+    try:
+        with _quiet(verbose), contextlib.redirect_stderr(errors):
+            return train_student.parse_option(argv)
+    except SystemExit as stop:
+        message = errors.getvalue().strip().removeprefix("error: ") or f"exit status {stop.code}"
+        raise UserError(f"train_student.py refuses the flags: {message}") from None
 
 
-def batches_forever(loader, first_epoch: int = 1) -> Iterator:
+def build(config: Config, args: argparse.Namespace, teacher_dir: Path, save_folder: str) -> SimpleNamespace:
+    """``config`` as ``train_student.py`` builds it: its options, its runtime and
+    ``train_student.build_run``'s parts (``build_s``: seconds of ``build_run``)."""
+    argv = training_argv(args, config, teacher_checkpoint(config.teacher, teacher_dir, args.classes), save_folder)
+    opt = parse_training(argv, args.verbose)
+    with _quiet(args.verbose):
+        runtime = setup_runtime(opt)
+        start = time.perf_counter()
+        parts = train_student.build_run(opt, runtime)
+    return SimpleNamespace(argv=argv, opt=opt, runtime=runtime, parts=parts, build_s=time.perf_counter() - start)
+
+
+def batches_forever(loader) -> Iterator:
     """The loader's batches, epoch after epoch (``set_epoch`` as ``Fit`` does)."""
     sampler = getattr(loader, "sampler", None)
-    for epoch in itertools.count(first_epoch):
+    for epoch in itertools.count(1):
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
         yield from loader
@@ -359,13 +340,12 @@ class PhaseHooks:
             handle.remove()
 
 
-def phased_step(step: nn.Module, batches: Iterator, optimizer: torch.optim.Optimizer, scaler, runtime: Runtime,
+def phased_step(step: nn.Module, batches: Iterator, optimizer: torch.optim.Optimizer, scaler, runtime,
                 hooks: PhaseHooks, clock: Clock, number: int) -> dict[str, float]:
     """One training step as train_one_epoch runs it, timed by phase (seconds)."""
     hooks.reset()
     t0 = clock()
-    raw = next(batches)
-    batch = step.batch(raw) if hasattr(step, "batch") else raw
+    batch = step.batch(next(batches))
     t1 = clock()
     with runtime.autocast():
         logits, target, terms = step(batch)
@@ -401,72 +381,82 @@ def phased_step(step: nn.Module, batches: Iterator, optimizer: torch.optim.Optim
     return times
 
 
+class StepTimer:
+    """The two timed steps of a built run (:func:`build`): a real one (``train_one_epoch`` over
+    one batch) and a phased one, drawing from one stream of the run's training batches."""
+
+    def __init__(self, built: SimpleNamespace):
+        parts, self.runtime = built.parts, built.runtime
+        self.clock = Clock(self.runtime.device)
+        self.step, self.optimizer = parts.step, parts.optimizer
+        self.student, self.teachers = parts.student, [teacher for teacher, _, _ in parts.teachers]
+        scaler = self.runtime.grad_scaler()
+        self.scaler = scaler if scaler.is_enabled() else None
+        adjust_learning_rate(1, built.opt, self.optimizer)
+        for distiller in parts.distillers:
+            distiller.start_epoch(1)
+        self.batches = batches_forever(parts.data.train_loader)
+        self.step.train()
+
+    def real(self) -> float:
+        """Seconds of one step of ``train_one_epoch`` itself, as ``train_student.py`` runs it."""
+        start = self.clock()
+        train_one_epoch(1, itertools.islice(self.batches, 1), self.step, self.step, self.optimizer, StepBudget(None),
+                        scaler=self.scaler, autocast=self.runtime.autocast, device=self.runtime.device)
+        return self.clock() - start
+
+    def phased(self, number: int) -> dict[str, float]:
+        """Seconds of each phase of one step (:func:`phased_step`)."""
+        hooks = PhaseHooks(self.student, self.teachers, self.clock)
+        try:
+            return phased_step(self.step, self.batches, self.optimizer, self.scaler, self.runtime, hooks,
+                               self.clock, number)
+        finally:
+            hooks.remove()
+
+
 def measure(config: Config, args: argparse.Namespace, teacher_dir: Path, save_folder: str) -> dict[str, Any]:
     """Build ``config`` as train_student.py does and time its steps (see the module docstring)."""
     gc.collect()  # the previous configuration's modules and tensors (cycles) go before measuring
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     before_mb = PeakMemory.rss_mb()
-    teacher_path = teacher_checkpoint(config.teacher, teacher_dir, args.classes)
-    flags, dropped = parser_flags(train_student.build_parser(), config.flags)
-    argv = base_argv(args, teacher_path, config, save_folder, flags)
-    quiet = contextlib.redirect_stdout(io.StringIO()) if not args.verbose else contextlib.nullcontext()
-    with quiet:
-        opt = train_student.parse_option(argv)
-        runtime = setup_runtime(opt)
-        built = time.perf_counter()
-        parts = build_parts(opt, runtime)
-        build_s = time.perf_counter() - built
-    clock = Clock(runtime.device)
-    memory = PeakMemory(runtime.device, before_mb)
-    step, optimizer = parts.step, parts.optimizer
-    scaler = runtime.grad_scaler()
-    scaler = scaler if scaler.is_enabled() else None
-    adjust_learning_rate(1, opt, optimizer)
-    for distiller in parts.distillers:
-        distiller.start_epoch(1)
-    batches = batches_forever(parts.data.train_loader)
-    step.train()
-
-    def real_step() -> float:  # one step of train_one_epoch itself, as train_student.py runs it
-        start = clock()
-        train_one_epoch(1, itertools.islice(batches, 1), step, step, optimizer, StepBudget(None),
-                        scaler=scaler, autocast=runtime.autocast, device=runtime.device)
-        return clock() - start
-
-    def timed_phases(number: int) -> dict[str, float]:
-        hooks = PhaseHooks(step.student, list(step.teachers), clock)
-        try:
-            return phased_step(step, batches, optimizer, scaler, runtime, hooks, clock, number)
-        finally:
-            hooks.remove()
-
+    built = build(config, args, teacher_dir, save_folder)
+    timer = StepTimer(built)
+    memory = PeakMemory(built.runtime.device, before_mb)
     # Real and phased steps alternate, so that both see the same conditions (a busy machine).
     for i in range(args.warmup):
-        real_step()
-        timed_phases(i + 1)
+        timer.real()
+        timer.phased(i + 1)
     memory.start()
     real, phased = [], []
     for i in range(args.steps):
-        real.append(real_step())
-        phased.append(timed_phases(i + 1))
-    peak_mb, peak_rss_mb = memory.peak_mb()
+        real.append(timer.real())
+        phased.append(timer.phased(i + 1))
+    return summarize(config, args, built, real, phased, memory)
 
+
+def summarize(config: Config, args: argparse.Namespace, built: SimpleNamespace, real: list[float],
+              phased: list[dict[str, float]], memory: PeakMemory) -> dict[str, Any]:
+    """One configuration's result: images/s and steps/s of the real steps, the phases' mean ms and
+    shares of the phased step, peak memory, and what was built."""
+    opt, runtime = built.opt, built.runtime
+    peak_mb, peak_rss_mb = memory.peak_mb()
     ms = {phase: 1000 * sum(t[phase] for t in phased) / len(phased) for phase in PHASES}
     phased_ms = 1000 * sum(t["total"] for t in phased) / len(phased)
     real_s = sum(real)
-    real_ms = 1000 * real_s / args.steps
-    share = {name: 100 * sum(ms[p] for p in parts_) / phased_ms for name, parts_ in SHARES.items()}
-    result = {
+    real_ms = 1000 * real_s / len(real)
+    share = {name: 100 * sum(ms[p] for p in parts) / phased_ms for name, parts in SHARES.items()}
+    return {
         "name": config.name, "pair": config.pair, "teacher": config.teacher, "student": config.student,
-        "method": config.method, "label": config.label, "baseline": config.baseline,
-        "flags": flags, "dropped_flags": dropped, "commit": config.commit, "argv": argv,
+        "method": config.method, "label": config.label, "baseline": config.baseline, "group": config.group,
+        "flags": config.flags, "commit": config.commit, "argv": built.argv,
         "device": str(runtime.device), "runtime": runtime.describe(),
-        "loader": getattr(opt, "loader", "torchvision"), "num_workers": getattr(opt, "num_workers", None),
+        "loader": opt.loader, "num_workers": opt.num_workers,
         "weights": {"gamma": opt.gamma, "alpha": opt.alpha, "beta": opt.beta},
-        "batch_size": opt.batch_size, "nce_k": opt.nce_k, "n_data": parts.data.n_data,
-        "steps": args.steps, "warmup": args.warmup, "build_s": build_s,
-        "images_per_s": args.steps * opt.batch_size / real_s, "steps_per_s": args.steps / real_s,
+        "batch_size": opt.batch_size, "nce_k": opt.nce_k, "n_data": built.parts.data.n_data,
+        "steps": len(real), "warmup": args.warmup, "build_s": built.build_s,
+        "images_per_s": len(real) * opt.batch_size / real_s, "steps_per_s": len(real) / real_s,
         "real_step_ms": real_ms, "real_step_ms_median": 1000 * statistics.median(real),
         "phased_step_ms": phased_ms, "phased_over_real": phased_ms / real_ms,
         "ms": ms, "share": share,
@@ -474,28 +464,19 @@ def measure(config: Config, args: argparse.Namespace, teacher_dir: Path, save_fo
         "peak_mem_reset": memory.reset_ok,
         "teacher_seen": all(t["teacher_seen"] for t in phased),
     }
-    return result
 
 
 # ---------------------------------------------------------------- the data pipelines alone
-def measure_loader(loader_name: str | None, args: argparse.Namespace, teacher_dir: Path, save_folder: str,
+def measure_loader(loader_name: str, args: argparse.Namespace, teacher_dir: Path, save_folder: str,
                    contrast: bool) -> dict[str, Any]:
-    """Images/s of iterating the train loader of ``--loader loader_name`` (plain batches, or CRD's
-    with ``index`` and ``contrast_idx``), each batch moved to the device."""
-    from dataset import get_dataloaders
-
-    config = Config("resnet8", "resnet8", "crd" if contrast else "kd",
-                    ["--loader", loader_name] if loader_name else [], loader_name or "default", False)
-    argv = base_argv(args, teacher_checkpoint("resnet8", teacher_dir, args.classes), config, save_folder,
-                     config.flags)
-    quiet = contextlib.redirect_stdout(io.StringIO()) if not args.verbose else contextlib.nullcontext()
-    with quiet:
-        opt = train_student.parse_option(argv)
-        runtime = setup_runtime(opt)
-        device_kw = {"device": runtime.device} if "device" in inspect.signature(get_dataloaders).parameters else {}
-        data = get_dataloaders(opt, instance=contrast, contrast=contrast, **device_kw)
+    """Images/s of iterating the train loader that ``build_run`` builds for ``--loader
+    loader_name`` (KD's plain batches, or CRD's with ``index`` and ``contrast_idx``), each batch
+    moved to the device."""
+    config = Config(*LOADER_PAIR, "crd" if contrast else "kd", ["--loader", loader_name], loader_name)
+    built = build(config, args, teacher_dir, save_folder)
+    runtime, opt = built.runtime, built.opt
     clock = Clock(runtime.device)
-    batches = batches_forever(data.train_loader)
+    batches = batches_forever(built.parts.data.train_loader)
     for _ in range(args.warmup):
         [runtime.to_device(t) for t in next(batches)]
     start, images = clock(), 0
@@ -503,9 +484,27 @@ def measure_loader(loader_name: str | None, args: argparse.Namespace, teacher_di
         batch = [runtime.to_device(t) for t in next(batches)]
         images += batch[0].shape[0]
     seconds = clock() - start
-    return {"loader": getattr(opt, "loader", "torchvision"), "contrast": contrast,
-            "num_workers": getattr(opt, "num_workers", None), "batches": args.data_batches,
-            "batch_size": opt.batch_size, "images_per_s": images / seconds, "device": str(runtime.device)}
+    return {"loader": opt.loader, "contrast": contrast, "num_workers": opt.num_workers,
+            "batches": args.data_batches, "batch_size": opt.batch_size, "images_per_s": images / seconds,
+            "device": str(runtime.device)}
+
+
+def loader_timing(args: argparse.Namespace, teacher_dir: Path, save_folder: str, notes: list[str]) -> dict[str, Any]:
+    """Both pipelines alone, plain and with CRD's batches, and the tensor / torchvision ratios."""
+    runs = []
+    for name, contrast in itertools.product(("tensor", "torchvision"), (False, True)):
+        kind = "crd batches" if contrast else "plain"
+        print(f"measuring the {name} loader alone ({kind}) ...", flush=True)
+        try:
+            runs.append(measure_loader(name, args, teacher_dir, save_folder, contrast))
+        except UserError as err:
+            notes.append(f"the {name} loader alone ({kind}) was not measured: {err}")
+    found: dict[str, Any] = {"runs": runs}
+    by = {(r["loader"], r["contrast"]): r["images_per_s"] for r in runs}
+    for key, contrast in (("ratio", False), ("ratio_contrast", True)):
+        if ("tensor", contrast) in by and ("torchvision", contrast) in by:
+            found[key] = by[("tensor", contrast)] / by[("torchvision", contrast)]
+    return found
 
 
 # ---------------------------------------------------------------- report
@@ -519,6 +518,7 @@ def median_round(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def table(results: list[dict[str, Any]]) -> str:
+    """The configurations as a Markdown table."""
     lines = ["| config | images/s | steps/s | % data | % teacher fwd | % student fwd+bwd | % loss fwd+bwd "
              "| % optimizer | % other | peak mem (MB) | phased/real |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -531,14 +531,16 @@ def table(results: list[dict[str, Any]]) -> str:
 
 
 def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each measured configuration against the baseline of its pair and method."""
-    base = {(r["pair"], r["method"]): r for r in results if r["baseline"]}
+    """Each measured configuration against the baseline of its group (``same_flags``: the baseline
+    is the same command line, on another commit's code)."""
+    base = {r["group"]: r for r in results if r["baseline"]}
     out = []
     for r in results:
-        b = base.get((r["pair"], r["method"]))
+        b = base.get(r["group"])
         if r["baseline"] or b is None:
             continue
         out.append({"name": r["name"], "pair": r["pair"], "method": r["method"], "label": r["label"],
+                    "baseline_label": b["label"], "baseline_commit": b["commit"], "same_flags": r["flags"] == b["flags"],
                     "images_per_s": r["images_per_s"], "baseline_images_per_s": b["images_per_s"],
                     "images_per_s_ratio": r["images_per_s"] / b["images_per_s"],
                     "loss_share": r["share"]["loss_fwd_bwd"], "baseline_loss_share": b["share"]["loss_fwd_bwd"],
@@ -549,12 +551,13 @@ def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def targets(args: argparse.Namespace, device: str, results: list[dict[str, Any]], compared: list[dict[str, Any]],
             loaders: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's targets, checked on what this run measured (``settings_match`` says whether the
-    run used the targets' CPU / batch / K / N settings)."""
+    run used the targets' CPU / batch / K / N settings). The CRD speed-up is against a plain
+    baseline (other flags), not the same command line on another commit."""
     settings = {"batch_size": args.batch_size, "nce_k": args.nce_k, "n_data": args.n_data}
     match = device == "cpu" and settings == TARGET_SETTINGS
     found = []
     for c in compared:
-        if c["method"] == "crd":
+        if c["method"] == "crd" and not c["same_flags"]:
             found.append({"target": f"CRD {c['pair']} [{c['label']}]: images/s vs plain baseline >= {CRD_SPEEDUP}x",
                           "value": c["images_per_s_ratio"], "met": c["images_per_s_ratio"] >= CRD_SPEEDUP,
                           "settings_match": match and c["pair"] == TARGET_PAIR})
@@ -570,21 +573,76 @@ def targets(args: argparse.Namespace, device: str, results: list[dict[str, Any]]
     return found
 
 
+def render(report: dict[str, Any]) -> str:
+    """The report as text: the table, skipped configurations, ratios, pipelines, targets, notes."""
+    s = report["settings"]
+    out = [f"\nRepDistill benchmark: {s['device']} ({s['threads']} threads), torch {s['torch']}, batch {s['batch_size']}, "
+           f"K {s['nce_k']}, N {s['n_data']}, {s['steps']} timed steps after {s['warmup']} warm-up", ""]
+    if report["configs"]:
+        out += [table(report["configs"]), ""]
+        out.append("shares: percent of the phased step; images/s and steps/s: the real loop "
+                   "(train_one_epoch); peak mem: " + report["configs"][0]["peak_mem_kind"].replace("_", " "))
+    out += [f"skipped {skip['name']}: {skip['error']}" for skip in report["skipped"]]
+    if report["ratios"]:
+        out += ["", "vs the baseline (same pair and method):"]
+        for c in report["ratios"]:
+            out.append(f"- {c['name']} vs [{c['baseline_label']}]: {c['images_per_s_ratio']:.2f}x images/s "
+                       f"({c['images_per_s']:.0f} vs {c['baseline_images_per_s']:.0f}); loss {c['loss_share']:.1f}% "
+                       f"of the step (baseline {c['baseline_loss_share']:.1f}%); peak mem {c['peak_mem_mb']:.0f} vs "
+                       f"{c['baseline_peak_mem_mb']:.0f} MB")
+    out += render_loaders(report["loaders"])
+    if report["targets"]:
+        out += ["", "targets:"]
+        for t in report["targets"]:
+            where = "" if t["settings_match"] else " (not the target's settings)"
+            out.append(f"- {t['target']}: {t['value']:.2f} -> {'met' if t['met'] else 'NOT met'}{where}")
+    if report["notes"]:
+        out += ["", "notes:"] + [f"- {n}" for n in report["notes"]]
+    return "\n".join(out)
+
+
+def render_loaders(loaders: dict[str, Any]) -> list[str]:
+    """The lines of the loader-alone timing (none when it did not run)."""
+    if not loaders.get("runs"):
+        return []
+    out = ["", "data pipelines alone (train batches with augmentation, moved to the device):"]
+    for r in loaders["runs"]:
+        out.append(f"- {r['loader']} ({'crd batches' if r['contrast'] else 'plain'}, num_workers "
+                   f"{r['num_workers']}): {r['images_per_s']:.0f} images/s")
+    if loaders.get("ratio") is not None:
+        contrast = loaders.get("ratio_contrast")
+        out.append(f"- tensor / torchvision: {loaders['ratio']:.2f}x (plain)"
+                   + (f", {contrast:.2f}x (crd batches)" if contrast is not None else ""))
+    return out
+
+
 # ---------------------------------------------------------------- isolation
 def export_ref(ref: str, dest: Path) -> str:
     """Write the tree of git ``ref`` of this checkout into ``dest`` (``git archive``; the
-    repository is not touched); returns the commit."""
+    repository is not touched) and return the commit; refused (:class:`UserError`) when it is not
+    a commit or its ``train_student.py`` has no ``build_run``."""
     try:
         commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", f"{ref}^{{commit}}"],
                                 capture_output=True, text=True, check=True).stdout.strip()
         archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", commit],
                                  capture_output=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError) as err:
-        raise SystemExit(f"error: --baseline_ref {ref}: not a commit of the git checkout {ROOT} ({err})") from None
+    except (OSError, subprocess.CalledProcessError):
+        raise UserError(f"--baseline_ref {ref}: not a commit of the git checkout {ROOT}") from None
     dest.mkdir(parents=True, exist_ok=True)
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(dest, filter="data")
+    require_build_run(dest, ref)
     return commit
+
+
+def require_build_run(code: Path, ref: str) -> None:
+    """Refuse (:class:`UserError`) a code tree whose ``train_student.py`` has no ``build_run``:
+    the benchmark builds every run with it."""
+    source = code / "train_student.py"
+    text = source.read_text() if source.is_file() else ""
+    if not re.search(r"^def build_run\(", text, flags=re.MULTILINE):
+        raise UserError(f"--baseline_ref {ref}: its train_student.py has no build_run (commits from 1564697 on "
+                        "have it), and the benchmark builds every run with it: choose a later commit")
 
 
 def measure_isolated(config: Config, args: argparse.Namespace, teacher_dir: Path, save_folder: str,
@@ -619,10 +677,13 @@ def run_child(spec_path: str, out_path: str) -> None:
     write_json(Path(out_path), result)
 
 
-# ---------------------------------------------------------------- main
+# ---------------------------------------------------------------- the list of configurations
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Time train_student.py's training step on synthetic batches.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """The benchmark's flags (the parent process's only: a child gets them as a namespace)."""
+    from helper.cli.options import Parser  # this checkout's parser (one-line errors)
+
+    p = Parser(description="Time train_student.py's training step on synthetic batches.",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--pairs", default=TARGET_PAIR, help="comma-separated teacher:student pairs")
     p.add_argument("--methods", default="crd,kd", help="comma-separated --distill methods, or 'all'")
     p.add_argument("--steps", type=int, default=20, help="timed steps of each loop (real and phased)")
@@ -639,14 +700,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data pipeline(s) of the measured configurations")
     p.add_argument("--flags", default="", help="extra train_student.py flags of the measured configurations "
                                                "(e.g. '--channels_last --amp bf16')")
-    p.add_argument("--baseline_flags", default=BASELINE_FLAGS,
-                   help="train_student.py flags of the plain baseline (unknown ones are dropped)")
+    p.add_argument("--baseline_flags", default=None,
+                   help=f"train_student.py flags of the baseline (default without --baseline_ref: '{BASELINE_FLAGS}'; "
+                        "with it: each configuration's own flags)")
     p.add_argument("--baseline_ref", default=None,
-                   help="measure the baselines on the code of this git commit (e.g. the one before the fast "
-                        "paths), exported to a tmp folder and run in a child process")
+                   help="measure the baselines on the code of this git commit (one with train_student.build_run), "
+                        "exported to a tmp folder and run in a child process")
     p.add_argument("--in_process", action="store_true",
-                   help="measure every configuration in this process (quicker to start; peak-memory deltas "
-                        "and the allocator's state then carry over between configurations)")
+                   help="measure every configuration of this code in this process (quicker to start; peak-memory "
+                        "deltas and the allocator's state then carry over between configurations)")
     p.add_argument("--baseline_methods", default="all",
                    help="methods that get a baseline run: 'all', 'none' or a comma-separated list")
     p.add_argument("--data_batches", type=int, default=50, help="batches of the loader-alone timing")
@@ -673,183 +735,188 @@ def join_flag_values(argv: list[str]) -> list[str]:
     return out
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse counts out of range (:class:`UserError`)."""
+    if args.steps < 1 or args.warmup < 0 or args.data_batches < 1 or args.rounds < 1:
+        raise UserError("--steps, --rounds and --data_batches must be at least 1, --warmup at least 0")
+    if min(args.batch_size, args.nce_k, args.n_data, args.classes) < 1:
+        raise UserError("--batch_size, --nce_k, --n_data and --classes must be at least 1")
+
+
 def resolve_methods(spec: str) -> list[str]:
-    from distiller_zoo.registry import method_names
+    """The ``--methods`` list (``all``: every registered method)."""
+    from helper.cli.methods import method_names  # this checkout's list of every method
+
+    known = method_names()
     if spec == "all":
-        return method_names()
+        return known
     methods = [m.strip() for m in spec.split(",") if m.strip()]
-    known = set(method_names())
     unknown = [m for m in methods if m not in known]
     if unknown:
-        raise SystemExit(f"error: unknown method(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
+        raise UserError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
     return methods
 
 
+def resolve_pairs(spec: str) -> list[tuple[str, str]]:
+    """The ``--pairs`` list as ``(teacher, student)`` tuples."""
+    pairs = [tuple(p.strip().split(":")) for p in spec.split(",") if p.strip()]
+    if not pairs or any(len(p) != 2 or not all(p) for p in pairs):
+        raise UserError("--pairs takes teacher:student pairs, e.g. resnet32x4:resnet8x4")
+    return pairs
+
+
+def make_configs(args: argparse.Namespace, pairs: list[tuple[str, str]], methods: list[str],
+                 commit: str | None) -> list[Config]:
+    """Every configuration to measure, each followed by its baseline: ``--baseline_flags`` (on this
+    code or on ``commit``) once per pair and method, or, on ``commit`` without ``--baseline_flags``,
+    each configuration's own flags."""
+    loaders = ["tensor", "torchvision"] if args.loader == "both" else [args.loader]
+    extra = shlex.split(args.flags)
+    base_flags = args.baseline_flags if args.baseline_flags is not None or commit else BASELINE_FLAGS
+    chosen = (set(methods) if args.baseline_methods == "all" else set() if args.baseline_methods == "none"
+              else {m.strip() for m in args.baseline_methods.split(",")})
+    at = f" @ {commit[:10]}" if commit else ""
+    configs = []
+    for (teacher, student), method in itertools.product(pairs, methods):
+        group = f"{method} {teacher}:{student}"
+        measured = [Config(teacher, student, method, ["--loader", loader] + extra,
+                           " ".join(["--loader", loader] + extra), group=group) for loader in loaders]
+        configs += measured
+        if method not in chosen:
+            continue
+        if base_flags is not None:
+            flags = shlex.split(base_flags)
+            configs.append(Config(teacher, student, method, flags, f"baseline: {' '.join(flags) or 'defaults'}{at}",
+                                  True, group, commit))
+            continue
+        for config in measured:  # the same command line on the commit's code
+            config.group = f"{group} {config.label}"
+            configs.append(Config(teacher, student, method, config.flags, f"baseline: {config.label}{at}", True,
+                                  config.group, commit))
+    return configs
+
+
+def check_flags(configs: list[Config], args: argparse.Namespace) -> None:
+    """Parse each command line of this code's configurations once before measuring anything, so
+    that a flag ``train_student.py`` refuses is one error line at once (:class:`UserError`)."""
+    for flags in {tuple(c.flags) for c in configs if c.commit is None}:
+        config = next(c for c in configs if tuple(c.flags) == flags)
+        try:
+            parse_training(training_argv(args, config, Path("teacher.pth"), "."))
+        except UserError as err:
+            raise UserError(f"[{config.label}]: {err}") from None
+
+
+# ---------------------------------------------------------------- main
+def measure_one(config: Config, args: argparse.Namespace, teacher_dir: Path, save_folder: str,
+                code_root: Path | None) -> dict[str, Any]:
+    """One round of ``config``: a commit's code always in a child process, this code in one unless
+    ``--in_process``."""
+    if config.commit is not None:
+        return measure_isolated(config, args, teacher_dir, save_folder, code_root)
+    if args.in_process:
+        return measure(config, args, teacher_dir, save_folder)
+    return measure_isolated(config, args, teacher_dir, save_folder)
+
+
+def measure_rounds(configs: list[Config], args: argparse.Namespace, teacher_dir: Path, save_folder: str,
+                   code_root: Path | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``--rounds`` passes over the configurations (A B A B ...): each one's median round, and those
+    skipped (a :class:`UserError`: a pair the method cannot serve, a K the data cannot give, ...)."""
+    runs: dict[int, list[dict[str, Any]] | None] = {index: [] for index in range(len(configs))}
+    skipped = []
+    for round_number, (index, config) in itertools.product(range(1, args.rounds + 1), enumerate(configs)):
+        if runs[index] is None:
+            continue
+        where = f" (round {round_number} of {args.rounds})" if args.rounds > 1 else ""
+        print(f"measuring {config.name}{where} ...", flush=True)
+        try:
+            r = measure_one(config, args, teacher_dir, save_folder, code_root)
+        except UserError as err:
+            skipped.append({"name": config.name, "pair": config.pair, "method": config.method,
+                            "baseline": config.baseline, "commit": config.commit, "error": str(err)})
+            print(f"  skipped: {err}", flush=True)
+            runs[index] = None
+            continue
+        runs[index].append(r)
+        print(f"  {r['images_per_s']:.0f} images/s, loss {r['share']['loss_fwd_bwd']:.1f}% of the step, "
+              f"phased/real {r['phased_over_real']:.2f}", flush=True)
+    return [median_round(r) for r in runs.values() if r], skipped
+
+
+def load_note(device: str, loads: tuple[float | None, float | None]) -> list[str]:
+    """A note when the CPU was shared with other processes during the run."""
+    busy = max(load or 0.0 for load in loads)
+    if device == "cpu" and busy > (os.cpu_count() or 1):
+        return [f"the 1-minute load average reached {busy:.1f} on {os.cpu_count()} cores: other processes "
+                "shared the CPU, so these timings are slower and noisier than on an idle machine"]
+    return []
+
+
+def make_report(args: argparse.Namespace, device: str, methods: list[str], configs: list[Config],
+                measured: dict[str, Any], loads: tuple[float | None, float | None]) -> dict[str, Any]:
+    """The whole report (what ``--json`` writes) from the measured configurations and pipelines."""
+    results, loaders = measured["configs"], measured["loaders"]
+    notes = measured["notes"] + [f"{r['name']}: the teacher forward was not observed by the hooks (its time is "
+                                 "counted in the loss)" for r in results if not r["teacher_seen"]]
+    notes += load_note(device, loads)
+    compared = ratios(results)
+    baselines = [c for c in configs if c.baseline]
+    settings = {
+        "device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(), "machine": platform.machine(), "pairs": args.pairs, "methods": methods,
+        "loaders": ["tensor", "torchvision"] if args.loader == "both" else [args.loader], "steps": args.steps,
+        "warmup": args.warmup, "rounds": args.rounds, "batch_size": args.batch_size, "nce_k": args.nce_k,
+        "n_data": args.n_data, "flags": shlex.split(args.flags),
+        "baseline_flags": sorted({" ".join(c.flags) for c in baselines}), "baseline_ref": args.baseline_ref,
+        "baseline_commit": next((c.commit for c in baselines if c.commit), None), "isolated": not args.in_process,
+        "data_batches": args.data_batches, "load_average_before": loads[0], "load_average_after": loads[1],
+    }
+    return {"settings": settings, "configs": results, "skipped": measured["skipped"], "ratios": compared,
+            "loaders": loaders, "targets": targets(args, device, results, compared, loaders), "notes": notes}
+
+
+def run_all(args: argparse.Namespace, pairs: list[tuple[str, str]], methods: list[str], tmp: Path
+            ) -> tuple[list[Config], dict[str, Any]]:
+    """Export the baseline commit (if any), check every command line, make the teachers, then
+    measure the configurations and the pipelines alone."""
+    code_root, commit = None, None
+    if args.baseline_ref and methods and args.baseline_methods != "none":
+        code_root = tmp / "baseline_code"
+        commit = export_ref(args.baseline_ref, code_root)
+    configs = make_configs(args, pairs, methods, commit)
+    check_flags(configs, args)
+    teacher_dir = Path(args.teacher_dir) if args.teacher_dir else tmp / "teachers"
+    for arch in sorted({c.teacher for c in configs} | {LOADER_PAIR[0]}):  # one file for both codes
+        teacher_checkpoint(arch, teacher_dir, args.classes)
+    save_folder = tmp / "runs"
+    save_folder.mkdir(parents=True)
+    results, skipped = measure_rounds(configs, args, teacher_dir, str(save_folder), code_root)
+    notes: list[str] = []
+    loaders = {} if args.no_loader_check else loader_timing(args, teacher_dir, str(save_folder), notes)
+    return configs, {"configs": results, "skipped": skipped, "loaders": loaders, "notes": notes}
+
+
+@exit_on_user_error
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
-    if argv is None:
-        argv = sys.argv[1:]
+    """Measure, print the report and write it to ``--json``; returns it."""
+    argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--_child"]:
         run_child(argv[1], argv[2])
         return None
     args = build_parser().parse_args(join_flag_values(argv))
-    if args.steps < 1 or args.warmup < 0 or args.data_batches < 1 or args.rounds < 1:
-        raise SystemExit("error: --steps, --rounds and --data_batches must be at least 1, --warmup at least 0")
-    training_parser = train_student.build_parser()
-    notes: list[str] = []
-    loader_flag = "--loader" in training_parser._option_string_actions  # noqa: SLF001
-    if loader_flag:
-        loaders = ["tensor", "torchvision"] if args.loader == "both" else [args.loader]
-    else:
-        loaders = [None]
-        notes.append("train_student.py has no --loader flag yet: the measured configurations use its only loader")
-    extra, baseline = shlex.split(args.flags), shlex.split(args.baseline_flags)
-    pairs = [tuple(p.split(":")) for p in args.pairs.split(",") if p.strip()]
-    if any(len(p) != 2 for p in pairs):
-        raise SystemExit("error: --pairs takes teacher:student pairs, e.g. resnet32x4:resnet8x4")
+    check_args(args)
+    pairs = resolve_pairs(args.pairs)
     methods = [] if args.data_only else resolve_methods(args.methods)
-    with_baseline = (set(methods) if args.baseline_methods == "all" else set() if args.baseline_methods == "none"
-                     else {m.strip() for m in args.baseline_methods.split(",")})
-
-    configs = []
-    for teacher, student in pairs:
-        for method in methods:
-            for loader in loaders:
-                flags = (["--loader", loader] if loader else []) + extra
-                label = " ".join(flags) or "defaults"
-                configs.append(Config(teacher, student, method, flags, label, baseline=False))
-            if method in with_baseline:
-                label = "baseline: " + (" ".join(baseline) or "defaults") + (f" @ {args.baseline_ref}"
-                                                                             if args.baseline_ref else "")
-                configs.append(Config(teacher, student, method, baseline, label, baseline=True))
-
     device = str(resolve_device(args.device))
     load_before = _load_average()
-    results: list[dict[str, Any]] = []
-    skipped: list[dict[str, Any]] = []
-    loader_results: dict[str, Any] = {}
-    baseline_commit = None
     with tempfile.TemporaryDirectory(prefix="benchmark_") as tmp:
-        teacher_dir = Path(args.teacher_dir) if args.teacher_dir else Path(tmp) / "teachers"
-        save_folder = str(Path(tmp) / "runs")
-        Path(save_folder).mkdir(parents=True)
-        ref_root = None
-        if args.baseline_ref and with_baseline:
-            ref_root = Path(tmp) / "baseline_code"
-            baseline_commit = export_ref(args.baseline_ref, ref_root)
-        rounds: dict[int, list[dict[str, Any]] | None] = {}
-        for round_number, (index, config) in itertools.product(range(1, args.rounds + 1), enumerate(configs)):
-            if index in rounds and rounds[index] is None:
-                continue  # skipped in an earlier round
-            where = f" (round {round_number} of {args.rounds})" if args.rounds > 1 else ""
-            print(f"measuring {config.name}{where} ...", flush=True)
-            try:
-                if config.baseline and ref_root is not None:
-                    config.commit = baseline_commit
-                    r = measure_isolated(config, args, teacher_dir, save_folder, ref_root)
-                elif args.in_process:
-                    r = measure(config, args, teacher_dir, save_folder)
-                else:
-                    r = measure_isolated(config, args, teacher_dir, save_folder)
-            except UserError as err:  # a pair the method cannot serve, a K the data cannot give, ...
-                skipped.append({"name": config.name, "pair": config.pair, "method": config.method,
-                                "baseline": config.baseline, "error": str(err)})
-                print(f"  skipped: {err}", flush=True)
-                rounds[index] = None
-                continue
-            rounds.setdefault(index, []).append(r)
-            print(f"  {r['images_per_s']:.0f} images/s, loss {r['share']['loss_fwd_bwd']:.1f}% of the step, "
-                  f"phased/real {r['phased_over_real']:.2f}", flush=True)
-        for index, config in enumerate(configs):
-            if not rounds.get(index):
-                continue
-            r = median_round(rounds[index])
-            results.append(r)
-            if r["dropped_flags"]:
-                note = (f"[{config.label}]: dropped flags that its train_student.py does not accept: "
-                        f"{' '.join(r['dropped_flags'])}")
-                notes += [note] if note not in notes else []
-            if not r["teacher_seen"]:
-                notes.append(f"{config.name}: the teacher forward was not observed by the hooks "
-                             "(its time is counted in the loss)")
-        if not args.no_loader_check:
-            names = ["tensor", "torchvision"] if loader_flag else [None]
-            runs = []
-            for name in names:
-                for contrast in (False, True):
-                    print(f"measuring the {name or 'default'} loader alone ({'crd batches' if contrast else 'plain'}) ...",
-                          flush=True)
-                    try:
-                        runs.append(measure_loader(name, args, teacher_dir, save_folder, contrast))
-                    except UserError as err:
-                        notes.append(f"the {name or 'default'} loader alone ({'crd batches' if contrast else 'plain'})"
-                                     f" was not measured: {err}")
-            loader_results["runs"] = runs
-            by = {(r["loader"], r["contrast"]): r["images_per_s"] for r in runs}
-            if ("tensor", False) in by and ("torchvision", False) in by:
-                loader_results["ratio"] = by[("tensor", False)] / by[("torchvision", False)]
-            if ("tensor", True) in by and ("torchvision", True) in by:
-                loader_results["ratio_contrast"] = by[("tensor", True)] / by[("torchvision", True)]
-
-    load_after = _load_average()
-    busy = max(load_before or 0.0, load_after or 0.0)
-    if device == "cpu" and busy > (os.cpu_count() or 1):
-        notes.append(f"the 1-minute load average reached {busy:.1f} on {os.cpu_count()} cores: other processes "
-                     "shared the CPU, so these timings are slower and noisier than on an idle machine")
-    compared = ratios(results)
-    checked = targets(args, device, results, compared, loader_results)
-    report = {
-        "settings": {"device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                     "cpu_count": os.cpu_count(), "machine": platform.machine(), "pairs": args.pairs,
-                     "methods": methods, "loaders": [name or "default" for name in loaders], "steps": args.steps,
-                     "warmup": args.warmup, "rounds": args.rounds, "batch_size": args.batch_size, "nce_k": args.nce_k,
-                     "n_data": args.n_data, "flags": extra, "baseline_flags": baseline,
-                     "baseline_ref": args.baseline_ref, "baseline_commit": baseline_commit,
-                     "isolated": not args.in_process,
-                     "data_batches": args.data_batches, "load_average_before": load_before,
-                     "load_average_after": load_after},
-        "configs": results, "skipped": skipped, "ratios": compared, "loaders": loader_results, "targets": checked, "notes": notes,
-    }
+        configs, measured = run_all(args, pairs, methods, Path(tmp))
+    report = make_report(args, device, methods, configs, measured, (load_before, _load_average()))
     print(render(report), flush=True)
     if args.json:
         write_json(Path(args.json), report)
     return report
-
-
-def render(report: dict[str, Any]) -> str:
-    s = report["settings"]
-    out = [f"\nRepDistill benchmark: {s['device']} ({s['threads']} threads), torch {s['torch']}, batch {s['batch_size']}, "
-           f"K {s['nce_k']}, N {s['n_data']}, {s['steps']} timed steps after {s['warmup']} warm-up", ""]
-    if report["configs"]:
-        out += [table(report["configs"]), ""]
-        out.append("shares: percent of the phased step; images/s and steps/s: the real loop "
-                   "(train_one_epoch); peak mem: " + report["configs"][0]["peak_mem_kind"].replace("_", " "))
-    for skip in report["skipped"]:
-        out.append(f"skipped {skip['name']}: {skip['error']}")
-    if report["ratios"]:
-        out += ["", "vs the plain baseline (same pair and method):"]
-        for c in report["ratios"]:
-            out.append(f"- {c['name']}: {c['images_per_s_ratio']:.2f}x images/s ({c['images_per_s']:.0f} vs "
-                       f"{c['baseline_images_per_s']:.0f}); loss {c['loss_share']:.1f}% of the step "
-                       f"(baseline {c['baseline_loss_share']:.1f}%); peak mem {c['peak_mem_mb']:.0f} vs "
-                       f"{c['baseline_peak_mem_mb']:.0f} MB")
-    loaders = report["loaders"]
-    if loaders.get("runs"):
-        out += ["", "data pipelines alone (train batches with augmentation, moved to the device):"]
-        for r in loaders["runs"]:
-            out.append(f"- {r['loader']} ({'crd batches' if r['contrast'] else 'plain'}, num_workers "
-                       f"{r['num_workers']}): {r['images_per_s']:.0f} images/s")
-        if loaders.get("ratio") is not None:
-            contrast = loaders.get("ratio_contrast")
-            out.append(f"- tensor / torchvision: {loaders['ratio']:.2f}x (plain)"
-                       + (f", {contrast:.2f}x (crd batches)" if contrast is not None else ""))
-    if report["targets"]:
-        out += ["", "targets:"]
-        for t in report["targets"]:
-            where = "" if t["settings_match"] else " (not the target's settings)"
-            out.append(f"- {t['target']}: {t['value']:.2f} -> {'met' if t['met'] else 'NOT met'}{where}")
-    if report["notes"]:
-        out += ["", "notes:"] + [f"- {n}" for n in report["notes"]]
-    return "\n".join(out)
 
 
 if __name__ == "__main__":
