@@ -19,7 +19,7 @@ import torch.nn as nn
 from dataset import DataBundle, DataOptions, get_dataloaders
 from dataset.skipping import sample_images
 from distiller_zoo.registry import BuildContext, Distiller
-from distiller_zoo.step import DistillStep
+from distiller_zoo.step import DistillStep, InitStep
 from helper.argtypes import nonnegative_float, nonnegative_int, path_part, positive_float
 from helper.checkpoint import load_checkpoint, weights_digest
 from helper.cli.methods import get_method, method_names, method_option_groups
@@ -28,9 +28,8 @@ from helper.declare import add_option_group, options_from
 from helper.distributed import say, wrap_ddp
 from helper.errors import UserError, exit_on_user_error
 from helper.logger import RunLog, run_summary
-from helper.loops import Fit, validate
+from helper.loops import Fit, Stage, constant_lr, scheduled_lr, validate
 from helper.optim import build_optimizer
-from helper.pretrain import run_init_stage
 from helper.resume import claim_run_folder, resume_path
 from helper.runtime import Runtime, run_script
 from helper.sync_bn import convert_sync_batchnorm
@@ -168,41 +167,63 @@ def build_run(opt, runtime: Runtime) -> RunParts:
     return RunParts(method, options, data, student, teachers, distillers, step, optimizer, digests)
 
 
+def init_stages(opt, parts: RunParts, runtime: Runtime) -> list[Stage]:
+    """The init stages of a method that has one (abound, factor, fsp; none with ``-b 0`` or
+    ``--init_epochs 0``), as RepDistiller's ``helper/pretrain.py``: one per teacher, in turn, each
+    training its Distiller's init modules (and the student's feature layers, where the method says
+    so) for ``--init_epochs`` epochs with SGD at the method's init learning rate, in sample orders
+    of their own (sampler epochs -1, -2, ...), then ``after_init_stage()``. Not DDP-wrapped: the
+    loop averages their gradients over ranks; no fp16 loss scaling."""
+    if not (parts.method.has_init_stage and opt.beta != 0 and opt.init_epochs > 0):
+        return []
+    stages = []
+    for distiller, (teacher, _, _) in zip(parts.distillers, parts.teachers):
+        step = InitStep(parts.student, teacher, distiller, runtime)
+        optimizer = torch.optim.SGD(step.trained_parameters(), lr=distiller.init_learning_rate(opt.learning_rate),
+                                    momentum=opt.momentum, weight_decay=opt.weight_decay)
+        stages.append(Stage("init", opt.init_epochs, step, step, optimizer, constant_lr(optimizer), validates=False,
+                            on_end=distiller.after_init_stage, sampler_epoch=lambda epoch: -epoch,
+                            sync_gradients=True, loss_scaling=False))
+    return stages
+
+
+def validate_teachers(parts: RunParts, runtime: Runtime) -> list[float]:
+    """Each teacher's test top-1 (printed)."""
+    accs = []
+    for teacher, arch, path in parts.teachers:
+        accs.append(validate(teacher, parts.data.val_loader, runtime.device, runtime)["test_acc"])
+        say(f"teacher {arch} ({path}): test top-1 {accs[-1]:.2f}")
+    return accs
+
+
 def train(opt, runtime: Runtime) -> dict:
     parts = build_run(opt, runtime)
-    method, data, teachers, distillers = parts.method, parts.data, parts.teachers, parts.distillers
-    student, step, optimizer = parts.student, parts.step, parts.optimizer
-
+    data, distillers = parts.data, parts.distillers
     folder = Path(opt.save_folder) / run_name(opt, parts.model_t)
     resume = resume_path(opt.resume, folder, opt.model_s)
     run = RunLog(folder, opt, active=runtime.dist.is_main,
                  extra=run_summary(opt, role="student", method=opt.distill, model=opt.arch, model_t=parts.model_t,
                                    model_s=opt.arch))
-    ddp_step = wrap_ddp(step, runtime.device, find_unused_parameters=True)
-    fit = Fit(opt, modules={"model": student, "distiller": distillers[0] if len(distillers) == 1 else distillers},
-              trainable=ddp_step, optimizer=optimizer, train_loader=data.train_loader, val_loader=data.val_loader,
-              train_step=ddp_step, runtime=runtime, run=run, prefix=opt.model_s,
-              static={"arch": opt.arch, "dataset": opt.dataset, "num_classes": data.num_classes,
-                      "distill": opt.distill, "model_t": parts.model_t},
-              identity={"teachers": parts.teacher_digests},
-              on_epoch_start=lambda epoch: [d.start_epoch(epoch) for d in distillers])
+    ddp_step = wrap_ddp(parts.step, runtime.device, find_unused_parameters=True)
+    main = Stage("main", opt.epochs, ddp_step, ddp_step, parts.optimizer, scheduled_lr(opt, parts.optimizer),
+                 on_epoch_start=lambda epoch: [d.start_epoch(epoch) for d in distillers])
+    fit = Fit(opt, stages=[*init_stages(opt, parts, runtime), main],
+              modules={"model": parts.student, "distiller": distillers[0] if len(distillers) == 1 else distillers},
+              train_loader=data.train_loader, val_loader=data.val_loader, runtime=runtime, run=run,
+              prefix=opt.model_s, static={"arch": opt.arch, "dataset": opt.dataset, "num_classes": data.num_classes,
+                                          "distill": opt.distill, "model_t": parts.model_t},
+              identity={"teachers": parts.teacher_digests})
     if resume is not None:  # checked before anything is written: a refused resume leaves the folder as it was
         fit.restore(load_checkpoint(resume), f"'{resume}'")
     claim_run_folder(folder, resume=resume, overwrite=opt.overwrite, resume_asked=bool(opt.resume))
-    teacher_accs = []
-    for teacher, arch, path in teachers:
-        teacher_accs.append(validate(teacher, data.val_loader, runtime.device, runtime)["test_acc"])
-        say(f"teacher {arch} ({path}): test top-1 {teacher_accs[-1]:.2f}")
-    run.results["teacher_acc"] = teacher_accs[0] if len(teachers) == 1 else teacher_accs
+    teacher_accs = validate_teachers(parts, runtime)
+    run.results["teacher_acc"] = teacher_accs[0] if len(teacher_accs) == 1 else teacher_accs
     say(f"distilling {parts.model_t} -> {opt.arch} with {opt.distill} (-r {opt.gamma:g} -a {opt.alpha:g} "
         f"-b {opt.beta:g}) on {opt.dataset} ({data.n_data} images) on {runtime.describe()}; run folder {folder}")
-    if resume is None and method.has_init_stage and opt.beta != 0 and opt.init_epochs > 0:
-        for distiller, (teacher, _, _) in zip(distillers, teachers):
-            run_init_stage(distiller, student, teacher, data.train_loader, step.batch, opt,
-                           log=run.init_epoch, runtime=runtime)
     results = fit()
-    say(f"teacher top-1 {', '.join(f'{a:.2f}' for a in teacher_accs)}; student best top-1 "
-        f"{results['best_acc']:.2f}  last top-1 {results['last_acc']:.2f}  ({results['wall_time_s']:.0f} s)")
+    student = ("stopped in the init stage" if results["last_acc"] is None else
+               f"student best top-1 {results['best_acc']:.2f}  last top-1 {results['last_acc']:.2f}")
+    say(f"teacher top-1 {', '.join(f'{a:.2f}' for a in teacher_accs)}; {student}  ({results['wall_time_s']:.0f} s)")
     return results
 
 

@@ -18,7 +18,7 @@ from helper.declare import options_from
 from helper.distributed import say, wrap_ddp
 from helper.errors import exit_on_user_error
 from helper.logger import RunLog, run_summary
-from helper.loops import Fit
+from helper.loops import Fit, Stage, scheduled_lr
 from helper.optim import build_optimizer
 from helper.resume import claim_run_folder, resume_path
 from helper.runtime import Runtime, run_script
@@ -61,8 +61,9 @@ def train(opt, runtime: Runtime) -> dict:
     run = RunLog(Path(opt.save_path), opt, active=runtime.dist.is_main,
                  extra=run_summary(opt, role="teacher", method="vanilla", model=opt.arch, model_t=None))
     step = wrap_ddp(ClassifyStep(model, runtime), runtime.device)
-    fit = Fit(opt, modules={"model": model}, trainable=step, optimizer=optimizer, train_loader=data.train_loader,
-              val_loader=data.val_loader, train_step=step, runtime=runtime, run=run, prefix=opt.model,
+    stage = Stage("main", opt.epochs, step, step, optimizer, scheduled_lr(opt, optimizer))
+    fit = Fit(opt, stages=[stage], modules={"model": model}, train_loader=data.train_loader,
+              val_loader=data.val_loader, runtime=runtime, run=run, prefix=opt.model,
               static={"arch": opt.arch, "dataset": opt.dataset, "num_classes": data.num_classes})
     if resume is not None:  # checked before anything is written: a refused resume leaves the folder as it was
         fit.restore(load_checkpoint(resume), f"'{resume}'")

@@ -1,5 +1,6 @@
-"""The distillation step of ``train_student.py`` as a module, so that one object holds everything
-a step trains (and DDP can wrap it): ``step(raw_batch) -> (logits, target, {term: loss})``."""
+"""The steps of ``train_student.py`` as modules, so that one object holds everything a step
+trains (and DDP can wrap it): ``step(raw_batch) -> (logits, target, {term: loss})``. The
+distillation step of the main stage, and the init stage's step of the methods that have one."""
 from __future__ import annotations
 
 import torch
@@ -10,7 +11,7 @@ from helper.errors import UserError
 from helper.runtime import Runtime
 
 from .KD import DistillKL
-from .registry import Batch, NetOutput
+from .registry import Batch, Distiller, NetOutput
 
 
 def ordinary_tensors(out: NetOutput) -> NetOutput:
@@ -75,3 +76,43 @@ class DistillStep(nn.Module):
         if not terms:
             raise UserError("-r, -a and -b are all 0 (or the method has no term): nothing to train")
         return logits_s, batch.target, terms
+
+
+class InitStep(nn.Module):
+    """One step of a Distiller's init stage (AB, FT, FSP; RepDistiller's ``helper/pretrain.py``):
+    the term ``init``, ``distiller.init_loss`` of the student against the frozen ``teacher``.
+
+    It trains :meth:`trained_parameters`: ``distiller.init_modules()`` and, when
+    ``distiller.init_trains_student()``, the student's feature layers. In training mode the
+    student is in eval mode except for those layers; the teacher stays in eval mode and runs
+    without gradient. The networks run as they are (not compiled), under the loop's autocast."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, distiller: Distiller, runtime: Runtime):
+        super().__init__()
+        self.student, self.teacher, self.distiller = student, teacher, distiller
+        modules = list(distiller.init_modules())
+        if distiller.init_trains_student():
+            modules.append(student.get_feat_modules())
+        self.trained = nn.ModuleList(modules)
+        self.runtime = runtime
+
+    def trained_parameters(self) -> list[nn.Parameter]:
+        """The parameters the init stage updates (frozen ones left out)."""
+        return [p for m in self.trained for p in m.parameters() if p.requires_grad]
+
+    def train(self, mode: bool = True) -> "InitStep":
+        super().train(mode)
+        self.student.eval()
+        self.teacher.eval()
+        for module in self.trained:
+            module.train(mode)
+        return self
+
+    def forward(self, raw: tuple) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        batch = Batch(*(self.runtime.to_device(t) for t in raw))
+        preact = self.distiller.preact
+        feats_s, logits_s = self.student(batch.img, is_feat=True, preact=preact)
+        with torch.no_grad():
+            feats_t, logits_t = self.teacher(batch.img, is_feat=True, preact=preact)
+        loss = self.distiller.init_loss(NetOutput(feats_s, logits_s), NetOutput(feats_t, logits_t), batch)
+        return logits_s, batch.target, {"init": loss}

@@ -106,15 +106,16 @@ class RunLog:
         """Seconds of this run so far (across resumes)."""
         return time.time() - self.start
 
-    def restore(self, history: list[dict[str, Any]], init_history: list | None, elapsed: float,
+    def restore(self, history: list[dict[str, Any]], stage_histories: dict[str, list | None], elapsed: float,
                 sessions: list[dict[str, Any]] | None = None, session: dict[str, Any] | None = None) -> None:
-        """Continue a resumed run's records: its epochs so far (a trailing epoch cut short by
-        ``--max_steps`` is dropped: the resumed run finishes it and records it whole), its
-        wall time, and its sessions, to which this one (``session``: where it starts and what it
-        changed) is added."""
+        """Continue a resumed run's records: its epochs so far, those of its earlier stages
+        (``stage_histories``: stage name -> records; a trailing epoch cut short by ``--max_steps``
+        is dropped: the resumed run finishes it and records it whole), its wall time, and its
+        sessions, to which this one (``session``: where it starts and what it changed) is added."""
         self.history = [h for h in history if not h.get("partial")]
-        if init_history:
-            self.results["init_history"] = list(init_history)
+        for name, records in stage_histories.items():
+            if records:
+                self.results[f"{name}_history"] = [r for r in records if not r.get("partial")]
         self.start = time.time() - elapsed
         self.results["resumed"] = self.results.get("resumed", 0) + 1
         current = {**self.sessions[-1], **(session or {})}
@@ -136,16 +137,20 @@ class RunLog:
         print(console_line(record), flush=True)
         self.save(status="running")
 
-    def init_epoch(self, record: dict[str, Any]) -> None:
-        """Log one epoch of an init stage (``record`` holds 'init_epoch'); kept in ``init_history``."""
-        self.results.setdefault("init_history", []).append(record)
+    def stage_epoch(self, name: str, record: dict[str, Any]) -> None:
+        """Log one epoch of a stage before the main one (e.g. ``init``: ``record`` holds
+        'init_epoch'); kept in ``<name>_history``, ``results.json`` rewritten."""
+        key = f"{name}_epoch"
+        self.results.setdefault(f"{name}_history", []).append(record)
         if not self.active:
             return
         self.open()
-        for key, value in record.items():
-            if key != "init_epoch" and isinstance(value, (int, float)):
-                self.writer.add_scalar(key, value, record["init_epoch"])
+        for what, value in record.items():
+            if what != key and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(what, value, record[key])
+        self.writer.flush()
         print(console_line(record), flush=True)
+        self.save(status="running")
 
     def save(self, status: str, **summary: Any) -> dict[str, Any]:
         """Rewrite ``results.json`` with the history so far, ``status`` and ``summary`` entries."""

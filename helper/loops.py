@@ -1,6 +1,7 @@
-"""The shared training loop: one epoch of training, validation, and the epoch driver ``fit``
-used by both training scripts, with exact resume, signal handling and mixed precision. Methods
-plug in through ``train_step``; the loop never names one.
+"""The shared training loop: one epoch of training, validation, and the driver :class:`Fit` of a
+run's stages (an init stage, the main one) used by both training scripts, with exact resume,
+signal handling and mixed precision. Methods plug in through each :class:`Stage`'s
+``train_step``; the loop never names one.
 
 For code written for RepDistiller, its ``train_vanilla(epoch, train_loader, model, criterion,
 optimizer, opt)`` and ``validate(val_loader, model, criterion, opt)`` work on this loop. Its
@@ -14,6 +15,7 @@ import math
 import signal
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -178,7 +180,8 @@ def train_one_epoch(epoch: int, loader, trainable: nn.Module, train_step: TrainS
                     scaler: torch.amp.GradScaler | None = None, autocast=contextlib.nullcontext,
                     stats: EpochStats | None = None, first_step: int = 1,
                     stop: StopSignals | None = None, device: torch.device | None = None,
-                    print_freq: int = 0, fresh_run: bool = False) -> dict[str, float]:
+                    print_freq: int = 0, fresh_run: bool = False, label: str = "epoch", fp16: bool = False,
+                    sync_gradients: bool = False) -> dict[str, float]:
     """Train for one pass over ``loader`` (or until the step budget runs out).
 
     Each step runs ``train_step`` under ``autocast()``, checks every loss term is finite (raising
@@ -190,6 +193,9 @@ def train_one_epoch(epoch: int, loader, trainable: nn.Module, train_step: TrainS
     batch is drawn that is not trained on (``stats.batches`` tells how far the epoch got). When the
     console is not a terminal, a progress line is printed every ``print_freq`` steps. Returns the
     epoch's averages: ``train_loss``, ``train_acc``, ``images_per_s`` and one ``loss_<term>`` per term.
+    ``label`` names the epoch in messages (``init epoch 2, step 5``); ``fp16``: the forward runs under
+    fp16 autocast (a hint for the cause of a non-finite loss); ``sync_gradients``: the step is not
+    DDP-wrapped, so the gradients of the optimiser's parameters are averaged over ranks here.
     """
     trainable.train()
     stats = stats or EpochStats()
@@ -197,23 +203,24 @@ def train_one_epoch(epoch: int, loader, trainable: nn.Module, train_step: TrainS
         return stats.summary()
     start = time.perf_counter()
     total = len(loader) if hasattr(loader, "__len__") else None
-    progress = Progress(epoch, total, first_step, print_freq if distributed.is_main_process() else 0)
-    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False,
+    progress = Progress(f"{label} {epoch}", total, first_step, print_freq if distributed.is_main_process() else 0)
+    bar = tqdm(loader, desc=f"{label} {epoch}", leave=False,
                disable=not (is_interactive() and distributed.is_main_process()))
     for step, batch in enumerate(bar, start=first_step):
         with autocast():
             logits, target, terms = train_step(batch)
         loss = sum(terms.values())
         values = {name: term.item() for name, term in terms.items()}
-        check_finite(values, f"epoch {epoch}", step, device, before_any_update=fresh_run and budget.done == 0,
-                     fp16=scaler is not None and scaler.is_enabled(), lr=optimizer.param_groups[0]["lr"])
+        check_finite(values, f"{label} {epoch}", step, device, before_any_update=fresh_run and budget.done == 0,
+                     fp16=fp16 or (scaler is not None and scaler.is_enabled()), lr=optimizer.param_groups[0]["lr"])
         optimizer.zero_grad(set_to_none=True)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if sync_gradients:
+            distributed.average_gradients([p for group in optimizer.param_groups for p in group["params"]])
         if scaler is not None:
-            scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
         else:
-            loss.backward()
             optimizer.step()
         budget.done += 1
         stats.update(values, accuracy(logits.detach().float(), target)[0].item(), target.size(0))
@@ -229,12 +236,12 @@ def train_one_epoch(epoch: int, loader, trainable: nn.Module, train_step: TrainS
 
 
 class Progress:
-    """One console line every ``every`` steps of an epoch, for logs that are not a terminal
-    (a terminal gets tqdm's bar): the step, the running loss and each term, top-1, images/s
-    and the time left in the epoch."""
+    """One console line every ``every`` steps of an epoch (``label``: e.g. ``epoch 3``), for logs
+    that are not a terminal (a terminal gets tqdm's bar): the step, the running loss and each
+    term, top-1, images/s and the time left in the epoch."""
 
-    def __init__(self, epoch: int, total: int | None, first_step: int, every: int) -> None:
-        self.epoch, self.total, self.first_step = epoch, total, first_step
+    def __init__(self, label: str, total: int | None, first_step: int, every: int) -> None:
+        self.label, self.total, self.first_step = label, total, first_step
         self.every = every if every > 0 and not is_terminal_output() else 0
         self.start = time.perf_counter()
         self.images = 0
@@ -249,7 +256,7 @@ class Progress:
         elapsed = time.perf_counter() - self.start
         of = f"/{self.total}" if self.total else ""
         terms = " ".join(f"{name} {value:.4g}" for name, value in values.items())
-        line = (f"epoch {self.epoch} [{step}{of}]  loss {stats.loss / max(stats.count, 1):.4f} ({terms})  "
+        line = (f"{self.label} [{step}{of}]  loss {stats.loss / max(stats.count, 1):.4f} ({terms})  "
                 f"top-1 {stats.correct / max(stats.count, 1):.2f}")
         if elapsed > 0:
             line += f"  {self.images / elapsed:.1f} img/s"
@@ -356,34 +363,111 @@ def weights_are_finite(modules: dict[str, nn.Module]) -> bool:
     return not any(nonfinite_tensors(m.state_dict()) for m in modules.values())
 
 
+def same_epoch(epoch: int) -> int:
+    """The sampler draws an epoch's order from the epoch's own number (the main stage's orders)."""
+    return epoch
+
+
+def scheduled_lr(opt, optimizer: torch.optim.Optimizer) -> Callable[[int], float]:
+    """The learning-rate rule of ``--learning_rate``, ``--lr_schedule`` and its decays: sets and
+    returns the rate of an epoch on ``optimizer``."""
+    return lambda epoch: adjust_learning_rate(epoch, opt, optimizer)
+
+
+def constant_lr(optimizer: torch.optim.Optimizer) -> Callable[[int], float]:
+    """A learning-rate rule that keeps ``optimizer``'s rate as it was built."""
+    return lambda epoch: optimizer.param_groups[0]["lr"]
+
+
+@dataclass(eq=False)
+class Stage:
+    """One training stage for :class:`Fit`: ``epochs`` passes over the training data, each step
+    ``train_step(batch) -> (logits, target, {term: loss})`` minimised by ``optimizer``.
+
+    - ``name``: in messages (``init epoch 2, step 5``; the last stage, the main one, says
+      ``epoch 2``) and, for a stage before the last, in results.json: its records
+      ``{"<name>_epoch": e, "<name>_loss": mean loss}`` go to ``<name>_history``;
+    - ``trainable``: put in training mode before each epoch (its ``train()`` decides which parts train);
+    - ``learning_rate``: called with the epoch before it starts; sets and returns its rate;
+    - ``validates``: the model is tested after each epoch (and the best checkpoint kept, in the last stage);
+    - ``on_epoch_start(epoch)``; ``on_end()``: once the stage is complete, in the run that completes
+      it or in a resume that finds it complete;
+    - ``sampler_epoch(epoch)``: the number the sampler draws the epoch's order from;
+    - ``sync_gradients``: the step is not DDP-wrapped: its gradients are averaged over ranks by the loop;
+    - ``loss_scaling``: fp16 loss scaling (``--amp fp16``) applies to the stage.
+
+    ``epochs_done`` and ``budget`` (its own ``--max_steps`` count) are the progress Fit keeps."""
+
+    name: str
+    epochs: int
+    train_step: TrainStep
+    trainable: nn.Module
+    optimizer: torch.optim.Optimizer
+    learning_rate: Callable[[int], float]
+    validates: bool = True
+    on_epoch_start: Callable[[int], None] | None = None
+    on_end: Callable[[], None] | None = None
+    sampler_epoch: Callable[[int], int] = same_epoch
+    sync_gradients: bool = False
+    loss_scaling: bool = True
+    epochs_done: int = field(default=0, init=False)
+    budget: StepBudget = field(default_factory=lambda: StepBudget(None), init=False)
+
+    @property
+    def complete(self) -> bool:
+        return self.epochs_done >= self.epochs
+
+    def progress(self) -> dict[str, Any]:
+        """Where the stage stands, as plain values (what a checkpoint and results.json record)."""
+        return {"name": self.name, "epochs": self.epochs, "epochs_done": self.epochs_done, "steps": self.budget.done}
+
+
 class Fit:
-    """Runs the epochs of one training stage and keeps what a resume needs.
+    """Runs the stages of a run in turn (an init stage, then the main one; or the main one
+    alone) and keeps what a resume needs. The last stage is the main one: its epochs, optimiser
+    and accuracies take RepDistiller's checkpoint layout; the earlier stages' progress and, until
+    they are complete, their optimisers' states are kept under ``resume['stages']``.
 
     ``modules`` are saved by name (``'model'`` is the trained network, saved in RepDistiller's
     layout; e.g. ``'distiller'`` holds a method's heads and memory banks); ``static`` entries
     are added to every checkpoint as they are (``'arch'``, ``'distill'``, ...). Checkpoints take
-    RepDistiller's names: ``<prefix>_last.pth`` (every epoch, and at a stop), ``<prefix>_best.pth``
-    and ``ckpt_epoch_N.pth``. ``identity`` entries (e.g. digests of the teachers' weights) are
-    recorded with every option of ``opt``: a resume must agree with them (see helper/resume.py).
+    RepDistiller's names: ``<prefix>_last.pth`` (every epoch of every stage, and at a stop),
+    ``<prefix>_best.pth`` and ``ckpt_epoch_N.pth`` (main stage). ``identity`` entries (e.g. digests of
+    the teachers' weights) are recorded with every option of ``opt``: a resume must agree with
+    them (see helper/resume.py). ``--max_steps`` counts each stage's steps apart.
     """
 
-    def __init__(self, opt, *, modules: dict[str, nn.Module], trainable: nn.Module,
-                 optimizer: torch.optim.Optimizer, train_loader, val_loader, train_step: TrainStep,
+    def __init__(self, opt, *, stages: list[Stage], modules: dict[str, nn.Module], train_loader, val_loader,
                  runtime: Runtime, run: RunLog, prefix: str, static: dict[str, Any] | None = None,
-                 identity: dict[str, Any] | None = None,
-                 on_epoch_start: Callable[[int], None] | None = None) -> None:
-        self.opt, self.modules, self.trainable, self.optimizer = opt, modules, trainable, optimizer
-        self.train_loader, self.val_loader, self.train_step = train_loader, val_loader, train_step
+                 identity: dict[str, Any] | None = None) -> None:
+        self.opt, self.stages, self.modules = opt, list(stages), modules
+        self.train_loader, self.val_loader = train_loader, val_loader
         self.runtime, self.run, self.static = runtime, run, static or {}
-        self.on_epoch_start = on_epoch_start
         self.folder = Path(run.folder)
         self.last_name, self.best_name = checkpoint_names(prefix)
         self.options = run_options(opt, **(identity or {}), world_size=runtime.dist.world_size)
-        self.budget = StepBudget(getattr(opt, "max_steps", None))
+        for stage in self.stages:
+            stage.budget = StepBudget(getattr(opt, "max_steps", None))
         self.scaler = runtime.grad_scaler()
         self.best_acc, self.best_top5, self.last = 0.0, 0.0, {}
-        self.epochs_done, self.skip_batches, self.carry = 0, 0, None
+        self.current, self.skip_batches, self.carry = 0, 0, None
         self._loader_state_at_epoch_start = self._loader_state()
+
+    @property
+    def main(self) -> Stage:
+        """The last stage: the one validated, whose checkpoints are RepDistiller's."""
+        return self.stages[-1]
+
+    @property
+    def epochs_done(self) -> int:
+        return self.main.epochs_done
+
+    @property
+    def budget(self) -> StepBudget:
+        return self.main.budget
+
+    def _label(self, stage: Stage) -> str:
+        return "epoch" if stage is self.main else f"{stage.name} epoch"
 
     # ------------------------------------------------------------------ checkpoint state
     def _loader_state(self) -> torch.Tensor | None:
@@ -392,28 +476,34 @@ class Fit:
 
     def state(self, batches_done: int = 0, stats: EpochStats | None = None) -> dict[str, Any]:
         """The checkpoint of this moment (collective under torchrun: every rank must call it).
-        ``epoch`` counts completed epochs; ``batches_done`` > 0 marks a save inside the next one.
-        It holds tensors and plain types only (it loads with ``torch.load(weights_only=True)``)."""
+        ``epoch`` counts the main stage's completed epochs, ``resume['stage']`` is the stage in
+        progress and ``batches_done`` > 0 marks a save inside its next epoch. It holds tensors
+        and plain types only (it loads with ``torch.load(weights_only=True)``)."""
         loader_state = self._loader_state_at_epoch_start if batches_done else self._loader_state()
         per_rank = distributed.gather_objects({"rng": rng_state(), "loader": loader_state})
         state = {name: module.state_dict() for name, module in self.modules.items()}
         state.update(self.static)
+        earlier = self.stages[:-1]
         state.update({
-            "epoch": self.epochs_done, "accuracy": self.last.get("test_acc"), "best_acc": self.best_acc,
-            "optimizer": self.optimizer.state_dict(),
+            "epoch": self.main.epochs_done, "accuracy": self.last.get("test_acc"), "best_acc": self.best_acc,
+            "optimizer": self.main.optimizer.state_dict(),
             "resume": {
                 "batches_done": batches_done, "epoch_stats": stats.state_dict() if stats else None,
-                "steps": self.budget.done, "best_acc_top5": self.best_top5, "last": self.last,
-                "history": self.run.history, "init_history": self.run.results.get("init_history"),
-                "sessions": self.run.sessions, "options": self.options,
+                "steps": self.main.budget.done, "best_acc_top5": self.best_top5, "last": self.last,
+                "history": self.run.history, "sessions": self.run.sessions, "options": self.options,
                 "wall_time_s": self.run.elapsed(), "scaler": self.scaler.state_dict(),
-                "world_size": self.runtime.dist.world_size, "per_rank": per_rank,
+                "world_size": self.runtime.dist.world_size, "per_rank": per_rank, "stage": self.current,
+                "stages": [{**s.progress(), "optimizer": None if s.complete else s.optimizer.state_dict()}
+                           for s in earlier],
+                **{f"{s.name}_history": self.run.results.get(f"{s.name}_history") for s in earlier},
             }})
         return state
 
     def restore(self, state: dict[str, Any], source: str) -> None:
         """Continue from a checkpoint written by :meth:`state` (``--resume``), if it was made with
-        this run's settings (else :class:`UserError` lists the differences)."""
+        this run's settings (else :class:`UserError` lists the differences). Stages it finished
+        are not run again (their ``on_end`` is called now); a checkpoint of a version without
+        stages continues the main stage."""
         resume = state.get("resume")
         if not isinstance(resume, dict):
             raise UserError(f"{source} has no resume state (it is not a {self.last_name} or ckpt_epoch_N.pth "
@@ -424,28 +514,55 @@ class Fit:
             if name not in state:
                 raise UserError(f"{source} has no '{name}' entry: it is a checkpoint of another kind of run")
             load_weights(module, state[name], source)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self._restore_stages(resume, source)
+        self.main.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(resume["scaler"])
-        self.epochs_done, self.best_acc = epochs_done, float(state["best_acc"])
+        self.main.epochs_done, self.best_acc = epochs_done, float(state["best_acc"])
         self.best_top5, self.last = resume["best_acc_top5"], resume["last"] or {}
-        self.budget.done = resume["steps"]
+        self.main.budget.done = resume["steps"]
         self.skip_batches = resume["batches_done"]
         self.carry = EpochStats(resume["epoch_stats"]) if resume["epoch_stats"] else None
-        self.run.restore(resume["history"], resume.get("init_history"), resume["wall_time_s"],
-                         sessions=resume.get("sessions"),
-                         session={"start_epoch": self.epochs_done + 1, "start_step": self.skip_batches + 1,
-                                  "steps_before": self.budget.done, "changed": changed})
-        rank = self.runtime.dist.rank
-        mine = resume["per_rank"][rank]
+        stage = self.stages[self.current]
+        session = {"start_epoch": stage.epochs_done + 1, "start_step": self.skip_batches + 1,
+                   "steps_before": stage.budget.done, "changed": changed}
+        if stage is not self.main:
+            session["start_stage"] = stage.name
+        self.run.restore(resume["history"], {s.name: resume.get(f"{s.name}_history") for s in self.stages[:-1]},
+                         resume["wall_time_s"], sessions=resume.get("sessions"), session=session)
+        mine = resume["per_rank"][self.runtime.dist.rank]
         set_rng_state(mine["rng"])
         generator = getattr(self.train_loader, "generator", None)
         if generator is not None and mine["loader"] is not None:
             generator.set_state(mine["loader"])
-        where = (f"epoch {self.epochs_done + 1}, after step {self.skip_batches}" if self.skip_batches
-                 else f"the start of epoch {self.epochs_done + 1}")
+        label = self._label(stage)
+        where = (f"{label} {stage.epochs_done + 1}, after step {self.skip_batches}" if self.skip_batches
+                 else f"the start of {label} {stage.epochs_done + 1}")
         shown = "".join(f"; {flag} {old} -> {new}" for flag, (old, new) in changed.items())
-        distributed.say(f"resuming from {source} at {where} ({self.budget.done} steps done, "
+        distributed.say(f"resuming from {source} at {where} ({stage.budget.done} steps of this stage done, "
                         f"best top-1 so far {self.best_acc:.2f}{shown})")
+
+    def _restore_stages(self, resume: dict[str, Any], source: str) -> None:
+        """The earlier stages' progress and optimisers, and the stage in progress."""
+        earlier = self.stages[:-1]
+        if "stage" not in resume:  # written before stages were kept: its earlier stages were over
+            for stage in earlier:
+                stage.epochs_done = stage.epochs
+            self.current = len(earlier)
+        else:
+            saved = resume["stages"]
+            if [s["name"] for s in saved] != [s.name for s in earlier]:
+                raise UserError(f"{source} was made by a run of other stages ({[s['name'] for s in saved]}, this "
+                                f"run: {[s.name for s in earlier]}): resume with the settings it was made with")
+            for stage, record in zip(earlier, saved):
+                stage.epochs_done, stage.budget.done = record["epochs_done"], record["steps"]
+                if record["optimizer"] is not None:
+                    stage.optimizer.load_state_dict(record["optimizer"])
+            self.current = int(resume["stage"])
+        while self.current < len(earlier) and self.stages[self.current].complete:
+            self.current += 1
+        for stage in self.stages[:self.current]:
+            if stage.on_end is not None:
+                stage.on_end()
 
     def _check_options(self, saved: dict[str, Any] | None, saved_world: int, epochs_done: int,
                        source: str) -> dict[str, list]:
@@ -495,80 +612,120 @@ class Fit:
         self.run.close()
         raise Interrupted(signum, where, self.folder / self.last_name)
 
-    # ------------------------------------------------------------------ the epochs
+    # ------------------------------------------------------------------ the stages and their epochs
     def __call__(self) -> dict[str, Any]:
-        """Train from where the run stands to ``opt.epochs`` (or ``opt.max_steps`` steps),
-        validating the model after each epoch; returns the final results. A run stopped by
-        ``--max_steps`` inside an epoch is validated and saved there, and a resume finishes
-        that epoch. Each epoch's record and the results hold ``images_skipped``: unreadable
-        images left out by the loaders (their ``images_skipped`` count, summed over ranks) in
-        that epoch / in all."""
-        opt, runtime = self.opt, self.runtime
-        sampler = getattr(self.train_loader, "sampler", None)
+        """Train from where the run stands through every stage to its last epoch (or until a
+        stage has taken ``opt.max_steps`` steps: the run stops there, and a resume with a larger
+        ``--max_steps`` continues that stage); returns the final results. A validating stage
+        stopped by ``--max_steps`` inside an epoch is validated and saved there, and a resume
+        finishes that epoch. Each main-stage epoch's record and the results hold
+        ``images_skipped``: unreadable images left out by the loaders (their ``images_skipped``
+        count, summed over ranks) in that epoch / in all."""
         self.run.open()
         with StopSignals() as stop:
-            for epoch in range(self.epochs_done + 1, opt.epochs + 1):
-                if self.budget.exhausted:
+            while True:
+                stage = self.stages[self.current]
+                self._run_stage(stage, stop)
+                if not stage.complete:
+                    break  # its step budget ran out
+                if stage.on_end is not None:
+                    stage.on_end()
+                if stage is self.main:
                     break
-                lr = adjust_learning_rate(epoch, opt, self.optimizer)
-                if self.on_epoch_start is not None:
-                    self.on_epoch_start(epoch)
-                if hasattr(sampler, "set_epoch"):
-                    sampler.set_epoch(epoch)
-                first_step = self.skip_batches + 1
-                if self.skip_batches and hasattr(sampler, "skip"):
-                    sampler.skip(self.skip_batches * self.train_loader.batch_size)
-                self._loader_state_at_epoch_start = self._loader_state()
-                stats = self.carry or EpochStats()
-                skipped_before = self._images_skipped()
-                start = time.perf_counter()
-                try:
-                    train_stats = train_one_epoch(
-                        epoch, self.train_loader, self.trainable, self.train_step, self.optimizer,
-                        self.budget, scaler=self.scaler if self.scaler.is_enabled() else None,
-                        autocast=runtime.autocast, stats=stats, first_step=first_step, stop=stop,
-                        device=runtime.device, print_freq=getattr(opt, "print_freq", 0),
-                        fresh_run=not self.run.results.get("init_history"))
-                except StopRequest as request:
-                    self._guard_weights(f"epoch {epoch}")
-                    distributed.broadcast_buffers(self.modules["model"])
-                    self._stop(stop.signum or signal.SIGTERM, f"epoch {epoch}, step {request.step}",
-                               self.state(request.step, request.stats))
-                self.skip_batches, self.carry = 0, None
-                partial = stats.batches < len(self.train_loader)
-                self._validate(epoch, train_stats)
-                is_best = self._is_best(epoch)
-                skipped = distributed.all_reduce_sum(torch.tensor(
-                    [self._images_skipped() - skipped_before], dtype=torch.float64, device=runtime.device))
-                record = {"epoch": epoch, "lr": lr, **train_stats, **self.last,
-                          "epoch_time_s": time.perf_counter() - start, "images_skipped": int(skipped.item())}
-                if partial:  # --max_steps ran out inside the epoch: a resume continues it
-                    record.update(partial=True, batches=stats.batches)
-                    self.run.epoch(record)
-                    state = self.state(stats.batches, stats)
-                    self._save(state, [self.last_name] + ([self.best_name] if is_best else []))
-                    break
-                self.epochs_done = epoch
-                self.run.epoch(record)
-                state = self.state()
-                names = [self.last_name] + ([self.best_name] if is_best else [])
-                if epoch % opt.save_freq == 0:
-                    names.append(f"ckpt_epoch_{epoch}.pth")
-                self._save(state, names)
-                if stop.signum is not None:  # arrived during validation or saving: stop here
-                    self.run.save("interrupted")
-                    self.run.close()
-                    raise Interrupted(stop.signum, f"the end of epoch {epoch}", self.folder / self.last_name)
+                self.current += 1
         return self._finish()
 
+    def _run_stage(self, stage: Stage, stop: StopSignals) -> None:
+        """Train ``stage``'s epochs from where it stands, until its last or its step budget runs out."""
+        sampler = getattr(self.train_loader, "sampler", None)
+        for epoch in range(stage.epochs_done + 1, stage.epochs + 1):
+            if stage.budget.exhausted:
+                return
+            lr = stage.learning_rate(epoch)
+            if stage.on_epoch_start is not None:
+                stage.on_epoch_start(epoch)
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(stage.sampler_epoch(epoch))
+            first_step = self.skip_batches + 1
+            if self.skip_batches and hasattr(sampler, "skip"):
+                sampler.skip(self.skip_batches * self.train_loader.batch_size)
+            self._loader_state_at_epoch_start = self._loader_state()
+            stats = self.carry or EpochStats()
+            skipped_before = self._images_skipped()
+            start = time.perf_counter()
+            train_stats = self._train_epoch(stage, epoch, stats, first_step, stop)
+            self.skip_batches, self.carry = 0, None
+            partial = stats.batches < len(self.train_loader)
+            if stage.validates:
+                self._validate(epoch, train_stats)
+            is_best = stage is self.main and stage.validates and self._is_best(epoch)
+            names = [self.last_name] + ([self.best_name] if is_best else [])
+            record = self._record(stage, epoch, lr, train_stats, time.perf_counter() - start, skipped_before)
+            if partial:  # --max_steps ran out inside the epoch: a resume continues it
+                record.update(partial=True, batches=stats.batches)
+                self._log(stage, record)
+                self._save(self.state(stats.batches, stats), names)
+                return
+            stage.epochs_done = epoch
+            self._log(stage, record)
+            if stage is self.main and epoch % self.opt.save_freq == 0:
+                names.append(f"ckpt_epoch_{epoch}.pth")
+            self._save(self.state(), names)
+            if stop.signum is not None:  # arrived during validation or saving: stop here
+                self.run.save("interrupted")
+                self.run.close()
+                raise Interrupted(stop.signum, f"the end of {self._label(stage)} {epoch}",
+                                  self.folder / self.last_name)
+
+    def _train_epoch(self, stage: Stage, epoch: int, stats: EpochStats, first_step: int,
+                     stop: StopSignals) -> dict[str, float]:
+        """One epoch of ``stage`` (see :func:`train_one_epoch`); a stop signal saves and raises
+        :class:`Interrupted`."""
+        label = self._label(stage)
+        others = sum(s.budget.done for s in self.stages if s is not stage)
+        try:
+            return train_one_epoch(
+                epoch, self.train_loader, stage.trainable, stage.train_step, stage.optimizer, stage.budget,
+                scaler=self.scaler if stage.loss_scaling and self.scaler.is_enabled() else None,
+                autocast=self.runtime.autocast, stats=stats, first_step=first_step, stop=stop,
+                device=self.runtime.device, print_freq=getattr(self.opt, "print_freq", 0),
+                fresh_run=others == 0, label=label,
+                fp16=self.runtime.amp == "fp16", sync_gradients=stage.sync_gradients)
+        except StopRequest as request:
+            self._guard_weights(f"{label} {epoch}")
+            distributed.broadcast_buffers(self.modules["model"])
+            self._stop(stop.signum or signal.SIGTERM, f"{label} {epoch}, step {request.step}",
+                       self.state(request.step, request.stats))
+
+    def _record(self, stage: Stage, epoch: int, lr: float, train_stats: dict[str, float], seconds: float,
+                skipped_before: int) -> dict[str, Any]:
+        """The epoch's record: the main stage's in full; an earlier stage's as its epoch and mean loss."""
+        tested = self.last if stage.validates else {}
+        if stage is not self.main:
+            return {f"{stage.name}_epoch": epoch, f"{stage.name}_loss": train_stats["train_loss"], **tested}
+        skipped = distributed.all_reduce_sum(torch.tensor(
+            [self._images_skipped() - skipped_before], dtype=torch.float64, device=self.runtime.device))
+        return {"epoch": epoch, "lr": lr, **train_stats, **tested, "epoch_time_s": seconds,
+                "images_skipped": int(skipped.item())}
+
+    def _log(self, stage: Stage, record: dict[str, Any]) -> None:
+        if stage is self.main:
+            self.run.epoch(record)
+        else:
+            self.run.stage_epoch(stage.name, record)
+
     def _finish(self) -> dict[str, Any]:
-        finished = self.epochs_done >= self.opt.epochs
+        stage = self.stages[self.current]
+        finished = stage is self.main and stage.complete
         images_per_s = [h["images_per_s"] for h in self.run.history]
         summary = {}
         if not finished:
-            summary["stopped_by"] = f"--max_steps {self.budget.max_steps}"
+            where = "" if stage is self.main else f" in the {stage.name} stage"
+            summary["stopped_by"] = f"--max_steps {stage.budget.max_steps}{where}"
+        if len(self.stages) > 1:
+            summary["stages"] = [s.progress() for s in self.stages]
         results = self.run.save(
-            "finished" if finished else "stopped", epochs_run=self.epochs_done, steps=self.budget.done,
+            "finished" if finished else "stopped", epochs_run=self.main.epochs_done, steps=self.main.budget.done,
             images_skipped=sum(h.get("images_skipped", 0) for h in self.run.history),
             last_acc=self.last.get("test_acc"), last_acc_top5=self.last.get("test_acc_top5"),
             best_acc=self.best_acc, best_acc_top5=self.best_top5, device=str(self.runtime.device),
