@@ -203,7 +203,7 @@ def train(opt, runtime: Runtime) -> dict:
     resume = resume_path(opt.resume, folder, opt.model_s)
     run = RunLog(folder, opt, active=runtime.dist.is_main,
                  extra=run_summary(opt, role="student", method=opt.distill, model=opt.arch, model_t=parts.model_t,
-                                   model_s=opt.arch))
+                                   weights=(opt.gamma, opt.alpha, opt.beta), model_s=opt.arch))
     ddp_step = wrap_ddp(parts.step, runtime.device, find_unused_parameters=True)
     main = Stage("main", opt.epochs, ddp_step, ddp_step, parts.optimizer, scheduled_lr(opt, parts.optimizer),
                  on_epoch_start=lambda epoch: [d.start_epoch(epoch) for d in distillers])

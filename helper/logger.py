@@ -51,21 +51,20 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def run_summary(opt, *, role: str, method: str, model: str, model_t: str | None, **more: Any) -> dict[str, Any]:
+def run_summary(opt, *, role: str, method: str, model: str, model_t: str | None,
+                weights: tuple[float, float, float] | None = None, **more: Any) -> dict[str, Any]:
     """The fields of ``results.json`` that say what a run was, for ``scripts/summarize.py``:
     ``role`` (teacher or student), ``method`` (``vanilla`` for cross-entropy alone, else the
     ``--distill`` name; ``kd`` with ``-a`` > 0 on top of another method reads as e.g. ``crd+kd``
     in ``label``), ``model``, ``model_t``, ``pair`` (``teacher->student``, or the model alone),
-    ``dataset``, ``trial``, ``seed``, the loss weights and the command-line ``flags``."""
-    label = method
-    if role == "student" and method != "kd" and (getattr(opt, "alpha", 0) or 0) > 0:
-        label = f"{method}+kd"
+    ``dataset``, ``trial``, ``seed``, the loss ``weights`` ``(gamma, alpha, beta)`` of a student
+    and the command-line ``flags`` (``opt.command``)."""
+    gamma, alpha, beta = weights or (None, None, None)
+    label = f"{method}+kd" if role == "student" and method != "kd" and (alpha or 0) > 0 else method
     return {"role": role, "method": method, "label": label, "model": model, "model_t": model_t,
             "pair": f"{model_t}->{model}" if model_t else model, "dataset": opt.dataset,
-            "trial": str(opt.trial), "seed": opt.seed,
-            "weights": {"gamma": getattr(opt, "gamma", None), "alpha": getattr(opt, "alpha", None),
-                        "beta": getattr(opt, "beta", None)},
-            "flags": list(getattr(opt, "command", []) or []), **more}
+            "trial": str(opt.trial), "seed": opt.seed, "weights": {"gamma": gamma, "alpha": alpha, "beta": beta},
+            "flags": list(opt.command), **more}
 
 
 class RunLog:
@@ -83,7 +82,7 @@ class RunLog:
         self.writer = None
         self.history: list[dict[str, Any]] = []
         self.sessions: list[dict[str, Any]] = [{"start_epoch": 1, "start_step": 1, "steps_before": 0,
-                                                "command": list(getattr(opt, "command", []) or []),
+                                                "command": list(vars(opt).get("command") or []),
                                                 "changed": {}}]
         self.results: dict[str, Any] = {"args": vars(opt), "commit": git_commit(), **(extra or {}),
                                         "sessions": self.sessions}

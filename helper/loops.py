@@ -447,7 +447,7 @@ class Fit:
         self.last_name, self.best_name = checkpoint_names(prefix)
         self.options = run_options(opt, **(identity or {}), world_size=runtime.dist.world_size)
         for stage in self.stages:
-            stage.budget = StepBudget(getattr(opt, "max_steps", None))
+            stage.budget = StepBudget(opt.max_steps)
         self.scaler = runtime.grad_scaler()
         self.best_acc, self.best_top5, self.last = 0.0, 0.0, {}
         self.current, self.skip_batches, self.carry = 0, 0, None
@@ -688,7 +688,7 @@ class Fit:
                 epoch, self.train_loader, stage.trainable, stage.train_step, stage.optimizer, stage.budget,
                 scaler=self.scaler if stage.loss_scaling and self.scaler.is_enabled() else None,
                 autocast=self.runtime.autocast, stats=stats, first_step=first_step, stop=stop,
-                device=self.runtime.device, print_freq=getattr(self.opt, "print_freq", 0),
+                device=self.runtime.device, print_freq=self.opt.print_freq,
                 fresh_run=others == 0, label=label,
                 fp16=self.runtime.amp == "fp16", sync_gradients=stage.sync_gradients)
         except StopRequest as request:

@@ -2,9 +2,28 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
+
+from helper.argtypes import momentum_float, nonnegative_float, positive_float
+from helper.declare import option, options_from
+
+
+@dataclass
+class OptimOptions:
+    """optimisation"""
+
+    learning_rate: float | None = option(None, "learning rate (default 0.05; 0.01 for MobileNetV2/ShuffleV1/ShuffleV2)",
+                                         type=positive_float)
+    lr_decay_epochs: str = option("150,180,210", "epochs after which the learning rate is multiplied by "
+                                  "--lr_decay_rate")
+    lr_decay_rate: float = option(0.1, "decay rate for the learning rate", type=positive_float)
+    weight_decay: float = option(5e-4, "weight decay", type=nonnegative_float)
+    momentum: float = option(0.9, "SGD momentum", type=momentum_float)
+    lr_schedule: str = option("step", "step: RepDistiller's decays at --lr_decay_epochs; cosine: cosine annealing to 0",
+                              choices=("step", "cosine"))
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], opt) -> torch.optim.SGD:
@@ -19,10 +38,11 @@ def lr_at_epoch(epoch: int, opt) -> float:
     150,180,210 epoch 151 is the first at ``0.1 * lr``, as in RepDistiller.
     cosine: ``0.5 * lr * (1 + cos(pi * (epoch - 1) / epochs))``.
     """
-    if getattr(opt, "lr_schedule", "step") == "cosine":
-        return 0.5 * opt.learning_rate * (1 + math.cos(math.pi * (epoch - 1) / opt.epochs))
-    steps = sum(epoch > e for e in opt.lr_decay_epochs)
-    return opt.learning_rate * opt.lr_decay_rate**steps
+    o = options_from(OptimOptions, opt)  # RepDistiller's opt has no lr_schedule: step
+    if o.lr_schedule == "cosine":
+        return 0.5 * o.learning_rate * (1 + math.cos(math.pi * (epoch - 1) / opt.epochs))
+    steps = sum(epoch > e for e in o.lr_decay_epochs)
+    return o.learning_rate * o.lr_decay_rate**steps
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -22,6 +22,7 @@ from dataset import DATASETS, TENSOR_DATASETS, DataOptions
 from helper.argtypes import momentum_float, nonfinite_floats, nonnegative_float, nonnegative_int, positive_float, positive_int
 from helper.declare import add_option_groups
 from helper.errors import UserError
+from helper.optim import OptimOptions
 from helper.runtime import RuntimeOptions
 
 # RepDistiller trains these students with lr 0.01 instead of 0.05.
@@ -288,17 +289,8 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tb_freq", type=positive_int, default=500, help="tensorboard frequency (kept for compatibility)")
     g.add_argument("--save_freq", type=positive_int, default=40, help="write ckpt_epoch_N.pth every this many epochs")
     g.add_argument("--epochs", type=positive_int, default=240, help="number of training epochs")
-    g.add_argument("--learning_rate", type=positive_float, default=None,
-                   help="learning rate (default 0.05; 0.01 for MobileNetV2/ShuffleV1/ShuffleV2)")
-    g.add_argument("--lr_decay_epochs", type=str, default="150,180,210",
-                   help="epochs after which the learning rate is multiplied by --lr_decay_rate")
-    g.add_argument("--lr_decay_rate", type=positive_float, default=0.1, help="decay rate for the learning rate")
-    g.add_argument("--weight_decay", type=nonnegative_float, default=5e-4, help="weight decay")
-    g.add_argument("--momentum", type=momentum_float, default=0.9, help="SGD momentum")
 
     g = parser.add_argument_group("RepDistill flags")
-    g.add_argument("--lr_schedule", choices=("step", "cosine"), default="step",
-                   help="step: RepDistiller's decays at --lr_decay_epochs; cosine: cosine annealing to 0")
     g.add_argument("--max_steps", type=nonnegative_int, default=0,
                    help="stop after N optimiser steps in total (per stage, with an init stage), then validate and save (0: no limit)")
     g.add_argument("--save_folder", type=str, default="./save/models", help="parent folder of the run folder")
@@ -309,7 +301,7 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                    help="start the run again in a run folder that already holds its checkpoints (they are deleted); "
                         "without it such a start is refused")
 
-    add_option_groups(parser, [DataOptions, RuntimeOptions])
+    add_option_groups(parser, [OptimOptions, DataOptions, RuntimeOptions])
     add_config_args(parser)
 
 
