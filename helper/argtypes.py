@@ -3,7 +3,7 @@ message naming the valid range, values outside it, NaN and infinities. argparse 
 refusal into ``argument --flag: <message>``, which the scripts' parser prints as one
 ``error: ...`` line (exit status 2).
 
-This module imports nothing of the project, so every layer (the methods' ``add_arguments``
+This module imports nothing of the project, so every layer (the methods' declared options
 included) can use it.
 """
 from __future__ import annotations
