@@ -21,7 +21,7 @@ import torch
 
 import train_student
 import train_teacher
-from distiller_zoo.registry import method_names
+from helper.cli.methods import method_names
 from models import build_model, model_dict
 
 ROOT = Path(__file__).resolve().parents[1]

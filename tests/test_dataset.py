@@ -3,6 +3,7 @@ contrastive sampler, transforms and the errors users see."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import pickle
 import urllib.error
@@ -14,7 +15,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from dataset import DATASETS, ContrastSampler, DataBundle, get_dataloaders
+from dataset import DATASETS, ContrastNeed, ContrastSampler, DataBundle, DataNeeds, DataOptions, get_dataloaders
 from dataset.cifar100 import (CIFAR100_MEAN, CIFAR100_STD, CIFAR100Folder, CIFAR100Instance,
                               CIFAR100InstanceSample, cifar100_test_transform,
                               cifar100_train_transform, get_cifar100_dataloaders,
@@ -25,16 +26,23 @@ from dataset.loaders import balanced_subset
 from dataset import sampling
 from dataset.sampling import distinct_positions
 from dataset.synthetic import make_synthetic
+from helper.declare import options_from
 from helper.errors import UserError
 from tests.datagen import write_fake_cifar100, write_fake_imagenet
 from tests.tolerance import FP32_EXACT, assert_close
 
 
-def make_opt(**kw) -> argparse.Namespace:
+def make_opt(**kw) -> DataOptions:
     base = dict(dataset="cifar100", data_folder=None, download=False, batch_size=16, num_workers=0,
-                subset=0, seed=0, nce_k=8, mode="exact", allow_modified_data=True)  # fake CIFAR: not the published MD5s
+                subset=0, seed=0, allow_modified_data=True)  # fake CIFAR: not the published MD5s
     base.update(kw)
-    return argparse.Namespace(**base)
+    return DataOptions(**base)
+
+
+def needs_of(variant: str, k: int = 8, mode: str = "exact") -> DataNeeds:
+    """The needs of a method whose batches are ``plain``, carry ``instance`` indices or ``contrast``
+    indices (``k`` negatives, ``mode`` positives)."""
+    return DataNeeds(index=variant == "instance", contrast=ContrastNeed(k, mode) if variant == "contrast" else None)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +87,7 @@ def check_batches(bundle: DataBundle, *, size: int, variant: str, k: int = 0, ex
 @pytest.mark.parametrize("variant", ["plain", "instance", "contrast"])
 def test_fake_cifar100_loads(cifar_root, variant):
     opt = make_opt(data_folder=str(cifar_root))
-    bundle = get_dataloaders(opt, instance=variant == "instance", contrast=variant == "contrast")
+    bundle = get_dataloaders(opt, needs_of(variant, k=8))
     assert (bundle.n_data, bundle.num_classes) == (200, 100)
     assert len(bundle.val_loader.dataset) == 100
     check_batches(bundle, size=32, variant=variant, k=8)
@@ -87,8 +95,8 @@ def test_fake_cifar100_loads(cifar_root, variant):
 
 @pytest.mark.parametrize("variant", ["plain", "instance", "contrast"])
 def test_fake_imagenet_loads(imagenet_root, variant):
-    opt = make_opt(dataset="imagenet", data_folder=str(imagenet_root), batch_size=4, nce_k=5)
-    bundle = get_dataloaders(opt, instance=variant == "instance", contrast=variant == "contrast")
+    opt = make_opt(dataset="imagenet", data_folder=str(imagenet_root), batch_size=4)
+    bundle = get_dataloaders(opt, needs_of(variant, k=5))
     assert (bundle.n_data, bundle.num_classes) == (9, 3)
     assert torch.bincount(bundle.train_labels).tolist() == [4, 2, 3]
     check_batches(bundle, size=224, variant=variant, k=5)
@@ -96,20 +104,37 @@ def test_fake_imagenet_loads(imagenet_root, variant):
 
 @pytest.mark.parametrize("variant", ["plain", "instance", "contrast"])
 def test_synthetic_loads(variant):
-    opt = make_opt(dataset="synthetic", synthetic_classes=10, synthetic_train=6, synthetic_test=2,
-                   mode="relax")
-    bundle = get_dataloaders(opt, instance=variant == "instance", contrast=variant == "contrast")
+    opt = make_opt(dataset="synthetic", synthetic_classes=10, synthetic_train=6, synthetic_test=2)
+    bundle = get_dataloaders(opt, needs_of(variant, k=8, mode="relax"))
     assert (bundle.n_data, bundle.num_classes, len(bundle.val_loader.dataset)) == (60, 10, 20)
     check_batches(bundle, size=32, variant=variant, k=8, exact=False)
 
 
+def test_loader_reads_no_method_flag():
+    """The contrastive indices follow the method's DataNeeds alone: method flags in the parsed
+    namespace (``--nce_k 8 --mode exact`` here) are not data options and do not reach the loader."""
+    assert not {"nce_k", "mode"} & {f.name for f in dataclasses.fields(DataOptions)}
+    namespace = argparse.Namespace(dataset="synthetic", synthetic_classes=4, synthetic_train=6, synthetic_test=1,
+                                   batch_size=8, seed=0, nce_k=8, mode="exact")
+    data = options_from(DataOptions, namespace)
+    bundle = get_dataloaders(data, DataNeeds(index=True, contrast=ContrastNeed(k=5, mode="relax")))
+    labels, moved = bundle.train_labels, 0
+    for img, target, index, contrast_idx in bundle.train_loader:
+        assert contrast_idx.shape == (img.shape[0], 6)
+        assert torch.equal(labels[contrast_idx[:, 0]], target)  # relax: a positive of the class
+        assert not (labels[contrast_idx[:, 1:]] == target[:, None]).any()
+        moved += int((contrast_idx[:, 0] != index).sum())
+    assert moved > 0  # not exact's positives (the sample itself)
+    assert (bundle.n_data, bundle.num_classes) == (24, 4)
+
+
 def test_contrast_batches_from_worker_processes_are_reproducible(cifar_root):
-    """Workers draw augmentations and negatives from seeds that come from ``opt.seed`` alone."""
-    opt = make_opt(data_folder=str(cifar_root), num_workers=2, batch_size=50, nce_k=20)
+    """Workers draw augmentations and negatives from seeds that come from ``data.seed`` alone."""
+    opt = make_opt(data_folder=str(cifar_root), num_workers=2, batch_size=50)
 
     def first_two():
         torch.manual_seed(torch.seed())  # the global RNG must not matter
-        it = iter(get_dataloaders(opt, contrast=True).train_loader)
+        it = iter(get_dataloaders(opt, needs_of("contrast", k=20)).train_loader)
         return [next(it), next(it)]
 
     a, b = first_two(), first_two()
@@ -352,8 +377,8 @@ def test_balanced_subset():
 
 
 def test_subset_loader_has_n_rows(cifar_root):
-    opt = make_opt(data_folder=str(cifar_root), subset=50, batch_size=50, nce_k=40)
-    bundle = get_dataloaders(opt, contrast=True)
+    opt = make_opt(data_folder=str(cifar_root), subset=50, batch_size=50)
+    bundle = get_dataloaders(opt, needs_of("contrast", k=40))
     assert bundle.n_data == 50 and bundle.train_labels.shape == (50,)
     assert bundle.train_labels.unique().numel() == 50  # 50 different classes, one each
     img, target, index, contrast_idx = next(iter(bundle.train_loader))
@@ -419,9 +444,9 @@ def test_sampler_refuses_too_large_k():
 
 
 def test_too_large_k_refused_by_loader(cifar_root):
-    opt = make_opt(data_folder=str(cifar_root), subset=100, nce_k=100)  # 99 negatives per class
+    opt = make_opt(data_folder=str(cifar_root), subset=100)  # 99 negatives per class
     with pytest.raises(UserError, match="--nce_k 99 or less"):
-        get_dataloaders(opt, contrast=True)
+        get_dataloaders(opt, needs_of("contrast", k=100))
 
 
 def chi_square_ok(counts: torch.Tensor) -> bool:

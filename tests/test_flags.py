@@ -13,7 +13,7 @@ import pytest
 import train_student
 import train_teacher
 from helper.argtypes import float_in, int_at_least, path_part
-from helper.options import Parser
+from helper.cli.options import Parser
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDENT = ["--path_t", "teacher.pth", "--dataset", "synthetic"]

@@ -239,7 +239,7 @@ def test_imagenet_commands_follow_the_recipe(tmp_path):
 
 def test_imagenet_wraps_torchvision_weights_as_a_teacher(tmp_path, monkeypatch):
     import torchvision
-    from helper.teacher import load_teacher
+    from models.teacher import load_teacher
     teacher = tmp_path / "ResNet34_torchvision" / "ckpt.pth"
     weights = tmp_path / "resnet34-tv.pth"
     out = script("run_imagenet_distill.sh", DRY_RUN="1", TEACHER=str(teacher), TV_WEIGHTS=str(weights))

@@ -3,7 +3,6 @@ the same crop and flip, same distribution of crops and flips), exact resume, sha
 batches, the scripts with both loaders, and the --num_workers default."""
 from __future__ import annotations
 
-import argparse
 import math
 
 import numpy as np
@@ -16,14 +15,14 @@ from torchvision import transforms
 
 import train_student
 import train_teacher
-from dataset import get_dataloaders
+from dataset import ContrastNeed, DataNeeds, DataOptions, get_dataloaders
 from dataset.cifar100 import CIFAR100_MEAN, CIFAR100_STD, cifar100_test_transform, cifar100_train_transform
 from dataset.sampling import ContrastSampler
 from dataset.synthetic import SyntheticDataset
 from dataset.tensor_loader import (Augment, CropFlip, TensorImages, TensorLoader, normalize,
                                    stream_seed, tensor_source)
 from helper.distributed import EpochSampler, ShardSampler
-from helper.options import Parser, add_training_args, default_workers, finalize_training_args
+from helper.cli.options import Parser, add_training_args, default_workers, finalize_training_args
 from tests.tolerance import FP32_EXACT, assert_close
 
 pytestmark = pytest.mark.numeric
@@ -257,13 +256,14 @@ def test_contrast_batches_are_valid(mode):
 
 def test_last_batch_of_one_is_dropped_and_get_dataloaders_chooses_the_loader():
     base = dict(dataset="synthetic", synthetic_classes=5, synthetic_train=5, synthetic_test=2, batch_size=8,
-                num_workers=0, subset=0, seed=0, nce_k=4, mode="exact")
-    tensor = get_dataloaders(argparse.Namespace(**base), contrast=True)  # default: tensor
+                num_workers=0, subset=0, seed=0)
+    needs = DataNeeds(contrast=ContrastNeed(4, "exact"))
+    tensor = get_dataloaders(DataOptions(**base), needs)  # default: tensor
     assert isinstance(tensor.train_loader, TensorLoader) and isinstance(tensor.val_loader, TensorLoader)
     assert len(tensor.train_loader) == 3 and tensor.train_loader.drop_last  # 25 = 3 * 8 + 1
     assert sum(b[0].shape[0] for b in tensor.train_loader) == 24
     assert len(tensor.val_loader.dataset) == 10 and tensor.val_loader.dataset[0][0].shape == (3, 32, 32)
-    vision = get_dataloaders(argparse.Namespace(**base, loader="torchvision"), contrast=True)
+    vision = get_dataloaders(DataOptions(**base, loader="torchvision"), needs)
     assert isinstance(vision.train_loader, DataLoader) and len(vision.train_loader) == 3
     # both loaders: the same order, labels and validation images
     assert torch.equal(next(iter(tensor.train_loader))[2], next(iter(vision.train_loader))[2])
@@ -271,7 +271,7 @@ def test_last_batch_of_one_is_dropped_and_get_dataloaders_chooses_the_loader():
         assert_close(a, b, rtol=FP32_EXACT)
         assert torch.equal(ta, tb)
     with pytest.raises(Exception, match="--loader"):
-        get_dataloaders(argparse.Namespace(**base, loader="dali"))
+        get_dataloaders(DataOptions(**base, loader="dali"))
 
 
 def test_stream_seeds_differ():
@@ -287,13 +287,13 @@ def test_num_workers_default_follows_the_loader(monkeypatch):
     def workers(*argv):
         return finalize_training_args(parser.parse_args(list(argv)), "resnet8").num_workers
 
-    monkeypatch.setattr("helper.options.available_cores", lambda: 2)
+    monkeypatch.setattr("helper.cli.options.available_cores", lambda: 2)
     assert workers() == 0 and workers("--dataset", "synthetic") == 0
     assert workers("--loader", "torchvision") == 1 and workers("--dataset", "imagenet") == 1
     assert workers("--loader", "torchvision", "--num_workers", "3") == 3
-    monkeypatch.setattr("helper.options.available_cores", lambda: 32)
+    monkeypatch.setattr("helper.cli.options.available_cores", lambda: 32)
     assert default_workers("torchvision") == 8 and default_workers("tensor", "imagenet") == 8
-    monkeypatch.setattr("helper.options.available_cores", lambda: 1)
+    monkeypatch.setattr("helper.cli.options.available_cores", lambda: 1)
     assert default_workers("torchvision") == 0
 
 

@@ -3,7 +3,6 @@ skipped with one warning per file and counted in results.json; a folder of unrea
 stops the run with one error line naming it."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -16,7 +15,7 @@ import torch
 
 import train_student
 import train_teacher
-from dataset import get_dataloaders
+from dataset import ContrastNeed, DataNeeds, DataOptions, get_dataloaders
 from dataset.skipping import PartialBatch, SkipUnreadable, Unreadable
 from models import build_model
 from tests.datagen import write_fake_imagenet
@@ -48,10 +47,9 @@ def folder(tmp_path_factory) -> SimpleNamespace:
     return SimpleNamespace(root=root, bad=bad, train_bad=[bad.truncated, bad.empty, bad.text])
 
 
-def make_opt(root: Path, workers: int, **more) -> argparse.Namespace:
-    return argparse.Namespace(dataset="imagenet", data_folder=str(root), download=False, batch_size=4,
-                              num_workers=workers, subset=0, seed=0, nce_k=3, mode="exact", loader="torchvision",
-                              **more)
+def make_opt(root: Path, workers: int, **more) -> DataOptions:
+    return DataOptions(dataset="imagenet", data_folder=str(root), download=False, batch_size=4,
+                       num_workers=workers, subset=0, seed=0, loader="torchvision", **more)
 
 
 def test_collate_leaves_unreadable_items_out():
@@ -70,7 +68,7 @@ def test_collate_leaves_unreadable_items_out():
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_contrast_batches_stay_consistent_when_samples_are_dropped(folder, workers):
-    bundle = get_dataloaders(make_opt(folder.root, workers), contrast=True)
+    bundle = get_dataloaders(make_opt(folder.root, workers), DataNeeds(contrast=ContrastNeed(3, "exact")))
     loader = bundle.train_loader
     samples = loader.dataset.base.samples
     bad = {i for i, (path, _) in enumerate(samples) if Path(path) in folder.train_bad}
