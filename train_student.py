@@ -184,7 +184,9 @@ def train(opt, runtime: Runtime) -> dict:
               train_step=ddp_step, runtime=runtime, run=run, prefix=opt.model_s,
               static={"arch": opt.arch, "dataset": opt.dataset, "num_classes": data.num_classes,
                       "distill": opt.distill, "model_t": parts.model_t},
-              identity={"teachers": parts.teacher_digests},
+              # what the run's data and teachers turned out to be: a resume must find them again
+              identity={"teachers": parts.teacher_digests, "n_data": data.n_data, "num_classes": data.num_classes,
+                        "model_t": parts.model_t},
               on_epoch_start=lambda epoch: [d.start_epoch(epoch) for d in distillers])
     if resume is not None:  # checked before anything is written: a refused resume leaves the folder as it was
         fit.restore(load_checkpoint(resume), f"'{resume}'")
