@@ -212,7 +212,9 @@ def train(opt, runtime: Runtime) -> dict:
               train_loader=data.train_loader, val_loader=data.val_loader, runtime=runtime, run=run,
               prefix=opt.model_s, static={"arch": opt.arch, "dataset": opt.dataset, "num_classes": data.num_classes,
                                           "distill": opt.distill, "model_t": parts.model_t},
-              identity={"teachers": parts.teacher_digests})
+              # what the run's data and teachers turned out to be: a resume must find them again
+              identity={"teachers": parts.teacher_digests, "n_data": data.n_data, "num_classes": data.num_classes,
+                        "model_t": parts.model_t})
     if resume is not None:  # checked before anything is written: a refused resume leaves the folder as it was
         fit.restore(load_checkpoint(resume), f"'{resume}'")
     claim_run_folder(folder, resume=resume, overwrite=opt.overwrite, resume_asked=bool(opt.resume))

@@ -64,7 +64,8 @@ def train(opt, runtime: Runtime) -> dict:
     stage = Stage("main", opt.epochs, step, step, optimizer, scheduled_lr(opt, optimizer))
     fit = Fit(opt, stages=[stage], modules={"model": model}, train_loader=data.train_loader,
               val_loader=data.val_loader, runtime=runtime, run=run, prefix=opt.model,
-              static={"arch": opt.arch, "dataset": opt.dataset, "num_classes": data.num_classes})
+              static={"arch": opt.arch, "dataset": opt.dataset, "num_classes": data.num_classes},
+              identity={"num_classes": data.num_classes})  # a resume must find the same number of classes
     if resume is not None:  # checked before anything is written: a refused resume leaves the folder as it was
         fit.restore(load_checkpoint(resume), f"'{resume}'")
     claim_run_folder(opt.save_path, resume=resume, overwrite=opt.overwrite, resume_asked=bool(opt.resume))

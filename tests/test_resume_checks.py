@@ -84,6 +84,49 @@ def test_another_teacher_or_another_method_is_refused(student_run, teachers, cap
     assert "--distill crd -> attention" in only_error_line(capsys)
 
 
+def rewrite_options(path: Path, **options) -> None:
+    """Change what the checkpoint at ``path`` records of its run's options."""
+    state = torch.load(path, weights_only=True)
+    state["resume"]["options"].update(options)
+    torch.save(state, path)
+
+
+def test_the_data_and_teachers_found_must_be_found_again(teachers, tmp_path, capsys):
+    """The training set's size, the number of classes and the teachers' architectures are not
+    flags but what the run found: checkpoints record them under the names earlier versions used
+    (which wrote them into ``opt``), so those checkpoints resume, and a resume finding others is refused."""
+    args = ["--path_t", str(teachers[0]), "--model_s", "resnet8", "--distill", "kd", *DATA, "--epochs", "2",
+            "--save_folder", str(tmp_path)]
+    train_student.main(args + ["--max_steps", str(STEPS_PER_EPOCH)])
+    (last,) = tmp_path.glob("*/resnet8_last.pth")
+    saved = torch.load(last, weights_only=True)["resume"]["options"]
+    assert (saved["n_data"], saved["num_classes"], saved["model_t"]) == (64, 4, "resnet8")
+    original = last.read_bytes()
+    for key, other, listed in [("n_data", 100, "the training set's size 100 -> 64"),
+                               ("num_classes", 5, "the number of classes 5 -> 4"),
+                               ("model_t", "resnet14", "the teacher's architecture resnet14 -> resnet8")]:
+        rewrite_options(last, **{key: other})
+        with pytest.raises(SystemExit) as stop:
+            train_student.main(args + ["--resume", "auto"])
+        line = only_error_line(capsys)
+        assert stop.value.code == 2 and "was made with other settings" in line and listed in line, line
+        last.write_bytes(original)
+    results = train_student.main(args + ["--resume", "auto"])
+    assert results["status"] == "finished" and [h["epoch"] for h in results["history"]] == [1, 2]
+    assert results["sessions"][1]["changed"] == {"--max_steps": [STEPS_PER_EPOCH, 0]}
+
+
+def test_a_teacher_resume_must_find_the_same_number_of_classes(tmp_path, capsys):
+    args = TEACHER + ["--epochs", "2", "--save_folder", str(tmp_path)]
+    train_teacher.main(args + ["--max_steps", str(STEPS_PER_EPOCH)])
+    (last,) = tmp_path.glob("*/resnet8_last.pth")
+    assert torch.load(last, weights_only=True)["resume"]["options"]["num_classes"] == 4
+    rewrite_options(last, num_classes=5)
+    with pytest.raises(SystemExit):
+        train_teacher.main(args + ["--resume", "auto"])
+    assert "the number of classes 5 -> 4" in only_error_line(capsys)
+
+
 def test_flags_that_cannot_change_the_result_may_change_and_are_recorded(teachers, tmp_path, capsys):
     args = ["--path_t", str(teachers[0]), "--model_s", "resnet8", "--distill", "kd", *DATA, "--epochs", "2",
             "--save_folder", str(tmp_path)]

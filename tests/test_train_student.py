@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import train_student
-from distiller_zoo.registry import method_names
+from helper.cli.methods import method_names
 from models import build_model
 from tests.tolerance import FP32_EXACT, approx, assert_close
 
@@ -231,12 +231,14 @@ def test_distill_script_dry_run_prints_parsable_commands():
 
 
 def test_nce_z_momentum_flag_reaches_the_memory():
-    from distiller_zoo.registry import build_distiller
+    from helper.cli.methods import build_distiller, get_method
+    from helper.declare import options_from
     opt = train_student.parse_option(["--path_t", "t.pth", "--distill", "crd", "--nce_z_momentum", "0.99",
                                       "--nce_k", "16"])
-    opt.n_data = 64
+    options = options_from(get_method("crd").Options, opt)
     sample = torch.randn(2, 3, 32, 32)
-    distiller = build_distiller("crd", opt, build_model("resnet8", 100), build_model("resnet8", 100), sample)
+    distiller = build_distiller("crd", options, build_model("resnet8", 100), build_model("resnet8", 100), sample,
+                                n_data=64)
     assert distiller.criterion.contrast.z_momentum == 0.99
     assert train_student.parse_option(["--path_t", "t.pth", "--distill", "crd"]).nce_z_momentum is None
 
@@ -257,3 +259,18 @@ def test_fast_path_flags_reach_the_teacher_and_the_bank(plain, teachers, tmp_pat
     assert teacher.conv1.weight.is_contiguous(memory_format=torch.channels_last) != plain
     assert parts.distillers[0].criterion.contrast.score_mode == ("gather" if plain else "auto")
     assert parts.data.train_loader.dataset.images.device.type == "cpu"
+
+
+def test_nce_k_sets_both_the_loader_and_the_bank(teachers, tmp_path):
+    """One flag, one place: ``--nce_k 12`` gives the loader's contrast_idx 13 columns (the
+    positive and 12 negatives) and the memory bank K = 12, through CRD's declared DataNeeds."""
+    from helper.runtime import setup_runtime
+
+    opt = train_student.parse_option(["--path_t", str(teachers["resnet32x4"]), "--distill", "crd",
+                                      "--model_s", "resnet8x4", *TINY, "--nce_k", "12",
+                                      "--save_folder", str(tmp_path)])
+    parts = train_student.build_run(opt, setup_runtime(opt))
+    img, target, index, contrast_idx = next(iter(parts.data.train_loader))
+    assert contrast_idx.shape == (img.shape[0], 13) and torch.equal(contrast_idx[:, 0], index)
+    assert parts.distillers[0].criterion.contrast.K == 12
+    assert parts.data.n_data == 200 and parts.model_t == "resnet32x4"
