@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from tests.test_reliability import assert_same_state, interrupt_after
 DATA = ["--dataset", "synthetic", "--synthetic_classes", "4", "--synthetic_train", "8", "--synthetic_test", "4",
         "--batch_size", "8", "--num_workers", "0", "--device", "cpu"]
 STEPS_PER_EPOCH = 4  # 32 images, batch 8
+ROOT = Path(__file__).resolve().parents[1]
 TIMING = ("epoch_time_s", "images_per_s", "session")  # what may differ between two identical runs
 
 
@@ -211,3 +213,26 @@ def test_no_init_stage_with_beta_zero_or_no_init_epochs(teachers, tmp_path):
         folder = tmp_path / flags[1]
         results = train_student.main(args + flags + ["--max_steps", "2", "--save_folder", str(folder)])
         assert "init_history" not in results and "stages" not in results and results["steps"] == 2
+
+
+def test_torchrun_two_processes_stop_and_resume_inside_the_init_stage(teachers, tmp_path):
+    """Under torchrun (gloo, CPU) the init stage's gradients are averaged by the loop, a
+    ``--max_steps`` stop inside it saves every rank's random states, and ``--resume auto``
+    finishes it, then the main stage."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train_student.py",
+           *student_args(teachers[:1], "factor", 2, 1), "--save_folder", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # 32 images over 2 ranks of batch 8: 2 steps per epoch
+    first = subprocess.run(cmd + ["--max_steps", "3"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    saved = last_checkpoint(tmp_path)
+    assert saved["resume"]["stage"] == 0 and saved["resume"]["batches_done"] == 1
+    assert len(saved["resume"]["per_rank"]) == 2
+    second = subprocess.run(cmd + ["--resume", "auto"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stdout.count("init_epoch 2 ") == 1  # rank 0 alone logs
+    results = results_file(tmp_path)
+    assert results["status"] == "finished" and results["world_size"] == 2 and results["resumed"] == 1
+    assert [r["init_epoch"] for r in results["init_history"]] == [1, 2]
+    assert results["stages"] == [{"name": "init", "epochs": 2, "epochs_done": 2, "steps": 4},
+                                 {"name": "main", "epochs": 1, "epochs_done": 1, "steps": 2}]
