@@ -292,7 +292,8 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
 
     g = parser.add_argument_group("RepDistill flags")
     g.add_argument("--max_steps", type=nonnegative_int, default=0,
-                   help="stop after N optimiser steps in total (per stage, with an init stage), then validate and save (0: no limit)")
+                   help="stop after N optimiser steps, then validate and save (0: no limit); with an init stage each stage "
+                        "counts its own N, and reaching N inside the init stage stops the run there, saved but not validated")
     g.add_argument("--save_folder", type=str, default="./save/models", help="parent folder of the run folder")
     g.add_argument("--resume", type=str, default=None,
                    help="continue a run from its <model>_last.pth: a path, or 'auto' for this run's folder (fresh start "
