@@ -29,8 +29,11 @@ _OPENERS: dict[str, Callable[[DataOptions], tuple]] = {
     "synthetic": open_synthetic,
 }
 
-__all__ = ["DATASETS", "LOADERS", "TENSOR_DATASETS", "ContrastNeed", "ContrastSampler", "DataBundle", "DataNeeds",
-           "DataOptions", "SyntheticOptions", "get_dataloaders"]
+# the sets that have an unlabelled training split (--split unlabeled)
+UNLABELED_SETS = ("synthetic",)
+
+__all__ = ["DATASETS", "LOADERS", "TENSOR_DATASETS", "UNLABELED_SETS", "ContrastNeed", "ContrastSampler",
+           "DataBundle", "DataNeeds", "DataOptions", "SyntheticOptions", "get_dataloaders"]
 
 
 def get_dataloaders(data: DataOptions, needs: DataNeeds = DataNeeds(),
@@ -45,5 +48,8 @@ def get_dataloaders(data: DataOptions, needs: DataNeeds = DataNeeds(),
     """
     if data.dataset not in _OPENERS:
         raise UserError(f"unknown data set {data.dataset!r}: choose one of {', '.join(DATASETS)}")
+    if data.split == "unlabeled" and data.dataset not in UNLABELED_SETS:
+        raise UserError(f"--dataset {data.dataset} has no unlabelled split: --split unlabeled needs one of "
+                        f"{', '.join(UNLABELED_SETS)}")
     train_set, val_set, train_labels, num_classes = _OPENERS[data.dataset](data)
     return make_bundle(train_set, val_set, train_labels, num_classes, data, needs, device=device)

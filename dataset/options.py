@@ -8,6 +8,7 @@ from helper.declare import option
 
 DATASETS = ("cifar100", "imagenet", "synthetic")
 LOADERS = ("tensor", "torchvision")
+SPLITS = ("train", "unlabeled")
 
 
 @dataclass
@@ -36,6 +37,9 @@ class DataOptions(SyntheticOptions):
     loader: str = option("tensor", "tensor: whole set as a uint8 tensor on the device, crop/flip/normalise per batch "
                          "with tensor ops (cifar100, synthetic; imagenet always uses torchvision's folder loader); "
                          "torchvision: DataLoader with PIL transforms in worker processes", choices=LOADERS)
+    split: str = option("train", "training split: train (labelled), or unlabeled (images without labels: "
+                        "distillation without cross-entropy; synthetic: a further set rendered from the same classes)",
+                        choices=SPLITS)
     batch_size: int = option(64, "batch size", type=positive_int)
     num_workers: int | None = option(None, "data-loading worker processes of the torchvision loader (default: 0 "
                                      "with --loader tensor, which needs none; else min(8, cores - 1))",

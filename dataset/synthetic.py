@@ -37,6 +37,8 @@ GROUP = 5           # classes per group (sharing a base pattern), like CIFAR-100
 OWN_WEIGHT = 0.25   # weight of a class's own pattern against its group's (smaller: finer classes)
 STRENGTH = 1.5      # warp and noise strength at difficulty 1
 MAX_BLEND = 0.3     # largest share of the other class's prototype at difficulty 1
+UNLABELED = -1      # the label of every image of an unlabelled split
+UNLABELED_STREAM = 2**62  # + seed: the unlabelled images' generator (train and test use seed * 3 + 1, + 2)
 
 
 class SyntheticDataset(Dataset):
@@ -174,6 +176,11 @@ def open_synthetic(data: DataOptions) -> tuple[SyntheticDataset, SyntheticDatase
     train_x, train_y, test_x, test_y = make_synthetic(
         num_classes=data.synthetic_classes, n_train_per_class=data.synthetic_train,
         n_test_per_class=data.synthetic_test, seed=data.synthetic_seed, difficulty=data.synthetic_difficulty)
+    if data.split == "unlabeled":  # other images of the same classes, from a stream of their own; labels withheld
+        proto = _prototypes(torch.Generator().manual_seed(data.synthetic_seed * 3), data.synthetic_classes, 32)
+        train_x = _render(proto, train_y, torch.Generator().manual_seed(UNLABELED_STREAM + data.synthetic_seed),
+                          data.synthetic_difficulty)
+        train_y = torch.full_like(train_y, UNLABELED)
     train_set = SyntheticDataset(train_x, train_y.tolist(), cifar100_train_transform())
     test_set = SyntheticDataset(test_x, test_y.tolist(), cifar100_test_transform())
     return train_set, test_set, train_y, data.synthetic_classes
