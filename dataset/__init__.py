@@ -1,4 +1,5 @@
-"""Data for RepDistill: CIFAR-100, ImageNet folders and the built-in synthetic set.
+"""Data for RepDistill: CIFAR-100, CIFAR-10, STL-10, Tiny-ImageNet, ImageNet folders and the built-in
+synthetic set.
 
 ``get_dataloaders(DataOptions, DataNeeds)`` is what the training scripts call; RepDistiller's loader
 functions and dataset classes keep their names in :mod:`dataset.cifar100` and :mod:`dataset.imagenet`.
@@ -11,26 +12,31 @@ import torch
 
 from helper.errors import UserError
 
-from .cifar100 import open_cifar100
+from .cifar100 import open_cifar10, open_cifar100
 from .imagenet import open_imagenet
 from .loaders import DataBundle, make_bundle
 from .needs import ContrastNeed, DataNeeds
 from .options import DATASETS, LOADERS, DataOptions, SyntheticOptions
 from .sampling import ContrastSampler
+from .stl10 import open_stl10
 from .synthetic import open_synthetic
+from .tinyimagenet import open_tinyimagenet
 
 # the sets that --loader tensor serves (held in memory as uint8 arrays); imagenet always uses
 # torchvision's folder loader
-TENSOR_DATASETS = ("cifar100", "synthetic")
+TENSOR_DATASETS = ("cifar100", "cifar10", "stl10", "tinyimagenet", "synthetic")
 
 _OPENERS: dict[str, Callable[[DataOptions], tuple]] = {
     "cifar100": open_cifar100,
+    "cifar10": open_cifar10,
+    "stl10": open_stl10,
+    "tinyimagenet": open_tinyimagenet,
     "imagenet": open_imagenet,
     "synthetic": open_synthetic,
 }
 
 # the sets that have an unlabelled training split (--split unlabeled)
-UNLABELED_SETS = ("synthetic",)
+UNLABELED_SETS = ("stl10", "synthetic")
 
 __all__ = ["DATASETS", "LOADERS", "TENSOR_DATASETS", "UNLABELED_SETS", "ContrastNeed", "ContrastSampler",
            "DataBundle", "DataNeeds", "DataOptions", "SyntheticOptions", "get_dataloaders"]
@@ -41,7 +47,7 @@ def get_dataloaders(data: DataOptions, needs: DataNeeds = DataNeeds(),
     """The loaders for ``data.dataset`` (one of :data:`DATASETS`), their training batches
     carrying what ``needs`` (the method's) asks for; see :func:`dataset.loaders.make_bundle`.
 
-    ``data.data_folder`` None means ``./data`` for cifar100 and ``./data/imagenet`` for imagenet;
+    ``data.data_folder`` None means ``./data`` (``./data/imagenet`` for imagenet);
     ``data.loader`` ``tensor`` (the default) serves :data:`TENSOR_DATASETS` with the tensor
     pipeline, whose batches are made on ``device`` (default the CPU). The validation loader uses
     ``data.batch_size`` and is not shuffled.

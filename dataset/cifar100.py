@@ -1,7 +1,8 @@
-"""CIFAR-100 through torchvision, with clear errors, plus RepDistiller's names for its loaders.
+"""CIFAR-100 and CIFAR-10 through torchvision, with clear errors, plus RepDistiller's names for its loaders.
 
 On disk: ``<data_folder>/cifar-100-python/{train,test,meta}`` (torchvision's format, the
-unpacked ``cifar-100-python.tar.gz``). The files are pickles: each is checked against
+unpacked ``cifar-100-python.tar.gz``), and for CIFAR-10 ``<data_folder>/cifar-10-batches-py/``
+(``data_batch_1`` .. ``data_batch_5``, ``test_batch``, ``batches.meta``). The files are pickles: each is checked against
 torchvision's published MD5 before it is read, and read by an unpickler that builds numpy arrays
 and plain containers only, so a modified file can never run code. ``allow_modified``
 (``--allow_modified_data``) reads files whose MD5 differs (a copy of one's own making).
@@ -28,23 +29,36 @@ from .sampling import ContrastSampler
 
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 DEFAULT_FOLDER = "./data"
 NUM_CLASSES = 100
 
 
-def cifar100_train_transform() -> transforms.Compose:
-    """RepDistiller's training transform: random crop (pad 4), horizontal flip, normalise."""
+def cifar_train_transform(mean: tuple[float, ...], std: tuple[float, ...]) -> transforms.Compose:
+    """The CIFAR training transform for 32x32 images: random crop (pad 4), horizontal flip,
+    normalise with ``mean`` and ``std`` (the form :func:`dataset.tensor_loader.tensor_source` serves)."""
     return transforms.Compose([
         transforms.RandomCrop(32, padding=4),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
-        transforms.Normalize(CIFAR100_MEAN, CIFAR100_STD),
+        transforms.Normalize(mean, std),
     ])
+
+
+def cifar_test_transform(mean: tuple[float, ...], std: tuple[float, ...]) -> transforms.Compose:
+    """The CIFAR test transform: to tensor and normalise with ``mean`` and ``std``."""
+    return transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
+
+
+def cifar100_train_transform() -> transforms.Compose:
+    """RepDistiller's training transform: random crop (pad 4), horizontal flip, normalise."""
+    return cifar_train_transform(CIFAR100_MEAN, CIFAR100_STD)
 
 
 def cifar100_test_transform() -> transforms.Compose:
     """RepDistiller's test transform: to tensor and normalise."""
-    return transforms.Compose([transforms.ToTensor(), transforms.Normalize(CIFAR100_MEAN, CIFAR100_STD)])
+    return cifar_test_transform(CIFAR100_MEAN, CIFAR100_STD)
 
 
 class ArrayUnpickler(pickle.Unpickler):
@@ -68,13 +82,21 @@ def md5_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-class CIFAR100Folder(datasets.CIFAR100):
-    """torchvision's CIFAR100, read safely and explaining what is wrong instead of raising a traceback.
+class CIFARFolder(datasets.CIFAR10):
+    """A torchvision CIFAR set, read safely and explaining what is wrong instead of raising a traceback.
 
-    Each file is checked against its published MD5 before it is read (``allow_modified`` skips
-    that check) and read with :class:`ArrayUnpickler`. A missing folder, a failed download, a
-    modified file and a corrupt file each raise one :class:`UserError`. Items are ``(img, target)``.
+    The torchvision class it derives from gives the layout (``base_folder``, ``train_list``,
+    ``test_list``, ``meta``, the download ``url``); ``title``, ``num_classes`` and ``contents``
+    (the files, for messages) are this class's. Labels are read from ``fine_labels`` (CIFAR-100)
+    or ``labels`` (CIFAR-10). Each file is checked against its published MD5 before it is read
+    (``allow_modified`` skips that check) and read with :class:`ArrayUnpickler`. A missing
+    folder, a failed download, a modified file and a corrupt file each raise one
+    :class:`UserError`. Items are ``(img, target)``.
     """
+
+    title = "CIFAR-10"
+    num_classes = 10
+    contents = "data_batch_1 .. data_batch_5, test_batch and batches.meta"
 
     def __init__(self, root: str | Path, train: bool = True, transform: Callable | None = None,
                  target_transform: Callable | None = None, download: bool = False,
@@ -87,8 +109,8 @@ class CIFAR100Folder(datasets.CIFAR100):
             self.download()
         if not self._files_present(root):
             raise UserError(
-                f"CIFAR-100 not found in {root}: pass --download to fetch it, or --data_folder to "
-                f"point at a folder that holds {self.base_folder}/ (with train, test and meta)")
+                f"{self.title} not found in {root}: pass --download to fetch it, or --data_folder to "
+                f"point at a folder that holds {self.base_folder}/ (with {self.contents})")
         files = self.train_list if train else self.test_list
         data, targets = [], []
         for name, md5 in files:
@@ -110,7 +132,7 @@ class CIFAR100Folder(datasets.CIFAR100):
         if not self.allow_modified:
             found = md5_of(path)
             if found != md5:
-                raise UserError(f"CIFAR-100 file {path} is not the published one (MD5 {found}, expected {md5}): "
+                raise UserError(f"{self.title} file {path} is not the published one (MD5 {found}, expected {md5}): "
                                 f"delete {path.parent} and run again with --download, or pass "
                                 "--allow_modified_data if you modified it on purpose")
         try:
@@ -121,7 +143,7 @@ class CIFAR100Folder(datasets.CIFAR100):
             raise self._corrupt(path.parent, err) from None
 
     def _corrupt(self, folder: Path, err: Exception) -> UserError:
-        return UserError(f"CIFAR-100 files in {folder} are corrupt or not in torchvision's format "
+        return UserError(f"{self.title} files in {folder} are corrupt or not in torchvision's format "
                          f"({type(err).__name__}: {err}): delete that folder and run again with --download")
 
     def _files_present(self, root: Path) -> bool:
@@ -148,12 +170,12 @@ class CIFAR100Folder(datasets.CIFAR100):
             problem = f"images of dtype {self.data.dtype} and shape {self.data.shape[1:]}"
         elif labels.shape != (len(self.data),) or labels.dtype.kind not in "iu":
             problem = f"{len(self.data)} images but labels of shape {labels.shape} and dtype {labels.dtype}"
-        elif len(self.classes) != NUM_CLASSES:
-            problem = f"{len(self.classes)} class names instead of {NUM_CLASSES}"
-        elif labels.size and not (labels.min() >= 0 and labels.max() < NUM_CLASSES):
-            problem = f"labels outside 0..{NUM_CLASSES - 1}"
+        elif len(self.classes) != self.num_classes:
+            problem = f"{len(self.classes)} class names instead of {self.num_classes}"
+        elif labels.size and not (labels.min() >= 0 and labels.max() < self.num_classes):
+            problem = f"labels outside 0..{self.num_classes - 1}"
         if problem:
-            raise UserError(f"CIFAR-100 files in {folder} are not valid ({problem}): "
+            raise UserError(f"{self.title} files in {folder} are not valid ({problem}): "
                             "delete that folder and run again with --download")
 
     def download(self) -> None:
@@ -164,9 +186,21 @@ class CIFAR100Folder(datasets.CIFAR100):
             super().download()
         except (OSError, RuntimeError, tarfile.TarError, EOFError, ValueError) as err:
             raise UserError(
-                f"could not download CIFAR-100 from {self.url} into {self.root} "
+                f"could not download {self.title} from {self.url} into {self.root} "
                 f"({type(err).__name__}: {err}): check the network connection, or unpack "
                 f"{self.filename} into that folder yourself") from err
+
+
+class CIFAR10Folder(CIFARFolder):
+    """torchvision's CIFAR10 (``cifar-10-batches-py/``), read as :class:`CIFARFolder` reads."""
+
+
+class CIFAR100Folder(CIFARFolder, datasets.CIFAR100):
+    """torchvision's CIFAR100 (``cifar-100-python/``), read as :class:`CIFARFolder` reads."""
+
+    title = "CIFAR-100"
+    num_classes = NUM_CLASSES
+    contents = "train, test and meta"
 
 
 class CIFAR100Instance(CIFAR100Folder):
@@ -208,6 +242,18 @@ def open_cifar100(data: DataOptions) -> tuple[CIFAR100Folder, CIFAR100Folder, to
                                allow_modified=modified)
     test_set = CIFAR100Folder(root, train=False, transform=cifar100_test_transform(), allow_modified=modified)
     return train_set, test_set, torch.as_tensor(train_set.targets, dtype=torch.long), NUM_CLASSES
+
+
+def open_cifar10(data: DataOptions) -> tuple[CIFAR10Folder, CIFAR10Folder, torch.Tensor, int]:
+    """CIFAR-10's training and test sets (CIFAR transforms with CIFAR-10's statistics), the
+    training labels and 10."""
+    root = data.data_folder or DEFAULT_FOLDER
+    download, modified = data.download, data.allow_modified_data
+    train_set = CIFAR10Folder(root, train=True, transform=cifar_train_transform(CIFAR10_MEAN, CIFAR10_STD),
+                              download=download, allow_modified=modified)
+    test_set = CIFAR10Folder(root, train=False, transform=cifar_test_transform(CIFAR10_MEAN, CIFAR10_STD),
+                             allow_modified=modified)
+    return train_set, test_set, torch.as_tensor(train_set.targets, dtype=torch.long), CIFAR10Folder.num_classes
 
 
 def _compat_bundle(batch_size: int, num_workers: int, data_folder: str, download: bool, allow_modified: bool,

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from helper.argtypes import int_at_least, nonnegative_float, nonnegative_int, positive_int
 from helper.declare import option
 
-DATASETS = ("cifar100", "imagenet", "synthetic")
+DATASETS = ("cifar100", "cifar10", "stl10", "tinyimagenet", "imagenet", "synthetic")
 LOADERS = ("tensor", "torchvision")
 SPLITS = ("train", "unlabeled")
 
@@ -29,16 +29,19 @@ class DataOptions(SyntheticOptions):
     """data"""
 
     dataset: str = option("cifar100", f"data set: {', '.join(DATASETS)}")
-    data_folder: str | None = option(None, "where the data set lives (default ./data for cifar100, ./data/imagenet "
-                                     "for imagenet)")
-    download: bool = option(False, "download CIFAR-100 into --data_folder if missing")
-    allow_modified_data: bool = option(False, "read CIFAR-100 files whose MD5 is not the published one (a copy you "
-                                       "modified on purpose); they are still read without running code")
+    data_folder: str | None = option(None, "where the data set lives (default ./data, holding cifar-100-python/, "
+                                     "cifar-10-batches-py/, stl10_binary/ or tiny-imagenet-200/; ./data/imagenet for "
+                                     "imagenet)")
+    download: bool = option(False, "download CIFAR-100, CIFAR-10 or STL-10 into --data_folder if missing (STL-10's "
+                            "files are then checked against the published MD5s)")
+    allow_modified_data: bool = option(False, "read CIFAR-100/CIFAR-10 files whose MD5 is not the published one (a "
+                                       "copy you modified on purpose); they are still read without running code")
     loader: str = option("tensor", "tensor: whole set as a uint8 tensor on the device, crop/flip/normalise per batch "
-                         "with tensor ops (cifar100, synthetic; imagenet always uses torchvision's folder loader); "
+                         "with tensor ops (every set but imagenet, which always uses torchvision's folder loader); "
                          "torchvision: DataLoader with PIL transforms in worker processes", choices=LOADERS)
     split: str = option("train", "training split: train (labelled), or unlabeled (images without labels: "
-                        "distillation without cross-entropy; synthetic: a further set rendered from the same classes)",
+                        "distillation without cross-entropy; stl10: its 100,000 unlabelled images; synthetic: a "
+                        "further set rendered from the same classes)",
                         choices=SPLITS)
     batch_size: int = option(64, "batch size", type=positive_int)
     num_workers: int | None = option(None, "data-loading worker processes of the torchvision loader (default: 0 "
