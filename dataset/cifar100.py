@@ -2,10 +2,10 @@
 
 On disk: ``<data_folder>/cifar-100-python/{train,test,meta}`` (torchvision's format, the
 unpacked ``cifar-100-python.tar.gz``), and for CIFAR-10 ``<data_folder>/cifar-10-batches-py/``
-(``data_batch_1`` .. ``data_batch_5``, ``test_batch``, ``batches.meta``). The files are pickles: each is checked against
-torchvision's published MD5 before it is read, and read by an unpickler that builds numpy arrays
-and plain containers only, so a modified file can never run code. ``allow_modified``
-(``--allow_modified_data``) reads files whose MD5 differs (a copy of one's own making).
+(``data_batch_1`` .. ``data_batch_5``, ``test_batch``, ``batches.meta``). The files are pickles:
+each is checked against torchvision's published MD5 before it is read, and read by an unpickler
+that builds numpy arrays and plain containers only, so a modified file can never run code.
+``allow_modified`` (``--allow_modified_data``) reads files whose MD5 differs (a copy of one's own making).
 """
 from __future__ import annotations
 

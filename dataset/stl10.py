@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import tarfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -89,7 +90,7 @@ class STL10Folder(ArrayImages):
     ``[N, 32, 32, 3]``, ``targets`` (0..9; :data:`dataset.synthetic.UNLABELED` for ``unlabeled``),
     ``classes`` (from ``class_names.txt``, else ``class0`` ..). Items ``(img, target)`` as CIFAR's."""
 
-    def __init__(self, root: str | Path, split: str = "train", transform=None):
+    def __init__(self, root: str | Path, split: str = "train", transform: Callable | None = None):
         folder = Path(root).expanduser() / FOLDER
         image_file, label_file = FILES[split]
         data = read_stl10_images(folder / image_file)

@@ -14,6 +14,7 @@ are all decoded up front, so there is no batch to skip an unreadable one from).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -111,7 +112,8 @@ class TinyImageNetFolder(ArrayImages):
     """One split of Tiny-ImageNet (``train`` or ``val``) at 32x32 in memory: ``data`` uint8
     ``[N, 32, 32, 3]``, ``targets`` (sorted-wnid order), ``classes`` (the wnids), ``files``."""
 
-    def __init__(self, root: str | Path, split: str = "train", transform=None, threads: int | None = None):
+    def __init__(self, root: str | Path, split: str = "train", transform: Callable | None = None,
+                 threads: int | None = None):
         folder = Path(root).expanduser() / FOLDER
         if not folder.is_dir():
             raise UserError(f"Tiny-ImageNet not found in {Path(root).expanduser()}: --data_folder must point at "
