@@ -5,8 +5,8 @@
 
 The loss is ``gamma * CE + alpha * KL_T + beta * method`` (``-r -a -b``); a term whose weight is
 0 is not computed. With ``--split unlabeled`` there is no cross-entropy term (``-r 0``), methods
-that need labels are refused, and the student gets the teacher's classes. Methods come from the registry (distiller_zoo/registry.py): this script never
-names one.
+that need labels are refused, and the student gets the teacher's classes. Methods come from the
+registry (distiller_zoo/registry.py): this script never names one.
 """
 from __future__ import annotations
 
@@ -152,13 +152,18 @@ class RunParts:
     step: DistillStep
     optimizer: torch.optim.Optimizer
     teacher_digests: list[str] = field(default_factory=list)
-    num_classes: int = 0
+    num_classes: int | None = None  # the student's (None: the data's)
 
     @property
     def tested(self) -> bool:
         """Whether the test set has the student's classes, so that its test top-1 means something
         (not so after ``--split unlabeled`` with a teacher of another data set's classes)."""
-        return self.num_classes == self.data.num_classes
+        return self.num_classes is None or self.num_classes == self.data.num_classes
+
+    @property
+    def student_classes(self) -> int:
+        """The number of classes the student predicts."""
+        return self.data.num_classes if self.num_classes is None else self.num_classes
 
     @property
     def model_t(self) -> str:
@@ -186,7 +191,8 @@ def build_run(opt, runtime: Runtime) -> RunParts:
     options = options_from(method.Options, opt)
     data = get_dataloaders(options_from(DataOptions, opt), method.data_needs(options), device=runtime.device)
     # images without labels have no classes of their own: the student predicts the teacher's
-    classes = teacher_class_count(opt.path_t.split(",")[0].strip()) if opt.split == "unlabeled" else data.num_classes
+    classes = (teacher_class_count(opt.path_t.split(",")[0].strip()) if opt.split == "unlabeled"
+               else data.num_classes)
     # first: its init depends on the seed only
     student = runtime.place(build_model(opt.arch, num_classes=classes))
     if opt.sync_bn:  # after placing: on GPUs it becomes torch's SyncBatchNorm
@@ -256,12 +262,12 @@ def train(opt, runtime: Runtime) -> dict:
     fit = Fit(opt, stages=[*init_stages(opt, parts, runtime), main],
               modules={"model": parts.student, "distiller": distillers[0] if len(distillers) == 1 else distillers},
               train_loader=data.train_loader, val_loader=data.val_loader, holdout_loader=data.holdout_loader,
-              runtime=runtime, run=run,
-              prefix=opt.model_s, static={"arch": opt.arch, "dataset": opt.dataset, "num_classes": parts.num_classes,
-                                          "distill": opt.distill, "model_t": parts.model_t},
+              runtime=runtime, run=run, prefix=opt.model_s,
+              static={"arch": opt.arch, "dataset": opt.dataset, "num_classes": parts.student_classes,
+                      "distill": opt.distill, "model_t": parts.model_t},
               # what the run's data and teachers turned out to be: a resume must find them again
-              identity={"teachers": parts.teacher_digests, "n_data": data.n_data, "num_classes": parts.num_classes,
-                        "model_t": parts.model_t})
+              identity={"teachers": parts.teacher_digests, "n_data": data.n_data,
+                        "num_classes": parts.student_classes, "model_t": parts.model_t})
     if resume is not None:  # checked before anything is written: a refused resume leaves the folder as it was
         fit.restore(load_checkpoint(resume), f"'{resume}'")
     claim_run_folder(folder, resume=resume, overwrite=opt.overwrite, resume_asked=bool(opt.resume))
@@ -269,7 +275,7 @@ def train(opt, runtime: Runtime) -> dict:
     run.results["teacher_acc"] = teacher_accs[0] if len(teacher_accs) == 1 else teacher_accs
     if not parts.tested:
         run.results["evaluation"] = (f"not tested: the test set has {data.num_classes} classes, the student (as its "
-                                     f"teacher) {parts.num_classes}; the last checkpoint is the result: evaluate "
+                                     f"teacher) {parts.student_classes}; the last checkpoint is the result: evaluate "
                                      "it with a linear probe (transfer_student.py)")
         say(f"note: {run.results['evaluation']}")
     say(f"distilling {parts.model_t} -> {opt.arch} with {opt.distill} (-r {opt.gamma:g} -a {opt.alpha:g} "

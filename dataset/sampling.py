@@ -1,7 +1,8 @@
 """Contrastive sampling for CRD: one positive and K negatives per anchor, drawn per batch.
 
 For an anchor of class ``c`` the negatives are ``K`` distinct training samples drawn uniformly
-from the samples of every other class, as in CRD. Unlike RepDistiller's per-item
+from the samples of every other class, as in CRD (an unlabelled sample, label -1, is a class of
+its own: its negatives are drawn uniformly from all the other samples). Unlike RepDistiller's per-item
 ``np.random.choice`` this works on a whole batch with tensor ops, on any device, with unequal
 class counts, and with memory ``O(B * K)`` (never ``O(B * N)``):
 
