@@ -4,8 +4,9 @@
         --distill crd --model_s resnet8x4 -a 0 -b 0.8 --trial 1
 
 The loss is ``gamma * CE + alpha * KL_T + beta * method`` (``-r -a -b``); a term whose weight is
-0 is not computed. Methods come from the registry (distiller_zoo/registry.py): this script never
-names one.
+0 is not computed. With ``--split unlabeled`` there is no cross-entropy term (``-r 0``), methods
+that need labels are refused, and the student gets the teacher's classes. Methods come from the
+registry (distiller_zoo/registry.py): this script never names one.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from helper.declare import add_option_group, options_from
 from helper.distributed import say, wrap_ddp
 from helper.errors import UserError, exit_on_user_error
 from helper.logger import RunLog, run_summary
-from helper.loops import Fit, Stage, constant_lr, scheduled_lr, validate
+from helper.loops import Fit, Stage, best_line, constant_lr, scheduled_lr, validate
 from helper.optim import build_optimizer
 from helper.resume import claim_run_folder, resume_path
 from helper.runtime import Runtime, run_script
@@ -72,8 +73,40 @@ def parse_option(argv: list[str] | None = None):
                         "./save/models/resnet32x4_vanilla/ckpt_epoch_240.pth")
     opt.arch = resolve_model_name(opt.model_s, opt.dataset)
     finalize_training_args(opt, opt.model_s)
+    if opt.split == "unlabeled":
+        check_unlabeled(opt, method)
     fill_weights(opt, method.weights)
     return opt
+
+
+def check_unlabeled(opt, method: type[Distiller]) -> None:
+    """``--split unlabeled``: the images have no labels, so there is no cross-entropy term (``-r``
+    defaults to 0 and a positive one is refused) and a method that needs labels (its
+    :meth:`Distiller.label_need`) is refused."""
+    if opt.gamma:
+        raise UserError(f"-r {opt.gamma:g}: --split unlabeled has no labels, so there is no cross-entropy term; "
+                        "leave -r out (it is 0 there)")
+    why = method.label_need(options_from(method.Options, opt))
+    if why:
+        raise UserError(f"--distill {opt.distill} needs labels, which --split unlabeled has not: {why}")
+    if opt.gamma is None:
+        opt.gamma = 0
+        say("--split unlabeled: no labels, so no cross-entropy term (-r 0)")
+
+
+def teacher_class_count(path: str) -> int:
+    """The number of classes of the teacher saved at ``path``: its checkpoint's ``num_classes``,
+    else the output size of the last matrix of its weights (the classifier in every model of
+    RepDistiller's; ``load_teacher`` then checks the weights fit)."""
+    state = load_checkpoint(path)
+    weights = state.get("model")
+    if state.get("num_classes") is not None:
+        return int(state["num_classes"])
+    matrices = [t for t in (weights or {}).values() if isinstance(t, torch.Tensor) and t.dim() == 2]
+    if not matrices:
+        raise UserError(f"cannot tell how many classes the teacher in '{path}' has (no 'num_classes' entry and no "
+                        "linear layer in its 'model' weights): --split unlabeled gives the student the teacher's")
+    return int(matrices[-1].shape[0])
 
 
 def fill_weights(opt, published: tuple[float, float, float]) -> None:
@@ -119,6 +152,18 @@ class RunParts:
     step: DistillStep
     optimizer: torch.optim.Optimizer
     teacher_digests: list[str] = field(default_factory=list)
+    num_classes: int | None = None  # the student's (None: the data's)
+
+    @property
+    def tested(self) -> bool:
+        """Whether the test set has the student's classes, so that its test top-1 means something
+        (not so after ``--split unlabeled`` with a teacher of another data set's classes)."""
+        return self.num_classes is None or self.num_classes == self.data.num_classes
+
+    @property
+    def student_classes(self) -> int:
+        """The number of classes the student predicts."""
+        return self.data.num_classes if self.num_classes is None else self.num_classes
 
     @property
     def model_t(self) -> str:
@@ -145,12 +190,15 @@ def build_run(opt, runtime: Runtime) -> RunParts:
     method = get_method(opt.distill)
     options = options_from(method.Options, opt)
     data = get_dataloaders(options_from(DataOptions, opt), method.data_needs(options), device=runtime.device)
+    # images without labels have no classes of their own: the student predicts the teacher's
+    classes = (teacher_class_count(opt.path_t.split(",")[0].strip()) if opt.split == "unlabeled"
+               else data.num_classes)
     # first: its init depends on the seed only
-    student = runtime.place(build_model(opt.arch, num_classes=data.num_classes))
+    student = runtime.place(build_model(opt.arch, num_classes=classes))
     if opt.sync_bn:  # after placing: on GPUs it becomes torch's SyncBatchNorm
         student = convert_sync_batchnorm(student)
     sample = runtime.to_device(sample_images(data.val_loader.dataset))
-    teachers, digests = load_teachers(opt, data.num_classes, runtime, sample)
+    teachers, digests = load_teachers(opt, classes, runtime, sample)
     # One Distiller (heads, banks) per teacher; their terms are averaged.
     distillers = nn.ModuleList()
     for teacher, arch, _ in teachers:
@@ -164,7 +212,7 @@ def build_run(opt, runtime: Runtime) -> RunParts:
                        opt.kd_T, runtime)
     extra_params = [p for distiller in distillers for p in distiller.trainable_parameters()]
     optimizer = build_optimizer(list(student.parameters()) + extra_params, opt)
-    return RunParts(method, options, data, student, teachers, distillers, step, optimizer, digests)
+    return RunParts(method, options, data, student, teachers, distillers, step, optimizer, digests, classes)
 
 
 def init_stages(opt, parts: RunParts, runtime: Runtime) -> list[Stage]:
@@ -187,8 +235,10 @@ def init_stages(opt, parts: RunParts, runtime: Runtime) -> list[Stage]:
     return stages
 
 
-def validate_teachers(parts: RunParts, runtime: Runtime) -> list[float]:
-    """Each teacher's test top-1 (printed)."""
+def validate_teachers(parts: RunParts, runtime: Runtime) -> list[float | None]:
+    """Each teacher's test top-1 (printed); None when the test set's classes are not the teacher's."""
+    if not parts.tested:
+        return [None] * len(parts.teachers)
     accs = []
     for teacher, arch, path in parts.teachers:
         accs.append(validate(teacher, parts.data.val_loader, runtime.device, runtime)["test_acc"])
@@ -205,26 +255,38 @@ def train(opt, runtime: Runtime) -> dict:
                  extra=run_summary(opt, role="student", method=opt.distill, model=opt.arch, model_t=parts.model_t,
                                    weights=(opt.gamma, opt.alpha, opt.beta), model_s=opt.arch))
     ddp_step = wrap_ddp(parts.step, runtime.device, find_unused_parameters=True)
+    # a test set of other classes than the student's (--split unlabeled) says nothing: no validation,
+    # the last checkpoint is the result and a linear probe (transfer_student.py) evaluates it
     main = Stage("main", opt.epochs, ddp_step, ddp_step, parts.optimizer, scheduled_lr(opt, parts.optimizer),
-                 on_epoch_start=lambda epoch: [d.start_epoch(epoch) for d in distillers])
+                 validates=parts.tested, on_epoch_start=lambda epoch: [d.start_epoch(epoch) for d in distillers])
     fit = Fit(opt, stages=[*init_stages(opt, parts, runtime), main],
               modules={"model": parts.student, "distiller": distillers[0] if len(distillers) == 1 else distillers},
-              train_loader=data.train_loader, val_loader=data.val_loader, runtime=runtime, run=run,
-              prefix=opt.model_s, static={"arch": opt.arch, "dataset": opt.dataset, "num_classes": data.num_classes,
-                                          "distill": opt.distill, "model_t": parts.model_t},
+              train_loader=data.train_loader, val_loader=data.val_loader, holdout_loader=data.holdout_loader,
+              runtime=runtime, run=run, prefix=opt.model_s,
+              static={"arch": opt.arch, "dataset": opt.dataset, "num_classes": parts.student_classes,
+                      "distill": opt.distill, "model_t": parts.model_t},
               # what the run's data and teachers turned out to be: a resume must find them again
-              identity={"teachers": parts.teacher_digests, "n_data": data.n_data, "num_classes": data.num_classes,
-                        "model_t": parts.model_t})
+              identity={"teachers": parts.teacher_digests, "n_data": data.n_data,
+                        "num_classes": parts.student_classes, "model_t": parts.model_t})
     if resume is not None:  # checked before anything is written: a refused resume leaves the folder as it was
         fit.restore(load_checkpoint(resume), f"'{resume}'")
     claim_run_folder(folder, resume=resume, overwrite=opt.overwrite, resume_asked=bool(opt.resume))
     teacher_accs = validate_teachers(parts, runtime)
     run.results["teacher_acc"] = teacher_accs[0] if len(teacher_accs) == 1 else teacher_accs
+    if not parts.tested:
+        run.results["evaluation"] = (f"not tested: the test set has {data.num_classes} classes, the student (as its "
+                                     f"teacher) {parts.student_classes}; the last checkpoint is the result: evaluate "
+                                     "it with a linear probe (transfer_student.py)")
+        say(f"note: {run.results['evaluation']}")
     say(f"distilling {parts.model_t} -> {opt.arch} with {opt.distill} (-r {opt.gamma:g} -a {opt.alpha:g} "
         f"-b {opt.beta:g}) on {opt.dataset} ({data.n_data} images) on {runtime.describe()}; run folder {folder}")
     results = fit()
+    if not parts.tested:
+        say(f"student not tested (no test set of its classes): its last checkpoint is in {folder}  "
+            f"({results['wall_time_s']:.0f} s)")
+        return results
     student = ("stopped in the init stage" if results["last_acc"] is None else
-               f"student best top-1 {results['best_acc']:.2f}  last top-1 {results['last_acc']:.2f}")
+               f"student {best_line(results)}  last top-1 {results['last_acc']:.2f}")
     say(f"teacher top-1 {', '.join(f'{a:.2f}' for a in teacher_accs)}; {student}  ({results['wall_time_s']:.0f} s)")
     return results
 

@@ -16,9 +16,9 @@ from helper.checkpoint import load_checkpoint
 from helper.cli.options import Parser, add_training_args, finalize_training_args, with_print_config
 from helper.declare import options_from
 from helper.distributed import say, wrap_ddp
-from helper.errors import exit_on_user_error
+from helper.errors import UserError, exit_on_user_error
 from helper.logger import RunLog, run_summary
-from helper.loops import Fit, Stage, scheduled_lr
+from helper.loops import Fit, Stage, best_line, scheduled_lr
 from helper.optim import build_optimizer
 from helper.resume import claim_run_folder, resume_path
 from helper.runtime import Runtime, run_script
@@ -37,6 +37,9 @@ def build_parser() -> Parser:
 
 def parse_option(argv: list[str] | None = None):
     opt = build_parser().parse_args(argv)
+    if opt.split == "unlabeled":
+        raise UserError("--split unlabeled: train_teacher.py trains with cross-entropy, which needs labels; "
+                        "distil from a teacher on unlabelled images with train_student.py --split unlabeled")
     opt.arch = resolve_model_name(opt.model, opt.dataset)
     finalize_training_args(opt, opt.model)
     opt.model_name = (f"{opt.model}_{opt.dataset}_lr_{opt.learning_rate}"
@@ -63,7 +66,8 @@ def train(opt, runtime: Runtime) -> dict:
     step = wrap_ddp(ClassifyStep(model, runtime), runtime.device)
     stage = Stage("main", opt.epochs, step, step, optimizer, scheduled_lr(opt, optimizer))
     fit = Fit(opt, stages=[stage], modules={"model": model}, train_loader=data.train_loader,
-              val_loader=data.val_loader, runtime=runtime, run=run, prefix=opt.model,
+              val_loader=data.val_loader, holdout_loader=data.holdout_loader, runtime=runtime, run=run,
+              prefix=opt.model,
               static={"arch": opt.arch, "dataset": opt.dataset, "num_classes": data.num_classes},
               identity={"num_classes": data.num_classes})  # a resume must find the same number of classes
     if resume is not None:  # checked before anything is written: a refused resume leaves the folder as it was
@@ -72,7 +76,7 @@ def train(opt, runtime: Runtime) -> dict:
     say(f"training {opt.arch} on {opt.dataset} ({data.n_data} images, {data.num_classes} classes) on "
         f"{runtime.describe()}; run folder {opt.save_path}")
     results = fit()
-    say(f"best top-1 {results['best_acc']:.2f}  last top-1 {results['last_acc']:.2f}  "
+    say(f"{best_line(results)}  last top-1 {results['last_acc']:.2f}  "
         f"last top-5 {results['last_acc_top5']:.2f}  ({results['wall_time_s']:.0f} s)")
     return results
 

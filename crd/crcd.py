@@ -296,6 +296,13 @@ class CRCD(Distiller):
     def data_needs(cls, options: CRCDOptions) -> DataNeeds:
         return DataNeeds(index=True)
 
+    @classmethod
+    def label_need(cls, options: CRCDOptions) -> str | None:
+        if options.crcd_grad_weight:
+            return ("its gradient element is the cross-entropy's gradient at each sample's label (use "
+                    "--crcd_grad_weight 0 to leave it out)")
+        return None
+
     def __init__(self, options: CRCDOptions, ctx: BuildContext):
         super().__init__()
         self.criterion = CRCDLoss(ctx.s_dim, ctx.t_dim, ctx.training_set_size(self.name), options)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import copy
+
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
@@ -14,7 +16,7 @@ from helper.errors import UserError
 
 from .needs import DataNeeds
 from .options import LOADERS, DataOptions
-from .sampling import ContrastSampler
+from .sampling import ContrastSampler, own_classes
 from .skipping import SkippingLoader, SkipUnreadable, Unreadable
 from .tensor_loader import TensorImages, TensorLoader, tensor_source
 
@@ -26,7 +28,9 @@ class DataBundle:
     train_loader batches: ``(img, target)``, ``(img, target, index)`` when the needs ask for
     ``index``, ``(img, target, index, contrast_idx)`` with a contrast need (``[B, K+1]``).
     val_loader batches: ``(img, target)``. ``index`` is the position in the training set (after
-    ``--subset``), ``n_data`` its size and ``train_labels`` (LongTensor ``[n_data]``) its labels.
+    ``--val_split`` and ``--subset``), ``n_data`` its size and ``train_labels`` (LongTensor
+    ``[n_data]``) its labels. ``holdout_loader`` (``--val_split N``, else None): batches
+    ``(img, target)`` of the N training images held out for model selection, with the test transform.
     """
 
     train_loader: DataLoader | TensorLoader
@@ -34,6 +38,7 @@ class DataBundle:
     n_data: int
     num_classes: int
     train_labels: torch.Tensor
+    holdout_loader: DataLoader | TensorLoader | None = None
 
 
 class IndexedDataset(Dataset):
@@ -72,14 +77,20 @@ class ContrastCollate:
         return img, target, index, self.sampler(index, target)
 
 
+# the seed of --val_split's held-out images: fixed, apart from --seed (as --val_subset's)
+VAL_SPLIT_SEED = 0
+
+
 def balanced_subset(labels: torch.Tensor, size: int, seed: int, flag: str = "--subset") -> torch.Tensor:
     """Positions of a class-balanced subset of ``size`` samples, in increasing order.
 
     Classes are filled in turns (one random sample of each class, in a random class order, then
     a second, ...), so class counts differ by at most one unless a class runs out of samples.
-    Depends only on ``labels``, ``size`` and ``seed``; ``flag`` names the option in errors.
+    Depends only on ``labels``, ``size`` and ``seed``; ``flag`` names the option in errors. An
+    unlabelled sample (-1) is a class of its own, so of an unlabelled set this is a uniformly
+    random subset.
     """
-    labels = torch.as_tensor(labels).long()
+    labels = own_classes(labels)
     total = labels.numel()
     if not 0 < size <= total:
         raise UserError(f"{flag} {size} is not between 1 and the number of samples ({total}): "
@@ -104,7 +115,9 @@ def make_bundle(train_set: Dataset, val_set: Dataset, train_labels: torch.Tensor
 
     ``data`` supplies ``loader``, ``batch_size``, ``num_workers``, ``subset``, ``val_subset`` and
     ``seed`` (None: a random one); ``val_subset`` picks a class-balanced validation subset that
-    does not depend on the seed. ``needs`` (the method's :class:`DataNeeds`) says whether the
+    does not depend on the seed; ``val_split`` holds out a class-balanced set of that many training
+    images (the same whatever the seed) for model selection, never trained on (see
+    :data:`VAL_SPLIT_SEED`). ``needs`` (the method's :class:`DataNeeds`) says whether the
     training batches carry ``index`` and ``contrast_idx`` (its ``contrast.k`` negatives,
     ``contrast.mode`` positives; RepDistiller's ``percent`` is ``negative_fraction``).
     ``data.loader`` ``'tensor'`` (the default): sets held in memory as CIFAR's are (uint8 ``data``,
@@ -132,15 +145,35 @@ def make_bundle(train_set: Dataset, val_set: Dataset, train_labels: torch.Tensor
         tensor_train = TensorImages(train_source, plan.indices, device=device, with_index=needs.with_index,
                                     base=train_set)
         tensor_val = TensorImages(val_source, plan.val_indices, device=device, base=val_set)
+        holdout = None
+        if plan.holdout is not None:  # training images, without the training augmentation
+            tensor_holdout = TensorImages(train_source, plan.holdout, device=device, base=train_set)
+            holdout = TensorLoader(tensor_holdout, val_batch_size,
+                                   ShardSampler(len(tensor_holdout), plan.rank, plan.world_size))
         return DataBundle(
             TensorLoader(tensor_train, data.batch_size, plan.order, augment=train_source.augment,
                          contrast=plan.contrast, seed=plan.seed, rank=plan.rank, drop_last=plan.drop_last),
             TensorLoader(tensor_val, val_batch_size, ShardSampler(len(tensor_val), plan.rank, plan.world_size)),
-            plan.n_data, num_classes, plan.labels)
+            plan.n_data, num_classes, plan.labels, holdout)
     num_workers = data.num_workers or 0
     val_workers = num_workers if val_workers is None else val_workers
+    holdout = None
+    if plan.holdout is not None:
+        holdout = _eval_loader(IndexedDataset(with_test_transform(train_set, val_set), plan.holdout), plan,
+                               val_batch_size, val_workers)
     return DataBundle(*_folder_loaders(train_set, val_set, plan, needs, data.batch_size, val_batch_size,
-                                       num_workers, val_workers), plan.n_data, num_classes, plan.labels)
+                                       num_workers, val_workers), plan.n_data, num_classes, plan.labels, holdout)
+
+
+def with_test_transform(train_set: Dataset, val_set: Dataset) -> Dataset:
+    """A shallow copy of ``train_set`` whose ``transform`` is ``val_set``'s (the held-out images
+    of ``--val_split`` are seen as the test images are)."""
+    if not hasattr(train_set, "transform") or not hasattr(val_set, "transform"):
+        raise UserError("--val_split needs a data set whose images are transformed by a 'transform' attribute "
+                        f"({type(train_set).__name__} has none): use --val_split 0")
+    held = copy.copy(train_set)
+    held.transform = val_set.transform  # type: ignore[attr-defined]
+    return held
 
 
 @dataclass
@@ -152,6 +185,7 @@ class _Plan:
     labels: torch.Tensor
     indices: torch.Tensor | None
     val_indices: torch.Tensor | None
+    holdout: torch.Tensor | None
     order: EpochSampler
     contrast: ContrastSampler | None
     drop_last: bool
@@ -167,7 +201,22 @@ def _plan(train_set: Dataset, val_set: Dataset, train_labels: torch.Tensor, data
           negative_fraction: float) -> _Plan:
     seed = int(torch.randint(0, 2**62, ())) if data.seed is None else int(data.seed)
     labels = torch.as_tensor(train_labels).long()
-    indices = balanced_subset(labels, data.subset, seed) if data.subset else None
+    holdout, indices = None, None
+    if data.val_split:  # the same images whatever the run's seed, so runs stay comparable
+        if bool((labels < 0).any()):
+            raise UserError("--val_split holds out labelled training images to choose the best epoch by their "
+                            "top-1, and this training split has no labels (--split unlabeled): use --val_split 0")
+        if data.val_split >= labels.numel():
+            raise UserError(f"--val_split {data.val_split} leaves no training images (the set has "
+                            f"{labels.numel()}): hold out fewer")
+        holdout = balanced_subset(labels, data.val_split, seed=VAL_SPLIT_SEED, flag="--val_split")
+        keep = torch.ones(labels.numel(), dtype=torch.bool)
+        keep[holdout] = False
+        indices = torch.nonzero(keep).flatten()
+    if data.subset:  # of the rows left for training
+        rows = labels if indices is None else labels[indices]
+        chosen = balanced_subset(rows, data.subset, seed)
+        indices = chosen if indices is None else indices[chosen]
     if indices is not None:
         labels = labels[indices]
     contrast = None
@@ -184,7 +233,8 @@ def _plan(train_set: Dataset, val_set: Dataset, train_labels: torch.Tensor, data
     if data.val_subset:  # the same samples whatever the run's seed, so runs stay comparable
         val_labels = torch.as_tensor(val_set.targets, dtype=torch.long)  # type: ignore[attr-defined]
         val_indices = balanced_subset(val_labels, data.val_subset, seed=0, flag="--val_subset")
-    return _Plan(seed, labels, indices, val_indices, order, contrast, drop_last, rank.rank, rank.world_size)
+    return _Plan(seed, labels, indices, val_indices, holdout, order, contrast, drop_last, rank.rank,
+                 rank.world_size)
 
 
 def _folder_loaders(train_set: Dataset, val_set: Dataset, plan: _Plan, needs: DataNeeds, batch_size: int,
@@ -199,11 +249,14 @@ def _folder_loaders(train_set: Dataset, val_set: Dataset, plan: _Plan, needs: Da
         train_view, batch_size=batch_size, sampler=plan.order, num_workers=num_workers,
         collate_fn=SkipUnreadable(collate, min_size=2), pin_memory=pin, drop_last=plan.drop_last,
         generator=torch.Generator().manual_seed(plan.seed + plan.rank))
-    val_view = IndexedDataset(val_set, plan.val_indices)
-    val_loader = SkippingLoader(
-        val_view, batch_size=val_batch_size,
-        sampler=ShardSampler(len(val_view), plan.rank, plan.world_size), num_workers=val_workers, pin_memory=pin,
+    return train_loader, _eval_loader(IndexedDataset(val_set, plan.val_indices), plan, val_batch_size, val_workers)
+
+
+def _eval_loader(view: IndexedDataset, plan: _Plan, batch_size: int, num_workers: int) -> SkippingLoader:
+    """A torchvision DataLoader of ``view`` for testing: in order, sharded across ranks without padding."""
+    return SkippingLoader(
+        view, batch_size=batch_size, sampler=ShardSampler(len(view), plan.rank, plan.world_size),
+        num_workers=num_workers, pin_memory=torch.cuda.is_available(),
         # its own generator: iterating it must not draw from the global RNG (validating
         # teachers or resuming would otherwise change the training run's augmentations)
         generator=torch.Generator().manual_seed(0), collate_fn=SkipUnreadable())
-    return train_loader, val_loader

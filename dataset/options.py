@@ -50,4 +50,7 @@ class DataOptions(SyntheticOptions):
     subset: int = option(0, "train on a class-balanced subset of N samples (0: all)", type=nonnegative_int)
     val_subset: int = option(0, "validate on a class-balanced subset of N test samples (0: all; for smoke tests)",
                              type=nonnegative_int)
+    val_split: int = option(0, "hold out N class-balanced training images (the same for every --seed), never trained "
+                            "on, and choose the best checkpoint by their top-1 instead of the test set's (0: none; "
+                            "RepDistiller's best-on-test)", type=nonnegative_int)
     seed: int | None = option(None, "random seed (default: the trial number)", type=int)

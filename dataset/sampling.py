@@ -1,7 +1,8 @@
 """Contrastive sampling for CRD: one positive and K negatives per anchor, drawn per batch.
 
 For an anchor of class ``c`` the negatives are ``K`` distinct training samples drawn uniformly
-from the samples of every other class, as in CRD. Unlike RepDistiller's per-item
+from the samples of every other class, as in CRD (an unlabelled sample, label -1, is a class of
+its own: its negatives are drawn uniformly from all the other samples). Unlike RepDistiller's per-item
 ``np.random.choice`` this works on a whole batch with tensor ops, on any device, with unequal
 class counts, and with memory ``O(B * K)`` (never ``O(B * N)``):
 
@@ -23,6 +24,22 @@ import torch
 from helper.errors import UserError
 
 from .needs import MODES
+
+UNLABELED = -1  # the label of a sample without one (an unlabelled split, --split unlabeled)
+
+
+def own_classes(labels: torch.Tensor) -> torch.Tensor:
+    """``labels`` [N] with every unlabelled sample (label -1) made a class of its own (numbered
+    after the real classes): what instance discrimination needs, where each sample's only
+    positive is itself and every other sample is a negative. Labelled samples keep their class."""
+    labels = torch.as_tensor(labels).long().flatten()
+    missing = labels < 0
+    if not bool(missing.any()):
+        return labels
+    first = int(labels.max()) + 1 if bool((~missing).any()) else 0
+    labels = labels.clone()
+    labels[missing] = first + torch.arange(int(missing.sum()), device=labels.device)
+    return labels
 
 # Rows with K > DENSE_SHARE * candidates rank random keys (cost O(candidates) < O(K / share));
 # the others take the first K distinct values of a random stream (at most about 1.4 K draws).
@@ -124,7 +141,10 @@ def _first_copies(values: torch.Tensor, width: int) -> torch.Tensor:
 class ContrastSampler:
     """Draws CRD's ``contrast_idx`` for a batch: column 0 the positive, then K negatives.
 
-    labels: LongTensor ``[N]``, the class of every training sample (index order).
+    labels: LongTensor ``[N]``, the class of every training sample (index order); an unlabelled
+    sample (-1) is a class of its own (:func:`own_classes`), so with an unlabelled training set
+    the negatives are K distinct samples drawn uniformly from all the others (instance
+    discrimination) and the positive is the sample itself in either mode.
     k: number of negatives per anchor; it must not exceed the candidates of any class present
     (``N - n_c``), else a :class:`UserError` names the largest usable value.
     mode: ``'exact'`` (the positive is the anchor itself) or ``'relax'`` (a uniformly random
@@ -140,7 +160,10 @@ class ContrastSampler:
             raise UserError(f"unknown --mode {mode!r}: use one of {', '.join(MODES)}")
         if not 0.0 < negative_fraction <= 1.0:
             raise UserError(f"the share of negatives (percent) must be in (0, 1], got {negative_fraction}")
-        labels = torch.as_tensor(labels).long().flatten()
+        raw = torch.as_tensor(labels).long().flatten()
+        labels = own_classes(raw)
+        # batches carry their labels (-1 for unlabelled samples): look the sampler's classes up instead
+        self.relabelled = bool((raw < 0).any())
         if k < 0:
             raise UserError(f"the number of negatives (--nce_k) must be >= 0, got {k}")
         self.k, self.mode = int(k), mode
@@ -153,8 +176,10 @@ class ContrastSampler:
         fewest = int(self.candidates[present].min()) if bool(present.any()) else 0
         if self.k > fewest:
             worst = int(torch.nonzero(present & (self.candidates == fewest))[0])
+            which = ("an unlabelled sample has" if self.relabelled
+                     and worst >= int(self.counts.numel()) - int((raw < 0).sum()) else f"class {worst} has")
             raise UserError(
-                f"--nce_k {self.k} is more negatives than class {worst} has "
+                f"--nce_k {self.k} is more negatives than {which} "
                 f"({fewest} samples of other classes): use --nce_k {fewest} or less")
         self.negative_table: torch.Tensor | None = None
         if negative_fraction < 1.0:
@@ -190,7 +215,10 @@ class ContrastSampler:
         when omitted). Returns ``contrast_idx``: LongTensor ``[B, K+1]`` on the sampler's device."""
         device = self.labels.device
         index = torch.as_tensor(index).long().to(device).flatten()
-        target = self.labels[index] if target is None else torch.as_tensor(target).long().to(device).flatten()
+        if target is None or self.relabelled:
+            target = self.labels[index]
+        else:
+            target = torch.as_tensor(target).long().to(device).flatten()
         if self.mode == "exact":
             positive = index
         else:

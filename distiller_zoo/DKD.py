@@ -121,6 +121,10 @@ class DKD(Distiller):
         self.criterion = DKDLoss(alpha=options.dkd_alpha, beta=options.dkd_beta, T=options.dkd_T)
         self.warmup = options.dkd_warmup
 
+    @classmethod
+    def label_need(cls, options: DKDOptions) -> str | None:
+        return "it splits the logits at each sample's labelled class (target-class and non-target-class KD)"
+
     def forward(self, s: NetOutput, t: NetOutput, batch: Batch) -> dict[str, torch.Tensor]:
         """s.logits, t.logits: [B, C]; batch.target: [B]."""
         loss = self.criterion(s.logits, t.logits, batch.target)

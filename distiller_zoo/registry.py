@@ -116,6 +116,8 @@ class Distiller(nn.Module, abc.ABC):
         preact: take stage features before their last ReLU.
         weights: published ``(gamma, alpha, beta)`` for ``-r -a -b`` (used when left out).
         has_init_stage: the method pre-trains in an init stage of ``--init_epochs`` (see :meth:`init_loss`).
+
+    :meth:`label_need` says whether (and why) the method needs the training labels.
     """
 
     name: str = ""
@@ -135,6 +137,17 @@ class Distiller(nn.Module, abc.ABC):
         """What the training batches must carry for this method with ``options`` (default: nothing
         beyond images and labels)."""
         return DataNeeds()
+
+    @classmethod
+    def label_need(cls, options) -> str | None:
+        """Why this method with ``options`` needs the training labels (a clause for the error that
+        refuses it on an unlabelled training split, ``--split unlabeled``), or None when it does
+        not. Default: a contrastive need in ``relax`` mode draws each positive from the anchor's
+        class; override for methods that read ``batch.target`` or otherwise use classes."""
+        contrast = cls.data_needs(options).contrast
+        if contrast is not None and contrast.mode == "relax":
+            return "--mode relax draws each positive from the anchor's class (use --mode exact)"
+        return None
 
     def start_epoch(self, epoch: int) -> None:
         """Called by the training loop before each epoch (e.g. for warm-up schedules)."""

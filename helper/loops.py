@@ -435,13 +435,20 @@ class Fit:
     ``<prefix>_best.pth`` and ``ckpt_epoch_N.pth`` (main stage). ``identity`` entries (e.g. digests of
     the teachers' weights) are recorded with every option of ``opt``: a resume must agree with
     them (see helper/resume.py). ``--max_steps`` counts each stage's steps apart.
+
+    Model selection: the best checkpoint is the epoch of the best test top-1 (RepDistiller's), or,
+    with a ``holdout_loader`` (``--val_split``: training images held out), the best top-1 on it
+    (``val_acc`` in the history); results.json then says ``selection: "val"`` and reports that
+    epoch (``best_val_epoch``), its held-out top-1 (``best_val_acc``) and its test top-1
+    (``best_val_test_acc``), next to ``best_acc``, still the best test top-1 of any epoch. A main
+    stage that does not validate keeps no best checkpoint: ``selection: "last"``.
     """
 
     def __init__(self, opt, *, stages: list[Stage], modules: dict[str, nn.Module], train_loader, val_loader,
                  runtime: Runtime, run: RunLog, prefix: str, static: dict[str, Any] | None = None,
-                 identity: dict[str, Any] | None = None) -> None:
+                 identity: dict[str, Any] | None = None, holdout_loader=None) -> None:
         self.opt, self.stages, self.modules = opt, list(stages), modules
-        self.train_loader, self.val_loader = train_loader, val_loader
+        self.train_loader, self.val_loader, self.holdout_loader = train_loader, val_loader, holdout_loader
         self.runtime, self.run, self.static = runtime, run, static or {}
         self.folder = Path(run.folder)
         self.last_name, self.best_name = checkpoint_names(prefix)
@@ -450,6 +457,7 @@ class Fit:
             stage.budget = StepBudget(opt.max_steps)
         self.scaler = runtime.grad_scaler()
         self.best_acc, self.best_top5, self.last = 0.0, 0.0, {}
+        self.selected: dict[str, Any] | None = None  # the held-out selection's epoch and accuracies
         self.current, self.skip_batches, self.carry = 0, 0, None
         self._loader_state_at_epoch_start = self._loader_state()
 
@@ -490,6 +498,7 @@ class Fit:
             "resume": {
                 "batches_done": batches_done, "epoch_stats": stats.state_dict() if stats else None,
                 "steps": self.main.budget.done, "best_acc_top5": self.best_top5, "last": self.last,
+                "selected": self.selected,
                 "history": self.run.history, "sessions": self.run.sessions, "options": self.options,
                 "wall_time_s": self.run.elapsed(), "scaler": self.scaler.state_dict(),
                 "world_size": self.runtime.dist.world_size, "per_rank": per_rank, "stage": self.current,
@@ -519,6 +528,7 @@ class Fit:
         self.scaler.load_state_dict(resume["scaler"])
         self.main.epochs_done, self.best_acc = epochs_done, float(state["best_acc"])
         self.best_top5, self.last = resume["best_acc_top5"], resume["last"] or {}
+        self.selected = resume.get("selected")
         self.main.budget.done = resume["steps"]
         self.skip_batches = resume["batches_done"]
         self.carry = EpochStats(resume["epoch_stats"]) if resume["epoch_stats"] else None
@@ -595,16 +605,28 @@ class Fit:
         self._guard_weights(f"epoch {epoch}")
         distributed.broadcast_buffers(self.modules["model"])
         self.last = evaluate(self.modules["model"], self.val_loader, self.runtime.device, self.runtime)
+        if self.holdout_loader is not None:
+            held = evaluate(self.modules["model"], self.holdout_loader, self.runtime.device, self.runtime)
+            self.last.update({name.replace("test_", "val_"): value for name, value in held.items()})
         if not math.isfinite(self.last["test_loss"]):
             raise NonFiniteLoss(f"the test loss became non-finite after epoch {epoch} "
                                 f"(train loss {train_stats['train_loss']:.6g}): the weights blew up; the run "
                                 "stopped and its checkpoints were left as they were: lower --learning_rate")
 
     def _is_best(self, epoch: int) -> bool:
-        is_best = self.last["test_acc"] > self.best_acc or (epoch == 1 and not self.run.history)
-        if is_best:
+        """Whether this epoch's checkpoint is the new best (by test top-1, or held-out top-1 with a
+        holdout loader); keeps the best test top-1 either way."""
+        first = epoch == 1 and not self.run.history
+        best_on_test = self.last["test_acc"] > self.best_acc or first
+        if best_on_test:
             self.best_acc, self.best_top5 = self.last["test_acc"], self.last["test_acc_top5"]
-        return is_best
+        if self.holdout_loader is None:
+            return best_on_test
+        if not (first or self.selected is None or self.last["val_acc"] > self.selected["val_acc"]):
+            return False
+        self.selected = {"epoch": epoch, "val_acc": self.last["val_acc"], "test_acc": self.last["test_acc"],
+                         "test_acc_top5": self.last["test_acc_top5"]}
+        return True
 
     def _stop(self, signum: int, where: str, state: dict[str, Any]) -> None:
         self._save(state, [self.last_name])
@@ -724,12 +746,31 @@ class Fit:
             summary["stopped_by"] = f"--max_steps {stage.budget.max_steps}{where}"
         if len(self.stages) > 1:
             summary["stages"] = [s.progress() for s in self.stages]
+        best = {"best_acc": self.best_acc, "best_acc_top5": self.best_top5}
+        if not self.main.validates:
+            best = {"best_acc": None, "best_acc_top5": None, "selection": "last"}
+        elif self.holdout_loader is not None:
+            chosen = self.selected or {}
+            best.update(selection="val", val_split=len(self.holdout_loader.dataset),
+                        best_val_epoch=chosen.get("epoch"), best_val_acc=chosen.get("val_acc"),
+                        best_val_test_acc=chosen.get("test_acc"), best_val_test_acc_top5=chosen.get("test_acc_top5"))
         results = self.run.save(
             "finished" if finished else "stopped", epochs_run=self.main.epochs_done, steps=self.main.budget.done,
             images_skipped=sum(h.get("images_skipped", 0) for h in self.run.history),
             last_acc=self.last.get("test_acc"), last_acc_top5=self.last.get("test_acc_top5"),
-            best_acc=self.best_acc, best_acc_top5=self.best_top5, device=str(self.runtime.device),
+            **best, device=str(self.runtime.device),
             world_size=self.runtime.dist.world_size, amp=self.runtime.amp,
             images_per_s=sum(images_per_s) / max(len(images_per_s), 1), **summary)
         self.run.close()
         return results
+
+
+def best_line(results: dict) -> str:
+    """The best checkpoint's accuracies for the closing line: best test top-1, or with
+    ``--val_split`` the epoch chosen on the held-out images and its test top-1."""
+    if results.get("selection") != "val":
+        return f"best top-1 {results['best_acc']:.2f}"
+    if results.get("best_val_epoch") is None:
+        return "no epoch chosen on the held-out images yet"
+    return (f"best on val: epoch {results['best_val_epoch']} (val top-1 {results['best_val_acc']:.2f}, test top-1 "
+            f"{results['best_val_test_acc']:.2f}); best on test top-1 {results['best_acc']:.2f}")

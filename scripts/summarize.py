@@ -65,6 +65,7 @@ class Run:
     last_acc: float | None
     best_acc: float | None
     curve: dict[int, float] = field(default_factory=dict)   # epoch -> test top-1
+    selection: str = "test"   # how its best epoch was chosen: on the test set, "val" (--val_split), "last" (not tested)
 
 
 @dataclass
@@ -222,6 +223,9 @@ def load_run(path: Path) -> Run:
             curve[record["epoch"]] = acc
     last = number(data.get("last_acc"))
     best = number(data.get("best_acc"))
+    selection = data.get("selection") if data.get("selection") in ("val", "last") else "test"
+    if selection == "val":  # the test top-1 of the epoch chosen on the held-out images
+        best = number(data.get("best_val_test_acc"))
     if last is None and curve:
         last = curve[max(curve)]
     if best is None and curve:
@@ -229,7 +233,7 @@ def load_run(path: Path) -> Run:
     return Run(path=path, label=str(label).lower(), pair=str(pair), model=str(model or split_pair(pair)[1]),
                model_t=model_t, dataset=str(data.get("dataset") or data.get("args", {}).get("dataset") or ""),
                trial=str(data.get("trial", "")), status=str(data.get("status") or "unknown"),
-               last_acc=last, best_acc=best, curve=curve)
+               last_acc=last, best_acc=best, curve=curve, selection=selection)
 
 
 def collect_runs(folder: Path) -> list[Run]:
@@ -265,9 +269,16 @@ def select_runs(runs: list[Run], dataset: str | None, include_running: bool) -> 
         runs = [r for r in runs if r.status == "finished"]
     for run in runs:
         if run.last_acc is None:
-            notes.append(f"{run.path} left out: no test accuracy yet")
+            why = ("not tested (its test set has other classes; evaluate it with a linear probe)"
+                   if run.selection == "last" else "no test accuracy yet")
+            notes.append(f"{run.path} left out: {why}")
         else:
             kept.append(run)
+    chosen = [r for r in kept if r.selection == "val"]
+    if chosen:
+        notes.append(f"best of {len(chosen)} of the {len(kept)} run(s): the test top-1 of the epoch with the best "
+                     "top-1 on held-out training images (--val_split), not the best test top-1"
+                     + ("" if len(chosen) == len(kept) else "; of the others: the best test top-1"))
     return kept, notes
 
 
