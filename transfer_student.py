@@ -321,7 +321,7 @@ def train_probe(classifier: nn.Linear, batches, test, opt, *, epochs: int, run: 
             break
     return {"last_acc": history[-1]["test_acc"], "last_acc_top5": history[-1]["test_acc_top5"],
             "best_acc": best, "best_epoch": max(history, key=lambda r: r["test_acc"])["epoch"],
-            "epochs_done": len(history), "history": history}
+            "epochs_done": len(history), "steps": steps, "history": history}
 
 
 @exit_on_user_error
