@@ -17,7 +17,8 @@ from models.fold import fold_batchnorm
 def teacher_name_from_path(path: str) -> str:
     """The architecture RepDistiller reads from a teacher path: the run folder's name up to the
     first '_' (``resnet32x4_vanilla/ckpt_epoch_240.pth`` -> ``resnet32x4``), or its first three
-    parts for WRNs (``wrn_40_2_vanilla`` -> ``wrn_40_2``)."""
+    parts for WRNs (``wrn_40_2_vanilla`` -> ``wrn_40_2``); in a student's folder
+    (``S:wrn_16_2_T:wrn_40_2_cifar100_kd_...``) the student's model, after ``S:``."""
     name = Path(path).parent.name
     if name.startswith("S:") and "_T:" in name:  # RepDistiller's student folder: S:<model>_T:<teacher>_...
         return name[2:].split("_T:")[0]
