@@ -16,6 +16,7 @@ args.json and the classifier's ``probe_last.pth``).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -268,6 +269,23 @@ class LiveBatches:
 # ----------------------------------------------------------------------------- the probe
 
 
+@contextlib.contextmanager
+def one_thread(runtime: Runtime | None) -> Iterator[None]:
+    """Run the block with one torch thread on the CPU (``runtime`` None: unchanged). Training a
+    linear layer on cached features is a stream of tiny ops, for which splitting over threads only
+    costs synchronisations (ruinous when other processes hold the cores)."""
+    before = torch.get_num_threads()
+    if runtime is None or runtime.device.type != "cpu" or before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+
 def evaluate(classifier: nn.Linear, test: FeatureSet, batch_size: int = 1024) -> dict[str, float]:
     """Test loss, top-1 and top-5 (%) of ``classifier`` on cached features."""
     loss, top1, top5 = 0.0, 0, 0
@@ -377,7 +395,8 @@ def probe(opt, runtime: Runtime) -> dict:
             return extract(backbone, data.val_loader, runtime, test_timer)
     else:
         test = extract(backbone, data.val_loader, runtime, test_timer)
-    results = train_probe(classifier, batches, test, opt, epochs=opt.epochs, run=run, max_steps=opt.max_steps)
+    with one_thread(runtime if not augment and not bn_train else None):
+        results = train_probe(classifier, batches, test, opt, epochs=opt.epochs, run=run, max_steps=opt.max_steps)
     wall = time.perf_counter() - start
     save_checkpoint({"classifier": classifier.state_dict(), "feat_dim": feat_dim, "num_classes": data.num_classes,
                      "arch": arch, "source": str(path), "dataset": opt.dataset, "epoch": results["epochs_done"],
