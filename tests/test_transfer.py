@@ -49,9 +49,9 @@ def probe(path: Path, save: Path, *extra: str) -> dict:
 def test_trained_features_probe_far_above_random(sources, tmp_path):
     trained = probe(sources["trained"], tmp_path, "--no_augment")
     random_net = probe(sources["random"], tmp_path, "--no_augment")
-    # measured: 85-90 % against 25 % (10 classes: chance 10 %)
+    # measured: 70 % against 17 % (10 classes: chance 10 %; 15 epochs on cached features)
     assert trained["last_acc"] >= random_net["last_acc"] + 30, (trained["last_acc"], random_net["last_acc"])
-    assert trained["last_acc"] >= 60
+    assert trained["last_acc"] >= 50
 
 
 def test_results_json_fields(sources, tmp_path):
