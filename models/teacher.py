@@ -7,18 +7,22 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from helper.checkpoint import load_checkpoint, load_weights, nonfinite_tensors
+from helper.checkpoint import _strip_prefixes, load_checkpoint, load_weights, nonfinite_tensors
 from helper.errors import UserError
 from helper.runtime import Runtime
-from models import build_model, model_dict
+from models import build_model, get_classifier, model_dict
 from models.fold import fold_batchnorm
 
 
 def teacher_name_from_path(path: str) -> str:
     """The architecture RepDistiller reads from a teacher path: the run folder's name up to the
     first '_' (``resnet32x4_vanilla/ckpt_epoch_240.pth`` -> ``resnet32x4``), or its first three
-    parts for WRNs (``wrn_40_2_vanilla`` -> ``wrn_40_2``)."""
-    segments = Path(path).parent.name.split("_")
+    parts for WRNs (``wrn_40_2_vanilla`` -> ``wrn_40_2``); in a student's folder
+    (``S:wrn_16_2_T:wrn_40_2_cifar100_kd_...``) the student's model, after ``S:``."""
+    name = Path(path).parent.name
+    if name.startswith("S:") and "_T:" in name:  # RepDistiller's student folder: S:<model>_T:<teacher>_...
+        return name[2:].split("_T:")[0]
+    segments = name.split("_")
     if segments[0] != "wrn":
         return segments[0]
     return "_".join(segments[:3])
@@ -60,6 +64,51 @@ def load_teacher(path: str, num_classes: int, dataset: str = "cifar100") -> tupl
                             f"put it in <model>_vanilla/ with the model it holds") from None
     check_finite_weights(model, path)
     return model, arch
+
+
+# what load_backbone reports about a checkpoint besides its weights (plain values only)
+CHECKPOINT_FACTS = ("arch", "dataset", "num_classes", "distill", "model_t", "epoch", "accuracy", "best_acc", "view")
+
+
+def checkpoint_classes(state: dict, arch: str, path: str) -> int:
+    """The number of classes of the network saved in ``state`` (a loaded checkpoint of ``arch``):
+    its ``'num_classes'`` entry (our checkpoints), else the output size of the classifier's weight
+    in its ``'model'`` state dict (RepDistiller's ``{'model': state_dict}`` files)."""
+    saved = state.get("num_classes")
+    if isinstance(saved, int) and not isinstance(saved, bool) and saved > 0:
+        return saved
+    with torch.random.fork_rng(devices=[]):
+        probe = build_model(arch, num_classes=1, dataset=state.get("dataset") or "cifar100")
+    head = get_classifier(probe)
+    name = next(n for n, m in probe.named_modules() if m is head)
+    weights = {_strip_prefixes(k): v for k, v in state["model"].items()}
+    weight = weights.get(f"{name}.weight")
+    if weight is None or weight.dim() != 2:
+        raise UserError(f"cannot tell the number of classes of the network in '{path}': it has no 'num_classes' "
+                        f"entry and no classifier weight '{name}.weight' of {arch}; is it a checkpoint of {arch}?")
+    return int(weight.shape[0])
+
+
+def load_backbone(path: str) -> tuple[nn.Module, str, dict]:
+    """Build and load any network checkpoint of ours or RepDistiller's (teacher or student) with
+    the checkpoint's own number of classes (:func:`checkpoint_classes`); the architecture is read
+    as for a teacher (:func:`load_teacher`). Returns ``(model, arch, facts)``, ``facts`` being the
+    checkpoint's plain entries of :data:`CHECKPOINT_FACTS` that it has. Every problem raises
+    :class:`UserError`."""
+    if not path:
+        raise UserError("no checkpoint given: name a .pth file of train_teacher.py, train_student.py or RepDistiller")
+    state = load_checkpoint(path)
+    if "model" not in state:
+        raise UserError(f"'{path}' has no 'model' entry: it is not a checkpoint of train_teacher.py, "
+                        "train_student.py or RepDistiller")
+    arch = state.get("arch") or teacher_name_from_path(path)
+    # an unknown architecture: load_teacher says so in its own words
+    num_classes = checkpoint_classes(state, arch, path) if arch in model_dict else 1
+    model, arch = load_teacher(path, num_classes, state.get("dataset") or "cifar100")
+    facts = {k: state[k] for k in CHECKPOINT_FACTS
+             if isinstance(state.get(k), (str, int, float)) and not isinstance(state.get(k), bool)}
+    facts.update(arch=arch, num_classes=num_classes)
+    return model, arch, facts
 
 
 def check_finite_weights(model: nn.Module, path: str) -> None:

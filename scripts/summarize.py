@@ -18,6 +18,14 @@ and writes into ``--out`` (default: the scanned folder):
   tick) and ``curves_<pair>.png`` (test top-1 per epoch, mean over trials), if matplotlib imports;
   for a data set other than cifar100 ``accuracy_<dataset>_<pair>.png`` and ``curves_<dataset>_<pair>.png``.
 
+Linear probes (``transfer_student.py``, role ``transfer`` in results.json) are left out of that
+table and make the transfer table instead: one section per (source data set, teacher->student
+pair), a row per method of the probed network's run (its label; a vanilla run of the pair's teacher
+is the ``teacher`` row, of its student the ``student`` row), a column per target set (mean ± std of
+the last-epoch probe top-1 over trials and n), beside the published numbers of the paper's
+``transfer`` tables and the difference; ``transfer.csv`` holds the same at full precision with the
+best epoch's too.
+
 Name mapping: a run's ``label`` (``kd``, ``crd``, ``crd+kd``, ...) is the paper's row name; a
 vanilla run of model M (``train_teacher.py``) is the ``teacher`` row of every pair whose teacher
 is M and the ``student`` row of every pair whose student is M; a vanilla model in none of our
@@ -66,6 +74,8 @@ class Run:
     best_acc: float | None
     curve: dict[int, float] = field(default_factory=dict)   # epoch -> test top-1
     selection: str = "test"   # how its best epoch was chosen: on the test set, "val" (--val_split), "last" (not tested)
+    role: str = ""                             # "transfer" for a linear probe (then dataset is the target set)
+    source_dataset: str = ""                   # a probe's: the data set its network was trained on
 
 
 @dataclass
@@ -101,6 +111,9 @@ class PaperTable:
     values: dict[tuple[str, str], float | None] = field(default_factory=dict)
     pairs: list[str] = field(default_factory=list)
     methods: list[str] = field(default_factory=list)
+    # linear probes: (pair, method, target set) -> float or None, and the targets' order
+    transfer: dict[tuple[str, str, str], float | None] = field(default_factory=dict)
+    targets: list[str] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- paper tables
@@ -140,17 +153,34 @@ def table_cells(line: str) -> list[str]:
     return [c.strip() for c in line.strip().strip("|").split("|")]
 
 
+TRANSFER_HEADER = "transfer "   # first header cell of a transfer table: "transfer <teacher→student>"
+
+
+def target_name(text: str) -> str:
+    """A target set's column heading as our data set's name: ``Tiny-ImageNet`` -> ``tinyimagenet``."""
+    return re.sub(r"[^a-z0-9]", "", text.lower())
+
+
 def parse_paper_tables(text: str) -> PaperTable:
     """Every Markdown table of ``text`` whose columns after the first are teacher→student pairs;
-    the first column holds the method names (lower-cased)."""
+    the first column holds the method names (lower-cased). A table whose first heading is
+    ``transfer <teacher→student>`` holds linear-probe numbers, its columns target sets
+    (``PaperTable.transfer``)."""
     paper = PaperTable()
     header: list[str] | None = None
+    transfer_pair: str | None = None
     for line in text.splitlines():
         if not line.strip().startswith("|"):
             header = None
             continue
         cells = table_cells(line)
+        if header is None and cells[0].lower().startswith(TRANSFER_HEADER):
+            transfer_pair = normalise_pair(cells[0][len(TRANSFER_HEADER):])
+            header = [target_name(c) for c in cells[1:]]
+            paper.targets += [t for t in header if t not in paper.targets]
+            continue
         if header is None:
+            transfer_pair = None
             pairs = cells[1:]
             header = [normalise_pair(c) for c in pairs] if pairs and all(
                 PAPER_ARROW in c or ARROW in c for c in pairs) else []
@@ -159,6 +189,10 @@ def parse_paper_tables(text: str) -> PaperTable:
         if not header or set("".join(cells)) <= set("-: "):   # not a pair table, or the |---| line
             continue
         method = cells[0].strip().lower()
+        if transfer_pair is not None:
+            for target, cell in zip(header, cells[1:]):
+                paper.transfer[(transfer_pair, method, target)] = parse_cell(cell)
+            continue
         if method not in paper.methods:
             paper.methods.append(method)
         for pair, cell in zip(header, cells[1:]):
@@ -230,10 +264,12 @@ def load_run(path: Path) -> Run:
         last = curve[max(curve)]
     if best is None and curve:
         best = max(curve.values())
+    source = data.get("source") if isinstance(data.get("source"), dict) else {}
     return Run(path=path, label=str(label).lower(), pair=str(pair), model=str(model or split_pair(pair)[1]),
                model_t=model_t, dataset=str(data.get("dataset") or data.get("args", {}).get("dataset") or ""),
                trial=str(data.get("trial", "")), status=str(data.get("status") or "unknown"),
-               last_acc=last, best_acc=best, curve=curve, selection=selection)
+               last_acc=last, best_acc=best, curve=curve, selection=selection, role=str(data.get("role") or ""),
+               source_dataset=str(source.get("dataset") or ""))
 
 
 def collect_runs(folder: Path) -> list[Run]:
@@ -429,6 +465,118 @@ def write_csv(sections: list[Section], path: Path) -> None:
                                                    ";".join(r.trial for r in row.runs))])
 
 
+# ----------------------------------------------------------------------------- transfer (linear probes)
+
+TRANSFER_ROLE = "transfer"
+
+
+@dataclass
+class TransferRow:
+    """One method of a transfer table: its probes by target set, and the published numbers."""
+    method: str
+    runs: dict[str, list[Run]]                  # target set -> probes (over trials)
+    paper: dict[str, float | None]              # target set -> published top-1
+
+
+@dataclass
+class TransferTable:
+    """The linear probes of one (source data set, teacher->student pair)."""
+    source_dataset: str
+    pair: str
+    targets: list[str]
+    rows: list[TransferRow]
+    with_paper: bool
+
+
+def group_transfer(runs: list[Run], paper: PaperTable | None) -> list[TransferTable]:
+    """The probes by (source data set, pair) and then (method, target): a probe of a distilled
+    network goes to its own pair and label; a probe of a vanilla network of model M to the
+    ``teacher`` row of every pair (of the probes' and the paper's, for the same source set) whose
+    teacher is M and to the ``student`` row of every pair whose student is M, or to its own
+    (M, "vanilla") row if none. Published numbers only for the paper's source set (cifar100)."""
+    cells: dict[tuple[str, str], dict[str, dict[str, list[Run]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    paper_pairs = sorted({p for p, _, _ in (paper.transfer if paper else {})})
+    for source in sorted({r.source_dataset for r in runs}):
+        members = [r for r in runs if r.source_dataset == source]
+        pairs = sorted({r.pair for r in members if ARROW in r.pair} | set(paper_pairs if source == PAPER_DATASET else ()))
+        for run in members:
+            if ARROW in run.pair:
+                keys = [(run.pair, run.label)]
+            else:
+                keys = [(p, TEACHER_ROW) for p in pairs if split_pair(p)[0] == run.model]
+                keys += [(p, STUDENT_ROW) for p in pairs if split_pair(p)[1] == run.model]
+            for pair, method in keys or [(run.pair, run.label)]:
+                cells[(source, pair)][method][run.dataset].append(run)
+    tables = []
+    for (source, pair) in sorted(cells, key=lambda k: (k[0] != PAPER_DATASET, k[0], ARROW not in k[1], k[1])):
+        by_method = cells[(source, pair)]
+        published = {(m, t): v for (p, m, t), v in (paper.transfer if paper else {}).items()
+                     if p == pair and source == PAPER_DATASET}
+        ran_targets = {t for targets in by_method.values() for t in targets}
+        paper_targets = [t for t in (paper.targets if paper else []) if any(k[1] == t for k in published)]
+        targets = paper_targets + sorted(ran_targets - set(paper_targets))
+        paper_methods = list(dict.fromkeys(m for m, _ in published))
+        methods = paper_methods + sorted(set(by_method) - set(paper_methods))
+        rows = [TransferRow(m, {t: by_method.get(m, {}).get(t, []) for t in targets},
+                            {t: published.get((m, t)) for t in targets}) for m in methods]
+        tables.append(TransferTable(source, pair, targets, rows, bool(published)))
+    return tables
+
+
+def transfer_markdown(tables: list[TransferTable], paper_source: str | None) -> list[str]:
+    """The transfer tables as Markdown: per table a heading, then per target set the mean ± std
+    of the last-epoch probe top-1 with n, and (for the paper's pairs) paper and Δ."""
+    lines: list[str] = []
+    for table in tables:
+        count = sum(len(v) for row in table.rows for v in row.runs.values())
+        title = (f"## transfer: {display_pair(table.pair)} trained on {dataset_name(table.source_dataset)}, "
+                 f"linear probes: {count} run(s)")
+        if table.with_paper and paper_source:
+            title += f", beside the published numbers ({paper_source})"
+        header = ["method"]
+        for target in table.targets:
+            header += [f"{target} (n)"] + (["paper", "Δ"] if table.with_paper else [])
+        lines += ["", title, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for row in table.rows:
+            cells = [row.method]
+            for target in table.targets:
+                runs = row.runs[target]
+                stats = mean_std(r.last_acc for r in runs)
+                cells.append(f"{fmt_mean_std(stats, len(runs))} ({len(runs)})" if runs else DASH)
+                if table.with_paper:
+                    paper = row.paper[target]
+                    cells += [fmt(paper), fmt(None if stats[0] is None or paper is None else stats[0] - paper,
+                                              signed=True)]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+TRANSFER_CSV_FIELDS = ["source_dataset", "pair", "teacher", "student", "method", "target", "n", "last_mean", "last_std",
+                       "best_mean", "best_std", "paper", "diff", "trials"]
+
+
+def write_transfer_csv(tables: list[TransferTable], path: Path) -> None:
+    """The transfer tables as CSV, one row per (source data set, pair, method, target set)."""
+    def cell(value):
+        return "" if value is None else repr(value) if isinstance(value, float) else value
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(TRANSFER_CSV_FIELDS)
+        for table in tables:
+            teacher, student = split_pair(table.pair)
+            for row in table.rows:
+                for target in table.targets:
+                    runs = row.runs[target]
+                    (last_mean, last_std), (best_mean, best_std) = (mean_std(r.last_acc for r in runs),
+                                                                    mean_std(r.best_acc for r in runs))
+                    paper = row.paper[target]
+                    diff = None if last_mean is None or paper is None else last_mean - paper
+                    writer.writerow([cell(v) for v in (table.source_dataset, table.pair, teacher, student, row.method,
+                                                       target, len(runs), last_mean, last_std, best_mean, best_std,
+                                                       paper, diff, ";".join(r.trial for r in runs))])
+
+
 # ----------------------------------------------------------------------------- plots
 
 
@@ -546,14 +694,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.folder} is not a folder", file=sys.stderr)
         return 1
     runs = collect_runs(args.folder)
+    probes = [r for r in runs if r.role == TRANSFER_ROLE]
+    runs = [r for r in runs if r.role != TRANSFER_ROLE]
     kept, notes = select_runs(runs, args.dataset, args.include_running)
-    if not kept:
+    probes, probe_notes = select_runs(probes, None, args.include_running)
+    notes += [f"linear probes: {note}" for note in probe_notes]
+    if not kept and not probes:
         of = f" of {args.dataset}" if args.dataset is not None else ""
         print(f"error: no {'' if args.include_running else 'finished '}runs{of} under "
               f"{args.folder} ({len(runs)} results.json read)" + "".join(f"; {n}" for n in notes), file=sys.stderr)
         return 1
     split = split_by_dataset(kept)
-    paper = load_paper(args.paper) if PAPER_DATASET in split else None
+    wants_paper = PAPER_DATASET in split or any(r.source_dataset == PAPER_DATASET for r in probes)
+    paper = load_paper(args.paper) if wants_paper else None
     source = None if paper is None else "scripts/paper_tables.md" if args.paper == DEFAULT_PAPER else str(args.paper)
     sections = [Section(dataset, build_rows(group_runs(members), paper if dataset == PAPER_DATASET else None),
                         source if dataset == PAPER_DATASET else None, len(members))
@@ -563,7 +716,13 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     counts = ", ".join(f"{dataset_name(s.dataset)} {s.runs}" for s in sections)
     notes.insert(0, f"{len(kept)} run(s) counted from {args.folder} ({counts})")
+    if probes:
+        notes.insert(1, f"{len(probes)} linear probe(s) counted (transfer tables; transfer.csv)")
     text = markdown_document(sections, folder=args.folder, notes=notes)
+    transfer = group_transfer(probes, paper)
+    if transfer:
+        text += "\n".join(transfer_markdown(transfer, source)) + "\n"
+        write_transfer_csv(transfer, out / "transfer.csv")
     (out / "summary.md").write_text(text, encoding="utf-8")
     write_csv(sections, out / "summary.csv")
     print(text)

@@ -16,12 +16,13 @@ import pytest
 
 import train_student
 import train_teacher
+import transfer_student
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # appended to the commands that run for real: a couple of steps, a small validation set
 TINY = ["--max_steps", "2", "--val_subset", "100", "--batch_size", "16"]
-SCRIPTS = {"train_teacher.py": train_teacher, "train_student.py": train_student}
+SCRIPTS = {"train_teacher.py": train_teacher, "train_student.py": train_student, "transfer_student.py": transfer_student}
 DRY_RUN_SCRIPTS = ("run_cifar_vanilla.sh", "run_cifar_distill.sh", "run_imagenet_distill.sh")
 
 

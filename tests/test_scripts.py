@@ -166,6 +166,59 @@ def test_distill_runs_the_commands_and_stops_or_keeps_going(tmp_path):
     assert out.returncode == 1 and out.stderr.count("failed (exit 1)") == 2
 
 
+# ---------------------------------------------------------------- run_transfer.sh
+TRANSFER_ROWS = {"kd", "attention", "hint", "crd", "crd+kd", "dcd", "dcd+kd"}
+
+
+def test_transfer_distils_trains_the_student_alone_and_probes_each(tmp_path):
+    import transfer_student
+    out = script("run_transfer.sh", "--epochs", "2", TRIALS="2", TARGETS="synthetic cifar100", DRY_RUN="1",
+                 PROBE_FLAGS="--no_augment", TRAIN_FLAGS="--data_folder ./cifar")
+    probes = [transfer_student.parse_option(argv) for argv in commands(out, "transfer_student.py")]
+    assert all(p.no_augment and p.epochs == 2 and p.save_folder == "save/transfer" for p in probes)
+    probed = {(Path(p.path_s).parent.name, p.dataset, str(p.trial)) for p in probes}
+    assert len(probes) == len(probed) == 2 * 2 * (1 + 1 + 7)  # trials x targets x (teacher, student, methods)
+    teacher = "./save/models/wrn_40_2_vanilla/ckpt_epoch_240.pth"
+    assert {p.trial for p in probes if p.path_s == teacher} == {1, 2}
+    labels = set()
+    for argv in commands(out, "train_student.py"):
+        opt = train_student.parse_option(argv)
+        assert (opt.path_t, opt.model_s, opt.dataset, opt.data_folder, opt.epochs, opt.resume) == \
+            (teacher, "wrn_16_2", "cifar100", "./cifar", 2, "auto")
+        labels.add((LABEL[(opt.distill, opt.gamma, opt.alpha, opt.beta)], opt.trial))
+        # the probes read the checkpoint where train_student.py writes it
+        folder = train_student.run_name(opt, "wrn_40_2")
+        assert {(folder, t, opt.trial) for t in ("synthetic", "cifar100")} <= probed
+        assert all(p.path_s == f"./save/student_model/{folder}/wrn_16_2_last.pth"
+                   for p in probes if Path(p.path_s).parent.name == folder)
+    assert labels == {(m, t) for m in TRANSFER_ROWS for t in ("1", "2")}
+    alone = [train_teacher.parse_option(argv) for argv in commands(out, "train_teacher.py")]
+    assert [(o.model, o.dataset, o.trial) for o in alone] == [("wrn_16_2", "cifar100", 1), ("wrn_16_2", "cifar100", 2)]
+    assert {(Path(o.save_path).name, "synthetic", str(o.trial)) for o in alone} <= probed
+    # the defaults: both target sets of the table
+    out = script("run_transfer.sh", TRIALS="1", METHODS="kd", DRY_RUN="1")
+    targets = [argv[argv.index("--dataset") + 1] for argv in commands(out, "transfer_student.py")]
+    assert targets == ["stl10", "tinyimagenet"]
+
+
+def test_transfer_reuses_finished_runs_and_refuses_bad_selections(tmp_path):
+    finished = tmp_path / "student_model" / "S:wrn_16_2_T:wrn_40_2_cifar100_crd_r:1_a:0.0_b:0.8_1"
+    finished.mkdir(parents=True)
+    (finished / "results.json").write_text('{"status": "finished"}')
+    (finished / "wrn_16_2_last.pth").write_bytes(b"x")
+    out = script("run_transfer.sh", TRIALS="1", METHODS="crd crd+kd", TARGETS="synthetic", DRY_RUN="1",
+                 STUDENT_DIR=str(tmp_path / "student_model"))
+    trained = [argv[argv.index("-a") + 1] for argv in commands(out, "train_student.py")]
+    assert trained == ["1"] and f"reuse: {finished}" in out.stderr  # crd reused, crd+kd trained
+    assert len(commands(out, "transfer_student.py")) == 2
+    out = script("run_transfer.sh", METHODS="crd nope", DRY_RUN="1", check=False)
+    assert out.returncode == 2 and "unknown method 'nope'" in out.stderr and not out.stdout
+    out = script("run_transfer.sh", TARGETS="mnist", DRY_RUN="1", check=False)
+    assert out.returncode == 2 and "unknown target set 'mnist'" in out.stderr
+    out = script("run_transfer.sh", TEACHER_DIR=str(tmp_path), PYTHON="false", check=False)
+    assert out.returncode == 2 and "teacher checkpoint missing" in out.stderr
+
+
 # ---------------------------------------------------------------- run_cifar_vanilla.sh
 def test_vanilla_trains_every_teacher_and_student_with_the_recipe():
     out = script("run_cifar_vanilla.sh", "--amp", "bf16", DRY_RUN="1")
@@ -546,6 +599,7 @@ def sh_cases(release_root: Path) -> dict[str, tuple[tuple[str, ...], dict[str, s
                                                                           DRY_RUN="1")),
         "run_imagenet_distill.sh": (("--amp", "bf16",), dict(DRY_RUN="1", TEACHER="/t/teacher.pth", NPROC="4",
                                                              METHODS="kd crd")),
+        "run_transfer.sh": (("--device", "it's cpu"), dict(DRY_RUN="1", TRIALS="1", METHODS="teacher student crd+kd")),
         "fetch_pretrained_teachers.sh": ((), dict(NAMES="resnet8 resnet14 bad-name",
                                                   ARCHIVE_URL=str(release_root / "cifar_teachers.tar"))),
     }
@@ -553,7 +607,7 @@ def sh_cases(release_root: Path) -> dict[str, tuple[tuple[str, ...], dict[str, s
 
 def test_every_user_script_starts_with_the_bash_guard():
     assert USER_SCRIPTS == ["fetch_pretrained_teachers.sh", "gpu_check.sh", "run_cifar_distill.sh",
-                            "run_cifar_vanilla.sh", "run_imagenet_distill.sh"]
+                            "run_cifar_vanilla.sh", "run_imagenet_distill.sh", "run_transfer.sh"]
     for name in USER_SCRIPTS:
         lines = (ROOT / "scripts" / name).read_text().splitlines()
         code = [i for i, line in enumerate(lines) if line.strip() and not line.startswith("#")]

@@ -230,3 +230,67 @@ def test_plots_skipped_without_matplotlib(runs_dir, tmp_path, monkeypatch, capsy
     assert summarize.main([str(runs_dir), "--out", str(tmp_path)]) == 0
     assert "plots skipped" in capsys.readouterr().err
     assert (tmp_path / "summary.md").exists() and not list(tmp_path.glob("*.png"))
+
+
+def write_probe(folder: Path, *, label: str, model: str, model_t: str | None, target: str, trial: int, last: float,
+                best: float | None = None, source_dataset: str = "cifar100", status: str = "finished") -> None:
+    """A results.json as transfer_student.py writes it (role transfer; dataset = the target set)."""
+    source_role = "student" if model_t else "teacher"
+    name = f"{model_t}_{model}_{label}_{target}_probe_trial_{trial}_{source_dataset}"
+    data = {"role": "transfer", "method": label.split("+")[0], "label": label, "model": model, "model_t": model_t,
+            "pair": f"{model_t}->{model}" if model_t else model, "dataset": target, "target": target,
+            "trial": str(trial), "status": status, "last_acc": last, "best_acc": best if best is not None else last,
+            "history": [{"epoch": 1, "test_acc": last}],
+            "source": {"role": source_role, "label": label, "model": model, "model_t": model_t,
+                       "dataset": source_dataset}}
+    (folder / name).mkdir(parents=True)
+    (folder / name / "results.json").write_text(json.dumps(data))
+
+
+def test_transfer_table(tmp_path):
+    root = tmp_path / "save"
+    pair = "wrn_40_2->wrn_16_2"
+    stl = {"crd": [71.0, 72.0, 73.0], "kd": [70.0]}
+    for label, values in stl.items():
+        for trial, last in enumerate(values):
+            write_probe(root / "transfer", label=label, model="wrn_16_2", model_t="wrn_40_2", target="stl10",
+                        trial=trial, last=last, best=last + 1)
+    write_probe(root / "transfer", label="crd+kd", model="wrn_16_2", model_t="wrn_40_2", target="tinyimagenet",
+                trial=0, last=35.0)
+    # vanilla networks: the pair's teacher and its student trained alone
+    write_probe(root / "transfer", label="vanilla", model="wrn_40_2", model_t=None, target="stl10", trial=0, last=68.0)
+    write_probe(root / "transfer", label="vanilla", model="wrn_16_2", model_t=None, target="stl10", trial=0, last=69.0)
+    # a probe of a network trained on another set, and a running one (left out)
+    write_probe(root / "transfer", label="kd", model="resnet8", model_t="resnet14", target="synthetic", trial=0,
+                last=50.0, source_dataset="synthetic")
+    write_probe(root / "transfer", label="crd", model="wrn_16_2", model_t="wrn_40_2", target="stl10", trial=9,
+                last=1.0, status="running")
+    # an ordinary distillation run: its table is as before, the probes are not in it
+    write_run(root / "student_model", label="crd", model="resnet8x4", model_t="resnet32x4", trial=0, last=75.0,
+              best=75.4)
+    out = tmp_path / "out"
+    assert summarize.main([str(root), "--out", str(out), "--no_plots"]) == 0
+    md = (out / "summary.md").read_text()
+    assert "stl10" not in md_section(md, "cifar100") and md_row(md_section(md, "cifar100"), PAIR, "crd")[2] == "1"
+    section = md.split("## transfer: wrn_40_2→wrn_16_2 trained on cifar100")[1].split("\n## ")[0]
+    rows = {cells[0]: cells for cells in (table_cells for table_cells in
+            ([c.strip() for c in line.strip().strip("|").split("|")] for line in section.splitlines()
+             if line.startswith("|")))}
+    assert rows["method"] == ["method", "stl10 (n)", "paper", "Δ", "tinyimagenet (n)", "paper", "Δ"]
+    assert rows["crd"] == ["crd", "72.00 ± 1.00 (3)", "71.60", "+0.40", "–", "35.60", "–"]
+    assert rows["kd"][1:4] == ["70.00 ± – (1)", "70.90", "-0.90"]
+    assert rows["teacher"][1:4] == ["68.00 ± – (1)", "68.60", "-0.60"]
+    assert rows["student"][1:4] == ["69.00 ± – (1)", "69.70", "-0.70"]
+    assert rows["crd+kd"][4:] == ["35.00 ± – (1)", "35.50", "-0.50"]
+    assert rows["dcd+kd"] == ["dcd+kd", "–", "72.50", "–", "–", "36.20", "–"]       # published, not run
+    assert [name for name in rows if name not in ("method", "---")][:3] == ["teacher", "student", "kd"]   # the paper's order
+    assert "## transfer: resnet14→resnet8 trained on synthetic" in md
+    with open(out / "transfer.csv", newline="") as f:
+        table = {(r["source_dataset"], r["pair"], r["method"], r["target"]): r for r in csv.DictReader(f)}
+    crd = table[("cifar100", pair, "crd", "stl10")]
+    assert crd["n"] == "3" and float(crd["last_mean"]) == 72.0 and float(crd["best_mean"]) == 73.0
+    assert float(crd["diff"]) == pytest.approx(0.4) and crd["trials"] == "0;1;2"
+    assert table[("synthetic", "resnet14->resnet8", "kd", "synthetic")]["paper"] == ""
+    paper = summarize.parse_paper_tables((ROOT / "scripts" / "paper_tables.md").read_text())
+    assert paper.transfer[(pair, "hint", "tinyimagenet")] == 33.5 and paper.targets == ["stl10", "tinyimagenet"]
+    assert (pair, "teacher") in paper.values and paper.values[(pair, "teacher")] == 75.61  # the CIFAR table unchanged
