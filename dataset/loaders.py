@@ -17,6 +17,7 @@ from .options import LOADERS, DataOptions
 from .sampling import ContrastSampler
 from .skipping import SkippingLoader, SkipUnreadable, Unreadable
 from .tensor_loader import TensorImages, TensorLoader, tensor_source
+from .views import with_views
 
 
 @dataclass
@@ -118,7 +119,14 @@ def make_bundle(train_set: Dataset, val_set: Dataset, train_labels: torch.Tensor
     Each epoch's worker seeds come from ``train_loader.generator`` (seeded ``seed + rank``),
     so the loader's output is reproducible, and that generator's state is all a resume has to
     save (plus torch's global RNG when ``num_workers`` is 0). Validation is sharded without padding.
+    ``needs.views`` other than ``("rgb",)``: both sets' ``Normalize`` is replaced by
+    :class:`dataset.views.ToViews` (in place), so both loaders' ``img`` carry the views' channels.
     """
+    for split in (train_set, val_set):
+        transform = getattr(split, "transform", None)
+        viewed = with_views(transform, needs.views)
+        if viewed is not transform:
+            split.transform = viewed  # type: ignore[attr-defined]
     if data.loader not in LOADERS:
         raise UserError(f"unknown --loader {data.loader!r}: use one of {', '.join(LOADERS)}")
     if data.batch_size < 1:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from helper.argtypes import int_at_least, nonnegative_float, nonnegative_int, positive_int
 from helper.declare import option
 
-DATASETS = ("cifar100", "imagenet", "synthetic")
+DATASETS = ("cifar100", "imagenet", "synthetic", "paired")
 LOADERS = ("tensor", "torchvision")
 SPLITS = ("train", "unlabeled")
 
@@ -30,7 +30,7 @@ class DataOptions(SyntheticOptions):
 
     dataset: str = option("cifar100", f"data set: {', '.join(DATASETS)}")
     data_folder: str | None = option(None, "where the data set lives (default ./data for cifar100, ./data/imagenet "
-                                     "for imagenet)")
+                                     "for imagenet; paired: DIR/<view folder>/<split>/<class>/<file>)")
     download: bool = option(False, "download CIFAR-100 into --data_folder if missing")
     allow_modified_data: bool = option(False, "read CIFAR-100 files whose MD5 is not the published one (a copy you "
                                        "modified on purpose); they are still read without running code")
