@@ -17,7 +17,7 @@ from .options import LOADERS, DataOptions
 from .sampling import ContrastSampler
 from .skipping import SkippingLoader, SkipUnreadable, Unreadable
 from .tensor_loader import TensorImages, TensorLoader, tensor_source
-from .views import with_views
+from .views import ToViews, ViewLayout, with_views
 
 
 @dataclass
@@ -28,6 +28,7 @@ class DataBundle:
     ``index``, ``(img, target, index, contrast_idx)`` with a contrast need (``[B, K+1]``).
     val_loader batches: ``(img, target)``. ``index`` is the position in the training set (after
     ``--subset``), ``n_data`` its size and ``train_labels`` (LongTensor ``[n_data]``) its labels.
+    ``layout``: the views ``img`` carries as channels (:meth:`ViewLayout.slice` gives a view's).
     """
 
     train_loader: DataLoader | TensorLoader
@@ -35,6 +36,7 @@ class DataBundle:
     n_data: int
     num_classes: int
     train_labels: torch.Tensor
+    layout: ViewLayout = ViewLayout()
 
 
 class IndexedDataset(Dataset):
@@ -127,6 +129,8 @@ def make_bundle(train_set: Dataset, val_set: Dataset, train_labels: torch.Tensor
         viewed = with_views(transform, needs.views)
         if viewed is not transform:
             split.transform = viewed  # type: ignore[attr-defined]
+    steps = list(getattr(getattr(train_set, "transform", None), "transforms", []))
+    layout = steps[-1].layout if steps and isinstance(steps[-1], ToViews) else ViewLayout()
     if data.loader not in LOADERS:
         raise UserError(f"unknown --loader {data.loader!r}: use one of {', '.join(LOADERS)}")
     if data.batch_size < 1:
@@ -144,11 +148,11 @@ def make_bundle(train_set: Dataset, val_set: Dataset, train_labels: torch.Tensor
             TensorLoader(tensor_train, data.batch_size, plan.order, augment=train_source.augment,
                          contrast=plan.contrast, seed=plan.seed, rank=plan.rank, drop_last=plan.drop_last),
             TensorLoader(tensor_val, val_batch_size, ShardSampler(len(tensor_val), plan.rank, plan.world_size)),
-            plan.n_data, num_classes, plan.labels)
+            plan.n_data, num_classes, plan.labels, layout)
     num_workers = data.num_workers or 0
     val_workers = num_workers if val_workers is None else val_workers
     return DataBundle(*_folder_loaders(train_set, val_set, plan, needs, data.batch_size, val_batch_size,
-                                       num_workers, val_workers), plan.n_data, num_classes, plan.labels)
+                                       num_workers, val_workers), plan.n_data, num_classes, plan.labels, layout)
 
 
 @dataclass
