@@ -95,11 +95,15 @@ def _samples(root: Path, folder: str, split: str) -> dict[tuple[str, str], Path]
 def read_split(root: Path, folders: list[str], split: str
                ) -> tuple[np.ndarray, list[tuple[str, str]], list[tuple[str, int]]]:
     """The images of ``split`` of every folder in ``folders``, channels side by side, as uint8
-    ``[N, H, W, C]``, each sample's ``(class, name)``, sorted, and each folder's channels."""
-    listed = {folder: _samples(root, folder, split) for folder in folders}
-    anchor = folders[0]
+    ``[N, H, W, C]``, each sample's ``(class, name)``, sorted, and each folder's channels. Every
+    view folder of ``root`` that has this split must hold the same samples (checked on the file
+    names, read or not), so that all runs on a paired set see the same samples."""
+    others = sorted(p.name for p in root.iterdir() if (p / split).is_dir() and p.name not in folders)
+    checked = folders + others
+    listed = {folder: _samples(root, folder, split) for folder in checked}
+    anchor = "rgb" if "rgb" in listed else folders[0]
     keys = sorted(listed[anchor])
-    for folder in folders[1:]:
+    for folder in [f for f in checked if f != anchor]:
         missing = [k for k in keys if k not in listed[folder]]
         if missing:
             cls, name = missing[0]
