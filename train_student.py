@@ -172,8 +172,9 @@ def teacher_views(opt, paths: list[str], states: list[dict | None]) -> list[str]
     return views
 
 
-def load_teachers(opt, num_classes: int, runtime: Runtime, sample: torch.Tensor, states: list[dict | None] | None = None,
-                  views: list[str] | None = None, layout: ViewLayout = ViewLayout()
+def load_teachers(opt, num_classes: int, runtime: Runtime, sample: torch.Tensor,
+                  states: list[dict | None] | None = None, views: list[str] | None = None,
+                  layout: ViewLayout = ViewLayout()
                   ) -> tuple[list[tuple[nn.Module, str, str]], list[str]]:
     """The teachers of ``--path_t`` (comma-separated for an ensemble) as ``(model, arch, path)``,
     frozen and (unless ``--plain_teacher``) on the fast path, and the digests of their weights.

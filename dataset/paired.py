@@ -139,7 +139,8 @@ def open_paired(data: DataOptions, views: Sequence[str] = ("rgb",)
     their transform's output, the training labels and the number of classes (``train``'s class
     folders)."""
     if not data.data_folder:
-        raise UserError("--dataset paired needs --data_folder DIR, laid out as DIR/<view folder>/<split>/<class>/<file>")
+        raise UserError("--dataset paired needs --data_folder DIR, laid out as "
+                        "DIR/<view folder>/<split>/<class>/<file>")
     root = Path(data.data_folder)
     if not root.is_dir():
         raise UserError(f"--dataset paired: --data_folder '{root}' is not a folder")

@@ -40,7 +40,7 @@ class NetOutput:
 
 @dataclass
 class Batch:
-    """A training batch: images [B, 3, H, W], labels [B], and when the method asks for them the
+    """A training batch: images [B, C, H, W], labels [B], and when the method asks for them the
     samples' positions in the training set [B] and contrastive indices [B, K+1]."""
 
     img: torch.Tensor
@@ -214,7 +214,7 @@ def method_option_groups() -> list[tuple[type, str]]:
 
 @torch.no_grad()
 def probe_features(model: nn.Module, sample: torch.Tensor, preact: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Features and logits of ``model`` for ``sample`` [b, 3, H, W] in eval mode (for sizing modules)."""
+    """Features and logits of ``model`` for ``sample`` [b, C, H, W] in eval mode (for sizing modules)."""
     was_training = model.training
     model.eval()
     feats, logits = model(sample, is_feat=True, preact=preact)

@@ -119,7 +119,8 @@ def set_in_channels(model: nn.Module, in_channels: int) -> nn.Module:
         return model
     if old.groups != 1:
         raise TypeError(f"{type(model).__name__}'s stem is a grouped convolution")
-    new = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, stride=old.stride, padding=old.padding,  # type: ignore[arg-type]
+    new = nn.Conv2d(in_channels, old.out_channels, old.kernel_size,  # type: ignore[arg-type]
+                    stride=old.stride, padding=old.padding,  # type: ignore[arg-type]
                     dilation=old.dilation, bias=old.bias is not None, padding_mode=old.padding_mode,
                     device=old.weight.device, dtype=old.weight.dtype)
     picks = torch.arange(in_channels, device=old.weight.device) % old.in_channels

@@ -32,7 +32,8 @@ def checkpoint_view(state: dict) -> str | None:
     else None (unknown: a 1-channel network could be gray or L)."""
     if state.get("view"):
         return str(state["view"])
-    channels = _stem_channels(state.get("model", {}), None)
+    weights = state.get("model")
+    channels = _stem_channels(weights, None) if isinstance(weights, dict) else None
     return RGB if channels in (None, 3) else None
 
 

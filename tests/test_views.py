@@ -23,6 +23,7 @@ from helper.runtime import Runtime
 from models import build_model, cifar_model_dict, in_channels_of, stem_conv
 from models.teacher import checkpoint_view, load_teacher, prepare_teacher
 
+pytestmark = pytest.mark.numeric
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--dataset", "synthetic", "--synthetic_classes", "4", "--synthetic_train", "16", "--synthetic_test", "4",
          "--batch_size", "8", "--device", "cpu", "--max_steps", "2", "--epochs", "1"]
@@ -158,8 +159,10 @@ def test_fast_teacher_path_with_one_channel(name):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
 
 
+@pytest.mark.e2e
 def test_L_teacher_ab_student_runs_reload_and_leave_the_teacher_alone(tmp_path):
-    teacher_run = train_teacher.main(["--model", "resnet8", "--view", "L", *SMALL, "--save_folder", str(tmp_path / "t")])
+    teacher_run = train_teacher.main(["--model", "resnet8", "--view", "L", *SMALL,
+                                      "--save_folder", str(tmp_path / "t")])
     assert teacher_run["last_acc"] is not None
     path_t = next((tmp_path / "t").glob("*/resnet8_last.pth"))
     state = torch.load(path_t, weights_only=True)
@@ -209,6 +212,7 @@ def write_paired(root: Path, classes: int = 2, per_class: int = 6, test_per_clas
     return root
 
 
+@pytest.mark.e2e
 def test_paired_depth_teacher_rgb_student(tmp_path):
     data = write_paired(tmp_path / "paired")
     paired = ["--dataset", "paired", "--data_folder", str(data), "--batch_size", "4", "--device", "cpu",
@@ -219,7 +223,8 @@ def test_paired_depth_teacher_rgb_student(tmp_path):
     assert img.shape == (4, 4, 32, 32) and bundle.layout.slice("paired:depth") == slice(3, 4)
     assert bundle.n_data == 12 and bundle.num_classes == 2
     # the depth channel is the mean of the rgb ones (as written), cropped and flipped alike
-    rgb = img[:, :3] * torch.tensor((0.229, 0.224, 0.225)).view(3, 1, 1) + torch.tensor((0.485, 0.456, 0.406)).view(3, 1, 1)
+    mean, std = torch.tensor((0.485, 0.456, 0.406)).view(3, 1, 1), torch.tensor((0.229, 0.224, 0.225)).view(3, 1, 1)
+    rgb = img[:, :3] * std + mean
     depth = img[:, 3] * 0.5 + 0.5
     assert (rgb.mean(1) - depth).abs().max() <= 1.5 / 255
     train_teacher.main(["--model", "resnet8", "--view", "paired:depth", *paired, "--save_folder", str(tmp_path / "t")])
