@@ -25,6 +25,7 @@ from models.teacher import checkpoint_view, load_teacher, prepare_teacher
 
 pytestmark = pytest.mark.numeric
 ROOT = Path(__file__).resolve().parents[1]
+CPU = Runtime(torch.device("cpu"))
 SMALL = ["--dataset", "synthetic", "--synthetic_classes", "4", "--synthetic_train", "16", "--synthetic_test", "4",
          "--batch_size", "8", "--device", "cpu", "--max_steps", "2", "--epochs", "1"]
 
@@ -154,7 +155,7 @@ def test_fast_teacher_path_with_one_channel(name):
     x = torch.randn(3, 1, 32, 32, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         expected = model(x)
-        fast = prepare_teacher(model, Runtime("cpu"), x[:2], fast=True)
+        fast = prepare_teacher(model, CPU, x[:2], fast=True)
         got = fast(x)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
 
@@ -179,11 +180,11 @@ def test_L_teacher_ab_student_runs_reload_and_leave_the_teacher_alone(tmp_path):
     # an explicit --view_t that contradicts the checkpoint
     with pytest.raises(UserError, match="contradicts"):
         train_student.build_run(train_student.parse_option(argv[:-2] + ["--view_t", "ab", "--save_folder",
-                                                                         str(tmp_path / "x")]), Runtime("cpu"))
+                                                                         str(tmp_path / "x")]), CPU)
     # one step: gradients never reach the teacher, which sees the L channel while the student sees ab
     opt = train_student.parse_option(["--path_t", str(path_t), "--view_s", "ab", "--distill", "crd", "--nce_k", "8",
                                       *SMALL])
-    parts = train_student.build_run(opt, Runtime("cpu"))
+    parts = train_student.build_run(opt, CPU)
     assert parts.input_s == slice(0, 2) and parts.inputs_t == [slice(2, 3)]  # the student's view first
     teacher = parts.teachers[0][0]
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
@@ -240,3 +241,36 @@ def test_paired_depth_teacher_rgb_student(tmp_path):
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), out.stderr
     assert "depth/train/class1/img3" in lines[0] and "Traceback" not in out.stderr
+
+
+def test_ensemble_of_teachers_on_different_views(tmp_path):
+    """Teachers on L (recorded) and rgb (a checkpoint without a view, as RepDistiller's), a gray
+    student: the batches carry gray, L and rgb, each network its channels; a 1-channel
+    checkpoint without a view needs --view_t."""
+    folder = tmp_path / "resnet8_vanilla"
+    folder.mkdir()
+    torch.save({"model": build_model("resnet8", 4, in_channels=1).state_dict(), "arch": "resnet8", "view": "L"},
+               folder / "l.pth")
+    torch.save({"model": build_model("resnet8", 4).state_dict()}, folder / "rgb.pth")
+    torch.save({"model": build_model("resnet8", 4, in_channels=1).state_dict()}, folder / "unknown.pth")
+    base = ["--model_s", "resnet8", "--view_s", "gray", "--distill", "kd", *SMALL]
+    opt = train_student.parse_option(["--path_t", f"{folder / 'l.pth'},{folder / 'rgb.pth'}", *base])
+    parts = train_student.build_run(opt, CPU)
+    assert parts.data.layout.views == ("gray", "L", "rgb") and parts.views_t == ["L", "rgb"]
+    assert parts.input_s == slice(0, 1) and parts.inputs_t == [slice(1, 2), slice(2, 5)]
+    img = next(iter(parts.data.train_loader))[0]
+    assert img.shape[1] == 5
+    parts.step.train()
+    logits, _, terms = parts.step(next(iter(parts.data.train_loader)))
+    assert logits.shape == (8, 4) and torch.isfinite(sum(terms.values()))
+    accs = train_student.validate_teachers(parts, CPU)
+    assert len(accs) == 2 and all(0 <= a <= 100 for a in accs)
+    with pytest.raises(UserError, match="records no view"):
+        train_student.build_run(train_student.parse_option(["--path_t", str(folder / "unknown.pth"), *base]),
+                                CPU)
+    parts = train_student.build_run(train_student.parse_option(["--path_t", str(folder / "unknown.pth"),
+                                                                "--view_t", "L", *base]), CPU)
+    assert parts.views_t == ["L"] and parts.data.layout.views == ("gray", "L")
+    with pytest.raises(UserError, match="2 views for 1 teachers"):
+        train_student.build_run(train_student.parse_option(["--path_t", str(folder / "l.pth"), "--view_t", "L,rgb",
+                                                            *base]), CPU)
