@@ -5,13 +5,15 @@
 
 The loss is ``gamma * CE + alpha * KL_T + beta * method`` (``-r -a -b``); a term whose weight is
 0 is not computed. With ``--split unlabeled`` there is no cross-entropy term (``-r 0``), methods
-that need labels are refused, and the student gets the teacher's classes. Methods come from the
-registry (distiller_zoo/registry.py): this script never names one.
+that need labels are refused, and the student gets the teacher's classes. ``--view_s`` and
+``--view_t`` let the student and the teacher(s) see different views of the same samples
+(cross-modal distillation, e.g. teacher on L, student on ab). Methods come from the registry
+(distiller_zoo/registry.py): this script never names one.
 """
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -19,8 +21,9 @@ import torch.nn as nn
 
 from dataset import DataBundle, DataOptions, get_dataloaders
 from dataset.skipping import sample_images
+from dataset.views import ViewLayout, check_view, distinct
 from distiller_zoo.registry import BuildContext, Distiller
-from distiller_zoo.step import DistillStep, InitStep
+from distiller_zoo.step import DistillStep, InitStep, channels
 from helper.argtypes import nonnegative_float, nonnegative_int, path_part, positive_float
 from helper.checkpoint import load_checkpoint, weights_digest
 from helper.cli.methods import get_method, method_names, method_option_groups
@@ -34,8 +37,9 @@ from helper.optim import build_optimizer
 from helper.resume import claim_run_folder, resume_path
 from helper.runtime import Runtime, run_script
 from helper.sync_bn import convert_sync_batchnorm
-from models import build_model, resolve_model_name
-from models.teacher import load_teacher, prepare_teacher
+from models import build_model, in_channels_of, model_dict, resolve_model_name
+from models.teacher import (checkpoint_classes, checkpoint_view, load_teacher, prepare_teacher,
+                            teacher_name_from_path)
 
 
 def build_parser() -> Parser:
@@ -56,6 +60,12 @@ def build_parser() -> Parser:
     g.add_argument("-b", "--beta", type=nonnegative_float, default=None,
                    help="weight of the method's loss (default: published)")
     g.add_argument("--kd_T", type=positive_float, default=4, help="temperature of KD")
+    g.add_argument("--view_s", type=str, default="rgb",
+                   help="what the student sees of each image: rgb, gray, L or ab (CIE Lab channels), or "
+                        "paired:<folder> (--dataset paired)")
+    g.add_argument("--view_t", type=str, default=None,
+                   help="what the teacher sees (default: the view its checkpoint records, rgb for one that records "
+                        "none); with several teachers, one view for all or one per teacher, comma-separated")
     g.add_argument("--plain_teacher", action="store_true",
                    help="run the teacher as loaded (BatchNorm kept, default memory format) instead of the "
                         "frozen-teacher fast path (BatchNorm folded into the convolutions, channels_last)")
@@ -72,6 +82,9 @@ def parse_option(argv: list[str] | None = None):
         raise UserError("--path_t is required: the teacher checkpoint, e.g. "
                         "./save/models/resnet32x4_vanilla/ckpt_epoch_240.pth")
     opt.arch = resolve_model_name(opt.model_s, opt.dataset)
+    check_view(opt.view_s, "--view_s")
+    for view in (opt.view_t or "rgb").split(","):
+        check_view(view.strip(), "--view_t")
     finalize_training_args(opt, opt.model_s)
     if opt.split == "unlabeled":
         check_unlabeled(opt, method)
@@ -94,19 +107,14 @@ def check_unlabeled(opt, method: type[Distiller]) -> None:
         say("--split unlabeled: no labels, so no cross-entropy term (-r 0)")
 
 
-def teacher_class_count(path: str) -> int:
-    """The number of classes of the teacher saved at ``path``: its checkpoint's ``num_classes``,
-    else the output size of the last matrix of its weights (the classifier in every model of
-    RepDistiller's; ``load_teacher`` then checks the weights fit)."""
-    state = load_checkpoint(path)
-    weights = state.get("model")
-    if state.get("num_classes") is not None:
-        return int(state["num_classes"])
-    matrices = [t for t in (weights or {}).values() if isinstance(t, torch.Tensor) and t.dim() == 2]
-    if not matrices:
-        raise UserError(f"cannot tell how many classes the teacher in '{path}' has (no 'num_classes' entry and no "
-                        "linear layer in its 'model' weights): --split unlabeled gives the student the teacher's")
-    return int(matrices[-1].shape[0])
+def teacher_class_count(path: str, state: dict) -> int:
+    """The number of classes of the teacher checkpoint ``state`` read from ``path`` (see
+    :func:`models.teacher.checkpoint_classes`)."""
+    arch = state.get("arch") or teacher_name_from_path(path)
+    if arch not in model_dict:
+        raise UserError(f"cannot tell the teacher's architecture: '{path}' has no 'arch' entry and its folder name "
+                        f"gives '{arch}', which is not a model name; name the folder <model>_... as RepDistiller does")
+    return checkpoint_classes(state, arch, path)
 
 
 def fill_weights(opt, published: tuple[float, float, float]) -> None:
@@ -124,11 +132,14 @@ def fill_weights(opt, published: tuple[float, float, float]) -> None:
     say(f"--distill {opt.distill}: using its published weights {' '.join(filled)}")
 
 
-def run_name(opt, model_t: str) -> str:
+def run_name(opt, model_t: str, views_t: list[str] | None = None) -> str:
     """RepDistiller's student folder name for the same command line: the weights as its argparse
-    leaves them (floats as given, ``r:1`` for a left-out ``-r``)."""
+    leaves them (floats as given, ``r:1`` for a left-out ``-r``); when a network sees another view
+    than rgb, ``_view_s:<view>_view_t:<views>`` is added."""
+    views_t = views_t or ["rgb"]
+    views = "" if {opt.view_s, *views_t} == {"rgb"} else f"_view_s:{opt.view_s}_view_t:{'+'.join(views_t)}"
     return (f"S:{opt.model_s}_T:{model_t}_{opt.dataset}_{opt.distill}"
-            f"_r:{opt.gamma}_a:{opt.alpha}_b:{opt.beta}_{opt.trial}")
+            f"_r:{opt.gamma}_a:{opt.alpha}_b:{opt.beta}{views}_{opt.trial}")
 
 
 @exit_on_user_error
@@ -141,7 +152,9 @@ class RunParts:
     """What a distillation run trains with (built by :func:`build_run`): the ``--distill`` class
     and its options, the data, the student, the teachers as ``(model, arch, path)``, one Distiller
     per teacher, the training step, the optimiser of the student and the Distillers' trainable
-    parameters, and the digests of the teachers' weights as loaded (what a resume must find again)."""
+    parameters, the digests of the teachers' weights as loaded (what a resume must find again), the
+    teachers' views, and the channels of the batches' ``img`` the student and each teacher see
+    (None: all of them; the batches carry several views only when the networks' views differ)."""
 
     method: type[Distiller]
     options: object
@@ -152,6 +165,9 @@ class RunParts:
     step: DistillStep
     optimizer: torch.optim.Optimizer
     teacher_digests: list[str] = field(default_factory=list)
+    views_t: list[str] = field(default_factory=list)
+    input_s: slice | None = None
+    inputs_t: list[slice | None] = field(default_factory=list)
     num_classes: int | None = None  # the student's (None: the data's)
 
     @property
@@ -171,16 +187,53 @@ class RunParts:
         return "+".join(arch for _, arch, _ in self.teachers)
 
 
-def load_teachers(opt, num_classes: int, runtime: Runtime, sample: torch.Tensor
+def teacher_paths(opt) -> list[str]:
+    """The teacher checkpoints of ``--path_t`` (comma-separated for an ensemble)."""
+    return [path.strip() for path in opt.path_t.split(",")] if opt.path_t else [""]
+
+
+def teacher_views(opt, paths: list[str], states: list[dict | None]) -> list[str]:
+    """The view of each teacher: ``--view_t`` (one for all, or one per teacher), else the view its
+    checkpoint records (rgb for one that records none and takes 3 channels). An explicit view that
+    contradicts the recorded one, or a teacher whose view cannot be told, is a :class:`UserError`."""
+    given = [v.strip() for v in opt.view_t.split(",")] if opt.view_t else []
+    if given and len(given) not in (1, len(paths)):
+        raise UserError(f"--view_t gives {len(given)} views for {len(paths)} teachers: give one for all of them "
+                        "or one per teacher, comma-separated in the order of --path_t")
+    views = []
+    for i, (path, state) in enumerate(zip(paths, states)):
+        recorded = checkpoint_view(state) if state is not None else "rgb"
+        view = given[i if len(given) > 1 else 0] if given else recorded
+        if view is None:
+            raise UserError(f"the teacher in '{path}' records no view and does not take 3 channels: "
+                            "say which view it was trained on with --view_t")
+        if recorded is not None and view != recorded:
+            raise UserError(f"--view_t {view} contradicts the teacher in '{path}', which was trained on view "
+                            f"{recorded}: leave --view_t out (it defaults to the checkpoint's view) or use that view")
+        views.append(view)
+    return views
+
+
+def load_teachers(opt, num_classes: int, runtime: Runtime, sample: torch.Tensor,
+                  states: list[dict | None] | None = None, views: list[str] | None = None,
+                  layout: ViewLayout = ViewLayout()
                   ) -> tuple[list[tuple[nn.Module, str, str]], list[str]]:
     """The teachers of ``--path_t`` (comma-separated for an ensemble) as ``(model, arch, path)``,
-    frozen and (unless ``--plain_teacher``) on the fast path, and the digests of their weights."""
+    frozen and (unless ``--plain_teacher``) on the fast path, and the digests of their weights.
+    ``states``: their checkpoints, when already read; ``views``: their views in ``layout`` (the
+    views the batches carry; ``sample`` has them all), checked against their input channels."""
     teachers, digests = [], []
-    for path in opt.path_t.split(",") if opt.path_t else [""]:
-        teacher, arch = load_teacher(path.strip(), num_classes, opt.dataset)
+    paths = teacher_paths(opt)
+    for i, path in enumerate(paths):
+        teacher, arch = load_teacher(path, num_classes, opt.dataset, state=states[i] if states else None)
+        view = views[i] if views else "rgb"
+        if in_channels_of(teacher) != layout.channels(view):
+            raise UserError(f"the teacher in '{path}' takes {in_channels_of(teacher)} input channels, but its view "
+                            f"{view} has {layout.channels(view)}: give the view it was trained on with --view_t")
         digests.append(weights_digest(teacher))
+        own = sample[:, layout.slice(view)] if len(layout.views) > 1 else sample
         # frozen: eval, no grad; fast: BatchNorm folded into its convolution (exact in eval mode), channels_last
-        teachers.append((prepare_teacher(teacher, runtime, sample, fast=not opt.plain_teacher), arch, path.strip()))
+        teachers.append((prepare_teacher(teacher, runtime, own, fast=not opt.plain_teacher), arch, path))
     return teachers, digests
 
 
@@ -189,30 +242,39 @@ def build_run(opt, runtime: Runtime) -> RunParts:
     logging or validating (``train`` runs it; ``scripts/benchmark.py`` times its steps)."""
     method = get_method(opt.distill)
     options = options_from(method.Options, opt)
-    data = get_dataloaders(options_from(DataOptions, opt), method.data_needs(options), device=runtime.device)
+    paths = teacher_paths(opt)
+    states = [load_checkpoint(path) if path else None for path in paths]
+    views_t = teacher_views(opt, paths, states)
+    needs = replace(method.data_needs(options), views=distinct([opt.view_s, *views_t]))
+    data = get_dataloaders(options_from(DataOptions, opt), needs, device=runtime.device)
+    layout = data.layout
     # images without labels have no classes of their own: the student predicts the teacher's
-    classes = (teacher_class_count(opt.path_t.split(",")[0].strip()) if opt.split == "unlabeled"
-               else data.num_classes)
+    classes = teacher_class_count(paths[0], states[0]) if opt.split == "unlabeled" else data.num_classes
     # first: its init depends on the seed only
-    student = runtime.place(build_model(opt.arch, num_classes=classes))
+    student = runtime.place(build_model(opt.arch, num_classes=classes, in_channels=layout.channels(opt.view_s)))
     if opt.sync_bn:  # after placing: on GPUs it becomes torch's SyncBatchNorm
         student = convert_sync_batchnorm(student)
-    sample = runtime.to_device(sample_images(data.val_loader.dataset))
-    teachers, digests = load_teachers(opt, classes, runtime, sample)
+    sample = runtime.to_device(sample_images(data.val_loader.dataset))  # every view's channels
+    teachers, digests = load_teachers(opt, classes, runtime, sample, states, views_t, layout)
+    several = len(layout.views) > 1
+    input_s = layout.slice(opt.view_s) if several else None
+    inputs_t = [layout.slice(view) if several else None for view in views_t]
     # One Distiller (heads, banks) per teacher; their terms are averaged.
     distillers = nn.ModuleList()
-    for teacher, arch, _ in teachers:
-        ctx = BuildContext.probe(student, teacher, sample, preact=method.preact, n_data=data.n_data,
+    for (teacher, arch, _), input_t in zip(teachers, inputs_t):
+        ctx = BuildContext.probe(student, teacher, channels(sample, input_s), preact=method.preact,
+                                 sample_t=channels(sample, input_t), n_data=data.n_data,
                                  labels=data.train_labels, model_s=opt.model_s, model_t=arch)
         distillers.append(method(options, ctx))
         distillers[-1].bind(student, teacher)
     runtime.place(distillers)
     runtime.seed_rank(opt.seed)
     step = DistillStep(student, [t for t, _, _ in teachers], distillers, (opt.gamma, opt.alpha, opt.beta),
-                       opt.kd_T, runtime)
+                       opt.kd_T, runtime, input_s=input_s, inputs_t=inputs_t)
     extra_params = [p for distiller in distillers for p in distiller.trainable_parameters()]
     optimizer = build_optimizer(list(student.parameters()) + extra_params, opt)
-    return RunParts(method, options, data, student, teachers, distillers, step, optimizer, digests, classes)
+    return RunParts(method, options, data, student, teachers, distillers, step, optimizer, digests, views_t,
+                    input_s, inputs_t, classes)
 
 
 def init_stages(opt, parts: RunParts, runtime: Runtime) -> list[Stage]:
@@ -225,8 +287,8 @@ def init_stages(opt, parts: RunParts, runtime: Runtime) -> list[Stage]:
     if not (parts.method.has_init_stage and opt.beta != 0 and opt.init_epochs > 0):
         return []
     stages = []
-    for distiller, (teacher, _, _) in zip(parts.distillers, parts.teachers):
-        step = InitStep(parts.student, teacher, distiller, runtime)
+    for distiller, (teacher, _, _), input_t in zip(parts.distillers, parts.teachers, parts.inputs_t):
+        step = InitStep(parts.student, teacher, distiller, runtime, input_s=parts.input_s, input_t=input_t)
         optimizer = torch.optim.SGD(step.trained_parameters(), lr=distiller.init_learning_rate(opt.learning_rate),
                                     momentum=opt.momentum, weight_decay=opt.weight_decay)
         stages.append(Stage("init", opt.init_epochs, step, step, optimizer, constant_lr(optimizer), validates=False,
@@ -240,8 +302,8 @@ def validate_teachers(parts: RunParts, runtime: Runtime) -> list[float | None]:
     if not parts.tested:
         return [None] * len(parts.teachers)
     accs = []
-    for teacher, arch, path in parts.teachers:
-        accs.append(validate(teacher, parts.data.val_loader, runtime.device, runtime)["test_acc"])
+    for (teacher, arch, path), input_t in zip(parts.teachers, parts.inputs_t):
+        accs.append(validate(teacher, parts.data.val_loader, runtime.device, runtime, inputs=input_t)["test_acc"])
         say(f"teacher {arch} ({path}): test top-1 {accs[-1]:.2f}")
     return accs
 
@@ -249,7 +311,7 @@ def validate_teachers(parts: RunParts, runtime: Runtime) -> list[float | None]:
 def train(opt, runtime: Runtime) -> dict:
     parts = build_run(opt, runtime)
     data, distillers = parts.data, parts.distillers
-    folder = Path(opt.save_folder) / run_name(opt, parts.model_t)
+    folder = Path(opt.save_folder) / run_name(opt, parts.model_t, parts.views_t)
     resume = resume_path(opt.resume, folder, opt.model_s)
     run = RunLog(folder, opt, active=runtime.dist.is_main,
                  extra=run_summary(opt, role="student", method=opt.distill, model=opt.arch, model_t=parts.model_t,
@@ -264,7 +326,8 @@ def train(opt, runtime: Runtime) -> dict:
               train_loader=data.train_loader, val_loader=data.val_loader, holdout_loader=data.holdout_loader,
               runtime=runtime, run=run, prefix=opt.model_s,
               static={"arch": opt.arch, "dataset": opt.dataset, "num_classes": parts.student_classes,
-                      "distill": opt.distill, "model_t": parts.model_t},
+                      "distill": opt.distill, "model_t": parts.model_t, "view": opt.view_s},
+              inputs=parts.input_s,
               # what the run's data and teachers turned out to be: a resume must find them again
               identity={"teachers": parts.teacher_digests, "n_data": data.n_data,
                         "num_classes": parts.student_classes, "model_t": parts.model_t})

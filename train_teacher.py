@@ -2,16 +2,19 @@
 
     python train_teacher.py --model resnet32x4
     python train_teacher.py --model resnet8 --dataset synthetic --epochs 5
+    python train_teacher.py --model resnet8 --dataset synthetic --view L      # on the Lab L channel
 
 The run folder is ``<save_folder>/<model>_<dataset>_lr_<lr>_decay_<wd>_trial_<trial>/``, the
-layout whose name RepDistiller's train_student.py parses for the teacher's architecture.
+layout whose name RepDistiller's train_student.py parses for the teacher's architecture (with
+``--view V`` other than rgb: ``<model>_<dataset>_view_<V>_lr_...``). Checkpoints record the view.
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-from dataset import DataOptions, get_dataloaders
+from dataset import DataNeeds, DataOptions, get_dataloaders
+from dataset.views import check_view
 from helper.checkpoint import load_checkpoint
 from helper.cli.options import Parser, add_training_args, finalize_training_args, with_print_config
 from helper.declare import options_from
@@ -32,6 +35,9 @@ def build_parser() -> Parser:
     add_training_args(parser)
     parser.add_argument("--model", type=str, default="resnet110", help="architecture (see models.model_dict)")
     parser.add_argument("-t", "--trial", type=int, default=0, help="the experiment id")
+    parser.add_argument("--view", type=str, default="rgb",
+                        help="what the network sees of each image: rgb, gray, L or ab (CIE Lab channels), or "
+                             "paired:<folder> (--dataset paired); the model takes its channels")
     return parser
 
 
@@ -41,8 +47,10 @@ def parse_option(argv: list[str] | None = None):
         raise UserError("--split unlabeled: train_teacher.py trains with cross-entropy, which needs labels; "
                         "distil from a teacher on unlabelled images with train_student.py --split unlabeled")
     opt.arch = resolve_model_name(opt.model, opt.dataset)
+    check_view(opt.view)
     finalize_training_args(opt, opt.model)
-    opt.model_name = (f"{opt.model}_{opt.dataset}_lr_{opt.learning_rate}"
+    view = "" if opt.view == "rgb" else f"_view_{opt.view}"
+    opt.model_name = (f"{opt.model}_{opt.dataset}{view}_lr_{opt.learning_rate}"
                       f"_decay_{opt.weight_decay}_trial_{opt.trial}")
     opt.save_path = str(Path(opt.save_folder) / opt.model_name)
     return opt
@@ -54,8 +62,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def train(opt, runtime: Runtime) -> dict:
-    data = get_dataloaders(options_from(DataOptions, opt), device=runtime.device)
-    model = runtime.place(build_model(opt.arch, num_classes=data.num_classes))
+    data = get_dataloaders(options_from(DataOptions, opt), DataNeeds(views=(opt.view,)), device=runtime.device)
+    model = runtime.place(build_model(opt.arch, num_classes=data.num_classes,
+                                      in_channels=data.layout.channels(opt.view)))
     if opt.sync_bn:  # after placing: on GPUs it becomes torch's SyncBatchNorm
         model = convert_sync_batchnorm(model)
     runtime.seed_rank(opt.seed)
@@ -68,12 +77,13 @@ def train(opt, runtime: Runtime) -> dict:
     fit = Fit(opt, stages=[stage], modules={"model": model}, train_loader=data.train_loader,
               val_loader=data.val_loader, holdout_loader=data.holdout_loader, runtime=runtime, run=run,
               prefix=opt.model,
-              static={"arch": opt.arch, "dataset": opt.dataset, "num_classes": data.num_classes},
+              static={"arch": opt.arch, "dataset": opt.dataset, "num_classes": data.num_classes, "view": opt.view},
               identity={"num_classes": data.num_classes})  # a resume must find the same number of classes
     if resume is not None:  # checked before anything is written: a refused resume leaves the folder as it was
         fit.restore(load_checkpoint(resume), f"'{resume}'")
     claim_run_folder(opt.save_path, resume=resume, overwrite=opt.overwrite, resume_asked=bool(opt.resume))
-    say(f"training {opt.arch} on {opt.dataset} ({data.n_data} images, {data.num_classes} classes) on "
+    on_view = "" if opt.view == "rgb" else f" view {opt.view}"
+    say(f"training {opt.arch} on {opt.dataset}{on_view} ({data.n_data} images, {data.num_classes} classes) on "
         f"{runtime.describe()}; run folder {opt.save_path}")
     results = fit()
     say(f"{best_line(results)}  last top-1 {results['last_acc']:.2f}  "

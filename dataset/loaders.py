@@ -19,6 +19,7 @@ from .options import LOADERS, DataOptions
 from .sampling import ContrastSampler, own_classes
 from .skipping import SkippingLoader, SkipUnreadable, Unreadable
 from .tensor_loader import TensorImages, TensorLoader, tensor_source
+from .views import ToViews, ViewLayout, with_views
 
 
 @dataclass
@@ -31,6 +32,7 @@ class DataBundle:
     ``--val_split`` and ``--subset``), ``n_data`` its size and ``train_labels`` (LongTensor
     ``[n_data]``) its labels. ``holdout_loader`` (``--val_split N``, else None): batches
     ``(img, target)`` of the N training images held out for model selection, with the test transform.
+    ``layout``: the views ``img`` carries as channels (:meth:`ViewLayout.slice` gives a view's).
     """
 
     train_loader: DataLoader | TensorLoader
@@ -39,6 +41,7 @@ class DataBundle:
     num_classes: int
     train_labels: torch.Tensor
     holdout_loader: DataLoader | TensorLoader | None = None
+    layout: ViewLayout = ViewLayout()
 
 
 class IndexedDataset(Dataset):
@@ -131,7 +134,16 @@ def make_bundle(train_set: Dataset, val_set: Dataset, train_labels: torch.Tensor
     Each epoch's worker seeds come from ``train_loader.generator`` (seeded ``seed + rank``),
     so the loader's output is reproducible, and that generator's state is all a resume has to
     save (plus torch's global RNG when ``num_workers`` is 0). Validation is sharded without padding.
+    ``needs.views`` other than ``("rgb",)``: both sets' ``Normalize`` is replaced by
+    :class:`dataset.views.ToViews` (in place), so both loaders' ``img`` carry the views' channels.
     """
+    for split in (train_set, val_set):
+        transform = getattr(split, "transform", None)
+        viewed = with_views(transform, needs.views)
+        if viewed is not transform:
+            split.transform = viewed  # type: ignore[attr-defined]
+    steps = list(getattr(getattr(train_set, "transform", None), "transforms", []))
+    layout = steps[-1].layout if steps and isinstance(steps[-1], ToViews) else ViewLayout()
     if data.loader not in LOADERS:
         raise UserError(f"unknown --loader {data.loader!r}: use one of {', '.join(LOADERS)}")
     if data.batch_size < 1:
@@ -154,7 +166,7 @@ def make_bundle(train_set: Dataset, val_set: Dataset, train_labels: torch.Tensor
             TensorLoader(tensor_train, data.batch_size, plan.order, augment=train_source.augment,
                          contrast=plan.contrast, seed=plan.seed, rank=plan.rank, drop_last=plan.drop_last),
             TensorLoader(tensor_val, val_batch_size, ShardSampler(len(tensor_val), plan.rank, plan.world_size)),
-            plan.n_data, num_classes, plan.labels, holdout)
+            plan.n_data, num_classes, plan.labels, holdout, layout)
     num_workers = data.num_workers or 0
     val_workers = num_workers if val_workers is None else val_workers
     holdout = None
@@ -162,7 +174,7 @@ def make_bundle(train_set: Dataset, val_set: Dataset, train_labels: torch.Tensor
         holdout = _eval_loader(IndexedDataset(with_test_transform(train_set, val_set), plan.holdout), plan,
                                val_batch_size, val_workers)
     return DataBundle(*_folder_loaders(train_set, val_set, plan, needs, data.batch_size, val_batch_size,
-                                       num_workers, val_workers), plan.n_data, num_classes, plan.labels, holdout)
+                                       num_workers, val_workers), plan.n_data, num_classes, plan.labels, holdout, layout)
 
 
 def with_test_transform(train_set: Dataset, val_set: Dataset) -> Dataset:

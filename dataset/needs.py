@@ -22,10 +22,13 @@ class ContrastNeed:
 @dataclass(frozen=True)
 class DataNeeds:
     """What the training batches carry beyond ``(img, target)``: ``index`` [B], the samples'
-    positions in the training set (``index``), and, with ``contrast``, the contrastive indices."""
+    positions in the training set (``index``), and, with ``contrast``, the contrastive indices.
+    ``views``: the views ``img`` carries, concatenated as channels in this order (see
+    :class:`dataset.views.ViewLayout`); ``("rgb",)`` is the image as it always was."""
 
     index: bool = False
     contrast: ContrastNeed | None = None
+    views: tuple[str, ...] = ("rgb",)
 
     @property
     def with_index(self) -> bool:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from helper.argtypes import int_at_least, nonnegative_float, nonnegative_int, positive_int
 from helper.declare import option
 
-DATASETS = ("cifar100", "cifar10", "stl10", "tinyimagenet", "imagenet", "synthetic")
+DATASETS = ("cifar100", "cifar10", "stl10", "tinyimagenet", "imagenet", "synthetic", "paired")
 LOADERS = ("tensor", "torchvision")
 SPLITS = ("train", "unlabeled")
 
@@ -31,7 +31,7 @@ class DataOptions(SyntheticOptions):
     dataset: str = option("cifar100", f"data set: {', '.join(DATASETS)}")
     data_folder: str | None = option(None, "where the data set lives (default ./data, holding cifar-100-python/, "
                                      "cifar-10-batches-py/, stl10_binary/ or tiny-imagenet-200/; ./data/imagenet for "
-                                     "imagenet)")
+                                     "imagenet; paired: DIR/<view folder>/<split>/<class>/<file>)")
     download: bool = option(False, "download CIFAR-100, CIFAR-10 or STL-10 into --data_folder if missing (STL-10's "
                             "files are then checked against the published MD5s)")
     allow_modified_data: bool = option(False, "read CIFAR-100/CIFAR-10 files whose MD5 is not the published one (a "

@@ -30,6 +30,7 @@ from torch.utils.data import Sampler
 from torchvision import transforms
 
 from .sampling import ContrastSampler
+from .views import ToViews
 
 _MASK64 = 2**64 - 1
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -67,14 +68,16 @@ class Augment:
 
 @dataclass(frozen=True)
 class TensorSource:
-    """What the tensor pipeline needs from a map-style set: its images (uint8 ``[N, H, W, 3]``),
-    labels, normalisation and training augmentation (None: the set's transform has none)."""
+    """What the tensor pipeline needs from a map-style set: its images (uint8 ``[N, H, W, C]``),
+    labels, normalisation and training augmentation (None: the set's transform has none);
+    ``views``: the transform's :class:`dataset.views.ToViews` (None: ``Normalize``, 3 channels)."""
 
     images: np.ndarray | torch.Tensor
     labels: torch.Tensor
     mean: tuple[float, ...]
     std: tuple[float, ...]
     augment: Augment | None
+    views: ToViews | None = None
 
 
 def tensor_source(dataset: Any) -> TensorSource | None:
@@ -82,11 +85,13 @@ def tensor_source(dataset: Any) -> TensorSource | None:
     (``data``: uint8 ``[N, H, W, 3]``, ``targets``; ``transform``: optionally
     ``RandomCrop(H, padding)`` (zero fill) and ``RandomHorizontalFlip``, then ``ToTensor`` and
     ``Normalize``), or None when the set is anything else (image folders, other transforms):
-    those sets go through the torchvision loader."""
+    those sets go through the torchvision loader. ``ToViews`` may take ``Normalize``'s place
+    (``data`` then has its layout's source channels), and ``ConvertImageDtype(torch.float32)``
+    ``ToTensor``'s (for sets whose items are uint8 tensors ``[C, H, W]``)."""
     data, targets = getattr(dataset, "data", None), getattr(dataset, "targets", None)
     if not isinstance(data, (np.ndarray, torch.Tensor)) or targets is None:
         return None
-    if data.dtype not in (np.uint8, torch.uint8) or data.ndim != 4 or data.shape[3] != 3:
+    if data.dtype not in (np.uint8, torch.uint8) or data.ndim != 4:
         return None
     steps = list(getattr(dataset.transform, "transforms", [dataset.transform]))
     padding, flip = 0, 0.0
@@ -98,12 +103,21 @@ def tensor_source(dataset: Any) -> TensorSource | None:
         padding = crop.padding
     if steps and isinstance(steps[0], transforms.RandomHorizontalFlip):
         flip = float(steps.pop(0).p)
-    if (len(steps) != 2 or not isinstance(steps[0], transforms.ToTensor)
-            or not isinstance(steps[1], transforms.Normalize)):
+    if len(steps) != 2 or not _is_to_float(steps[0]) or not isinstance(steps[1], (transforms.Normalize, ToViews)):
+        return None
+    views = steps[1] if isinstance(steps[1], ToViews) else None
+    if data.shape[3] != (3 if views is None else views.layout.source_channels):
         return None
     mean, std = tuple(map(float, steps[1].mean)), tuple(map(float, steps[1].std))
     augment = Augment(padding, flip) if padding or flip else None
-    return TensorSource(data, torch.as_tensor(targets, dtype=torch.long), mean, std, augment)
+    return TensorSource(data, torch.as_tensor(targets, dtype=torch.long), mean, std, augment, views)
+
+
+def _is_to_float(step: Any) -> bool:
+    """Whether ``step`` turns uint8 images into float ones in [0, 1] (``ToTensor``, or
+    ``ConvertImageDtype`` to float32)."""
+    return isinstance(step, transforms.ToTensor) or (
+        isinstance(step, transforms.ConvertImageDtype) and step.dtype == torch.float32)
 
 
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -142,7 +156,7 @@ class CropFlip:
 
 
 class TensorImages:
-    """Images as one uint8 tensor ``[N, 3, H, W]`` with their labels, on ``device``.
+    """Images as one uint8 tensor ``[N, C, H, W]`` with their labels, on ``device``.
 
     Item ``i`` is ``(img, target)`` as the torchvision set's test transform gives it (``img``
     float ``[3, H, W]``, normalised, no augmentation), followed by ``i`` when ``with_index``.
@@ -157,19 +171,27 @@ class TensorImages:
             indices = torch.as_tensor(indices).long()
             images, labels = images[indices], labels[indices]
         self.device = torch.device(device)
-        self.images = images.permute(0, 3, 1, 2).to(self.device).contiguous()  # [N, 3, H, W] uint8
+        self.images = images.permute(0, 3, 1, 2).to(self.device).contiguous()  # [N, C, H, W] uint8
         self.labels = labels.to(self.device)
         self.mean = torch.tensor(source.mean, dtype=torch.float32, device=self.device).view(-1, 1, 1)
         self.std = torch.tensor(source.std, dtype=torch.float32, device=self.device).view(-1, 1, 1)
         self.targets = labels.tolist()
         self.with_index = with_index
         self.base = base
+        self.views = source.views
+
+    def to_float(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images ``[B, C, H, W]`` -> the float batch the set's transform gives: normalised
+        (``Normalize``), or its views concatenated (``ToViews``)."""
+        if self.views is None:
+            return normalize(images, self.mean, self.std)
+        return self.views.layout.make(images.float().div_(255), self.views.mean, self.views.std)
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
     def __getitem__(self, i: int) -> tuple[Any, ...]:
-        img = normalize(self.images[i].unsqueeze(0), self.mean, self.std)[0]
+        img = self.to_float(self.images[i].unsqueeze(0))[0]
         return (img, self.targets[i], i) if self.with_index else (img, self.targets[i])
 
 
@@ -179,7 +201,8 @@ class TensorLoader:
     Batches: ``(img, target)``; ``(img, target, index)`` with ``dataset.with_index``;
     ``(img, target, index, contrast_idx)`` with ``contrast`` (a :class:`ContrastSampler` over the
     set's labels, ``contrast_idx`` ``[B, K+1]``). ``img`` float ``[B, 3, H, W]`` and the rest
-    LongTensors, all on the set's device.
+    LongTensors, all on the set's device (``img`` has the set's views' channels, see
+    :meth:`TensorImages.to_float`).
 
     sampler: the order of one pass, e.g. :class:`helper.distributed.EpochSampler` (training:
     ``set_epoch`` and ``skip`` work as with a DataLoader) or ``ShardSampler`` (validation).
@@ -266,7 +289,7 @@ class TensorLoader:
                 if params is not None:
                     top, left, flip = (p[start:start + self.batch_size] for p in params)
                     images = self.crop_flip(images, top, left, flip)  # type: ignore[misc]
-                batch: tuple[torch.Tensor, ...] = (normalize(images, data.mean, data.std), data.labels[index])
+                batch: tuple[torch.Tensor, ...] = (data.to_float(images), data.labels[index])
             if data.with_index or self.contrast is not None:
                 batch += (index,)
             if self.contrast is not None:

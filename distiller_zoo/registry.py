@@ -40,7 +40,7 @@ class NetOutput:
 
 @dataclass
 class Batch:
-    """A training batch: images [B, 3, H, W], labels [B], and when the method asks for them the
+    """A training batch: images [B, C, H, W], labels [B], and when the method asks for them the
     samples' positions in the training set [B] and contrastive indices [B, K+1]."""
 
     img: torch.Tensor
@@ -73,12 +73,13 @@ class BuildContext:
     @classmethod
     @torch.no_grad()
     def probe(cls, student: nn.Module, teacher: nn.Module, sample: torch.Tensor, *, preact: bool = False,
-              **facts) -> "BuildContext":
+              sample_t: torch.Tensor | None = None, **facts) -> "BuildContext":
         """The context of ``student`` and ``teacher``, their feature shapes read from one eval-mode
-        forward of ``sample`` [b, 3, H, W] (b >= 2, an input of the data's size) with ``preact``;
+        forward of ``sample`` [b, C, H, W] (b >= 2, an input of the data's size) with ``preact``;
+        ``sample_t``: the teacher's input when it sees another view (default ``sample``);
         ``facts`` fill the other fields (``n_data``, ``labels``, ``model_s``, ...)."""
         feats_s, logits_s = probe_features(student, sample, preact)
-        feats_t, _ = probe_features(teacher, sample, preact)
+        feats_t, _ = probe_features(teacher, sample if sample_t is None else sample_t, preact)
         facts.setdefault("device", sample.device)
         return cls(tuple(f.shape for f in feats_s), tuple(f.shape for f in feats_t), int(logits_s.shape[1]),
                    **facts)
@@ -226,7 +227,7 @@ def method_option_groups() -> list[tuple[type, str]]:
 
 @torch.no_grad()
 def probe_features(model: nn.Module, sample: torch.Tensor, preact: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Features and logits of ``model`` for ``sample`` [b, 3, H, W] in eval mode (for sizing modules)."""
+    """Features and logits of ``model`` for ``sample`` [b, C, H, W] in eval mode (for sizing modules)."""
     was_training = model.training
     model.eval()
     feats, logits = model(sample, is_feat=True, preact=preact)

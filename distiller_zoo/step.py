@@ -3,6 +3,8 @@ trains (and DDP can wrap it): ``step(raw_batch) -> (logits, target, {term: loss}
 distillation step of the main stage, and the init stage's step of the methods that have one."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -12,6 +14,12 @@ from helper.runtime import Runtime
 
 from .KD import DistillKL
 from .registry import Batch, Distiller, NetOutput
+
+
+def channels(img: torch.Tensor, part: slice | None) -> torch.Tensor:
+    """The channels ``part`` of an image batch ``[B, C, H, W]`` (a network's view, see
+    ``dataset.views.ViewLayout``); the batch itself when ``part`` is None."""
+    return img if part is None else img[:, part]
 
 
 def ordinary_tensors(out: NetOutput) -> NetOutput:
@@ -32,12 +40,19 @@ class DistillStep(nn.Module):
     mean over one Distiller per teacher. Terms whose weight is 0 are not computed. The teachers
     stay in eval mode, run under ``torch.inference_mode`` and are never trained (prepare them with
     ``models.teacher.prepare_teacher``); the Distillers get ordinary copies of their outputs.
-    ``weights``: ``(gamma, alpha, beta)``; ``kd_T``: KD's temperature.
+    ``weights``: ``(gamma, alpha, beta)``; ``kd_T``: KD's temperature. ``input_s`` and
+    ``inputs_t`` (one per teacher): the channels of ``img`` each network sees (its view, when the
+    batch carries several); None: all of them.
     """
 
     def __init__(self, student: nn.Module, teachers: list[nn.Module], distillers: nn.ModuleList,
-                 weights: tuple[float, float, float], kd_T: float, runtime: Runtime):
+                 weights: tuple[float, float, float], kd_T: float, runtime: Runtime,
+                 input_s: slice | None = None, inputs_t: Sequence[slice | None] | None = None):
         super().__init__()
+        self.input_s = input_s
+        self.inputs_t = tuple(inputs_t) if inputs_t is not None else (None,) * len(teachers)
+        if len(self.inputs_t) != len(teachers):
+            raise ValueError(f"{len(self.inputs_t)} teacher inputs for {len(teachers)} teachers")
         self.student = student
         self.teachers = nn.ModuleList(teachers)
         self.distillers = distillers
@@ -59,9 +74,10 @@ class DistillStep(nn.Module):
 
     def forward(self, raw: tuple) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         batch = raw if isinstance(raw, Batch) else self.batch(raw)
-        feats_s, logits_s = self._student_fn[0](batch.img, is_feat=True, preact=self.preact)
+        feats_s, logits_s = self._student_fn[0](channels(batch.img, self.input_s), is_feat=True, preact=self.preact)
         with torch.inference_mode():
-            outs_t = [NetOutput(*fn(batch.img, is_feat=True, preact=self.preact)) for fn in self._teacher_fns]
+            outs_t = [NetOutput(*fn(channels(batch.img, part), is_feat=True, preact=self.preact))
+                      for fn, part in zip(self._teacher_fns, self.inputs_t)]
         outs_t = [ordinary_tensors(t) for t in outs_t]
         terms = {}
         if self.gamma:
@@ -85,10 +101,13 @@ class InitStep(nn.Module):
     It trains :meth:`trained_parameters`: ``distiller.init_modules()`` and, when
     ``distiller.init_trains_student()``, the student's feature layers. In training mode the
     student is in eval mode except for those layers; the teacher stays in eval mode and runs
-    without gradient. The networks run as they are (not compiled), under the loop's autocast."""
+    without gradient. The networks run as they are (not compiled), under the loop's autocast.
+    ``input_s``, ``input_t``: the channels of ``img`` each network sees (None: all)."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, distiller: Distiller, runtime: Runtime):
+    def __init__(self, student: nn.Module, teacher: nn.Module, distiller: Distiller, runtime: Runtime,
+                 input_s: slice | None = None, input_t: slice | None = None):
         super().__init__()
+        self.input_s, self.input_t = input_s, input_t
         self.student, self.teacher, self.distiller = student, teacher, distiller
         modules = list(distiller.init_modules())
         if distiller.init_trains_student():
@@ -111,8 +130,8 @@ class InitStep(nn.Module):
     def forward(self, raw: tuple) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         batch = Batch(*(self.runtime.to_device(t) for t in raw))
         preact = self.distiller.preact
-        feats_s, logits_s = self.student(batch.img, is_feat=True, preact=preact)
+        feats_s, logits_s = self.student(channels(batch.img, self.input_s), is_feat=True, preact=preact)
         with torch.no_grad():
-            feats_t, logits_t = self.teacher(batch.img, is_feat=True, preact=preact)
+            feats_t, logits_t = self.teacher(channels(batch.img, self.input_t), is_feat=True, preact=preact)
         loss = self.distiller.init_loss(NetOutput(feats_s, logits_s), NetOutput(feats_t, logits_t), batch)
         return logits_s, batch.target, {"init": loss}

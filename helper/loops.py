@@ -282,13 +282,15 @@ class StopRequest(Exception):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, runtime: Runtime | None = None,
-             criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+             criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+             inputs: slice | None = None) -> dict[str, float]:
     """Loss, top-1 and top-5 accuracy (%) of ``model`` over ``loader`` (batches ``(img, target, ...)``);
     under torchrun each rank scores its shard and the sums are added over ranks.
 
     The loss is the cross-entropy, or with ``criterion`` (a batch-mean loss such as
     ``nn.CrossEntropyLoss()``) the mean of ``criterion(logits, target)`` over the batches weighted by
-    their sizes. Returns ``test_acc``, ``test_acc_top5`` and ``test_loss``."""
+    their sizes. ``inputs``: the channels of the images the model sees (its view, when the batches
+    carry several; None: all). Returns ``test_acc``, ``test_acc_top5`` and ``test_loss``."""
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, count
     autocast = runtime.autocast if runtime is not None else contextlib.nullcontext
@@ -297,6 +299,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, runtime: Runtime | 
             images, target = runtime.to_device(batch[0]), runtime.to_device(batch[1])
         else:
             images, target = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        if inputs is not None:
+            images = images[:, inputs]
         with autocast():
             logits = model(images)
         logits = logits.float()
@@ -434,7 +438,8 @@ class Fit:
     RepDistiller's names: ``<prefix>_last.pth`` (every epoch of every stage, and at a stop),
     ``<prefix>_best.pth`` and ``ckpt_epoch_N.pth`` (main stage). ``identity`` entries (e.g. digests of
     the teachers' weights) are recorded with every option of ``opt``: a resume must agree with
-    them (see helper/resume.py). ``--max_steps`` counts each stage's steps apart.
+    them (see helper/resume.py). ``--max_steps`` counts each stage's steps apart. ``inputs``: the
+    channels of the validation images ``'model'`` sees (see :func:`evaluate`).
 
     Model selection: the best checkpoint is the epoch of the best test top-1 (RepDistiller's), or,
     with a ``holdout_loader`` (``--val_split``: training images held out), the best top-1 on it
@@ -446,8 +451,8 @@ class Fit:
 
     def __init__(self, opt, *, stages: list[Stage], modules: dict[str, nn.Module], train_loader, val_loader,
                  runtime: Runtime, run: RunLog, prefix: str, static: dict[str, Any] | None = None,
-                 identity: dict[str, Any] | None = None, holdout_loader=None) -> None:
-        self.opt, self.stages, self.modules = opt, list(stages), modules
+                 identity: dict[str, Any] | None = None, holdout_loader=None, inputs: slice | None = None) -> None:
+        self.opt, self.stages, self.modules, self.inputs = opt, list(stages), modules, inputs
         self.train_loader, self.val_loader, self.holdout_loader = train_loader, val_loader, holdout_loader
         self.runtime, self.run, self.static = runtime, run, static or {}
         self.folder = Path(run.folder)
@@ -604,9 +609,11 @@ class Fit:
     def _validate(self, epoch: int, train_stats: dict[str, float]) -> None:
         self._guard_weights(f"epoch {epoch}")
         distributed.broadcast_buffers(self.modules["model"])
-        self.last = evaluate(self.modules["model"], self.val_loader, self.runtime.device, self.runtime)
+        self.last = evaluate(self.modules["model"], self.val_loader, self.runtime.device, self.runtime,
+                             inputs=self.inputs)
         if self.holdout_loader is not None:
-            held = evaluate(self.modules["model"], self.holdout_loader, self.runtime.device, self.runtime)
+            held = evaluate(self.modules["model"], self.holdout_loader, self.runtime.device, self.runtime,
+                            inputs=self.inputs)
             self.last.update({name.replace("test_", "val_"): value for name, value in held.items()})
         if not math.isfinite(self.last["test_loss"]):
             raise NonFiniteLoss(f"the test loss became non-finite after epoch {epoch} "

@@ -10,11 +10,17 @@ Every model follows one contract:
   with ``preact=True`` the stage outputs are taken before their last ReLU.
 - ``get_feat_modules()`` returns the modules that produce the features, as an ``nn.ModuleList``.
 - ``get_bn_before_relu()`` returns the BatchNorm layer that precedes each stage's last ReLU.
+
+``build_model(..., in_channels=C)`` gives a network for ``C``-channel inputs (a view such as
+``L`` or ``ab``): its stem's first convolution takes ``C`` channels, all else unchanged.
 """
 from __future__ import annotations
 
 from typing import Callable
 
+import math
+
+import torch
 import torch.nn as nn
 
 from helper.errors import UserError
@@ -78,9 +84,54 @@ def resolve_model_name(name: str, dataset: str = "cifar100") -> str:
     return name
 
 
-def build_model(name: str, num_classes: int, dataset: str = "cifar100") -> nn.Module:
-    """Build the network called ``name`` (see :func:`resolve_model_name`) with ``num_classes`` outputs."""
-    return model_dict[resolve_model_name(name, dataset)](num_classes=num_classes)
+def build_model(name: str, num_classes: int, dataset: str = "cifar100", in_channels: int = 3) -> nn.Module:
+    """Build the network called ``name`` (see :func:`resolve_model_name`) with ``num_classes``
+    outputs, for inputs of ``in_channels`` channels (see :func:`set_in_channels`)."""
+    model = model_dict[resolve_model_name(name, dataset)](num_classes=num_classes)
+    return set_in_channels(model, in_channels) if in_channels != 3 else model
+
+
+def stem_conv(model: nn.Module) -> tuple[str, nn.Conv2d]:
+    """The name and module of the convolution that reads the input: the model's first
+    ``nn.Conv2d`` (every network of :data:`model_dict` registers its stem first)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            return name, module
+    raise TypeError(f"{type(model).__name__} has no convolution")
+
+
+def in_channels_of(model: nn.Module) -> int:
+    """The number of input channels ``model`` takes (its stem's)."""
+    return stem_conv(model)[1].in_channels
+
+
+@torch.no_grad()
+def set_in_channels(model: nn.Module, in_channels: int) -> nn.Module:
+    """``model`` (changed in place) with a stem convolution taking ``in_channels`` channels: a new
+    ``nn.Conv2d`` with the old one's hyper-parameters in its place (state-dict keys unchanged).
+    Its weights are the old ones' input channels in turn (channel ``j`` gets old channel
+    ``j % C_old``) scaled by ``sqrt(C_old / in_channels)``, which keeps the initial output's
+    variance and draws no random numbers (the model's initialisation stays a function of the seed)."""
+    if in_channels < 1:
+        raise ValueError(f"in_channels must be at least 1, got {in_channels}")
+    _, old = stem_conv(model)
+    if old.in_channels == in_channels:
+        return model
+    if old.groups != 1:
+        raise TypeError(f"{type(model).__name__}'s stem is a grouped convolution")
+    new = nn.Conv2d(in_channels, old.out_channels, old.kernel_size,  # type: ignore[arg-type]
+                    stride=old.stride, padding=old.padding,  # type: ignore[arg-type]
+                    dilation=old.dilation, bias=old.bias is not None, padding_mode=old.padding_mode,
+                    device=old.weight.device, dtype=old.weight.dtype)
+    picks = torch.arange(in_channels, device=old.weight.device) % old.in_channels
+    new.weight.copy_(old.weight[:, picks] * math.sqrt(old.in_channels / in_channels))
+    if old.bias is not None:
+        new.bias.copy_(old.bias)
+    for module in list(model.modules()):  # every place that holds it (a module may be registered twice)
+        for child_name, child in list(module.named_children()):
+            if child is old:
+                setattr(module, child_name, new)
+    return model
 
 
 def get_classifier(model: nn.Module) -> nn.Linear:

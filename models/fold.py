@@ -74,9 +74,12 @@ def _tensors(value: Any) -> Iterator[torch.Tensor]:
             yield from _tensors(v)
 
 
-def _default_sample() -> torch.Tensor:
-    """Two CIFAR-sized images [2, 3, 32, 32] from a private generator (the global RNG is untouched)."""
-    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+def _default_sample(model: nn.Module) -> torch.Tensor:
+    """Two CIFAR-sized images [2, C, 32, 32] from a private generator (the global RNG is untouched),
+    ``C`` the input channels of ``model``'s first convolution (3 without one)."""
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    channels = first.in_channels if first is not None else 3
+    return torch.randn(2, channels, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
 def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -96,7 +99,7 @@ def _is_foldable_bn(module: nn.Module) -> bool:
 
 def find_foldable(model: nn.Module, sample: torch.Tensor | None = None) -> list[FoldPair]:
     """The (convolution, BatchNorm) pairs of ``model`` (in eval mode) that :func:`fold_batchnorm`
-    folds, found by running ``sample`` [B, 3, H, W] (default: two random 32x32 images) through
+    folds, found by running ``sample`` [B, C, H, W] (default: two random 32x32 images) through
     every forward variant with autograd recording: a BatchNorm qualifies if in every call its
     input is the output of one and the same convolution, with as many channels, that output has
     no other use (another layer, an in-place op, or being returned), and every call of that
@@ -138,7 +141,7 @@ def _trace(model: nn.Module, sample: torch.Tensor | None) -> tuple[list[FoldPair
                                      id(out_node) if out_node is not None else -2))
 
     device, dtype = _model_device_dtype(model)
-    x = (_default_sample() if sample is None else sample).detach().to(device, dtype).requires_grad_(True).clone()
+    x = (_default_sample(model) if sample is None else sample).detach().to(device, dtype).requires_grad_(True).clone()
     handles = [m.register_forward_hook(on_conv) for m in convs] + [m.register_forward_hook(on_bn) for m in bns]
     results: list[list[torch.Tensor]] = []
     try:
@@ -227,7 +230,7 @@ def _outputs_match(reference: list[torch.Tensor], outputs: list[torch.Tensor]) -
 
 def fold_batchnorm(model: nn.Module, sample: torch.Tensor | None = None) -> nn.Module:
     """Fold every BatchNorm that only reads a convolution's output into that convolution
-    (see :func:`find_foldable`; ``sample`` [B, 3, H, W] is an input of the data's size, default
+    (see :func:`find_foldable`; ``sample`` [B, C, H, W] is an input of the data's size, default
     two random 32x32 images) and replace it by ``nn.Identity``. ``model`` must be in eval mode
     and stay in it; it is changed in place and returned. Logits and every feature are those of
     the unfolded model up to float rounding; this is checked on ``sample``, and should it fail
@@ -236,7 +239,7 @@ def fold_batchnorm(model: nn.Module, sample: torch.Tensor | None = None) -> nn.M
     if any(m.training for m in model.modules()):
         raise ValueError("fold_batchnorm: the model must be in eval mode (folding uses the running "
                          "statistics; a network that trains its BatchNorms cannot be folded)")
-    sample = _default_sample() if sample is None else sample
+    sample = _default_sample(model) if sample is None else sample
     pairs, reference = _trace(model, sample)
     if not pairs:
         return model

@@ -10,8 +10,10 @@ import torch.nn as nn
 from helper.checkpoint import _strip_prefixes, load_checkpoint, load_weights, nonfinite_tensors
 from helper.errors import UserError
 from helper.runtime import Runtime
-from models import build_model, get_classifier, model_dict
+from models import build_model, get_classifier, model_dict, stem_conv
 from models.fold import fold_batchnorm
+
+RGB = "rgb"
 
 
 def teacher_name_from_path(path: str) -> str:
@@ -28,18 +30,46 @@ def teacher_name_from_path(path: str) -> str:
     return "_".join(segments[:3])
 
 
-def load_teacher(path: str, num_classes: int, dataset: str = "cifar100") -> tuple[nn.Module, str]:
+def checkpoint_view(state: dict) -> str | None:
+    """The view a checkpoint's network was trained on: its ``'view'`` entry; without one, ``rgb``
+    when its stem takes 3 channels (every checkpoint written before views existed, RepDistiller's),
+    else None (unknown: a 1-channel network could be gray or L)."""
+    if state.get("view"):
+        return str(state["view"])
+    weights = state.get("model")
+    channels = _stem_channels(weights, None) if isinstance(weights, dict) else None
+    return RGB if channels in (None, 3) else None
+
+
+def _stem_channels(weights: dict, stem: str | None) -> int | None:
+    """The input channels of the stem weight ``stem`` (e.g. ``conv1.weight``) in a state dict
+    (DataParallel/compile prefixes allowed); with ``stem`` None, of its first 4-d weight."""
+    for key, value in weights.items():
+        name = key
+        for prefix in ("module.", "_orig_mod."):
+            while name.startswith(prefix):
+                name = name[len(prefix):]
+        if torch.is_tensor(value) and value.dim() == 4 and (stem is None or name == stem):
+            return int(value.shape[1])
+    return None
+
+
+def load_teacher(path: str, num_classes: int, dataset: str = "cifar100",
+                 state: dict | None = None) -> tuple[nn.Module, str]:
     """Build and load the teacher saved at ``path``; returns ``(model, arch)``.
 
     The architecture is the checkpoint's ``'arch'`` entry (our checkpoints) or, for RepDistiller's
-    ``{'model': state_dict}`` files, the one its folder name gives. Every problem (missing file,
-    not a checkpoint, unknown architecture, weights of another architecture or class count)
-    raises :class:`UserError`.
+    ``{'model': state_dict}`` files, the one its folder name gives. The network takes the input
+    channels of the checkpoint's stem weight; the view it was trained on
+    (:func:`checkpoint_view`: ``'rgb'``, ``'L'``, ..., None when unknown) is recorded as
+    ``model.input_view``. ``state``: the checkpoint, when already read. Every problem (missing
+    file, not a checkpoint, unknown architecture, weights of another architecture or class
+    count) raises :class:`UserError`.
     """
     if not path:
         raise UserError("--path_t is required: the teacher checkpoint, e.g. "
                         "./save/models/resnet32x4_vanilla/ckpt_epoch_240.pth")
-    state = load_checkpoint(path)
+    state = load_checkpoint(path) if state is None else state
     if "model" not in state:
         raise UserError(f"'{path}' has no 'model' entry: it is not a checkpoint of train_teacher.py or RepDistiller")
     arch = state.get("arch") or teacher_name_from_path(path)
@@ -53,6 +83,10 @@ def load_teacher(path: str, num_classes: int, dataset: str = "cifar100") -> tupl
                         f"{num_classes}: use a teacher trained on this data set")
     with torch.random.fork_rng(devices=[]):  # the weights are replaced: leave the run's RNG untouched
         model = build_model(arch, num_classes=num_classes, dataset=dataset)
+        in_channels = _stem_channels(state["model"], stem_conv(model)[0] + ".weight") if isinstance(
+            state["model"], dict) else None
+        if in_channels not in (None, 3):
+            model = build_model(arch, num_classes=num_classes, dataset=dataset, in_channels=in_channels)
     if state.get("arch"):
         load_weights(model, state["model"], f"'{path}'", f"{arch}, the architecture its 'arch' entry names")
     else:
@@ -63,6 +97,7 @@ def load_teacher(path: str, num_classes: int, dataset: str = "cifar100") -> tupl
             raise UserError(f"{err} A RepDistiller checkpoint names its architecture only in its folder's name: "
                             f"put it in <model>_vanilla/ with the model it holds") from None
     check_finite_weights(model, path)
+    model.input_view = checkpoint_view(state)
     return model, arch
 
 
@@ -131,7 +166,7 @@ def prepare_teacher(model: nn.Module, runtime: Runtime, sample: torch.Tensor | N
     """The frozen teacher (in place; returns ``model``): eval mode, no parameter requiring
     gradients, on the run's device (channels_last when the runtime asks). With ``fast`` (the
     default; ``--plain_teacher`` turns it off) every BatchNorm that follows a convolution is folded
-    into it (exact in eval mode, see models/fold.py; ``sample`` [B, 3, H, W] is an input of the
+    into it (exact in eval mode, see models/fold.py; ``sample`` [B, C, H, W] is an input of the
     data's size, for finding them) and the weights are channels_last, whose convolutions are
     faster on CPUs and on GPUs' tensor cores whatever the input's layout.
 
