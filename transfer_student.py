@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dataset import DATASETS, DataOptions, get_dataloaders
+from dataset import DATASETS, DataNeeds, DataOptions, get_dataloaders
 from dataset.loaders import DataBundle, IndexedDataset
 from dataset.skipping import SkippingLoader, SkipUnreadable, sample_images
 from dataset.tensor_loader import TensorLoader
@@ -44,6 +44,8 @@ from helper.logger import RunLog, run_summary
 from helper.optim import build_optimizer, lr_at_epoch, set_lr
 from helper.resume import claim_run_folder
 from helper.runtime import Runtime, run_script
+from dataset.views import check_view
+from models import in_channels_of
 from models.teacher import load_backbone, prepare_teacher
 
 PROBE_FILE = "probe_last.pth"
@@ -61,6 +63,8 @@ class ProbeOptions:
     no_augment: bool = option(False, "no training augmentation: the features are computed once and the classifier "
                               "trains on the cached tensors (one forward pass plus seconds)")
     plain_backbone: bool = option(False, "run the backbone as saved (no BatchNorm folding, no channels_last)")
+    view: str | None = option(None, "what the network sees of the target images (rgb, gray, L, ab, paired:<folder>); "
+                              "default: the view its checkpoint records (rgb for one that records none)")
 
 
 def build_parser() -> Parser:
@@ -342,6 +346,21 @@ def train_probe(classifier: nn.Linear, batches, test, opt, *, epochs: int, run: 
             "epochs_done": len(history), "steps": steps, "history": history}
 
 
+def probe_view(given: str | None, recorded: str | None, path: Path) -> str:
+    """The view the probe feeds the network: ``--view`` (which must agree with the one its checkpoint
+    records), else the recorded one; a :class:`UserError` when neither tells it."""
+    if given is not None:
+        check_view(given, "--view")
+        if recorded is not None and given != recorded:
+            raise UserError(f"--view {given} contradicts '{path}', whose network was trained on view {recorded}: "
+                            "leave --view out (it defaults to the checkpoint's view)")
+        return given
+    if recorded is None:
+        raise UserError(f"'{path}' records no view and its network does not take 3 channels: say which view it was "
+                        "trained on with --view")
+    return recorded
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
     return run_script(with_print_config(parse_option, build_parser), probe, argv)
@@ -356,7 +375,11 @@ def probe(opt, runtime: Runtime) -> dict:
     if not opt.lr_given and arch in SMALL_LR_MODELS:
         opt.learning_rate = 0.01
     source = describe_source(path, arch, facts)
-    data = get_dataloaders(options_from(DataOptions, opt), device=runtime.device)
+    view = probe_view(opt.view, backbone.input_view, path)
+    data = get_dataloaders(options_from(DataOptions, opt), DataNeeds(views=(view,)), device=runtime.device)
+    if in_channels_of(backbone) != data.layout.channels(view):
+        raise UserError(f"the network in '{path}' takes {in_channels_of(backbone)} input channels, but view {view} "
+                        f"has {data.layout.channels(view)}: give the view it was trained on with --view")
     bn_train = opt.probe_bn == "train"
     fast = not (opt.plain_backbone or bn_train)  # folded BatchNorm cannot go back to train mode
     sample = runtime.to_device(sample_images(data.val_loader.dataset))
@@ -368,7 +391,7 @@ def probe(opt, runtime: Runtime) -> dict:
     recipe = {"learning_rate": opt.learning_rate, "momentum": opt.momentum, "weight_decay": opt.weight_decay,
               "epochs": opt.epochs, "lr_schedule": opt.lr_schedule, "lr_decay_epochs": opt.lr_decay_epochs,
               "lr_decay_rate": opt.lr_decay_rate, "batch_size": opt.batch_size, "augment": augment,
-              "probe_bn": opt.probe_bn, "backbone_fast_path": fast, "feat_dim": feat_dim}
+              "probe_bn": opt.probe_bn, "backbone_fast_path": fast, "feat_dim": feat_dim, "view": view}
     extra = run_summary(opt, role="transfer", method=source.get("method", "vanilla"), model=arch,
                         model_t=source.get("model_t"), source=source, target=opt.dataset, recipe=recipe,
                         num_classes=data.num_classes, n_data=data.n_data)

@@ -600,6 +600,7 @@ def sh_cases(release_root: Path) -> dict[str, tuple[tuple[str, ...], dict[str, s
         "run_imagenet_distill.sh": (("--amp", "bf16",), dict(DRY_RUN="1", TEACHER="/t/teacher.pth", NPROC="4",
                                                              METHODS="kd crd")),
         "run_transfer.sh": (("--device", "it's cpu"), dict(DRY_RUN="1", TRIALS="1", METHODS="teacher student crd+kd")),
+        "run_crossmodal.sh": (("--device", "it's cpu"), dict(DRY_RUN="1", METHODS="crd alone")),
         "fetch_pretrained_teachers.sh": ((), dict(NAMES="resnet8 resnet14 bad-name",
                                                   ARCHIVE_URL=str(release_root / "cifar_teachers.tar"))),
     }
@@ -607,7 +608,7 @@ def sh_cases(release_root: Path) -> dict[str, tuple[tuple[str, ...], dict[str, s
 
 def test_every_user_script_starts_with_the_bash_guard():
     assert USER_SCRIPTS == ["fetch_pretrained_teachers.sh", "gpu_check.sh", "run_cifar_distill.sh",
-                            "run_cifar_vanilla.sh", "run_imagenet_distill.sh", "run_transfer.sh"]
+                            "run_cifar_vanilla.sh", "run_crossmodal.sh", "run_imagenet_distill.sh", "run_transfer.sh"]
     for name in USER_SCRIPTS:
         lines = (ROOT / "scripts" / name).read_text().splitlines()
         code = [i for i, line in enumerate(lines) if line.strip() and not line.startswith("#")]
