@@ -19,6 +19,7 @@ from typing import Callable
 import pytest
 import torch
 
+from dataset import DATASETS
 import train_student
 import train_teacher
 from helper.cli.methods import method_names
@@ -153,9 +154,9 @@ def test_unknown_model_lists_the_models(main, args, capsys):
     (train_student.main, ["--path_t", "t.pth", "--distill", "magic"] + SYNTHETIC,
      ["unknown --distill 'magic'", "choose one of: " + ", ".join(method_names())]),
     (train_student.main, ["--path_t", "t.pth", "--dataset", "mnist"],
-     ["unknown --dataset 'mnist'", "cifar100, imagenet, synthetic"]),
+     ["unknown --dataset 'mnist'", ", ".join(DATASETS)]),
     (train_teacher.main, ["--model", "resnet8", "--dataset", "mnist"],
-     ["unknown --dataset 'mnist'", "cifar100, imagenet, synthetic"]),
+     ["unknown --dataset 'mnist'", ", ".join(DATASETS)]),
 ], ids=["distill", "dataset-student", "dataset-teacher"])
 def test_unknown_method_or_dataset_lists_the_choices(main, args, words, capsys):
     code, err = main_error(main, TINY + args, capsys)

@@ -196,9 +196,9 @@ def test_repdistiller_dataset_classes(cifar_root, imagenet_root):
 # ---------------------------------------------------------------- errors users see
 
 def test_unknown_dataset_lists_choices():
-    with pytest.raises(UserError, match="cifar100, cifar10, stl10, tinyimagenet, imagenet, synthetic"):
+    with pytest.raises(UserError, match="cifar100, cifar10, stl10, tinyimagenet, imagenet, synthetic, paired"):
         get_dataloaders(make_opt(dataset="mnist"))
-    assert DATASETS == ("cifar100", "cifar10", "stl10", "tinyimagenet", "imagenet", "synthetic")
+    assert DATASETS == ("cifar100", "cifar10", "stl10", "tinyimagenet", "imagenet", "synthetic", "paired")
 
 
 def test_missing_cifar_says_how_to_get_it(tmp_path):
