@@ -139,7 +139,7 @@ def load_backbone(path: str) -> tuple[nn.Module, str, dict]:
     arch = state.get("arch") or teacher_name_from_path(path)
     # an unknown architecture: load_teacher says so in its own words
     num_classes = checkpoint_classes(state, arch, path) if arch in model_dict else 1
-    model, arch = load_teacher(path, num_classes, state.get("dataset") or "cifar100")
+    model, arch = load_teacher(path, num_classes, state.get("dataset") or "cifar100", state=state)
     facts = {k: state[k] for k in CHECKPOINT_FACTS
              if isinstance(state.get(k), (str, int, float)) and not isinstance(state.get(k), bool)}
     facts.update(arch=arch, num_classes=num_classes)

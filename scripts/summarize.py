@@ -447,12 +447,14 @@ CSV_FIELDS = ["dataset", "pair", "teacher", "student", "method", "n", "last_mean
               "paper", "diff", "trials"]
 
 
+def csv_cell(value):
+    """A CSV cell: empty for None, floats at full precision, anything else as it is."""
+    return "" if value is None else repr(value) if isinstance(value, float) else value
+
+
 def write_csv(sections: list[Section], path: Path) -> None:
     """The summary as CSV, one row per (data set, pair, method), numbers at full precision, empty
     cells for none (an unknown data set too)."""
-    def cell(value):
-        return "" if value is None else repr(value) if isinstance(value, float) else value
-
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(CSV_FIELDS)
@@ -460,7 +462,7 @@ def write_csv(sections: list[Section], path: Path) -> None:
             for row in section.rows:
                 teacher, student = split_pair(row.pair)
                 (last_mean, last_std), (best_mean, best_std) = row.last, row.best
-                writer.writerow([cell(v) for v in (section.dataset, row.pair, teacher, student, row.method, row.n,
+                writer.writerow([csv_cell(v) for v in (section.dataset, row.pair, teacher, student, row.method, row.n,
                                                    last_mean, last_std, best_mean, best_std, row.paper, row.diff,
                                                    ";".join(r.trial for r in row.runs))])
 
@@ -557,9 +559,6 @@ TRANSFER_CSV_FIELDS = ["source_dataset", "pair", "teacher", "student", "method",
 
 def write_transfer_csv(tables: list[TransferTable], path: Path) -> None:
     """The transfer tables as CSV, one row per (source data set, pair, method, target set)."""
-    def cell(value):
-        return "" if value is None else repr(value) if isinstance(value, float) else value
-
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(TRANSFER_CSV_FIELDS)
@@ -572,7 +571,7 @@ def write_transfer_csv(tables: list[TransferTable], path: Path) -> None:
                                                                     mean_std(r.best_acc for r in runs))
                     paper = row.paper[target]
                     diff = None if last_mean is None or paper is None else last_mean - paper
-                    writer.writerow([cell(v) for v in (table.source_dataset, table.pair, teacher, student, row.method,
+                    writer.writerow([csv_cell(v) for v in (table.source_dataset, table.pair, teacher, student, row.method,
                                                        target, len(runs), last_mean, last_std, best_mean, best_std,
                                                        paper, diff, ";".join(r.trial for r in runs))])
 
