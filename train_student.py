@@ -135,11 +135,13 @@ def fill_weights(opt, published: tuple[float, float, float]) -> None:
 def run_name(opt, model_t: str, views_t: list[str] | None = None) -> str:
     """RepDistiller's student folder name for the same command line: the weights as its argparse
     leaves them (floats as given, ``r:1`` for a left-out ``-r``); when a network sees another view
-    than rgb, ``_view_s:<view>_view_t:<views>`` is added."""
+    than rgb, ``_view_s:<view>_view_t:<views>`` is added, and ``_split:unlabeled`` for a run on an
+    unlabelled split (so that it never shares a folder with the labelled run of the same flags)."""
     views_t = views_t or ["rgb"]
     views = "" if {opt.view_s, *views_t} == {"rgb"} else f"_view_s:{opt.view_s}_view_t:{'+'.join(views_t)}"
+    split = "" if opt.split == "train" else f"_split:{opt.split}"
     return (f"S:{opt.model_s}_T:{model_t}_{opt.dataset}_{opt.distill}"
-            f"_r:{opt.gamma}_a:{opt.alpha}_b:{opt.beta}{views}_{opt.trial}")
+            f"_r:{opt.gamma}_a:{opt.alpha}_b:{opt.beta}{views}{split}_{opt.trial}")
 
 
 @exit_on_user_error

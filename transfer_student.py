@@ -49,7 +49,8 @@ from models import in_channels_of
 from models.teacher import load_backbone, prepare_teacher
 
 PROBE_FILE = "probe_last.pth"
-FEATURE_BATCH = 256  # batch of the one-off feature pass of --no_augment (eval mode: any size gives the same)
+FEATURE_BATCH = 256  # GPU batch of the one-off feature pass of --no_augment (eval mode: any size gives the same;
+# on a CPU the probe's own batch is faster: resnet8x4 580 images/s at 64, 330 at 256)
 
 
 @dataclass
@@ -409,7 +410,8 @@ def probe(opt, runtime: Runtime) -> dict:
     if augment:
         batches = LiveBatches(backbone, data.train_loader, runtime, bn_train, timer)
     else:
-        cached = extract(backbone, plain_train_loader(data, max(FEATURE_BATCH, opt.batch_size)), runtime, timer)
+        feature_batch = opt.batch_size if runtime.device.type == "cpu" else max(FEATURE_BATCH, opt.batch_size)
+        cached = extract(backbone, plain_train_loader(data, feature_batch), runtime, timer)
         drop_last = len(cached.labels) > 1 and len(cached.labels) % opt.batch_size == 1
         batches = CachedBatches(cached, opt.batch_size, seed=opt.seed, drop_last=drop_last)
     test_timer = PassTimer()

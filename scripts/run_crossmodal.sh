@@ -93,7 +93,7 @@ for trial in $(seq 1 "$TRIALS"); do
     else
       read -r -a flags <<< "$(flags_for "$method")"
       b=$("$PYTHON" -c "import sys; print(float(sys.argv[1]))" "${flags[5]}" 2> /dev/null || echo "${flags[5]}")
-      name="S:${STUDENT}_T:${TEACHER}_${TARGET}_${flags[1]}_r:0_a:0.0_b:${b}_view_s:ab_view_t:L_${trial}"
+      name="S:${STUDENT}_T:${TEACHER}_${TARGET}_${flags[1]}_r:0_a:0.0_b:${b}_view_s:ab_view_t:L_split:unlabeled_${trial}"
       ckpt="$SAVE/student_model/$name/${STUDENT}_last.pth"
       run "${LAUNCH_WORDS[@]}" train_student.py --path_t "$teacher_ckpt" --model_s "$STUDENT" --dataset "$TARGET" \
         --split unlabeled --view_t L --view_s ab "${flags[@]}" --trial "$trial" --save_folder "$SAVE/student_model" \

@@ -153,7 +153,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=120)
 
 
-def test_bad_input_one_line(tmp_path):
+def test_bad_input_one_line(tmp_path, capsys):
     corrupt = tmp_path / "corrupt.pth"
     torch.save({"model": {"w": torch.zeros(1000)}}, corrupt)
     corrupt.write_bytes(corrupt.read_bytes()[:300])  # truncated
@@ -165,8 +165,15 @@ def test_bad_input_one_line(tmp_path):
         "cache with drift": (["--path_s", str(corrupt), *DATA, "--no_augment", "--probe_bn", "train"],
                              "cannot be cached"),
     }
+    capsys.readouterr()
     for name, (args, expected) in cases.items():
-        done = run_cli(*args, "--save_folder", str(tmp_path / "save"))
-        lines = done.stderr.strip().splitlines()
-        assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (name, done.stderr)
+        with pytest.raises(SystemExit) as stop:
+            transfer_student.main([*args, "--save_folder", str(tmp_path / "save")])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert stop.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (name, lines)
         assert expected in lines[0], (name, lines[0])
+    # the real script: the same line and status, no traceback
+    done = run_cli(*cases["corrupt"][0], "--save_folder", str(tmp_path / "save"))
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    assert "not a readable PyTorch checkpoint" in lines[0]

@@ -78,14 +78,20 @@ def test_cifar10_published_md5_missing_folder_and_download_errors(roots, tmp_pat
     with pytest.raises(UserError) as err:
         get_dataloaders(opt_for("cifar10", tmp_path / "nowhere"))
     one_line(err, "CIFAR-10 not found", "cifar-10-batches-py/", "--download")
+    offline_download_fails(monkeypatch, "torchvision.datasets.cifar",
+                           opt_for("cifar10", tmp_path / "nowhere", download=True),
+                           "could not download CIFAR-10", "cifar-10-python.tar.gz")
 
+
+def offline_download_fails(monkeypatch, module: str, opt, *words: str) -> None:
+    """With no network (``module``'s download raising OSError), ``--download`` is one error line."""
     def offline(*args, **kwargs):
         raise OSError("no network")
 
-    monkeypatch.setattr("torchvision.datasets.cifar.download_and_extract_archive", offline)
+    monkeypatch.setattr(f"{module}.download_and_extract_archive", offline)
     with pytest.raises(UserError) as err:
-        get_dataloaders(opt_for("cifar10", tmp_path / "nowhere", download=True))
-    one_line(err, "could not download CIFAR-10", "cifar-10-python.tar.gz")
+        get_dataloaders(opt)
+    one_line(err, *words)
 
 
 # ---------------------------------------------------------------- STL-10
@@ -172,14 +178,8 @@ def test_stl10_download_checks_the_published_md5s(tmp_path, monkeypatch):
     # files already there: no download and no MD5 check (any file in the format is read)
     monkeypatch.setattr("dataset.stl10.download_and_extract_archive", lambda *a, **k: pytest.fail("downloaded"))
     assert get_dataloaders(opt_for("stl10", tmp_path, download=True)).n_data == 10
-
-    def offline(*args, **kwargs):
-        raise OSError("no network")
-
-    monkeypatch.setattr("dataset.stl10.download_and_extract_archive", offline)
-    with pytest.raises(UserError) as err:
-        get_dataloaders(opt_for("stl10", tmp_path / "empty", download=True))
-    one_line(err, "could not download STL-10", "stl10_binary.tar.gz")
+    offline_download_fails(monkeypatch, "dataset.stl10", opt_for("stl10", tmp_path / "empty", download=True),
+                           "could not download STL-10", "stl10_binary.tar.gz")
 
 
 def test_bad_stl10_folder_is_one_error_line_from_the_script(tmp_path):

@@ -48,7 +48,11 @@ def test_crd_distils_without_labels(teacher, tmp_path, capsys):
     # the unlabelled set has the teacher's classes here: the student is tested as usual
     assert "selection" not in results and results["last_acc"] is not None
     folder = next(tmp_path.iterdir())
-    assert "_r:0_" in folder.name
+    assert "_r:0_" in folder.name and folder.name.endswith("_split:unlabeled_1")
+    # the labelled run of the same flags (-r 0 given) gets a folder of its own
+    train_student.main(["--path_t", str(teacher), "--distill", "crd", "-r", "0", "--save_folder", str(tmp_path)]
+                       + TINY)
+    assert len(list(tmp_path.iterdir())) == 2
     state = load_checkpoint(folder / "resnet8_last.pth")
     assert state["num_classes"] == TEACHER_CLASSES
     assert state["model"]["fc.weight"].shape[0] == TEACHER_CLASSES
@@ -89,10 +93,6 @@ def test_cross_entropy_refused(teacher, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_label_based_method_refused(teacher, tmp_path):
-    proc = script("train_student.py", ["--path_t", str(teacher), "--distill", "dkd", "--split", "unlabeled",
-                                       "--save_folder", str(tmp_path)] + TINY)
-    assert_refused(proc, "--distill dkd needs labels", "labelled class")
 
 
 def test_train_teacher_refuses_unlabeled(tmp_path, capsys):
@@ -104,6 +104,7 @@ def test_train_teacher_refuses_unlabeled(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, words", [
+    (["--distill", "dkd"], ["--distill dkd needs labels", "labelled class"]),
     (["--distill", "crd", "--mode", "relax"], ["--distill crd needs labels", "--mode relax"]),
     (["--distill", "wcord", "--mode", "relax"], ["--distill wcord needs labels", "--mode relax"]),
     (["--distill", "crcd"], ["--distill crcd needs labels", "--crcd_grad_weight 0"]),
@@ -114,7 +115,8 @@ def test_more_label_based_methods_refused(args, words, teacher, tmp_path, capsys
                            + args + TINY)
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and all(word in err[0] for word in words)
+    assert len(err) == 1 and err[0].startswith("error: ") and all(word in err[0] for word in words)
+    assert not any(tmp_path.iterdir())
 
 
 def test_label_need_is_declared_on_the_contract():
