@@ -49,7 +49,7 @@ def probe(path: Path, save: Path, *extra: str) -> dict:
 def test_trained_features_probe_far_above_random(sources, tmp_path):
     trained = probe(sources["trained"], tmp_path, "--no_augment")
     random_net = probe(sources["random"], tmp_path, "--no_augment")
-    # measured: 70 % against 17 % (10 classes: chance 10 %; 15 epochs on cached features)
+    # measured: 75 % against 17 % (10 classes: chance 10 %; 15 epochs on cached features)
     assert trained["last_acc"] >= random_net["last_acc"] + 30, (trained["last_acc"], random_net["last_acc"])
     assert trained["last_acc"] >= 50
 
