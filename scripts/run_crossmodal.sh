@@ -7,7 +7,7 @@
 #   bash scripts/run_crossmodal.sh --data_folder ./data          # teacher, 3 students, student alone, probes
 #   METHODS="crd alone" TRIALS=1 bash scripts/run_crossmodal.sh
 #   DRY_RUN=1 bash scripts/run_crossmodal.sh                      # print the commands, run nothing
-#   LABELLED=synthetic TARGET=synthetic TEACHER=resnet8x4 STUDENT=resnet8 DISTILL_FLAGS="--nce_k 1024" \
+#   LABELLED=synthetic TARGET=synthetic TEACHER=resnet8x4 STUDENT=resnet8 DISTILL_FLAGS="--nce_k 512" \
 #     bash scripts/run_crossmodal.sh --synthetic_classes 10 --epochs 2 --device cpu   # minutes on a CPU
 #
 # Arguments are passed to every command (train_teacher.py, train_student.py and transfer_student.py
