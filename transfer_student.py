@@ -49,8 +49,9 @@ from models import in_channels_of
 from models.teacher import load_backbone, prepare_teacher
 
 PROBE_FILE = "probe_last.pth"
-FEATURE_BATCH = 256  # GPU batch of the one-off feature pass of --no_augment (eval mode: any size gives the same;
-# on a CPU the probe's own batch is faster: resnet8x4 580 images/s at 64, 330 at 256)
+# GPU batch of the one-off feature pass of --no_augment (eval mode: any batch gives the same features);
+# a CPU uses the probe's own, which is faster there (resnet8x4: 580 images/s at 64, 330 at 256)
+FEATURE_BATCH = 256
 
 
 @dataclass

@@ -93,8 +93,6 @@ def test_cross_entropy_refused(teacher, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-
-
 def test_train_teacher_refuses_unlabeled(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         train_teacher.main(["--model", "resnet8", "--split", "unlabeled", "--save_folder", str(tmp_path)] + DATA)
