@@ -334,7 +334,7 @@ def train(opt, runtime: Runtime) -> dict:
               identity={"teachers": parts.teacher_digests, "n_data": data.n_data,
                         "num_classes": parts.student_classes, "model_t": parts.model_t})
     if resume is not None:  # checked before anything is written: a refused resume leaves the folder as it was
-        fit.restore(load_checkpoint(resume), f"'{resume}'")
+        fit.resume_from(resume)
     claim_run_folder(folder, resume=resume, overwrite=opt.overwrite, resume_asked=bool(opt.resume))
     teacher_accs = validate_teachers(parts, runtime)
     run.results["teacher_acc"] = teacher_accs[0] if len(teacher_accs) == 1 else teacher_accs

@@ -80,7 +80,7 @@ def train(opt, runtime: Runtime) -> dict:
               static={"arch": opt.arch, "dataset": opt.dataset, "num_classes": data.num_classes, "view": opt.view},
               identity={"num_classes": data.num_classes})  # a resume must find the same number of classes
     if resume is not None:  # checked before anything is written: a refused resume leaves the folder as it was
-        fit.restore(load_checkpoint(resume), f"'{resume}'")
+        fit.resume_from(resume)
     claim_run_folder(opt.save_path, resume=resume, overwrite=opt.overwrite, resume_asked=bool(opt.resume))
     on_view = "" if opt.view == "rgb" else f" view {opt.view}"
     say(f"training {opt.arch} on {opt.dataset}{on_view} ({data.n_data} images, {data.num_classes} classes) on "

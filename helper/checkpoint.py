@@ -7,7 +7,7 @@ import hashlib
 import os
 import pickle
 import re
-import tempfile
+import shutil
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -18,65 +18,47 @@ import torch
 import torch.nn as nn
 
 from helper.errors import UserError
+from helper.files import atomic_write, file_mode, remove_temporaries  # noqa: F401 (re-exported)
 
 # The only class a checkpoint may hold besides tensors and plain types: RepDistiller's
 # ``<model>_last.pth`` stores its argparse options as ``'opt'``.
 SAFE_CLASSES = (argparse.Namespace,)
-TEMPORARY_PATTERNS = (".*.pth.*.tmp", ".*.json.tmp")
-
-
-def file_mode() -> int:
-    """The mode a new file gets under this process's umask (0o644 under the usual 022)."""
-    try:  # read, not set: setting the umask to probe it would race with other threads' files
-        status = Path("/proc/self/status").read_text()
-        mask = int(re.search(r"^Umask:\s*([0-7]+)", status, re.MULTILINE).group(1), 8)
-    except (OSError, AttributeError):
-        mask = os.umask(0)
-        os.umask(mask)
-    return 0o666 & ~mask
+# What torch.load raises for a file that is not a readable checkpoint (besides UnpicklingError).
+LOAD_ERRORS = (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError, AttributeError,
+               TypeError, IndexError, UnicodeDecodeError)
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
-    """Write ``state`` to ``path`` atomically: a temporary file in the same folder is written,
-    flushed to disk, given the umask's mode and renamed over ``path``, so a crash, a full disk or
-    a failing write never leaves a truncated file and a good checkpoint is only ever replaced by a
-    complete one. A failing write raises :class:`UserError` (the old ``path`` is kept)."""
+    """Write ``state`` to ``path`` atomically (:func:`helper.files.atomic_write`: a temporary
+    file of its own, flushed to disk, renamed over ``path``), so a crash, a full disk or a failing
+    write never leaves a truncated file and a good checkpoint is only ever replaced by a complete
+    one. A failing write raises :class:`UserError` (the old ``path`` is kept)."""
     path = Path(path)
-    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: torch.save(state, f))
     except (OSError, RuntimeError) as err:
-        reason = getattr(err, "strerror", None) or str(err).strip().splitlines()[-1]
-        kept = "the previous one was kept" if path.is_file() else "nothing was written"
-        raise UserError(f"could not write the checkpoint {path} ({type(err).__name__}: {reason}): "
-                        f"{kept}; is the disk full or the folder not writable? Free space or choose another "
-                        "--save_folder, then continue with --resume auto") from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+        raise write_error(path, err) from None
 
 
-def remove_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files a crashed write left in ``folder`` (``.<name>.pth.*.tmp``,
-    ``.<name>.json.tmp``); returns what was removed."""
-    folder = Path(folder)
-    removed = []
-    if folder.is_dir():
-        for pattern in TEMPORARY_PATTERNS:
-            for path in folder.glob(pattern):
-                try:
-                    path.unlink()
-                    removed.append(path)
-                except OSError:
-                    pass
-    return removed
+def copy_checkpoint(source: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Copy the checkpoint file ``source`` to ``path`` byte for byte, atomically as
+    :func:`save_checkpoint` writes (a failing write raises :class:`UserError`)."""
+    path = Path(path)
+    try:
+        with open(source, "rb") as src:
+            atomic_write(path, lambda f: shutil.copyfileobj(src, f, 1 << 20))
+    except OSError as err:
+        raise write_error(path, err) from None
+
+
+def write_error(path: Path, err: Exception) -> UserError:
+    """The one line of a checkpoint write that failed (``err``)."""
+    reason = getattr(err, "strerror", None) or str(err).strip().splitlines()[-1]
+    kept = "the previous one was kept" if path.is_file() else "nothing was written"
+    return UserError(f"could not write the checkpoint {path} ({type(err).__name__}: {reason}): "
+                     f"{kept}; is the disk full or the folder not writable? Free space or choose another "
+                     "--save_folder, then continue with --resume auto")
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -97,14 +79,27 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         if "weights only load failed" in str(err).lower():
             raise _refused(path, str(err)) from None
         raise _unreadable(path, err) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError, AttributeError,
-            TypeError, IndexError, UnicodeDecodeError) as err:
+    except LOAD_ERRORS as err:
         raise _unreadable(path, err) from None
     if not isinstance(state, Mapping):
         raise UserError(f"'{path}' holds a {type(state).__name__}, not a checkpoint dict with a 'model' entry")
     if "model" in state:
         check_state_dict(state["model"], f"'{path}'")
     return dict(state)
+
+
+def saved_mark(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``resume['save']`` entry of the checkpoint ``path`` (which save wrote it: its number
+    and files), read without loading its tensors; None when the file is missing, unreadable
+    or has none."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        mark = state["resume"]["save"]
+    except (pickle.UnpicklingError, *LOAD_ERRORS):
+        return None
+    return mark if isinstance(mark, dict) else None
 
 
 def _unreadable(path: Path, err: Exception) -> UserError:

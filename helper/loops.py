@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import threading
 import time
@@ -25,7 +26,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from helper import distributed
-from helper.checkpoint import load_weights, nonfinite_tensors, save_checkpoint
+from helper.checkpoint import (copy_checkpoint, load_checkpoint, load_weights, nonfinite_tensors, save_checkpoint,
+                               saved_mark)
 from helper.errors import Stopped, UserError
 from helper.logger import RunLog, is_interactive, is_terminal_output
 from helper.meters import accuracy
@@ -464,6 +466,8 @@ class Fit:
         self.best_acc, self.best_top5, self.last = 0.0, 0.0, {}
         self.selected: dict[str, Any] | None = None  # the held-out selection's epoch and accuracies
         self.current, self.skip_batches, self.carry = 0, 0, None
+        self.save_seq, self.saved_files = 0, []  # the number of the last save, and its files
+        self.resumed: tuple[Path, os.stat_result] | None = None
         self._loader_state_at_epoch_start = self._loader_state()
 
     @property
@@ -534,6 +538,8 @@ class Fit:
         self.main.epochs_done, self.best_acc = epochs_done, float(state["best_acc"])
         self.best_top5, self.last = resume["best_acc_top5"], resume["last"] or {}
         self.selected = resume.get("selected")
+        mark = resume.get("save") or {}
+        self.save_seq, self.saved_files = int(mark.get("seq", 0)), list(mark.get("files", []))
         self.main.budget.done = resume["steps"]
         self.skip_batches = resume["batches_done"]
         self.carry = EpochStats(resume["epoch_stats"]) if resume["epoch_stats"] else None
@@ -593,9 +599,43 @@ class Fit:
         return changed
 
     def _save(self, state: dict[str, Any], names: list[str]) -> None:
+        """Write ``state`` under each of ``names``, ``<prefix>_last.pth`` first. The state lists
+        the files of its save and numbers it (``resume['save']``): a run killed between two of
+        these writes is completed by the resume (:meth:`_complete_saves`), so an epoch's
+        checkpoints are all written or the epoch is done again."""
+        self.save_seq += 1
+        state["resume"]["save"] = {"seq": self.save_seq, "files": list(names)}
         if self.runtime.dist.is_main:
             for name in names:
                 save_checkpoint(state, self.folder / name)
+
+    def resume_from(self, path: Path) -> None:
+        """:meth:`restore` the checkpoint file ``path`` (``--resume``), remembering it for
+        :meth:`_complete_saves`."""
+        self.resumed = (Path(path), os.stat(path))
+        self.restore(load_checkpoint(path), f"'{path}'")
+
+    def _complete_saves(self) -> None:
+        """Before training on from a resumed checkpoint (once this run holds its folder): refuse
+        if the file changed since it was read (another run wrote it meanwhile), then write the
+        files of its save that a kill left unwritten or older than it (e.g. ``ckpt_epoch_N.pth``
+        and ``<prefix>_best.pth`` after ``<prefix>_last.pth``), as copies of it."""
+        if self.resumed is None:
+            return
+        path, seen = self.resumed
+        now = os.stat(path)
+        if (now.st_ino, now.st_size, now.st_mtime_ns) != (seen.st_ino, seen.st_size, seen.st_mtime_ns):
+            raise UserError(f"{path} was rewritten while this run started (by another run in the same folder): "
+                            "start this command again to continue from the new file")
+        if not self.runtime.dist.is_main or path.resolve().parent != self.folder.resolve():
+            return
+        for name in self.saved_files:
+            target = self.folder / name
+            if name == path.name or (saved_mark(target) or {}).get("seq", -1) >= self.save_seq:
+                continue
+            copy_checkpoint(path, target)
+            distributed.say(f"note: the run had stopped while saving; wrote {name} from {path.name}, "
+                            "the state it saved first")
 
     def _images_skipped(self) -> int:
         """Unreadable images skipped so far by this process's loaders (see dataset/skipping.py)."""
@@ -649,7 +689,9 @@ class Fit:
         stopped by ``--max_steps`` inside an epoch is validated and saved there, and a resume
         finishes that epoch. Each main-stage epoch's record and the results hold
         ``images_skipped``: unreadable images left out by the loaders (their ``images_skipped``
-        count, summed over ranks) in that epoch / in all."""
+        count, summed over ranks) in that epoch / in all. A resumed run first completes the save
+        its checkpoint was written by (:meth:`_complete_saves`)."""
+        self._complete_saves()
         self.run.open()
         with StopSignals() as stop:
             while True:
