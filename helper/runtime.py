@@ -16,6 +16,7 @@ from helper.declare import option, options_from
 from helper.distributed import (DistInfo, init_distributed, is_collective_failure, launched_by_torchrun,
                                 lost_rank_error, shutdown)
 from helper.errors import UserError
+from helper.resume import release_run_folders
 
 
 def resolve_device(name: str) -> torch.device:
@@ -134,6 +135,8 @@ def run_script(parse_option, train, argv: list[str] | None):
     except BaseException:
         shutdown()
         raise
+    finally:
+        release_run_folders()  # the process may go on (a test, a sweep in one process)
     shutdown()
     return result
 
