@@ -1,17 +1,40 @@
 """What a run leaves behind: console lines, TensorBoard scalars, args.json and results.json."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+from tensorboard.summary.writer import event_file_writer
 from torch.utils.tensorboard import SummaryWriter
 
 from helper.errors import UserError
+from helper.files import atomic_write
+
+
+# Flags that act on one invocation (continue the run, or delete it and start again), not
+# settings of the run: never recorded in args.json, so a replay (--config args.json) cannot
+# repeat them.
+ONE_INVOCATION = frozenset({"resume", "overwrite"})
+
+
+def _quiet_writer_thread(args: threading.ExceptHookArgs) -> None:
+    """TensorBoard's writer thread prints the traceback of a failed write, then the writer
+    raises the same error in the main thread at its next call, where RunLog makes it one line:
+    such a thread's OSError is not printed twice (any other goes to the usual hook)."""
+    if isinstance(args.thread, event_file_writer._AsyncWriterThread) and issubclass(args.exc_type, OSError):
+        return
+    _previous_hook(args)
+
+
+_previous_hook = threading.excepthook
+threading.excepthook = _quiet_writer_thread
 
 
 def jsonable(value: Any) -> Any:
@@ -30,10 +53,16 @@ def jsonable(value: Any) -> Any:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write ``data`` as indented JSON through a temporary file and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(jsonable(data), indent=2) + "\n")
-    tmp.replace(path)
+    """Write ``data`` as indented JSON through a temporary file of this write's own and a rename
+    (:func:`helper.files.atomic_write`); raises OSError."""
+    text = (json.dumps(jsonable(data), indent=2) + "\n").encode()
+    atomic_write(Path(path), lambda f: f.write(text))
+
+
+def recorded_args(args: dict[str, Any]) -> dict[str, Any]:
+    """A run's options as ``args.json`` and ``results.json`` record them: without the flags that
+    act once (:data:`ONE_INVOCATION`), so that replaying the file never repeats them."""
+    return {k: v for k, v in args.items() if k not in ONE_INVOCATION}
 
 
 def console_line(record: dict[str, Any]) -> str:
@@ -95,11 +124,31 @@ class RunLog:
             return
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            write_json(self.folder / "args.json", self._args)
+            write_json(self.folder / "args.json", recorded_args(self._args))
         except OSError as err:
             raise UserError(f"cannot write into the run folder {self.folder} ({err.strerror or err}): choose "
                             "a writable --save_folder") from None
-        self.writer = SummaryWriter(log_dir=str(self.folder))
+        with self._tensorboard():
+            self.writer = SummaryWriter(log_dir=str(self.folder))
+
+    @contextlib.contextmanager
+    def _tensorboard(self) -> Iterator[None]:
+        """A failing TensorBoard write (its own, or its writer thread's, which it re-raises here)
+        becomes one :class:`UserError` line."""
+        try:
+            yield
+        except OSError as err:
+            raise UserError(f"could not write the TensorBoard events in {self.folder} ({type(err).__name__}: "
+                            f"{err.strerror or err}): is the disk full or the folder not writable? The checkpoints "
+                            "were kept; free space, then continue with --resume auto") from None
+
+    def _scalars(self, values: dict[str, Any], step: int, skip: tuple[str, ...]) -> None:
+        """The numbers of ``values`` (but ``skip``) as TensorBoard scalars at ``step``, flushed."""
+        with self._tensorboard():
+            for key, value in values.items():
+                if key not in skip and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(key, value, step)
+            self.writer.flush()
 
     def elapsed(self) -> float:
         """Seconds of this run so far (across resumes)."""
@@ -128,11 +177,7 @@ class RunLog:
         if not self.active:
             return
         self.open()
-        step = record["epoch"]
-        for key, value in record.items():
-            if key not in ("epoch", "session") and isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.writer.add_scalar(key, value, step)
-        self.writer.flush()
+        self._scalars(record, record["epoch"], skip=("epoch", "session"))
         print(console_line(record), flush=True)
         self.save(status="running")
 
@@ -144,17 +189,15 @@ class RunLog:
         if not self.active:
             return
         self.open()
-        for what, value in record.items():
-            if what != key and isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.writer.add_scalar(what, value, record[key])
-        self.writer.flush()
+        self._scalars(record, record[key], skip=(key,))
         print(console_line(record), flush=True)
         self.save(status="running")
 
     def save(self, status: str, **summary: Any) -> dict[str, Any]:
         """Rewrite ``results.json`` with the history so far, ``status`` and ``summary`` entries."""
         self.results.update(summary)
-        self.results.update(status=status, wall_time_s=round(time.time() - self.start, 3), history=self.history)
+        self.results.update(status=status, wall_time_s=round(time.time() - self.start, 3), history=self.history,
+                            args=recorded_args(self._args))
         if self.active:
             self.open()
             path = self.folder / "results.json"
@@ -168,7 +211,9 @@ class RunLog:
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            writer, self.writer = self.writer, None
+            with self._tensorboard():
+                writer.close()
 
 
 def is_interactive() -> bool:

@@ -17,6 +17,7 @@ import yaml
 import train_student
 import train_teacher
 from helper.cli.options import RECORDED_KEYS
+from helper.logger import ONE_INVOCATION
 
 ROOT = Path(__file__).resolve().parents[1]
 SYNTHETIC = ["--dataset", "synthetic", "--synthetic_classes", "4", "--synthetic_train", "16",
@@ -187,9 +188,11 @@ def test_print_config_round_trip(script, argv, tmp_path, capsys, monkeypatch):
     values = yaml.safe_load(text)
     expected = script.parse_option(argv)
     capsys.readouterr()
-    assert values == {k: v for k, v in vars(expected).items() if k not in RECORDED_KEYS}
+    # --resume and --overwrite act on one invocation: never printed, never replayed
+    assert values == {k: v for k, v in vars(expected).items() if k not in RECORDED_KEYS | ONE_INVOCATION}
     again = script.parse_option(["--config", write(tmp_path / "printed.yaml", text)])
-    assert typed(again) == typed(expected)
+    assert again.overwrite is False and again.resume is None
+    assert typed(again) == {**typed(expected), **typed(argparse.Namespace(overwrite=False, resume=None))}
     # printing what the file gives prints the same file (less the notes, which were about filling in)
     body = "".join(line for line in text.splitlines(keepends=True) if not line.startswith("#"))
     assert printed(script.main, ["--config", str(tmp_path / "printed.yaml")], capsys) == body
@@ -230,7 +233,8 @@ def test_args_json_replays_the_run(teacher_run, capsys):
     # the replay's options are the run's, derived ones included (its folder is the run's)
     replay = vars(train_teacher.parse_option(["--config", args]))
     assert replay.pop("print_config") is False  # main leaves it out of a run's options
-    assert replay == {k: v for k, v in recorded.items() if k != "command"}
+    assert not ONE_INVOCATION & set(recorded)  # acts of one invocation: not recorded, never replayed
+    assert replay == {**{k: v for k, v in recorded.items() if k != "command"}, "overwrite": False, "resume": None}
     assert train_teacher.parse_option(["--config", args, "--trial", "1"]).save_path.endswith("_trial_1")
 
 
@@ -265,7 +269,8 @@ save_folder: {save}
     capsys.readouterr()
     replay = train_student.parse_option(["--config", str(folder / "args.json")])
     del replay.print_config  # main leaves it out of a run's options
-    assert typed(replay) == typed(argparse.Namespace(**{k: v for k, v in recorded.items() if k != "command"}))
+    assert typed(replay) == typed(argparse.Namespace(**{k: v for k, v in recorded.items() if k != "command"},
+                                                     overwrite=False, resume=None))
     assert save / train_student.run_name(replay, "resnet8") == folder
 
 

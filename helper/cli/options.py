@@ -22,6 +22,7 @@ from dataset import DATASETS, TENSOR_DATASETS, DataOptions
 from helper.argtypes import momentum_float, nonfinite_floats, nonnegative_float, nonnegative_int, positive_float, positive_int
 from helper.declare import add_option_groups
 from helper.errors import UserError
+from helper.logger import ONE_INVOCATION
 from helper.optim import OptimOptions
 from helper.runtime import RuntimeOptions
 
@@ -119,14 +120,18 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
     def option_actions(self) -> list[argparse.Action]:
-        """The actions of the options a configuration file may set (not ``--help``, ``--config``, ``--print_config``)."""
-        return [a for a in self._actions if a.option_strings and a.dest not in (*CONFIG_FLAGS, "help")]
+        """The actions of the options a configuration file may set (not ``--help``, ``--config``,
+        ``--print_config``, nor the flags that act on one invocation, ``--resume`` and ``--overwrite``)."""
+        return [a for a in self._actions
+                if a.option_strings and a.dest not in (*CONFIG_FLAGS, *ONE_INVOCATION, "help")]
 
     def read_config(self, path: str) -> dict[str, Any]:
         """The option values of the configuration file ``path``, by ``dest``, each checked and
         converted by :func:`config_value`. A key is a flag's name (``nce_k``, ``gamma``) or
         any spelling of the flag without its dashes (``r`` for ``-r``). A ``.json`` file is read
-        as a run's ``args.json``: its :data:`RECORDED_KEYS` are ignored. Any problem is one
+        as a run's ``args.json``: its :data:`RECORDED_KEYS` and ``resume``/``overwrite`` (acts of one
+        invocation, recorded by earlier versions) are ignored; a YAML file may give them only as
+        null/false. Any problem is one
         ``error:`` line naming the file and the key (exit status 2)."""
         where = f"--config {path}"
         file = Path(path)
@@ -161,6 +166,11 @@ class Parser(argparse.ArgumentParser):
             key = str(key)
             if recorded and key in RECORDED_KEYS:
                 continue
+            if key in ONE_INVOCATION:  # recorded by earlier versions (args.json, --print_config): never replayed
+                if recorded or value in (None, False):
+                    continue
+                self.error(f"{where}: '{key}' cannot be set in a configuration file: it acts on one invocation "
+                           f"(give --{key} on the command line)")
             if key in CONFIG_FLAGS:
                 self.error(f"{where}: '{key}' cannot be set in a configuration file (give --{key} on the command line)")
             action = by_key.get(key)
