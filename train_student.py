@@ -37,9 +37,9 @@ from helper.optim import build_optimizer
 from helper.resume import claim_run_folder, resume_path
 from helper.runtime import Runtime, run_script
 from helper.sync_bn import convert_sync_batchnorm
-from models import build_model, in_channels_of, model_dict, resolve_model_name
-from models.teacher import (checkpoint_classes, checkpoint_view, load_teacher, prepare_teacher,
-                            teacher_name_from_path)
+from models import build_model, in_channels_of, resolve_model_name
+from models.teacher import (check_entries, checkpoint_arch, checkpoint_classes, checkpoint_view, load_teacher,
+                            prepare_teacher)
 
 
 def build_parser() -> Parser:
@@ -110,11 +110,7 @@ def check_unlabeled(opt, method: type[Distiller]) -> None:
 def teacher_class_count(path: str, state: dict) -> int:
     """The number of classes of the teacher checkpoint ``state`` read from ``path`` (see
     :func:`models.teacher.checkpoint_classes`)."""
-    arch = state.get("arch") or teacher_name_from_path(path)
-    if arch not in model_dict:
-        raise UserError(f"cannot tell the teacher's architecture: '{path}' has no 'arch' entry and its folder name "
-                        f"gives '{arch}', which is not a model name; name the folder <model>_... as RepDistiller does")
-    return checkpoint_classes(state, arch, path)
+    return checkpoint_classes(state, checkpoint_arch(state, path), path)
 
 
 def fill_weights(opt, published: tuple[float, float, float]) -> None:
@@ -246,6 +242,9 @@ def build_run(opt, runtime: Runtime) -> RunParts:
     options = options_from(method.Options, opt)
     paths = teacher_paths(opt)
     states = [load_checkpoint(path) if path else None for path in paths]
+    for path, state in zip(paths, states):
+        if state is not None:  # before their views and classes are read
+            check_entries(state, path)
     views_t = teacher_views(opt, paths, states)
     needs = replace(method.data_needs(options), views=distinct([opt.view_s, *views_t]))
     data = get_dataloaders(options_from(DataOptions, opt), needs, device=runtime.device)

@@ -15,7 +15,7 @@ from .loaders import make_bundle
 from .needs import ContrastNeed, DataNeeds
 from .options import DataOptions
 from .sampling import ContrastSampler
-from .skipping import DECODE_ERRORS, Unreadable
+from .skipping import DECODE_ERRORS, Unreadable, pixel_limit_errors
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -61,14 +61,15 @@ def open_image_folder(folder: str | Path, transform: Callable | None = None,
 
 class SafeImageFolder(datasets.ImageFolder):
     """torchvision's ImageFolder whose items are :class:`~dataset.skipping.Unreadable` for files
-    that cannot be decoded (truncated, empty, not images) instead of an exception (which would end
-    the run from inside a DataLoader worker); the loaders of :func:`dataset.loaders.make_bundle`
+    that cannot be decoded (truncated, empty, not images, over PIL's pixel limit) instead of an
+    exception (which would end the run from inside a DataLoader worker); the loaders of :func:`dataset.loaders.make_bundle`
     leave them out of the batches and count them."""
 
     def __getitem__(self, index: int) -> tuple[Any, Any] | Unreadable:
         path, target = self.samples[index]
         try:
-            sample = self.loader(path)
+            with pixel_limit_errors():
+                sample = self.loader(path)
         except DECODE_ERRORS as err:
             return Unreadable.from_error(path, err)
         if self.transform is not None:

@@ -22,13 +22,14 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
 
 from helper.errors import UserError
 
 from .options import DataOptions
+from .skipping import DECODE_ERRORS, Unreadable, pixel_limit_errors
 from .views import PAIRED, ToViews, ViewLayout, distinct
 
 RGB_MEAN = (0.485, 0.456, 0.406)
@@ -61,17 +62,19 @@ def sources_of(views: Sequence[str]) -> list[str]:
 
 
 def _read(path: Path, folder: str) -> np.ndarray:
-    """The image at ``path`` as uint8 ``[H, W, C]`` (C 3 for ``rgb``, else 1 or 3)."""
+    """The image at ``path`` as uint8 ``[H, W, C]`` (C 3 for ``rgb``, else 1 or 3); an unreadable
+    one (damaged, not an image, over PIL's pixel limit) is a :class:`UserError`."""
     try:
-        with Image.open(path) as img:
+        with pixel_limit_errors(), Image.open(path) as img:
             if folder != "rgb" and img.mode in ONE_CHANNEL:
                 if img.mode.startswith("I"):
                     arr = np.asarray(img).astype(np.int64)
                     return np.clip(arr >> 8 if arr.max() > 255 else arr, 0, 255).astype(np.uint8)[..., None]
                 return np.asarray(img.convert("L"))[..., None]
             return np.asarray(img.convert("RGB"))
-    except (OSError, UnidentifiedImageError, ValueError) as err:
-        raise UserError(f"--dataset paired: cannot read '{path}' ({err})") from None
+    except DECODE_ERRORS as err:
+        raise UserError(f"--dataset paired: cannot read '{path}' ({Unreadable.from_error(str(path), err).reason}): "
+                        "replace that file, or remove it and its partners in the other view folders") from None
 
 
 def _samples(root: Path, folder: str, split: str) -> dict[tuple[str, str], Path]:

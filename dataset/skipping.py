@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import struct
 import sys
+import warnings
+from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -23,8 +25,22 @@ from torch.utils.data._utils.collate import default_collate
 from helper.errors import UserError
 
 # What PIL raises for a file it cannot decode (UnidentifiedImageError is an OSError; so are
-# truncated files and unreadable ones).
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+# truncated files and unreadable ones), and for one over its pixel limit (Image.MAX_IMAGE_PIXELS):
+# DecompressionBombError above twice the limit, DecompressionBombWarning up to it (raised as an
+# error within pixel_limit_errors()); neither is an OSError.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError,
+                 Image.DecompressionBombWarning)
+
+
+@contextmanager
+def pixel_limit_errors() -> Iterator[None]:
+    """Within it, an image over PIL's pixel limit (``Image.MAX_IMAGE_PIXELS``) is an error even up
+    to twice the limit (PIL only warns there): :data:`DECODE_ERRORS` then hold every image PIL
+    refuses or warns about, which is unreadable like a damaged file (the limit stays PIL's). It sets
+    the process's warning filters: enter it from one thread (threads started inside see it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
 
 
 class Unreadable:

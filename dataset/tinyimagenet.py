@@ -25,7 +25,7 @@ from helper.errors import UserError
 from .cifar100 import DEFAULT_FOLDER, cifar_test_transform, cifar_train_transform
 from .memory import SIZE, ArrayImages, decode_all
 from .options import DataOptions
-from .skipping import DECODE_ERRORS
+from .skipping import DECODE_ERRORS, pixel_limit_errors
 
 TINY_MEAN = (0.4802, 0.4481, 0.3975)
 TINY_STD = (0.2770, 0.2691, 0.2821)
@@ -121,7 +121,8 @@ class TinyImageNetFolder(ArrayImages):
                             "--download for it)")
         wnids = read_wnids(folder)
         samples = train_samples(folder, wnids) if split == "train" else val_samples(folder, wnids)
-        data = decode_all([path for path, _ in samples], SIZE, _open, threads)
+        with pixel_limit_errors():  # here, not in _open: decode_all's threads share the filters
+            data = decode_all([path for path, _ in samples], SIZE, _open, threads)
         super().__init__(data, [label for _, label in samples], transform, wnids)
         self.files = [path for path, _ in samples]
         self.split = split

@@ -40,10 +40,16 @@ LAB_NORM = ((50.0, 50.0),
 PAIRED_MEAN, PAIRED_STD = 0.5, 0.5
 
 
+def is_view(name: object) -> bool:
+    """Whether ``name`` is a view name: ``rgb``, ``gray``, ``L``, ``ab`` or ``paired:<name>``."""
+    return isinstance(name, str) and (name in BASE_VIEWS or (
+        name.startswith(PAIRED) and len(name) > len(PAIRED) and "/" not in name))
+
+
 def check_view(name: str, flag: str = "--view") -> str:
-    """``name`` if it is a view name (``rgb``, ``gray``, ``L``, ``ab`` or ``paired:<name>``), else
-    :class:`UserError` (``flag`` names the option in the message)."""
-    if name in BASE_VIEWS or (name.startswith(PAIRED) and len(name) > len(PAIRED) and "/" not in name):
+    """``name`` if it is a view name (:func:`is_view`), else :class:`UserError` (``flag`` names
+    the option in the message)."""
+    if is_view(name):
         return name
     raise UserError(f"{flag} {name!r} is not a view: use rgb, gray, L, ab or paired:<folder> (with --dataset paired)")
 

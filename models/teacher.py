@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from dataset.views import is_view
 from helper.checkpoint import _strip_prefixes, load_checkpoint, load_weights, nonfinite_tensors
 from helper.errors import UserError
 from helper.runtime import Runtime
@@ -34,11 +35,73 @@ def checkpoint_view(state: dict) -> str | None:
     """The view a checkpoint's network was trained on: its ``'view'`` entry; without one, ``rgb``
     when its stem takes 3 channels (every checkpoint written before views existed, RepDistiller's),
     else None (unknown: a 1-channel network could be gray or L)."""
-    if state.get("view"):
+    if state.get("view") is not None:
         return str(state["view"])
     weights = state.get("model")
     channels = _stem_channels(weights, None) if isinstance(weights, dict) else None
     return RGB if channels in (None, 3) else None
+
+
+# the entries of a checkpoint that name something: a string each, when present
+NAME_ENTRIES = {"dataset": "a data set's name", "distill": "a method's name", "model_t": "a model's name"}
+DAMAGED = "the file is damaged or was not written by train_teacher.py, train_student.py or RepDistiller"
+
+
+def _malformed(path: str, key: str, value: object, wanted: str) -> UserError:
+    """The error for the entry ``key`` of the checkpoint at ``path`` whose ``value`` is not ``wanted``."""
+    shown = repr(value)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    kind = type(value).__name__
+    article = "an" if kind[0] in "aeiou" else "a"
+    return UserError(f"the '{key}' entry of '{path}' is malformed: it is {article} {kind} ({shown}), not {wanted}; "
+                     f"{DAMAGED}: use another checkpoint or correct that entry")
+
+
+def check_entries(state: dict, path: str) -> None:
+    """Raise :class:`UserError` naming ``path`` and the entry when an entry this library reads from
+    a checkpoint (``arch``, ``num_classes``, ``view``, ``dataset``, ``distill``, ``model_t``) is
+    present (not None) but of the wrong type or value; absent entries are fine."""
+    arch = state.get("arch")
+    if arch is not None:
+        if not isinstance(arch, str):
+            raise _malformed(path, "arch", arch, "a model name (a string such as resnet32x4)")
+        if arch not in model_dict:
+            raise UserError(f"the 'arch' entry of '{path}' is {arch!r}, which is not a model name; {DAMAGED}: "
+                            "use another checkpoint or set it to the model the file holds, one of: "
+                            + ", ".join(model_dict))
+    classes = state.get("num_classes")
+    if classes is not None:
+        if not isinstance(classes, int) or isinstance(classes, bool):
+            raise _malformed(path, "num_classes", classes, "a number of classes (a positive int)")
+        if classes < 1:
+            raise UserError(f"the 'num_classes' entry of '{path}' is {classes}, which is not a positive number of "
+                            f"classes; {DAMAGED}: use another checkpoint or correct that entry")
+    view = state.get("view")
+    if view is not None:
+        if not isinstance(view, str):
+            raise _malformed(path, "view", view, "a view's name (rgb, gray, L, ab, paired:<name>)")
+        if not is_view(view):
+            raise UserError(f"the 'view' entry of '{path}' is {view!r}, which is not a view (rgb, gray, L, ab, "
+                            f"paired:<name>); {DAMAGED}: use another checkpoint or set it to the view its network "
+                            "was trained on")
+    for key, wanted in NAME_ENTRIES.items():
+        if state.get(key) is not None and not isinstance(state[key], str):
+            raise _malformed(path, key, state[key], f"{wanted} (a string)")
+
+
+def checkpoint_arch(state: dict, path: str) -> str:
+    """The architecture of the checkpoint ``state`` read from ``path``, its entries checked
+    (:func:`check_entries`): its ``'arch'`` entry, else the one its folder name gives
+    (:func:`teacher_name_from_path`, RepDistiller's files); :class:`UserError` when neither names one."""
+    check_entries(state, path)
+    if state.get("arch") is not None:
+        return state["arch"]
+    arch = teacher_name_from_path(path)
+    if arch not in model_dict:
+        raise UserError(f"cannot tell the network's architecture: '{path}' has no 'arch' entry and its folder "
+                        f"name gives '{arch}', which is not a model name; name the folder <model>_... as "
+                        f"RepDistiller does (e.g. resnet32x4_vanilla)")
+    return arch
 
 
 def _stem_channels(weights: dict, stem: str | None) -> int | None:
@@ -72,11 +135,7 @@ def load_teacher(path: str, num_classes: int, dataset: str = "cifar100",
     state = load_checkpoint(path) if state is None else state
     if "model" not in state:
         raise UserError(f"'{path}' has no 'model' entry: it is not a checkpoint of train_teacher.py or RepDistiller")
-    arch = state.get("arch") or teacher_name_from_path(path)
-    if arch not in model_dict:
-        raise UserError(f"cannot tell the teacher's architecture: '{path}' has no 'arch' entry and its folder "
-                        f"name gives '{arch}', which is not a model name; name the folder <model>_... as "
-                        f"RepDistiller does (e.g. resnet32x4_vanilla)")
+    arch = checkpoint_arch(state, path)
     saved_classes = state.get("num_classes")
     if saved_classes is not None and saved_classes != num_classes:
         raise UserError(f"the teacher in '{path}' has {saved_classes} classes but --dataset {dataset} has "
@@ -87,7 +146,7 @@ def load_teacher(path: str, num_classes: int, dataset: str = "cifar100",
             state["model"], dict) else None
         if in_channels not in (None, 3):
             model = build_model(arch, num_classes=num_classes, dataset=dataset, in_channels=in_channels)
-    if state.get("arch"):
+    if state.get("arch") is not None:
         load_weights(model, state["model"], f"'{path}'", f"{arch}, the architecture its 'arch' entry names")
     else:
         try:
@@ -136,9 +195,8 @@ def load_backbone(path: str) -> tuple[nn.Module, str, dict]:
     if "model" not in state:
         raise UserError(f"'{path}' has no 'model' entry: it is not a checkpoint of train_teacher.py, "
                         "train_student.py or RepDistiller")
-    arch = state.get("arch") or teacher_name_from_path(path)
-    # an unknown architecture: load_teacher says so in its own words
-    num_classes = checkpoint_classes(state, arch, path) if arch in model_dict else 1
+    arch = checkpoint_arch(state, path)
+    num_classes = checkpoint_classes(state, arch, path)
     model, arch = load_teacher(path, num_classes, state.get("dataset") or "cifar100", state=state)
     facts = {k: state[k] for k in CHECKPOINT_FACTS
              if isinstance(state.get(k), (str, int, float)) and not isinstance(state.get(k), bool)}

@@ -22,6 +22,7 @@ import torch
 from dataset import DATASETS
 import train_student
 import train_teacher
+import transfer_student
 from helper.cli.methods import method_names
 from models import build_model, model_dict
 
@@ -69,13 +70,31 @@ def files(tmp_path_factory) -> SimpleNamespace:
     f.wrong_arch = root / "save" / "models" / "resnet14_vanilla" / "ckpt_epoch_240.pth"
     f.wrong_arch.parent.mkdir(parents=True)
     torch.save({"model": build_model("resnet8", num_classes=4).state_dict()}, f.wrong_arch)
+    # resnet8 weights (4 classes) with one malformed entry each
+    f.bad = {}
+    for name, entries in BAD_ENTRIES.items():
+        f.bad[name] = root / "bad_entries" / f"{name}.pth"
+        f.bad[name].parent.mkdir(exist_ok=True)
+        torch.save({"model": build_model("resnet8", num_classes=4).state_dict(), "arch": "resnet8", "num_classes": 4,
+                    "view": "rgb", **entries}, f.bad[name])
     f.empty.mkdir()
     return f
 
 
-def student_args(f: SimpleNamespace, *args: str, path_t: Path | None = None) -> list[str]:
+def student_args(f: SimpleNamespace, *args: str, path_t: Path | str | None = None) -> list[str]:
     return ["train_student.py", "--path_t", str(path_t or f.teacher), *SYNTHETIC, *TINY, *args,
             "--save_folder", str(f.students)]
+
+
+def transfer_args(f: SimpleNamespace, path_s: Path) -> list[str]:
+    return ["transfer_student.py", "--path_s", str(path_s), *SYNTHETIC, *TINY, "--save_folder", str(f.students)]
+
+
+# A checkpoint's entries of the wrong type or value (the others as train_teacher.py writes them).
+BAD_ENTRIES = {"arch_list": {"arch": ["resnet8"]}, "arch_unknown": {"arch": "resnet9000"},
+               "classes_str": {"num_classes": "4"}, "classes_bool": {"num_classes": True},
+               "classes_zero": {"num_classes": 0}, "view_unknown": {"view": "xyz"}, "view_int": {"view": 3},
+               "dataset_list": {"dataset": ["cifar100"]}}
 
 
 # Every case with files: id -> the script and its flags (later flags override earlier ones).
@@ -84,6 +103,11 @@ CASES: dict[str, Callable[[SimpleNamespace], list[str]]] = {
     "path_t_truncated": lambda f: student_args(f, path_t=f.truncated),
     "path_t_no_model": lambda f: student_args(f, path_t=f.no_model),
     "path_t_other_arch": lambda f: student_args(f, path_t=f.wrong_arch),
+    **{f"path_t_{name}": (lambda f, name=name: student_args(f, path_t=f.bad[name])) for name in BAD_ENTRIES},
+    "path_t_ensemble_classes_str": lambda f: student_args(f, path_t=f"{f.teacher},{f.bad['classes_str']}"),
+    "path_s_arch_list": lambda f: transfer_args(f, f.bad["arch_list"]),
+    "path_s_classes_str": lambda f: transfer_args(f, f.bad["classes_str"]),
+    "path_s_view_unknown": lambda f: transfer_args(f, f.bad["view_unknown"]),
     "cifar100_empty": lambda f: student_args(f, "--dataset", "cifar100", "--data_folder", str(f.empty)),
     "imagenet_empty": lambda f: student_args(f, "--dataset", "imagenet", "--data_folder", str(f.empty)),
     "fsp_channels": lambda f: student_args(f, "--distill", "fsp", "--model_s", "wrn_16_2"),
@@ -97,9 +121,10 @@ CASES: dict[str, Callable[[SimpleNamespace], list[str]]] = {
 }
 # The ones run as real scripts (subprocesses): at least one of each kind of failure; the other
 # cases call main() in-process, the same code without the ~4 s of a fresh interpreter.
-REAL_SCRIPT = {"path_t_truncated", "path_t_other_arch", "cifar100_empty", "fsp_channels", "nce_k", "lr_blowup",
+REAL_SCRIPT = {"path_t_truncated", "path_t_arch_list", "cifar100_empty", "fsp_channels", "nce_k", "lr_blowup",
                "crd_published"}
-MAINS = {"train_student.py": train_student.main, "train_teacher.py": train_teacher.main}
+MAINS = {"train_student.py": train_student.main, "train_teacher.py": train_teacher.main,
+         "transfer_student.py": transfer_student.main}
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +209,32 @@ def test_teacher_path_not_given_or_missing(path_t, words, files, capsys):
 ], ids=["text", "truncated", "no-model", "other-arch"])
 def test_teacher_checkpoint_not_usable(case, words, outcome):
     case_error(outcome, case, *words)
+
+
+# A checkpoint entry of the wrong type or value is blamed on that entry of that file (not on a
+# flag, nor reported as a contradiction), for a teacher, one of an ensemble and a probed network.
+MALFORMED = "is malformed: it is"
+DAMAGED = "use another checkpoint"
+
+
+@pytest.mark.parametrize("case, words", [
+    ("path_t_arch_list", ["'arch' entry of", "arch_list.pth", MALFORMED, "a list (['resnet8'])", "not a model name"]),
+    ("path_t_arch_unknown", ["'arch' entry of", "is 'resnet9000', which is not a model name", "resnet32x4"]),
+    ("path_t_classes_str", ["'num_classes' entry of", "classes_str.pth", MALFORMED, "a str ('4')", "positive int"]),
+    ("path_t_classes_bool", ["'num_classes' entry of", MALFORMED, "a bool (True)"]),
+    ("path_t_classes_zero", ["'num_classes' entry of", "is 0, which is not a positive number of classes"]),
+    ("path_t_view_unknown", ["'view' entry of", "view_unknown.pth", "is 'xyz', which is not a view",
+                             "rgb, gray, L, ab, paired:<name>"]),
+    ("path_t_view_int", ["'view' entry of", MALFORMED, "an int (3)"]),
+    ("path_t_dataset_list", ["'dataset' entry of", MALFORMED, "a list (['cifar100'])"]),
+    ("path_t_ensemble_classes_str", ["'num_classes' entry of", "classes_str.pth", "a str ('4')"]),
+    ("path_s_arch_list", ["'arch' entry of", "arch_list.pth", "a list (['resnet8'])"]),
+    ("path_s_classes_str", ["'num_classes' entry of", "classes_str.pth", "a str ('4')"]),
+    ("path_s_view_unknown", ["'view' entry of", "view_unknown.pth", "is 'xyz', which is not a view"]),
+], ids=lambda value: value if isinstance(value, str) else None)
+def test_checkpoint_entry_of_the_wrong_type_or_value(case, words, outcome):
+    line = case_error(outcome, case, DAMAGED, *words)
+    assert "--view" not in line and "classes but" not in line and "no 'arch' entry" not in line, line
 
 
 # 4. A data folder without data: say how to get the data.

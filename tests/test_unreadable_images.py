@@ -1,24 +1,32 @@
-"""Unreadable files in an ImageNet folder (truncated JPEG, empty file, text named .JPEG) are
-skipped with one warning per file and counted in results.json; a folder of unreadable images
-stops the run with one error line naming it."""
+"""Unreadable files in an ImageNet folder (truncated JPEG, empty file, text named .JPEG, an image
+over PIL's pixel limit) are skipped with one warning per file and counted in results.json; a folder
+of unreadable images stops the run with one error line naming it. A paired or Tiny-ImageNet set,
+read whole into memory, refuses such a file with one error line instead."""
 from __future__ import annotations
 
 import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from PIL import Image
 
 import train_student
 import train_teacher
 from dataset import ContrastNeed, DataNeeds, DataOptions, get_dataloaders
-from dataset.skipping import PartialBatch, SkipUnreadable, Unreadable
+from dataset.memory import decode_all
+from dataset.paired import open_paired
+from dataset.skipping import PartialBatch, SkipUnreadable, Unreadable, pixel_limit_errors
+from dataset.tinyimagenet import TinyImageNetFolder
+from dataset.tinyimagenet import _open as tinyimagenet_open
+from helper.errors import UserError
 from models import build_model
-from tests.datagen import write_fake_imagenet
+from tests.datagen import write_fake_imagenet, write_fake_tinyimagenet
 
 ROOT = Path(__file__).resolve().parents[1]
 # 12 training files (3 unreadable) and a batch of 4: three batches, every file read each epoch
@@ -133,3 +141,66 @@ def test_folder_of_unreadable_images_is_one_error_line(folder, tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     assert len(lines) == 1 and lines[0].startswith("error: every image of a batch is unreadable"), out.stderr
     assert f"under {broken / 'train'}" in lines[0] and "truncated" in lines[0], lines[0]
+
+
+# Images over PIL's pixel limit (Image.MAX_IMAGE_PIXELS, lowered here so that small files count):
+# above twice the limit PIL raises DecompressionBombError, up to it it warns; both are unreadable.
+LIMIT = 2000  # pixels: the 40x32 images (1280) are under it
+BOMBS = {"bomb_warning": (60, 50), "bomb_error": (100, 80)}  # 3000 and 8000 pixels
+
+
+def write_png(path: Path, size: tuple[int, int]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (90, 120, 150)).save(path)
+    return path
+
+
+def test_images_over_the_pixel_limit_are_skipped_and_counted(tmp_path, monkeypatch, capsys):
+    root = write_fake_imagenet(tmp_path / "imagenet", classes=2, train_per_class=(3,), val_per_class=1,
+                               image_size=(40, 32))
+    bombs = [write_png(root / "train" / "n00000000" / f"{name}.JPEG", size) for name, size in BOMBS.items()]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", LIMIT)
+    capsys.readouterr()
+    bundle = get_dataloaders(make_opt(root, 0), DataNeeds())
+    seen = sum(len(target) for _, target in bundle.train_loader)
+    assert bundle.n_data == 8 and seen >= 6
+    assert bundle.train_loader.images_skipped == 2 and bundle.train_loader.warned == {str(p) for p in bombs}
+    err = capsys.readouterr().err
+    assert_warned_once_each(err, bombs)
+    assert "DecompressionBombWarning: Image size (3000 pixels) exceeds limit of 2000 pixels" in err
+    assert "DecompressionBombError: Image size (8000 pixels) exceeds limit of 4000 pixels" in err
+    assert len(err.strip().splitlines()) == 2, err  # PIL's own warning is not printed besides
+    assert Image.MAX_IMAGE_PIXELS == LIMIT and not any(  # the limit and the warning filters are as they were
+        f[2] is Image.DecompressionBombWarning for f in warnings.filters)
+
+
+@pytest.mark.parametrize("damage", ["truncated", *BOMBS])
+def test_paired_image_over_the_pixel_limit_is_refused_like_a_truncated_one(tmp_path, monkeypatch, damage):
+    root = tmp_path / "paired"
+    for split in ("train", "test"):
+        for c in range(2):
+            write_png(root / "rgb" / split / f"class{c}" / "img0.png", (40, 32))
+    bad = root / "rgb" / "train" / "class1" / "img0.png"
+    if damage == "truncated":
+        truncate(bad)
+    else:
+        write_png(bad, BOMBS[damage])
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", LIMIT)
+    with pytest.raises(UserError) as info:
+        open_paired(DataOptions(dataset="paired", data_folder=str(root), split="train"))
+    line = str(info.value)
+    assert line.startswith(f"--dataset paired: cannot read '{bad}' (") and "\n" not in line, line
+    assert "replace that file, or remove it and its partners" in line
+    assert ("truncated" if damage == "truncated" else "exceeds limit of") in line, line
+
+
+def test_tinyimagenet_image_over_the_pixel_limit_is_one_error(tmp_path, monkeypatch):
+    root = write_fake_tinyimagenet(tmp_path / "tiny", train_per_class=1, val_per_class=1)  # 64x64 JPEGs
+    paths = sorted((root / "tiny-imagenet-200" / "val" / "images").glob("*.JPEG"))
+    for limit, kind in ((3000, "DecompressionBombWarning"), (1000, "DecompressionBombError")):
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+        with pytest.raises(UserError, match=f"Tiny-ImageNet image .*val_\\d.JPEG cannot be read \\({kind}"):
+            TinyImageNetFolder(root, "val", threads=1)
+        # decode_all's threads see the filter pixel_limit_errors sets
+        with pytest.raises(UserError, match=kind), pixel_limit_errors():
+            decode_all(paths, 32, tinyimagenet_open, threads=2, block=1)
