@@ -731,7 +731,8 @@ def plot_pair(pair: str, rows: list[Row], out: Path, dataset: str = PAPER_DATASE
     for row in ran:
         epochs, accs = mean_curve(row.runs)
         if epochs:
-            ax.plot(epochs, accs, marker="." if len(epochs) < 30 else None, label=f"{plot_text(row.method)} (n={row.n})")
+            ax.plot(epochs, accs, marker="." if len(epochs) < 30 else None,
+                    label=f"{plot_text(row.method)} (n={row.n})")
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("test top-1 (%), mean over trials")
