@@ -608,8 +608,9 @@ def test_fetch_into_a_full_destination_stops_in_one_line_and_leaves_no_partial_f
     # the same code on a full disk (/dev/full: every write fails with ENOSPC)
     unpack = re.search(r"^UNPACK='\n(.*?)^'$", (ROOT / "scripts" / "fetch_pretrained_teachers.sh").read_text(),
                        re.MULTILINE | re.DOTALL).group(1)
-    out = subprocess.run([sys.executable, "-c", unpack, str(archive), "cifar_teachers/resnet8_vanilla/ckpt_epoch_240.pth",
-                          "/dev/full"], capture_output=True, text=True, timeout=60)
+    member = "cifar_teachers/resnet8_vanilla/ckpt_epoch_240.pth"
+    out = subprocess.run([sys.executable, "-c", unpack, str(archive), member, "/dev/full"], capture_output=True,
+                         text=True, timeout=60)
     assert (out.returncode, out.stderr) == (6, "No space left on device\n")
     # a download that curl cannot write (its exit status 23): the same line, the partial download removed
     stub = tmp_path / "bin" / "curl"
