@@ -37,8 +37,11 @@
 #   PYTHON       the interpreter that reads the archive (default python3, else python)
 # Relative paths are relative to the repository's root. An installed file that verifies is
 # skipped; one that does not match (e.g. your own teacher, which run_cifar_vanilla.sh links there)
-# is left alone. Each file is written to a temporary file in DEST and renamed into place. Needs
-# curl (or wget, or neither for local files) and sha256sum (or shasum, or Python).
+# is left alone. Each file is written to a temporary file in DEST and renamed into place: a
+# destination that cannot be written (full disk, quota, no permission, read-only) stops the script
+# with one line naming the file, the temporary file removed, so an installed teacher is only ever
+# replaced by a complete one. Needs curl (or wget, or neither for local files) and sha256sum (or
+# shasum, or Python).
 if [ -z "${BASH_VERSION:-}" ]; then  # started as `sh scripts/...` (dash on Debian): rerun with bash
   command -v bash > /dev/null 2>&1 || { echo "error: $0 needs bash, which is not installed" >&2; exit 2; }
   exec bash "$0" "$@"
@@ -80,12 +83,29 @@ python_cmd() {
 expected_sha256() {  # the manifest's checksum of the relative path $1 (empty if none)
   awk -v f="$1" 'length($1) == 64 && $1 ~ /^[0-9a-fA-F]+$/ && ($2 == f || $2 == "*" f) { print tolower($1); exit }' "$CHECKSUMS"
 }
+write_failed() {  # what could not be written, why: one line, and stop (the EXIT trap removes the temporaries)
+  echo "error: could not write $1 ($2): is the disk full or the folder not writable? Free space or choose another destination (DEST=<folder>); no partial file was left" >&2
+  exit 1
+}
+make_dest() {  # DEST exists, or one line and stop
+  local err
+  err=$(mkdir -p "$DEST" 2>&1) || write_failed "$DEST" "${err##*: }"
+}
+new_temp() {  # a new empty file in DEST named .$1.XXXXXX (its path on stdout), or one line and stop
+  local out
+  make_dest
+  out=$(mktemp "$DEST/.$1.XXXXXX" 2>&1) || write_failed "$DEST" "${out##*: }"
+  printf '%s\n' "$out"
+}
 download() {  # url, output file
   if command -v curl > /dev/null; then curl -fsSL --retry 2 --connect-timeout 30 -o "$2" "$1"
   elif [[ "$1" == file://* ]]; then cp -- "${1#file://}" "$2"
   elif command -v wget > /dev/null; then wget -q -O "$2" "$1"
   else echo "error: neither curl nor wget is installed" >&2; return 127
   fi
+}
+is_write_error() {  # exit status $1 of download: the output file could not be written (curl 23, wget 3)
+  { [ "$1" -eq 23 ] && command -v curl > /dev/null; } || { [ "$1" -eq 3 ] && ! command -v curl > /dev/null; }
 }
 looks_like_checkpoint() {  # a zip (torch.save since 1.6) or a pickle (older torch.save), not e.g. an HTML page
   local magic
@@ -94,24 +114,45 @@ looks_like_checkpoint() {  # a zip (torch.save since 1.6) or a pickle (older tor
 }
 # Copy the archive member named exactly $2 (or ./$2) of the tar file $1 into the file $3, if it is
 # a regular file: no other member is read, no path from the archive is used, links are refused.
-# Exit status: 0 copied, 3 not a readable tar file, 4 no such member, 5 not one regular file.
+# Exit status: 0 copied (and flushed to disk), 3 not a readable tar file, 4 no such member, 5 not
+# one regular file, 6 $3 could not be written (the reason alone on stderr).
 UNPACK='
-import shutil, sys, tarfile
+import os, sys, tarfile
 archive, name, out = sys.argv[1:4]
+def stop(status, message):
+    print(message, file=sys.stderr)
+    sys.exit(status)
 try:
     tar = tarfile.open(archive, "r:*")
     found = [m for m in tar.getmembers() if m.name in (name, "./" + name)]
 except (tarfile.TarError, OSError, EOFError):
-    print(f"error: {archive} is not a readable tar archive (an error page or a partial download?)", file=sys.stderr)
-    sys.exit(3)
+    stop(3, f"error: {archive} is not a readable tar archive (an error page or a partial download?)")
 if not found:
     sys.exit(4)
 if len(found) > 1 or not found[0].isreg():
-    kind = "several members" if len(found) > 1 else "a link or other non-regular member"
-    print(f"error: {name} in {archive} is {kind}", file=sys.stderr)
-    sys.exit(5)
-with tar, tar.extractfile(found[0]) as src, open(out, "wb") as dst:
-    shutil.copyfileobj(src, dst, 1 << 20)
+    stop(5, f"error: {name} in {archive} is " + ("several members" if len(found) > 1 else "a link or other non-regular member"))
+try:
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+except OSError as err:
+    stop(6, err.strerror or str(err))
+with tar, tar.extractfile(found[0]) as src:
+    while True:
+        try:
+            chunk = memoryview(src.read(1 << 20))
+        except (tarfile.TarError, OSError, EOFError):
+            stop(3, f"error: {archive} ends before {name} does (a partial download?)")
+        if not chunk:
+            break
+        try:
+            while chunk:
+                chunk = chunk[os.write(fd, chunk):]
+        except OSError as err:
+            stop(6, err.strerror or str(err))
+try:
+    os.fsync(fd)
+    os.close(fd)
+except OSError as err:
+    stop(6, err.strerror or str(err))
 '
 
 TMP="" TMP_ARCHIVE=""
@@ -123,7 +164,7 @@ to_add=""     # manifest lines of files installed without a checksum of their ow
 unverified="" # set when one of them was not verified at all
 
 install_file() {  # name, temporary file, expected file SHA-256 (or empty), what verified it instead (or empty)
-  local name=$1 tmp=$2 expected=$3 verified_by=$4 rel dest actual
+  local name=$1 tmp=$2 expected=$3 verified_by=$4 rel dest actual err
   rel="${name}_vanilla/ckpt_epoch_240.pth"
   dest="$DEST/$rel"
   actual=$(sha256_of "$tmp")
@@ -136,9 +177,8 @@ install_file() {  # name, temporary file, expected file SHA-256 (or empty), what
     echo "error: the file for $name is not a PyTorch checkpoint (an error page?); $name not installed" >&2
     rm -f "$tmp"; failed=$((failed + 1)); return 0
   fi
-  chmod 644 "$tmp"
-  mkdir -p "$(dirname "$dest")"
-  mv -f "$tmp" "$dest"
+  err=$(chmod 644 "$tmp" 2>&1 && mkdir -p "$(dirname "$dest")" 2>&1 && mv -f "$tmp" "$dest" 2>&1) ||
+    write_failed "$dest" "${err##*: }"
   if [ -n "$expected" ]; then
     echo "installed $dest (SHA-256 verified)"
     return 0
@@ -182,12 +222,13 @@ if [ "$SOURCE" = repdistiller ]; then
       echo "  unverified and print the line to add." >&2
       failed=$((failed + 1)); continue
     fi
-    mkdir -p "$DEST"
-    TMP=$(mktemp "$DEST/.${name}_ckpt_epoch_240.pth.XXXXXX")
+    TMP=$(new_temp "${name}_ckpt_epoch_240.pth") || exit 1
     echo "fetching $url"
     status=0
-    download "$url" "$TMP" || status=$?
+    err=$(download "$url" "$TMP" 2>&1) || status=$?
+    if is_write_error "$status"; then write_failed "$DEST/$rel" "$err"; fi
     if [ "$status" -ne 0 ]; then
+      [ -z "$err" ] || echo "$err" >&2
       echo "error: could not download $url (exit status $status); $name not installed. If the server is down or" >&2
       echo "  the file moved, use SOURCE=mdistiller (the default), set BASE_URL to a mirror holding" >&2
       echo "  <name>_vanilla/ckpt_epoch_240.pth (file:///path for a local copy), or train the teacher:" >&2
@@ -222,21 +263,22 @@ else
         echo "reading $archive"
       fi
     else
-      mkdir -p "$DEST"
-      TMP_ARCHIVE=$(mktemp "$DEST/.${archive_name}.XXXXXX")
+      TMP_ARCHIVE=$(new_temp "$archive_name") || exit 1
       echo "fetching $ARCHIVE_URL"
       status=0
-      download "$ARCHIVE_URL" "$TMP_ARCHIVE" || status=$?
+      err=$(download "$ARCHIVE_URL" "$TMP_ARCHIVE" 2>&1) || status=$?
+      if is_write_error "$status"; then write_failed "the download of $archive_name in $DEST" "$err"; fi
       if [ "$status" -eq 0 ]; then
         archive=$TMP_ARCHIVE
       else
+        [ -z "$err" ] || echo "$err" >&2
         echo "error: could not download $ARCHIVE_URL (exit status $status); nothing installed. Download it another" >&2
         echo "  way and give its path (ARCHIVE_URL=/path/to/$archive_name), use a mirror of the single files" >&2
         echo "  (SOURCE=repdistiller BASE_URL=...), or train the teachers: TEACHERS=\"$(echo $fetch)\" STUDENTS= bash scripts/run_cifar_vanilla.sh" >&2
       fi
     fi
     verified_by=""
-    mkdir -p "$DEST"
+    make_dest
     if [ -n "$archive" ]; then
       archive_sha=$(sha256_of "$archive")
       echo "SHA-256 of $archive_name: $archive_sha"
@@ -251,13 +293,14 @@ else
     for name in $fetch; do
       if [ -z "$archive" ]; then failed=$((failed + 1)); continue; fi
       rel="${name}_vanilla/ckpt_epoch_240.pth"
-      TMP=$(mktemp "$DEST/.${name}_ckpt_epoch_240.pth.XXXXXX")
+      TMP=$(new_temp "${name}_ckpt_epoch_240.pth") || exit 1
       status=0
-      "$(python_cmd)" -c "$UNPACK" "$archive" "$ARCHIVE_ROOT/$rel" "$TMP" || status=$?
+      err=$("$(python_cmd)" -c "$UNPACK" "$archive" "$ARCHIVE_ROOT/$rel" "$TMP" 2>&1) || status=$?
       case "$status" in
         0) install_file "$name" "$TMP" "$(expected_sha256 "$rel")" "$verified_by" ;;
         4) echo "error: $archive_name has no $ARCHIVE_ROOT/$rel; $name not installed" >&2 ;;
-        *) echo "  so $name is not installed" >&2 ;;
+        6) write_failed "$DEST/$rel" "$err" ;;
+        *) [ -z "$err" ] || echo "$err" >&2; echo "  so $name is not installed" >&2 ;;
       esac
       [ "$status" -eq 0 ] || { rm -f "$TMP"; failed=$((failed + 1)); }
       TMP=""

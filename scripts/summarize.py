@@ -26,6 +26,10 @@ the last-epoch probe top-1 over trials and n), beside the published numbers of t
 ``transfer`` tables and the difference; ``transfer.csv`` holds the same at full precision with the
 best epoch's too.
 
+A results.json that cannot be read (not JSON, not a run record, a value out of range, not a regular
+file, too large) is skipped with one warning naming it. The CSV files quote every text cell and put a
+``'`` before text a spreadsheet would run as a formula (``=``, ``+``, ``-``, ``@``, tab, CR at the start).
+
 Name mapping: a run's ``label`` (``kd``, ``crd``, ``crd+kd``, ...) is the paper's row name; a
 vanilla run of model M (``train_teacher.py``) is the ``teacher`` row of every pair whose teacher
 is M and the ``student`` row of every pair whose student is M; a vanilla model in none of our
@@ -37,7 +41,9 @@ import argparse
 import csv
 import json
 import math
+import os
 import re
+import stat
 import statistics
 import sys
 from collections import defaultdict
@@ -127,6 +133,12 @@ def normalise_pair(text: str) -> str:
 def display_pair(pair: str) -> str:
     """A pair in the paper's spelling, for the Markdown table and plot titles."""
     return pair.replace(ARROW, PAPER_ARROW)
+
+
+def md_text(value: str) -> str:
+    """Text from a results.json as one Markdown table cell or heading: ``|`` escaped, line breaks
+    as spaces (a label such as ``a|b`` would otherwise split its row)."""
+    return re.sub(r"[\r\n]+", " ", value).replace("|", "\\|")
 
 
 def split_pair(pair: str) -> tuple[str | None, str]:
@@ -231,23 +243,82 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
+MAX_RESULTS_BYTES = 64 << 20   # a results.json holds a few KB per epoch: anything larger is not one
+MAX_INT_DIGITS = 18            # integers a results.json holds (epochs, trials, seeds, steps) fit in 64 bits
+
+
 def number(value) -> float | None:
-    """``value`` as a finite float, else None."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    """``value`` as a float, None for none (missing, not a number, NaN or infinite); ValueError if
+    it is a number outside [0, 100] (every value read with it is a top-1 percentage)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return float(value)
+    value = float(value)   # ints are bounded by MAX_INT_DIGITS: no OverflowError
+    if not math.isfinite(value):
+        return None
+    if not 0.0 <= value <= 100.0:
+        raise ValueError(f"an accuracy of {value:.6g}, not a top-1 percentage in [0, 100]")
+    return value
+
+
+def text(value, name: str) -> str:
+    """A text field as a string ("" for none); ValueError for a list, an object or another type."""
+    if value is None or isinstance(value, str):
+        return value or ""
+    if isinstance(value, (int, float)):   # e.g. a trial written as a number
+        return str(value)
+    raise ValueError(f"its {name} is a JSON {'array' if isinstance(value, list) else 'object'}, not a string"
+                     if isinstance(value, (list, dict)) else f"its {name} is not a string")
+
+
+def bounded_int(digits: str) -> int:
+    """A JSON integer, refused (ValueError) beyond :data:`MAX_INT_DIGITS` digits."""
+    if len(digits.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {len(digits.lstrip('-'))} digits (larger than any results.json holds)")
+    return int(digits)
+
+
+FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+              (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def not_regular(mode: int) -> str | None:
+    """What a file of ``mode`` is when it is not a regular file ("a FIFO", ...), else None."""
+    if stat.S_ISREG(mode):
+        return None
+    return next((kind for test, kind in FILE_KINDS if test(mode)), "not a regular file")
+
+
+def read_results(path: Path) -> bytes:
+    """The bytes of ``path`` if it is a regular file (symlinks followed) of at most
+    :data:`MAX_RESULTS_BYTES`; ValueError otherwise. A FIFO, socket or device is never opened
+    (opening a FIFO blocks); the file is opened non-blocking and checked again once open, in case
+    it was replaced in between."""
+    kind = not_regular(os.stat(path).st_mode)
+    if kind is None:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+        with os.fdopen(fd, "rb") as f:
+            kind = not_regular(os.fstat(f.fileno()).st_mode)
+            data = f.read(MAX_RESULTS_BYTES + 1) if kind is None else b""
+    if kind is not None:
+        raise ValueError(f"{kind}, not a regular file")
+    if len(data) > MAX_RESULTS_BYTES:
+        raise ValueError(f"over {MAX_RESULTS_BYTES / 2**20:g} MiB: too large for a results.json")
+    return data
 
 
 def load_run(path: Path) -> Run:
-    """Read one ``results.json``; ValueError if it is not a run record. A run still in progress
-    has no ``last_acc``/``best_acc`` yet: they then come from its history."""
-    data = json.loads(path.read_text(encoding="utf-8"))
+    """Read one ``results.json``; ValueError (or OSError) if it is not a run record. A run still in
+    progress has no ``last_acc``/``best_acc`` yet: they then come from its history."""
+    try:
+        data = json.loads(read_results(path).decode("utf-8"), parse_int=bounded_int)
+    except RecursionError:
+        raise ValueError("nested too deeply to be a results.json") from None
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")
-    model = data.get("model") or data.get("model_s")
-    model_t = data.get("model_t") or None
-    pair = data.get("pair") or (f"{model_t}{ARROW}{model}" if model_t else model)
-    label = data.get("label") or data.get("method")
+    model = text(data.get("model") or data.get("model_s"), "model")
+    model_t = text(data.get("model_t"), "model_t") or None
+    pair = text(data.get("pair"), "pair") or (f"{model_t}{ARROW}{model}" if model_t else model)
+    label = text(data.get("label") or data.get("method"), "label")
     if not pair or not label:
         raise ValueError("no pair/label fields (written before helper/logger.py's run_summary?)")
     curve = {}
@@ -265,21 +336,25 @@ def load_run(path: Path) -> Run:
     if best is None and curve:
         best = max(curve.values())
     source = data.get("source") if isinstance(data.get("source"), dict) else {}
-    return Run(path=path, label=str(label).lower(), pair=str(pair), model=str(model or split_pair(pair)[1]),
-               model_t=model_t, dataset=str(data.get("dataset") or data.get("args", {}).get("dataset") or ""),
-               trial=str(data.get("trial", "")), status=str(data.get("status") or "unknown"),
-               last_acc=last, best_acc=best, curve=curve, selection=selection, role=str(data.get("role") or ""),
-               source_dataset=str(source.get("dataset") or ""))
+    args = data.get("args") if isinstance(data.get("args"), dict) else {}
+    return Run(path=path, label=label.lower(), pair=pair, model=model or split_pair(pair)[1],
+               model_t=model_t, dataset=text(data.get("dataset") or args.get("dataset"), "dataset"),
+               trial=text(data.get("trial"), "trial"), status=text(data.get("status"), "status") or "unknown",
+               last_acc=last, best_acc=best, curve=curve, selection=selection, role=text(data.get("role"), "role"),
+               source_dataset=text(source.get("dataset"), "source dataset"))
 
 
 def collect_runs(folder: Path) -> list[Run]:
-    """Every readable ``results.json`` under ``folder`` (recursively); the others are skipped
-    with a one-line warning."""
+    """Every readable ``results.json`` under ``folder`` (recursively); any other (not JSON, not a
+    run record, a value out of range, not a regular file, too large) is skipped with a one-line
+    warning naming it."""
     runs = []
     for path in sorted(Path(folder).rglob("results.json")):
         try:
             runs.append(load_run(path))
-        except (OSError, ValueError, TypeError, AttributeError) as err:
+        except OSError as err:
+            warn(f"skipped {path}: {err.strerror or err}")
+        except (ValueError, TypeError, AttributeError, OverflowError) as err:
             warn(f"skipped {path}: {err}")
     return runs
 
@@ -412,13 +487,13 @@ def markdown_table(section: Section) -> list[str]:
     """One data set's section of ``summary.md``: a heading and the table; the paper and difference
     columns only with a ``paper_source``."""
     with_paper = section.paper_source is not None
-    title = f"## {dataset_name(section.dataset)}: {section.runs} run(s)"
+    title = f"## {md_text(dataset_name(section.dataset))}: {section.runs} run(s)"
     if with_paper:
         title += f", beside the published numbers ({section.paper_source})"
     header = ["pair", "method", "n", "last top-1", "best top-1"] + (["paper", "Δ (last − paper)"] if with_paper else [])
     lines = [title, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in section.rows:
-        cells = [display_pair(row.pair), row.method, str(row.n), fmt_mean_std(row.last, row.n),
+        cells = [md_text(display_pair(row.pair)), md_text(row.method), str(row.n), fmt_mean_std(row.last, row.n),
                  fmt_mean_std(row.best, row.n)]
         if with_paper:
             cells += [fmt(row.paper), fmt(row.diff, signed=True)]
@@ -447,16 +522,33 @@ CSV_FIELDS = ["dataset", "pair", "teacher", "student", "method", "n", "last_mean
               "paper", "diff", "trials"]
 
 
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")   # what makes a spreadsheet read a cell as a formula (OWASP)
+PLAIN_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
 def csv_cell(value):
-    """A CSV cell: empty for None, floats at full precision, anything else as it is."""
-    return "" if value is None else repr(value) if isinstance(value, float) else value
+    """A CSV cell: empty for None, numbers as they are (floats at full precision), text neutralised
+    as OWASP's CSV-injection guidance says: text starting with ``= + - @``, a tab or a carriage
+    return gets a ``'`` in front, so that no spreadsheet runs it as a formula, unless it is a plain
+    number (e.g. a trial named ``-1``). The writers quote every text cell (``csv_writer``), so no
+    separator inside one (``;``, ``,``) can start a new cell."""
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(FORMULA_START) and not PLAIN_NUMBER.fullmatch(value):
+        return "'" + value
+    return value
+
+
+def csv_writer(f):
+    """A CSV writer that quotes every text cell and leaves numbers bare (see :func:`csv_cell`)."""
+    return csv.writer(f, quoting=csv.QUOTE_NONNUMERIC)
 
 
 def write_csv(sections: list[Section], path: Path) -> None:
     """The summary as CSV, one row per (data set, pair, method), numbers at full precision, empty
     cells for none (an unknown data set too)."""
     with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
+        writer = csv_writer(f)
         writer.writerow(CSV_FIELDS)
         for section in sections:
             for row in section.rows:
@@ -531,16 +623,17 @@ def transfer_markdown(tables: list[TransferTable], paper_source: str | None) -> 
     lines: list[str] = []
     for table in tables:
         count = sum(len(v) for row in table.rows for v in row.runs.values())
-        title = (f"## transfer: {display_pair(table.pair)} trained on {dataset_name(table.source_dataset)}, "
+        title = (f"## transfer: {md_text(display_pair(table.pair))} trained on "
+                 f"{md_text(dataset_name(table.source_dataset))}, "
                  f"linear probes: {count} run(s)")
         if table.with_paper and paper_source:
             title += f", beside the published numbers ({paper_source})"
         header = ["method"]
         for target in table.targets:
-            header += [f"{target} (n)"] + (["paper", "Δ"] if table.with_paper else [])
+            header += [f"{md_text(target)} (n)"] + (["paper", "Δ"] if table.with_paper else [])
         lines += ["", title, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in table.rows:
-            cells = [row.method]
+            cells = [md_text(row.method)]
             for target in table.targets:
                 runs = row.runs[target]
                 stats = mean_std(r.last_acc for r in runs)
@@ -560,7 +653,7 @@ TRANSFER_CSV_FIELDS = ["source_dataset", "pair", "teacher", "student", "method",
 def write_transfer_csv(tables: list[TransferTable], path: Path) -> None:
     """The transfer tables as CSV, one row per (source data set, pair, method, target set)."""
     with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
+        writer = csv_writer(f)
         writer.writerow(TRANSFER_CSV_FIELDS)
         for table in tables:
             teacher, student = split_pair(table.pair)
@@ -582,6 +675,12 @@ def write_transfer_csv(tables: list[TransferTable], path: Path) -> None:
 def safe_name(pair: str) -> str:
     """A file-name-safe form of a pair: ``S:a->b`` -> ``S_a_to_b``."""
     return re.sub(r"[^A-Za-z0-9._+-]+", "_", pair.replace(ARROW, "_to_")).strip("_") or "runs"
+
+
+def plot_text(value: str) -> str:
+    """Text from a results.json for a plot: ``$`` escaped (matplotlib would parse ``$...$`` as maths,
+    and fail on a label such as ``$\\foo$``)."""
+    return value.replace("$", r"\$")
 
 
 def mean_curve(runs: list[Run]) -> tuple[list[int], list[float]]:
@@ -618,9 +717,9 @@ def plot_pair(pair: str, rows: list[Row], out: Path, dataset: str = PAPER_DATASE
                    color="black", zorder=3, label="paper")
     values = means + [v for _, v in marks]
     ax.set_ylim(max(0.0, min(values) - 5), min(100.0, max(values) + 5))
-    ax.set_xticks(x, [f"{r.method}\n(n={r.n})" for r in ran], rotation=45 if len(ran) > 6 else 0, fontsize=8)
+    ax.set_xticks(x, [f"{plot_text(r.method)}\n(n={r.n})" for r in ran], rotation=45 if len(ran) > 6 else 0, fontsize=8)
     ax.set_ylabel("last-epoch test top-1 (%)")
-    title = f"{display_pair(pair)} ({dataset_name(dataset)})"
+    title = plot_text(f"{display_pair(pair)} ({dataset_name(dataset)})")
     ax.set_title(title)
     ax.legend(fontsize=8, loc="upper right", ncol=3)
     fig.tight_layout()
@@ -632,7 +731,8 @@ def plot_pair(pair: str, rows: list[Row], out: Path, dataset: str = PAPER_DATASE
     for row in ran:
         epochs, accs = mean_curve(row.runs)
         if epochs:
-            ax.plot(epochs, accs, marker="." if len(epochs) < 30 else None, label=f"{row.method} (n={row.n})")
+            ax.plot(epochs, accs, marker="." if len(epochs) < 30 else None,
+                    label=f"{plot_text(row.method)} (n={row.n})")
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("test top-1 (%), mean over trials")

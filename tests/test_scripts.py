@@ -8,6 +8,7 @@ import hashlib
 import http.server
 import io
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -580,6 +581,73 @@ def test_fetch_archive_download_failure_and_source_choice(release, tmp_path, ser
     out = fetch(tmp_path / "r", server_manifest, SOURCE="repdistiller", NAMES="resnet32x4",
                 BASE_URL=f"file://{server_root}", ARCHIVE_URL=str(archive))
     assert out.returncode == 0 and "SHA-256 verified" in out.stdout and "cifar_teachers.tar" not in out.stdout
+
+
+FULL = ("is the disk full or the folder not writable? Free space or choose another destination (DEST=<folder>); "
+        "no partial file was left\n")
+
+
+def fetch_after(command: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """The fetch script run by ``bash -c '<command> && exec bash scripts/fetch_pretrained_teachers.sh'``."""
+    return subprocess.run(["bash", "-c", f"{command} && exec bash scripts/fetch_pretrained_teachers.sh"], cwd=ROOT,
+                          capture_output=True, text=True, env={**CLEAN_ENV, **env}, timeout=60)
+
+
+def test_fetch_into_a_full_destination_stops_in_one_line_and_leaves_no_partial_file(release, tmp_path):
+    root, archive, archive_sha, file_sha, _ = release
+    dest = tmp_path / "models"
+    installed = dest / "resnet8_vanilla" / "ckpt_epoch_240.pth"
+    installed.parent.mkdir(parents=True)
+    installed.write_bytes(b"a good teacher")
+    env = {"DEST": str(dest), "NAMES": "resnet8 resnet14", "ARCHIVE_URL": str(archive), "FORCE": "1",
+           "CHECKSUMS": str(manifest_file(tmp_path, f"{archive_sha}  cifar_teachers.tar"))}
+    # a file size limit of 64 KiB: the unpacking's write fails (EFBIG: Python ignores SIGXFSZ) as on a full disk
+    out = fetch_after("ulimit -f 64", env)
+    assert (out.returncode, out.stderr) == (1, f"error: could not write {installed} (File too large): {FULL}")
+    assert installed.read_bytes() == b"a good teacher" and files_under(dest) == ["resnet8_vanilla/ckpt_epoch_240.pth"]
+    # the same code on a full disk (/dev/full: every write fails with ENOSPC)
+    unpack = re.search(r"^UNPACK='\n(.*?)^'$", (ROOT / "scripts" / "fetch_pretrained_teachers.sh").read_text(),
+                       re.MULTILINE | re.DOTALL).group(1)
+    member = "cifar_teachers/resnet8_vanilla/ckpt_epoch_240.pth"
+    out = subprocess.run([sys.executable, "-c", unpack, str(archive), member, "/dev/full"], capture_output=True,
+                         text=True, timeout=60)
+    assert (out.returncode, out.stderr) == (6, "No space left on device\n")
+    # a download that curl cannot write (its exit status 23): the same line, the partial download removed
+    stub = tmp_path / "bin" / "curl"
+    stub.parent.mkdir()
+    stub.write_text('#!/bin/sh\nwhile [ "$1" != -o ]; do shift; done\nhead -c 1000 /dev/zero > "$2"\n'
+                    'echo "curl: (23) Failure writing output to destination" >&2\nexit 23\n')
+    stub.chmod(0o755)
+    out = fetch_after("true", {**env, "PATH": f"{stub.parent}:{CLEAN_ENV['PATH']}",
+                               "ARCHIVE_URL": "https://example.invalid/cifar_teachers.tar"})
+    assert (out.returncode, out.stderr) == (1, f"error: could not write the download of cifar_teachers.tar in {dest} "
+                                               f"(curl: (23) Failure writing output to destination): {FULL}")
+    assert installed.read_bytes() == b"a good teacher" and files_under(dest) == ["resnet8_vanilla/ckpt_epoch_240.pth"]
+
+
+def can_mount_in_a_namespace() -> bool:
+    """Whether ``unshare -rm`` may mount a tmpfs here (user namespaces; CI runners often forbid them)."""
+    return shutil.which("unshare") is not None and subprocess.run(
+        ["unshare", "-rm", "mount", "-t", "tmpfs", "tmpfs", "/mnt"], capture_output=True, timeout=10).returncode == 0
+
+
+@pytest.mark.skipif(not can_mount_in_a_namespace(), reason="no tmpfs can be mounted (unshare -rm) to fill up")
+@pytest.mark.parametrize("options, written, reason", [("size=128k", "models/resnet8_vanilla/ckpt_epoch_240.pth",
+                                                       "No space left on device"),
+                                                      ("ro", "models", "Read-only file system")])
+def test_fetch_onto_a_full_or_read_only_filesystem(options, written, reason, release, tmp_path):
+    """A real full disk (a 128 KiB tmpfs) and a read-only one, each mounted in a user namespace."""
+    root, archive, archive_sha, _, _ = release
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    env = {"DEST": str(mount / "models"), "NAMES": "resnet8", "ARCHIVE_URL": str(archive),
+           "CHECKSUMS": str(manifest_file(tmp_path, f"{archive_sha}  cifar_teachers.tar"))}
+    inside = (f"mount -t tmpfs -o {options} tmpfs {mount} && {{ bash scripts/fetch_pretrained_teachers.sh; "
+              f"status=$?; find {mount} -type f -printf 'left: %p\\n'; exit $status; }}")
+    out = subprocess.run(["unshare", "-rm", "bash", "-c", inside], cwd=ROOT, capture_output=True, text=True,
+                         env={**CLEAN_ENV, **env}, timeout=60)
+    assert (out.returncode, out.stderr) == (1, f"error: could not write {mount / written} ({reason}): {FULL}")
+    assert "left:" not in out.stdout   # no partial file, no temporary
 
 
 # ---------------------------------------------------------------- `sh scripts/x.sh` (dash on Debian)

@@ -1,8 +1,11 @@
 """scripts/summarize.py: paper-table parser, grouping, Markdown/CSV tables and plots on fake runs."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -294,3 +297,87 @@ def test_transfer_table(tmp_path):
     paper = summarize.parse_paper_tables((ROOT / "scripts" / "paper_tables.md").read_text())
     assert paper.transfer[(pair, "hint", "tinyimagenet")] == 33.5 and paper.targets == ["stl10", "tinyimagenet"]
     assert (pair, "teacher") in paper.values and paper.values[(pair, "teacher")] == 75.61  # the CIFAR table unchanged
+
+
+@contextlib.contextmanager
+def fails_after(seconds: int):
+    """Fail the test instead of hanging if the block blocks (e.g. opening a FIFO) for ``seconds``."""
+    def blocked(signum, frame):
+        pytest.fail(f"blocked for {seconds} s (a FIFO opened?)")
+    previous = signal.signal(signal.SIGALRM, blocked)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def set_fields(path: Path, **fields) -> None:
+    """Change fields of a results.json written by :func:`write_run`."""
+    data = json.loads(path.read_text())
+    data.update(fields)
+    path.write_text(json.dumps(data))
+
+
+def test_bad_results_files_are_skipped_with_one_warning_each(tmp_path, capsys, monkeypatch):
+    root = tmp_path / "save"
+    write_run(root, label="kd", model="resnet8x4", model_t="resnet32x4", trial=0, last=73.0, best=73.5)
+    (good,) = root.glob("*/results.json")
+    base = good.read_text()[:-1]   # the good record without its closing brace, to append a field to
+    bad = {   # folder -> (contents, or a maker) and what its warning says
+        "huge_int": (base + ', "last_acc": 1' + "0" * 5000 + "}", "an integer of 5001 digits"),
+        "int_as_float_overflows": (base + ', "best_acc": 1' + "0" * 400 + "}", "an integer of 401 digits"),
+        "float_out_of_range": (base + ', "last_acc": 1e308}', "not a top-1 percentage"),
+        "deep": ('{"label": "kd", "pair": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+        "label_list": (base + ', "label": ["kd"]}', "its label is a JSON array"),
+        "not_utf8": (b'{"label": "\xff"}', "can't decode"),
+        "broken": ('{"label": "crd", "pair": ', "Expecting value"),
+        "too_large": (base + ', "pad": "' + "x" * 300_000 + '"}', "over 0.25 MiB: too large for a results.json"),
+        "fifo": (lambda p: os.mkfifo(p), "a FIFO, not a regular file"),
+        "link_to_fifo": (lambda p: p.symlink_to(root / "fifo" / "results.json"), "a FIFO, not a regular file"),
+        "folder": (lambda p: p.mkdir(), "a folder, not a regular file"),
+    }
+    for name, (contents, _) in bad.items():
+        (root / name).mkdir()
+        path = root / name / "results.json"
+        if callable(contents):
+            contents(path)
+        else:
+            (path.write_bytes if isinstance(contents, bytes) else path.write_text)(contents)
+    monkeypatch.setattr(summarize, "MAX_RESULTS_BYTES", 256 << 10)
+    with fails_after(20):
+        assert summarize.main([str(root), "--out", str(tmp_path / "out"), "--no_plots"]) == 0
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == len(bad), err
+    for name, (_, reason) in bad.items():
+        (line,) = [w for w in warnings if f"{root / name / 'results.json'}:" in w]
+        assert reason in line, line
+    md = (tmp_path / "out" / "summary.md").read_text()
+    assert md_row(md, PAIR, "kd")[2:5] == ["1", "73.00 ± –", "73.50 ± –"] and "- 1 run(s) counted from" in md
+
+
+def test_text_cells_are_neutralised_in_csv_and_markdown(tmp_path):
+    root = tmp_path / "save"
+    labels = ["=1+2", "+cmd", "-2+3", "@sum(a1)", "\tkd", "\rkd", "a|b\nc"]
+    for trial, label in enumerate(labels):
+        write_run(root / str(trial), label="crd", model="resnet8", model_t="resnet14", trial=trial, last=60.0,
+                  best=61.0)
+        (path,) = (root / str(trial)).glob("*/results.json")
+        set_fields(path, label=label, trial=str(-trial) if trial < 2 else f"{trial};=x")
+    write_run(root, label="kd", model="resnet8x4", model_t="resnet32x4", trial=0, last=73.0, best=73.5)
+    assert summarize.main([str(root), "--out", str(tmp_path / "out"), "--no_plots"]) == 0
+    with open(tmp_path / "out" / "summary.csv", newline="") as f:
+        rows = {r["method"]: r for r in csv.DictReader(f)}
+    for label in labels:
+        expected = label if label[0] not in "=+-@\t\r" else "'" + label
+        assert expected in rows, sorted(rows)
+    assert rows["'=1+2"]["trials"] == "0" and rows["'+cmd"]["trials"] == "-1"   # a plain number stays a number
+    assert rows["'-2+3"]["trials"] == "2;=x" and rows["'@sum(a1)"]["trials"] == "3;=x"   # quoted: one cell
+    raw = (tmp_path / "out" / "summary.csv").read_text()
+    assert '"\'=1+2"' in raw and ',"2;=x"' in raw and '"resnet32x4->resnet8x4"' in raw
+    kd = next(line for line in raw.splitlines() if ',"kd",' in line)
+    assert ",1,73.0,\"\",73.5," in kd and float(rows["kd"]["diff"]) < 0 and ",-0.3" in kd   # numbers stay bare
+    md = (tmp_path / "out" / "summary.md").read_text()
+    assert "| resnet14→resnet8 | a\\|b c | 1 |" in md and "| resnet14→resnet8 | =1+2 | 1 |" in md
