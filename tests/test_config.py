@@ -136,6 +136,15 @@ BAD = [  # file text, what the one error line says
     ("- nce_k\n", "expected a mapping of option names to values (nce_k: 4096), got list"),
     ("config: other.yaml\n", "'config' cannot be set in a configuration file"),
     ("arch: resnet8\n", "unknown option 'arch'"),  # recorded keys are ignored in an args.json only
+    # floats that float32 (training's arithmetic) cannot hold, as on the command line (tests/test_flags.py)
+    ("learning_rate: 1e300\n", "learning_rate (--learning_rate): expected a finite number > 0 that float32 holds "
+                               "(|x| <= 3.403e+38), got '1e300'"),
+    ("b: 1.0e+39\n", "b (-b/--beta): expected a finite number >= 0 that float32 holds (|x| <= 3.403e+38), got '1e+39'"),
+    ("nce_t: 1e-50\n", "nce_t (--nce_t): expected a finite number > 0, got '1e-50', which is 0 in float32 (its "
+                       "smallest positive number is 1.401e-45)"),
+    ("weight_decay: -1e300\n", "weight_decay (--weight_decay): expected a finite number >= 0, got '-1e300'"),
+    ("dcd_init_tau: -1.0e+300\n", "dcd_init_tau (--dcd_init_tau): expected a finite number that float32 holds "
+                                  "(|x| <= 3.403e+38), got '-1e+300'"),
 ]
 
 
@@ -159,6 +168,16 @@ def test_missing_folder_or_repeated_config_file(tmp_path, capsys):
     assert "key 'nce_k' given twice" in err
     assert "not valid JSON" in refusal(train_student.parse_option, ["--config", write(tmp_path / "d.json", "{")],
                                        capsys)
+
+
+def test_float32_range_in_an_args_json_and_normal_values(tmp_path, capsys):
+    err = refusal(train_student.parse_option, ["--config", write(tmp_path / "args.json", '{"kd_T": 1e-50}'),
+                                               "--path_t", TEACHER], capsys)
+    assert err == (f"error: --config {tmp_path / 'args.json'}: kd_T (--kd_T): expected a finite number > 0, got "
+                   "'1e-50', which is 0 in float32 (its smallest positive number is 1.401e-45) (see --help)\n")
+    config = write(tmp_path / "ok.yaml", "learning_rate: 0.05\nweight_decay: 1.0e-4\nb: 3.4e38\nnce_t: 1e-45\n")
+    opt = train_student.parse_option(["--config", config, "--path_t", TEACHER])
+    assert (opt.learning_rate, opt.weight_decay, opt.beta, opt.nce_t) == (0.05, 1e-4, 3.4e38, 1e-45)
 
 
 def test_a_bad_file_from_the_shell_is_one_line(tmp_path):

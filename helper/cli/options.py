@@ -19,7 +19,8 @@ from typing import Any, Callable
 import yaml
 
 from dataset import DATASETS, TENSOR_DATASETS, DataOptions
-from helper.argtypes import momentum_float, nonfinite_floats, nonnegative_float, nonnegative_int, positive_float, positive_int
+from helper.argtypes import (FLOAT32_MAX, momentum_float, nonfinite_floats, nonnegative_float, nonnegative_int,
+                             positive_float, positive_int)
 from helper.declare import add_option_groups
 from helper.errors import UserError
 from helper.optim import OptimOptions
@@ -185,8 +186,8 @@ class Parser(argparse.ArgumentParser):
     def parse_known_args(self, args=None, namespace=None):
         """argparse's parsing, with a ``--config`` file's values in place of the defaults (so
         that the flags given override them; ``opt`` keeps the values, not the file's name), then
-        a check that no float option is NaN or infinite (flags with a checked ``type=`` from
-        :mod:`helper.argtypes` refuse them already; this covers any other)."""
+        a check that no float option is NaN, infinite or beyond float32's range (flags with a
+        checked ``type=`` from :mod:`helper.argtypes` refuse them already; this covers any other)."""
         args = list(sys.argv[1:] if args is None else args)
         given = vars(namespace) if namespace is not None else {}
         namespace, extras = super().parse_known_args(args, argparse.Namespace(**given))
@@ -199,8 +200,9 @@ class Parser(argparse.ArgumentParser):
         if hasattr(namespace, "config"):
             del namespace.config
         flags = {action.dest: "/".join(action.option_strings) for action in self._actions}
-        for dest, value in nonfinite_floats(namespace):
-            self.error(f"argument {flags.get(dest) or dest}: expected a finite number, got {value!r}")
+        for dest, value in nonfinite_floats(namespace, float32=True):
+            self.error(f"argument {flags.get(dest) or dest}: expected a finite number that float32 holds "
+                       f"(|x| <= {FLOAT32_MAX:.4g}), got {value!r}")
         return namespace, extras
 
 
