@@ -1,5 +1,6 @@
 """Checked ``type=`` functions for command-line flags: each parses one value and refuses, with a
-message naming the valid range, values outside it, NaN and infinities. argparse turns the
+message naming the valid range, values outside it, NaN and infinities, and (for the floats that
+training computes with) values that float32 cannot hold. argparse turns the
 refusal into ``argument --flag: <message>``, which the scripts' parser prints as one
 ``error: ...`` line (exit status 2).
 
@@ -10,7 +11,32 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import Callable
+import struct
+from typing import Any, Callable
+
+# The largest finite float32 (torch.finfo(torch.float32).max): the learning rate, the loss weights,
+# the temperatures and the methods' constants all end up in float32 tensor arithmetic.
+FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_TINY = 2.0**-149  # its smallest positive number (a subnormal): anything below half of it becomes 0
+# How many characters of a value a message shows (a value is never repeated whole: it may be huge).
+SHOWN_CHARS = 40
+
+
+def shown(text: str, limit: int = SHOWN_CHARS) -> str:
+    """``repr(text)``, cut to its first ``limit`` characters (then ``...`` and the full length):
+    what a message shows of a value, however long the value is."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text):,} characters)"
+
+
+def to_float32(value: float) -> float | None:
+    """``value`` rounded to float32 (to nearest, as torch rounds a Python float), or None where
+    it is beyond float32's finite range."""
+    try:
+        return struct.unpack("<f", struct.pack("<f", value))[0]
+    except OverflowError:
+        return None
 
 
 def _number(text: str, kind: type) -> float | int:
@@ -18,13 +44,17 @@ def _number(text: str, kind: type) -> float | int:
         return kind(text)
     except (TypeError, ValueError):
         name = "an integer" if kind is int else "a number"
-        raise argparse.ArgumentTypeError(f"expected {name}, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected {name}, got {shown(text)}") from None
 
 
 def float_in(low: float = -math.inf, high: float = math.inf, *, low_open: bool = False,
-             high_open: bool = False, name: str | None = None) -> Callable[[str], float]:
+             high_open: bool = False, name: str | None = None, float32: bool = True) -> Callable[[str], float]:
     """A ``type=`` function for a finite float between ``low`` and ``high`` (each end included
-    unless ``low_open`` / ``high_open``; an infinite end means no bound on that side)."""
+    unless ``low_open`` / ``high_open``; an infinite end means no bound on that side). With
+    ``float32`` (the default: the value is used in float32 arithmetic) the value must also stay
+    in that range once rounded to float32: at most :data:`FLOAT32_MAX` in size, and not a
+    positive number that becomes 0 (or an end that the range leaves out, e.g. 0.99999999999
+    becomes 1) in float32."""
     bounds = []
     if low > -math.inf:
         bounds.append(f"{'>' if low_open else '>='} {low:g}")
@@ -35,12 +65,22 @@ def float_in(low: float = -math.inf, high: float = math.inf, *, low_open: bool =
     else:
         wanted = " ".join(["a finite number"] + bounds)
 
+    def inside(value: float) -> bool:
+        return (value > low or (not low_open and value == low)) and (value < high or (not high_open and value == high))
+
     def parse(text: str) -> float:
         value = float(_number(text, float))
-        too_low = value < low or (low_open and value == low)
-        too_high = value > high or (high_open and value == high)
-        if not math.isfinite(value) or too_low or too_high:
-            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
+        if not math.isfinite(value) or not inside(value):
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {shown(text)}")
+        if float32:
+            rounded = to_float32(value)
+            if rounded is None:
+                raise argparse.ArgumentTypeError(f"expected {wanted} that float32 holds (|x| <= {FLOAT32_MAX:.4g}), "
+                                                 f"got {shown(text)}")
+            if not inside(rounded):
+                smallest = f" (its smallest positive number is {FLOAT32_TINY:.4g})" if rounded == 0 else ""
+                raise argparse.ArgumentTypeError(f"expected {wanted}, got {shown(text)}, which is {rounded:g} in "
+                                                 f"float32{smallest}")
         return value
 
     parse.__name__ = name or "float"
@@ -54,7 +94,7 @@ def int_at_least(low: int, *, name: str | None = None) -> Callable[[str], int]:
     def parse(text: str) -> int:
         value = int(_number(text, int))
         if value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {shown(text)}")
         return value
 
     parse.__name__ = name or "int"
@@ -81,17 +121,17 @@ def path_part(text: str) -> str:
     bad = [repr(c) for c in PATH_SEPARATORS if c in text]
     if bad:
         raise argparse.ArgumentTypeError(f"becomes part of the run folder's name, so it cannot hold "
-                                         f"{' or '.join(bad)}; got {text!r}")
+                                         f"{' or '.join(bad)}; got {shown(text)}")
     return text
 
 
-def nonfinite_floats(namespace: argparse.Namespace) -> list[tuple[str, float]]:
+def nonfinite_floats(namespace: argparse.Namespace, float32: bool = False) -> list[tuple[str, Any]]:
     """``(dest, value)`` of every float in ``namespace`` (or in a list value) that is NaN or
-    infinite."""
+    infinite, or with ``float32`` also beyond float32's finite range (see :func:`to_float32`)."""
     found = []
     for dest, value in vars(namespace).items():
         for item in value if isinstance(value, (list, tuple)) else [value]:
-            if isinstance(item, float) and not math.isfinite(item):
+            if isinstance(item, float) and (not math.isfinite(item) or (float32 and to_float32(item) is None)):
                 found.append((dest, item))
                 break
     return found

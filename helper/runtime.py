@@ -2,6 +2,7 @@
 and the random-number states a resume restores."""
 from __future__ import annotations
 
+import datetime
 import os
 import random
 import sys
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from helper.argtypes import positive_float
+from helper.argtypes import float_in
 from helper.declare import option, options_from
 from helper.distributed import (DistInfo, init_distributed, is_collective_failure, launched_by_torchrun,
                                 lost_rank_error, shutdown)
@@ -41,6 +42,11 @@ def set_seed(seed: int) -> None:
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
+# --dist_timeout is not float32 arithmetic: it becomes a datetime.timedelta (at most 999,999,999
+# days), which torch hands the process group in whole milliseconds (less than 1 ms would be 0).
+timeout_minutes = float_in(1 / 60000, datetime.timedelta.max / datetime.timedelta(minutes=1), float32=False,
+                           name="timeout_minutes")
+
 
 @dataclass
 class RuntimeOptions:
@@ -54,7 +60,8 @@ class RuntimeOptions:
     compile: bool = option(False, "torch.compile the networks (the first steps are slow)")
     sync_bn: bool = option(False, "under torchrun, BatchNorm statistics over all processes' batches (SyncBatchNorm)")
     dist_timeout: float = option(10.0, "under torchrun: minutes a process waits for the others (in a collective) "
-                                 "before it stops and names the rank that stopped answering", type=positive_float)
+                                 "before it stops and names the rank that stopped answering (at least 1 ms)",
+                                 type=timeout_minutes)
 
 
 @dataclass

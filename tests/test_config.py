@@ -9,6 +9,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ import yaml
 
 import train_student
 import train_teacher
-from helper.cli.options import RECORDED_KEYS
+from helper.cli.options import RECORDED_KEYS, config_text, value_text
 from helper.logger import ONE_INVOCATION
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,6 +138,15 @@ BAD = [  # file text, what the one error line says
     ("- nce_k\n", "expected a mapping of option names to values (nce_k: 4096), got list"),
     ("config: other.yaml\n", "'config' cannot be set in a configuration file"),
     ("arch: resnet8\n", "unknown option 'arch'"),  # recorded keys are ignored in an args.json only
+    # floats that float32 (training's arithmetic) cannot hold, as on the command line (tests/test_flags.py)
+    ("learning_rate: 1e300\n", "learning_rate (--learning_rate): expected a finite number > 0 that float32 holds "
+                               "(|x| <= 3.403e+38), got '1e300'"),
+    ("b: 1.0e+39\n", "b (-b/--beta): expected a finite number >= 0 that float32 holds (|x| <= 3.403e+38), got '1e+39'"),
+    ("nce_t: 1e-50\n", "nce_t (--nce_t): expected a finite number > 0, got '1e-50', which is 0 in float32 (its "
+                       "smallest positive number is 1.401e-45)"),
+    ("weight_decay: -1e300\n", "weight_decay (--weight_decay): expected a finite number >= 0, got '-1e300'"),
+    ("dcd_init_tau: -1.0e+300\n", "dcd_init_tau (--dcd_init_tau): expected a finite number that float32 holds "
+                                  "(|x| <= 3.403e+38), got '-1e+300'"),
 ]
 
 
@@ -160,6 +170,108 @@ def test_missing_folder_or_repeated_config_file(tmp_path, capsys):
     assert "key 'nce_k' given twice" in err
     assert "not valid JSON" in refusal(train_student.parse_option, ["--config", write(tmp_path / "d.json", "{")],
                                        capsys)
+
+
+def test_float32_range_in_an_args_json_and_normal_values(tmp_path, capsys):
+    err = refusal(train_student.parse_option, ["--config", write(tmp_path / "args.json", '{"kd_T": 1e-50}'),
+                                               "--path_t", TEACHER], capsys)
+    assert err == (f"error: --config {tmp_path / 'args.json'}: kd_T (--kd_T): expected a finite number > 0, got "
+                   "'1e-50', which is 0 in float32 (its smallest positive number is 1.401e-45) (see --help)\n")
+    config = write(tmp_path / "ok.yaml", "learning_rate: 0.05\nweight_decay: 1.0e-4\nb: 3.4e38\nnce_t: 1e-45\n")
+    opt = train_student.parse_option(["--config", config, "--path_t", TEACHER])
+    assert (opt.learning_rate, opt.weight_decay, opt.beta, opt.nce_t) == (0.05, 1e-4, 3.4e38, 1e-45)
+
+
+def billion_laughs(levels: int = 9) -> str:
+    """The "billion laughs": each level a list of nine aliases of the one before (9**9 strings)."""
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    names = "abcdefghijklmnopqrstuvwxyz"
+    for up, down in zip(names[1:levels], names[:levels - 1]):
+        lines.append(f"{up}: &{up} [{','.join([f'*{down}'] * 9)}]")
+    return "\n".join(lines) + "\n"
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path, capsys):
+    text = billion_laughs()
+    assert len(text) < 520 and text.count("*") == 72
+    config = write(tmp_path / "bomb.yaml", text)
+    started = time.perf_counter()
+    err = refusal(train_teacher.parse_option, ["--config", config], capsys)
+    assert time.perf_counter() - started < 0.5
+    assert err == (f"error: --config {config}: line 2, column 8: a YAML alias (*a) cannot be used in a configuration "
+                   "file; write the value out (see --help)\n")
+    # an alias of a scalar, too (a configuration file never needs one)
+    err = refusal(train_teacher.parse_option, ["--config", write(tmp_path / "a.yaml", "epochs: &e 3\nsave_freq: *e\n")],
+                  capsys)
+    assert "line 2, column 12: a YAML alias (*e) cannot be used" in err
+
+
+@pytest.mark.parametrize("name, text, where", [
+    ("flow.yaml", "epochs: " + "[" * 100_000 + "]" * 100_000 + "\n", "line 1, column 18: "),
+    ("block.yaml", "".join(" " * i + f"k{i}:\n" for i in range(1000)), "line 11, column 11: "),
+    ("deep.json", '{"epochs": ' + "[" * 100_000 + "]" * 100_000 + "}", ""),
+    ("deep11.json", '{"epochs": ' + "[" * 10 + "]" * 10 + "}", ""),  # one level too deep
+], ids=["yaml-flow", "yaml-block", "json", "json-11"])
+def test_deep_nesting_is_one_line(name, text, where, tmp_path, capsys):
+    config = write(tmp_path / name, text)
+    err = refusal(train_teacher.parse_option, ["--config", config], capsys)
+    kind = "objects" if name.endswith(".json") else "mappings"
+    assert err.startswith(f"error: --config {config}: {where}lists or {kind} nested deeper than 10 levels; "), err
+
+
+def test_ten_levels_are_read(tmp_path, capsys):
+    """The bound is ten levels: a mapping holding nine lists gets the option's own refusal."""
+    for name, text in (("ten.yaml", "epochs: " + "[" * 9 + "1" + "]" * 9 + "\n"),
+                       ("ten.json", '{"epochs": ' + "[" * 9 + "1" + "]" * 9 + "}")):
+        err = refusal(train_teacher.parse_option, ["--config", write(tmp_path / name, text)], capsys)
+        assert f"epochs (--epochs): expected one value, got {'[' * 9}1{']' * 9}" in err, err
+
+
+def test_a_large_file_and_too_many_values_are_refused(tmp_path, capsys):
+    config = write(tmp_path / "big.yaml", "# " + "x" * (1 << 20) + "\n")
+    assert refusal(train_teacher.parse_option, ["--config", config], capsys) == (
+        f"error: --config {config}: larger than 1 MiB; a configuration file holds option: value lines (is it the "
+        "right file?) (see --help)\n")
+    config = write(tmp_path / "many.yaml", "lr_decay_epochs: [" + ", ".join(["1"] * 6000) + "]\n")
+    err = refusal(train_teacher.parse_option, ["--config", config], capsys)
+    assert "more than 5,000 keys, values and list items; a configuration file holds option: value lines" in err
+
+
+def test_messages_show_a_bounded_part_of_a_huge_value(tmp_path, capsys):
+    """A message never repeats a whole value or key (a long one is cut, and its length given)."""
+    cases = [
+        ("value.yaml", "learning_rate: " + "9" * 200_000 + "x\n",
+         "learning_rate (--learning_rate): expected a number, got '" + "9" * 40 + "'... (200,001 characters)"),
+        ("key.json", '{"' + "k" * 200_000 + '": 1}', "unknown option '" + "k" * 40 + "'... (200,000 characters)"),
+        ("twice.json", '{"' + "k" * 9_000 + '": 1, "' + "k" * 9_000 + '": 2}', "key '" + "k" * 40 + "'... "),
+        ("list.yaml", "epochs: [" + ", ".join(["123456789"] * 4000) + "]\n", "got [123456789, 123456789, "),
+        ("switch.yaml", "overwrite: " + "y" * 100_000 + "\n", "expected true or false (a switch), got 'yyy"),
+        ("int.yaml", "epochs: " + "9" * 5000 + "\n", "an integer of more than 4300 digits; no option takes one"),
+    ]
+    for name, text, message in cases:
+        config = write(tmp_path / name, text)
+        err = refusal(train_teacher.parse_option, ["--config", config], capsys)
+        assert err.startswith(f"error: --config {config}: ") and message in err, err
+        assert len(err) < len(config) + 250, err
+
+
+def test_value_text_and_the_printed_config_have_no_alias():
+    assert value_text([1, "a", None, True, {"k": [2.5]}]) == "[1, 'a', null, true, {'k': [2.5]}]"
+    nested = [["x" * 1000] * 1000] * 1000  # a billion characters if rendered whole
+    shown = value_text(nested)
+    assert shown.startswith("[['" + "x" * 40 + "'... (1,000 characters), ") and len(shown) == 83
+    shared = [150, 180]
+    text = config_text({"lr_decay_epochs": shared, "path_t": shared})
+    assert text == "lr_decay_epochs: [150, 180]\npath_t: [150, 180]\n"  # written out twice, never &id001/*id001
+
+
+def test_the_alias_bomb_from_the_shell_is_one_line(tmp_path):
+    config = write(tmp_path / "bomb.yaml", billion_laughs())
+    out = subprocess.run([sys.executable, "train_teacher.py", "--config", config], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and out.stdout == "" and "Traceback" not in out.stderr
+    assert out.stderr == (f"error: --config {config}: line 2, column 8: a YAML alias (*a) cannot be used in a "
+                          "configuration file; write the value out (see --help)\n")
 
 
 def test_a_bad_file_from_the_shell_is_one_line(tmp_path):

@@ -9,10 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import train_student
 import train_teacher
-from helper.argtypes import float_in, int_at_least, path_part
+from helper.argtypes import FLOAT32_MAX, FLOAT32_TINY, float_in, int_at_least, path_part, to_float32
 from helper.cli.options import Parser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,9 +119,10 @@ def test_every_numeric_flag_has_a_checked_type():
                 assert action.dest in unchecked, f"{action.option_strings} has an unchecked type={action.type.__name__}"
 
 
-@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e400"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e400", "1e39", "-3.5e38"])
 def test_every_float_flag_refuses_non_finite_values(value, capsys):
-    """Every float flag of both scripts (whatever its range) refuses NaN and infinities."""
+    """Every float flag of both scripts (whatever its range) refuses NaN and infinities, and
+    values beyond float32's range (training computes with float32)."""
     for parse, base, parser in ((train_student.parse_option, STUDENT, train_student.build_parser()),
                                 (train_teacher.parse_option, TEACHER, train_teacher.build_parser())):
         floats = [a for a in parser._actions if hasattr(a.type, "wanted") and "number" in a.type.wanted]  # noqa: SLF001
@@ -128,6 +130,49 @@ def test_every_float_flag_refuses_non_finite_values(value, capsys):
         for action in floats:
             line = parse_error(parse, base + given(action.option_strings[-1], value), capsys)
             assert action.option_strings[-1] in line and "finite" in line, line
+            if value == "1e39" and " in " not in action.type.wanted:  # no upper bound of its own: float32's
+                assert FLOAT32 in line, line
+
+
+FLOAT32 = "that float32 holds (|x| <= 3.403e+38)"
+TINY = "which is 0 in float32 (its smallest positive number is 1.401e-45)"
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--learning_rate", "1e300"], f"--learning_rate: expected a finite number > 0 {FLOAT32}, got '1e300'"),
+    (["-b", "1e39"], f"-b/--beta: expected a finite number >= 0 {FLOAT32}, got '1e39'"),
+    (["--nce_t", "1e-50"], f"--nce_t: expected a finite number > 0, got '1e-50', {TINY}"),
+    (["--kd_T", "1e-46"], f"--kd_T: expected a finite number > 0, got '1e-46', {TINY}"),
+    (["--weight_decay=-1e300"], "--weight_decay: expected a finite number >= 0, got '-1e300'"),
+    (["--dcd_init_tau=-1e300"], f"--dcd_init_tau: expected a finite number {FLOAT32}, got '-1e300'"),
+    (["--momentum", "0.99999999999"], "--momentum: expected a finite number in [0, 1), got '0.99999999999', which "
+                                      "is 1 in float32"),
+    (["--dist_timeout", "1e300"], "--dist_timeout: expected a finite number in [1.66667e-05, 1.44e+12], got '1e300'"),
+    (["--dist_timeout", "1e-300"], "--dist_timeout: expected a finite number in [1.66667e-05, 1.44e+12], got "
+                                   "'1e-300'"),
+], ids=["lr", "beta", "nce_t", "kd_T", "weight_decay", "dcd_init_tau", "momentum", "timeout-big", "timeout-tiny"])
+def test_floats_beyond_the_range_of_the_type_they_are_used_in(args, line, capsys):
+    """Floats become float32 in training (--dist_timeout a timedelta in milliseconds): a value
+    that type cannot hold, or that it rounds out of the flag's range, is refused at parsing."""
+    assert parse_error(train_student.parse_option, STUDENT + args, capsys) == f"error: argument {line} (see --help)"
+
+
+def test_values_float32_holds_are_accepted():
+    opt = train_student.parse_option(STUDENT + ["--learning_rate", "1e-4", "--weight_decay", "1e-50", "-b", "3.4e38",
+                                                "--nce_t", "1e-45", "--momentum", "0.9999999", "--kd_T", "0.05",
+                                                "--dcd_init_tau=-3.4e38", "--dist_timeout", "1e12"])
+    assert (opt.learning_rate, opt.weight_decay, opt.beta, opt.nce_t) == (1e-4, 1e-50, 3.4e38, 1e-45)
+    assert (opt.momentum, opt.kd_T, opt.dcd_init_tau, opt.dist_timeout) == (0.9999999, 0.05, -3.4e38, 1e12)
+    assert train_teacher.parse_option(TEACHER + ["--learning_rate", "0.05"]).learning_rate == 0.05
+
+
+@pytest.mark.numeric
+def test_to_float32_rounds_as_torch_does():
+    for value in (0.1, 1e-4, 3.4e38, 3.40282356e38, 1e-45, 7.1e-46, 7e-46, 1e-50, 0.99999999999, -2.5e-40):
+        assert to_float32(value) == torch.tensor(value, dtype=torch.float32).item(), value
+    for value in (3.4028236e38, -1e39, 1e300):
+        assert to_float32(value) is None and torch.isinf(torch.tensor(value, dtype=torch.float32)), value
+    assert to_float32(FLOAT32_MAX) == torch.finfo(torch.float32).max and FLOAT32_TINY == 2.0**-149
 
 
 def test_a_float_flag_without_a_checked_type_is_still_refused_when_not_finite(capsys):
@@ -141,6 +186,10 @@ def test_a_float_flag_without_a_checked_type_is_still_refused_when_not_finite(ca
             parser.parse_args(args)
         assert stop.value.code == 2
         assert f"error: argument {name}: expected a finite number" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--scale", "1e39"])  # finite, but beyond float32
+    assert capsys.readouterr().err == ("error: argument --scale: expected a finite number that float32 holds "
+                                       "(|x| <= 3.403e+38), got 1e+39 (see --help)\n")
 
 
 def test_type_functions_directly():

@@ -19,7 +19,8 @@ from typing import Any, Callable
 import yaml
 
 from dataset import DATASETS, TENSOR_DATASETS, DataOptions
-from helper.argtypes import momentum_float, nonfinite_floats, nonnegative_float, nonnegative_int, positive_float, positive_int
+from helper.argtypes import (FLOAT32_MAX, SHOWN_CHARS, momentum_float, nonfinite_floats, nonnegative_float,
+                             nonnegative_int, positive_float, positive_int, shown)
 from helper.declare import add_option_groups
 from helper.errors import UserError
 from helper.logger import ONE_INVOCATION
@@ -38,12 +39,50 @@ RECORDED_KEYS = frozenset({"arch", "model_name", "save_path", "command", "n_data
                            "print_config"})
 # Flags about the configuration itself: not options of a run, never in a configuration file.
 CONFIG_FLAGS = ("config", "print_config")
+# A configuration file is flat (option: value, a value a scalar or a short list): bounds that no
+# real one comes near, so that a hostile or broken file is refused before it costs time or memory.
+MAX_CONFIG_BYTES = 1 << 20  # 1 MiB
+MAX_CONFIG_DEPTH = 10  # lists and mappings inside each other (a file needs 2)
+MAX_CONFIG_NODES = 5000  # keys, values and list items of a YAML file (a file needs a few hundred)
+# The longest error line the scripts print (the rest is cut): a message never repeats a whole input.
+MAX_MESSAGE_CHARS = 1000
+
+
+class ConfigRefused(yaml.MarkedYAMLError):
+    """Valid YAML that a configuration file may not hold (an alias, nesting deeper than
+    :data:`MAX_CONFIG_DEPTH`)."""
 
 
 class ConfigLoader(yaml.SafeLoader):
-    """PyYAML's safe loader (plain data, no objects) with two changes for option values: only
+    """PyYAML's safe loader (plain data, no objects) with these changes for option values: only
     ``true``/``false`` are booleans (YAML 1.2's rule: ``amp: off`` is the string 'off', not
-    YAML 1.1's False), and a key given twice is refused instead of the last one silently winning."""
+    YAML 1.1's False), a key given twice is refused instead of the last one silently winning, and
+    aliases (``*name``: the "billion laughs" expand a few hundred bytes into gigabytes), nesting
+    deeper than :data:`MAX_CONFIG_DEPTH` and more than :data:`MAX_CONFIG_NODES` values are
+    refused (:class:`ConfigRefused`) as the document is composed, before anything is built."""
+
+    _depth = 0
+    _nodes = 0
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            name = event.anchor if len(event.anchor) <= SHOWN_CHARS else event.anchor[:SHOWN_CHARS] + "..."
+            raise ConfigRefused(None, None, f"a YAML alias (*{name}) cannot be used in a configuration file; write "
+                                            "the value out", event.start_mark)
+        nested = isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent))
+        if nested and self._depth >= MAX_CONFIG_DEPTH:
+            raise ConfigRefused(None, None, f"lists or mappings nested deeper than {MAX_CONFIG_DEPTH} levels; a "
+                                            "configuration file holds option: value lines", event.start_mark)
+        self._nodes += 1
+        if self._nodes > MAX_CONFIG_NODES:
+            raise ConfigRefused(None, None, f"more than {MAX_CONFIG_NODES:,} keys, values and list items; a "
+                                            "configuration file holds option: value lines", event.start_mark)
+        self._depth += nested
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= nested
 
     def construct_mapping(self, node, deep=False):
         seen = set()
@@ -51,7 +90,7 @@ class ConfigLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=deep)
             if isinstance(key, str):
                 if key in seen:
-                    raise yaml.constructor.ConstructorError(None, None, f"key '{key}' given twice",
+                    raise yaml.constructor.ConstructorError(None, None, f"key {shown(key)} given twice",
                                                             key_node.start_mark)
                 seen.add(key)
         return super().construct_mapping(node, deep)
@@ -74,6 +113,47 @@ class GivenOnce(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+def _value_parts(value: Any):
+    """The pieces of :func:`value_text`'s rendering of ``value``, produced lazily."""
+    if isinstance(value, str):
+        yield shown(value)
+    elif value is None or isinstance(value, bool):
+        yield json.dumps(value)
+    elif isinstance(value, dict):
+        yield "{"
+        for i, (key, item) in enumerate(value.items()):
+            yield ", " if i else ""
+            yield from _value_parts(key)
+            yield ": "
+            yield from _value_parts(item)
+        yield "}"
+    elif isinstance(value, (list, tuple, set)):
+        yield "["
+        for i, item in enumerate(value):
+            yield ", " if i else ""
+            yield from _value_parts(item)
+        yield "]"
+    elif isinstance(value, (bytes, bytearray)):
+        yield f"{bytes(value[:SHOWN_CHARS])!r}..." if len(value) > SHOWN_CHARS else repr(bytes(value))
+    else:  # a number, or a date (YAML timestamps)
+        try:
+            yield str(value)
+        except ValueError:  # an integer beyond Python's digit limit for str()
+            yield "(an integer too long to show)"
+
+
+def value_text(value: Any, limit: int = 2 * SHOWN_CHARS) -> str:
+    """``value`` (from a configuration file) as a message shows it: JSON's ``true``, ``null``
+    and lists, strings quoted as the flags' messages quote them, cut after about ``limit``
+    characters. The rendering stops there: a huge value costs no more than a small one."""
+    text = ""
+    for part in _value_parts(value):
+        text += part
+        if len(text) > limit:
+            return text[:limit] + "..."
+    return text
+
+
 def config_value(action: argparse.Action, value: Any) -> Any:
     """The configuration file's ``value`` for ``action``'s flag, checked and converted as the
     command line converts the flag's text (its ``type=`` function and ``choices``); a switch
@@ -81,7 +161,7 @@ def config_value(action: argparse.Action, value: Any) -> Any:
     where the flag is comma-separated. Raises ValueError with the reason."""
     if action.nargs == 0:  # a switch (store_true)
         if not isinstance(value, bool):
-            raise ValueError(f"expected true or false (a switch), got {value!r}")
+            raise ValueError(f"expected true or false (a switch), got {value_text(value)}")
         return value
     if value is None:
         if action.default is None:
@@ -89,10 +169,10 @@ def config_value(action: argparse.Action, value: Any) -> Any:
         raise ValueError(f"expected a value, got null (leave the key out for the default, {action.default!r})")
     if isinstance(value, list) and action.dest in COMMA_LISTS:
         if not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value):
-            raise ValueError(f"expected a list of values, got {value!r}")
+            raise ValueError(f"expected a list of values, got {value_text(value)}")
         value = ",".join(str(v) for v in value)
     if isinstance(value, (bool, list, dict)):
-        raise ValueError(f"expected one value, got {json.dumps(value, default=str)}")
+        raise ValueError(f"expected one value, got {value_text(value)}")
     text = value if isinstance(value, str) else str(value)
     parse = action.type or str
     try:
@@ -100,9 +180,9 @@ def config_value(action: argparse.Action, value: Any) -> Any:
     except argparse.ArgumentTypeError as err:
         raise ValueError(str(err)) from None
     except (TypeError, ValueError):
-        raise ValueError(f"invalid {getattr(parse, '__name__', 'value')} value: {text!r}") from None
+        raise ValueError(f"invalid {getattr(parse, '__name__', 'value')} value: {shown(text)}") from None
     if action.choices is not None and result not in action.choices:
-        raise ValueError(f"invalid choice: {result!r} (choose from {', '.join(map(repr, action.choices))})")
+        raise ValueError(f"invalid choice: {value_text(result)} (choose from {', '.join(map(repr, action.choices))})")
     # An integer stays one where the flag takes floats: RepDistiller's own defaults are such ints
     # (a left-out -r is 1, its folder name 'r:1'; -r 1 gives 1.0, 'r:1.0'), so a run replayed
     # from args.json or --print_config's output names the same folder.
@@ -117,6 +197,11 @@ class Parser(argparse.ArgumentParser):
     the flags given on the command line override them."""
 
     def error(self, message: str):
+        """Print ``message`` as one ``error:`` line (its line breaks joined, cut to
+        :data:`MAX_MESSAGE_CHARS`) and exit with status 2."""
+        message = " ".join(message.splitlines())
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[:MAX_MESSAGE_CHARS] + "... (cut)"
         self.exit(2, f"error: {message} (see --help)\n")
 
     def option_actions(self) -> list[argparse.Action]:
@@ -131,26 +216,45 @@ class Parser(argparse.ArgumentParser):
         any spelling of the flag without its dashes (``r`` for ``-r``). A ``.json`` file is read
         as a run's ``args.json``: its :data:`RECORDED_KEYS` and ``resume``/``overwrite`` (acts of one
         invocation, recorded by earlier versions) are ignored; a YAML file may give them only as
-        null/false. Any problem is one
-        ``error:`` line naming the file and the key (exit status 2)."""
+        null/false. Any problem is one ``error:`` line naming the file and the key (exit status
+        2); so is a file larger than :data:`MAX_CONFIG_BYTES`, YAML aliases, and nesting deeper
+        than :data:`MAX_CONFIG_DEPTH`."""
         where = f"--config {path}"
         file = Path(path)
         if not file.is_file():
             self.error(f"{where}: {'is a folder, not a file' if file.is_dir() else 'no such file'}")
         recorded = file.suffix.lower() == ".json"
+        too_deep = (f"{where}: lists or objects nested deeper than {MAX_CONFIG_DEPTH} levels; a configuration file "
+                    "holds option: value pairs")
         try:
-            text = file.read_text(encoding="utf-8")
+            with file.open("rb") as stream:
+                raw = stream.read(MAX_CONFIG_BYTES + 1)
+            if len(raw) > MAX_CONFIG_BYTES:
+                self.error(f"{where}: larger than {MAX_CONFIG_BYTES // 2**20} MiB; a configuration file holds "
+                           "option: value lines (is it the right file?)")
+            text = raw.decode("utf-8")
+            # json.loads recurses once per level: deep JSON raises RecursionError, or is refused below.
             data = json.loads(text, object_pairs_hook=_unique_keys) if recorded else yaml.load(text, ConfigLoader)
         except OSError as err:
             self.error(f"{where}: cannot read it ({err.strerror or err})")
         except UnicodeDecodeError:
             self.error(f"{where}: not a text file (UTF-8)")
+        except RecursionError:
+            self.error(too_deep)
         except json.JSONDecodeError as err:
             self.error(f"{where}: not valid JSON ({err.msg}, line {err.lineno}, column {err.colno})")
+        except ConfigRefused as err:
+            mark = err.problem_mark
+            self.error(f"{where}: line {mark.line + 1}, column {mark.column + 1}: {err.problem}")
         except yaml.YAMLError as err:
             self.error(f"{where}: not valid YAML ({_yaml_problem(err)})")
-        except ValueError as err:  # a JSON key given twice
+        except ValueError as err:  # a JSON key given twice; an integer beyond Python's digit limit
+            if "digits" in str(err):
+                self.error(f"{where}: an integer of more than {sys.get_int_max_str_digits()} digits; no option "
+                           "takes one")
             self.error(f"{where}: {err}")
+        if recorded and deeper_than(data, MAX_CONFIG_DEPTH):
+            self.error(too_deep)
         if data is None:  # an empty file
             data = {}
         if not isinstance(data, dict):
@@ -175,9 +279,10 @@ class Parser(argparse.ArgumentParser):
                 self.error(f"{where}: '{key}' cannot be set in a configuration file (give --{key} on the command line)")
             action = by_key.get(key)
             if action is None:
-                close = difflib.get_close_matches(key, list(by_key), n=1)
+                close = difflib.get_close_matches(key, list(by_key), n=1) if len(key) <= 100 else []
                 hint = f"; did you mean '{close[0]}'?" if close else ""
-                self.error(f"{where}: unknown option '{key}'{hint} (keys are the flags' names, e.g. nce_k for --nce_k)")
+                self.error(f"{where}: unknown option {shown(key)}{hint} (keys are the flags' names, e.g. nce_k for "
+                           "--nce_k)")
             if action.dest in keys:
                 self.error(f"{where}: '{keys[action.dest]}' and '{key}' both set {'/'.join(action.option_strings)}")
             keys[action.dest] = key
@@ -195,8 +300,8 @@ class Parser(argparse.ArgumentParser):
     def parse_known_args(self, args=None, namespace=None):
         """argparse's parsing, with a ``--config`` file's values in place of the defaults (so
         that the flags given override them; ``opt`` keeps the values, not the file's name), then
-        a check that no float option is NaN or infinite (flags with a checked ``type=`` from
-        :mod:`helper.argtypes` refuse them already; this covers any other)."""
+        a check that no float option is NaN, infinite or beyond float32's range (flags with a
+        checked ``type=`` from :mod:`helper.argtypes` refuse them already; this covers any other)."""
         args = list(sys.argv[1:] if args is None else args)
         given = vars(namespace) if namespace is not None else {}
         namespace, extras = super().parse_known_args(args, argparse.Namespace(**given))
@@ -209,8 +314,9 @@ class Parser(argparse.ArgumentParser):
         if hasattr(namespace, "config"):
             del namespace.config
         flags = {action.dest: "/".join(action.option_strings) for action in self._actions}
-        for dest, value in nonfinite_floats(namespace):
-            self.error(f"argument {flags.get(dest) or dest}: expected a finite number, got {value!r}")
+        for dest, value in nonfinite_floats(namespace, float32=True):
+            self.error(f"argument {flags.get(dest) or dest}: expected a finite number that float32 holds "
+                       f"(|x| <= {FLOAT32_MAX:.4g}), got {value!r}")
         return namespace, extras
 
 
@@ -219,15 +325,28 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     data: dict[str, Any] = {}
     for key, value in pairs:
         if key in data:
-            raise ValueError(f"key '{key}' given twice")
+            raise ValueError(f"key {shown(key)} given twice")
         data[key] = value
     return data
+
+
+def deeper_than(value: Any, levels: int) -> bool:
+    """Whether lists and mappings nest in ``value`` more than ``levels`` deep (the walk goes no
+    deeper than that)."""
+    if not isinstance(value, (dict, list)):
+        return False
+    if levels == 0:
+        return True
+    items = value.values() if isinstance(value, dict) else value
+    return any(deeper_than(item, levels - 1) for item in items)
 
 
 def _yaml_problem(err: yaml.YAMLError) -> str:
     """A YAML error in one line: the problem and where (line, column)."""
     mark = getattr(err, "problem_mark", None)
     problem = getattr(err, "problem", None) or " ".join(str(err).split())
+    if len(problem) > 2 * SHOWN_CHARS:  # e.g. a tag of the whole input
+        problem = problem[:2 * SHOWN_CHARS] + "..."
     return f"{problem}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
@@ -269,9 +388,17 @@ def with_print_config(parse_option: Callable[[list[str] | None], argparse.Namesp
     return parse
 
 
+class ConfigDumper(yaml.SafeDumper):
+    """PyYAML's safe dumper that writes a value shared by two options out twice: never an alias,
+    which :class:`ConfigLoader` refuses."""
+
+    def ignore_aliases(self, data):
+        return True
+
+
 def config_text(options: dict[str, Any]) -> str:
     """``options`` as the YAML text of a configuration file (lists on one line)."""
-    return yaml.safe_dump(options, sort_keys=False, default_flow_style=None, allow_unicode=True)
+    return yaml.dump(options, Dumper=ConfigDumper, sort_keys=False, default_flow_style=None, allow_unicode=True)
 
 
 def available_cores() -> int:
