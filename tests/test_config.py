@@ -245,7 +245,7 @@ def test_messages_show_a_bounded_part_of_a_huge_value(tmp_path, capsys):
         ("key.json", '{"' + "k" * 200_000 + '": 1}', "unknown option '" + "k" * 40 + "'... (200,000 characters)"),
         ("twice.json", '{"' + "k" * 9_000 + '": 1, "' + "k" * 9_000 + '": 2}', "key '" + "k" * 40 + "'... "),
         ("list.yaml", "epochs: [" + ", ".join(["123456789"] * 4000) + "]\n", "got [123456789, 123456789, "),
-        ("switch.yaml", "overwrite: " + "y" * 100_000 + "\n", "expected true or false (a switch), got 'yyy"),
+        ("switch.yaml", "deterministic: " + "y" * 100_000 + "\n", "expected true or false (a switch), got 'yyy"),
         ("int.yaml", "epochs: " + "9" * 5000 + "\n", "an integer of more than 4300 digits; no option takes one"),
     ]
     for name, text, message in cases:
