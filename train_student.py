@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from dataset import DataBundle, DataOptions, get_dataloaders
 from dataset.skipping import sample_images
-from dataset.views import ViewLayout, check_view, distinct
+from dataset.views import ViewLayout, check_recorded_view, check_view, distinct
 from distiller_zoo.registry import BuildContext, Distiller
 from distiller_zoo.step import DistillStep, InitStep, channels
 from helper.argtypes import nonnegative_float, nonnegative_int, path_part, positive_float
@@ -245,6 +245,7 @@ def build_run(opt, runtime: Runtime) -> RunParts:
     for path, state in zip(paths, states):
         if state is not None:  # before their views and classes are read
             check_entries(state, path)
+            check_recorded_view(state.get("view"), path)
     views_t = teacher_views(opt, paths, states)
     needs = replace(method.data_needs(options), views=distinct([opt.view_s, *views_t]))
     data = get_dataloaders(options_from(DataOptions, opt), needs, device=runtime.device)

@@ -44,7 +44,7 @@ from helper.logger import RunLog, run_summary
 from helper.optim import build_optimizer, lr_at_epoch, set_lr
 from helper.resume import claim_run_folder
 from helper.runtime import Runtime, run_script
-from dataset.views import check_view
+from dataset.views import check_recorded_view, check_view
 from models import in_channels_of
 from models.teacher import load_backbone, prepare_teacher
 
@@ -351,6 +351,7 @@ def train_probe(classifier: nn.Linear, batches, test, opt, *, epochs: int, run: 
 def probe_view(given: str | None, recorded: str | None, path: Path) -> str:
     """The view the probe feeds the network: ``--view`` (which must agree with the one its checkpoint
     records), else the recorded one; a :class:`UserError` when neither tells it."""
+    check_recorded_view(recorded, str(path))
     if given is not None:
         check_view(given, "--view")
         if recorded is not None and given != recorded:

@@ -46,6 +46,15 @@ def is_view(name: object) -> bool:
         name.startswith(PAIRED) and len(name) > len(PAIRED) and "/" not in name))
 
 
+def check_recorded_view(view: str | None, path: str) -> None:
+    """Raise :class:`UserError` blaming the checkpoint at ``path`` when the view it records is
+    not a view name (None, no record, is fine)."""
+    if view is not None and not is_view(view):
+        raise UserError(f"the 'view' entry of '{path}' is {str(view)[:60]!r}, which is not a view (rgb, gray, L, ab, "
+                        "paired:<name>); the file is damaged or was not written by train_teacher.py, train_student.py "
+                        "or RepDistiller: use another checkpoint or set it to the view its network was trained on")
+
+
 def check_view(name: str, flag: str = "--view") -> str:
     """``name`` if it is a view name (:func:`is_view`), else :class:`UserError` (``flag`` names
     the option in the message)."""

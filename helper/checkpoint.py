@@ -28,17 +28,21 @@ LOAD_ERRORS = (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, 
                TypeError, IndexError, UnicodeDecodeError)
 
 
-def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
+RUN_ADVICE = "Free space or choose another --save_folder, then continue with --resume auto"
+
+
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike, advice: str = RUN_ADVICE) -> None:
     """Write ``state`` to ``path`` atomically (:func:`helper.files.atomic_write`: a temporary
     file of its own, flushed to disk, renamed over ``path``), so a crash, a full disk or a failing
     write never leaves a truncated file and a good checkpoint is only ever replaced by a complete
-    one. A failing write raises :class:`UserError` (the old ``path`` is kept)."""
+    one. A failing write raises :class:`UserError` (the old ``path`` is kept), ending with
+    ``advice``: what to do."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda f: torch.save(state, f))
     except (OSError, RuntimeError) as err:
-        raise write_error(path, err) from None
+        raise write_error(path, err, advice) from None
 
 
 def copy_checkpoint(source: str | os.PathLike, path: str | os.PathLike) -> None:
@@ -49,16 +53,15 @@ def copy_checkpoint(source: str | os.PathLike, path: str | os.PathLike) -> None:
         with open(source, "rb") as src:
             atomic_write(path, lambda f: shutil.copyfileobj(src, f, 1 << 20))
     except OSError as err:
-        raise write_error(path, err) from None
+        raise write_error(path, err, RUN_ADVICE) from None
 
 
-def write_error(path: Path, err: Exception) -> UserError:
-    """The one line of a checkpoint write that failed (``err``)."""
+def write_error(path: Path, err: Exception, advice: str) -> UserError:
+    """The one line of a checkpoint write that failed (``err``), ending with ``advice``."""
     reason = getattr(err, "strerror", None) or str(err).strip().splitlines()[-1]
     kept = "the previous one was kept" if path.is_file() else "nothing was written"
     return UserError(f"could not write the checkpoint {path} ({type(err).__name__}: {reason}): "
-                     f"{kept}; is the disk full or the folder not writable? Free space or choose another "
-                     "--save_folder, then continue with --resume auto")
+                     f"{kept}; is the disk full or the folder not writable? {advice}")
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

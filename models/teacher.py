@@ -7,7 +7,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from dataset.views import is_view
 from helper.checkpoint import _strip_prefixes, load_checkpoint, load_weights, nonfinite_tensors
 from helper.errors import UserError
 from helper.runtime import Runtime
@@ -60,7 +59,8 @@ def _malformed(path: str, key: str, value: object, wanted: str) -> UserError:
 def check_entries(state: dict, path: str) -> None:
     """Raise :class:`UserError` naming ``path`` and the entry when an entry this library reads from
     a checkpoint (``arch``, ``num_classes``, ``view``, ``dataset``, ``distill``, ``model_t``) is
-    present (not None) but of the wrong type or value; absent entries are fine."""
+    present (not None) but of the wrong type or value; absent entries are fine. A ``view`` is
+    checked for its type here, for its name by :func:`dataset.views.check_recorded_view`."""
     arch = state.get("arch")
     if arch is not None:
         if not isinstance(arch, str):
@@ -77,13 +77,8 @@ def check_entries(state: dict, path: str) -> None:
             raise UserError(f"the 'num_classes' entry of '{path}' is {classes}, which is not a positive number of "
                             f"classes; {DAMAGED}: use another checkpoint or correct that entry")
     view = state.get("view")
-    if view is not None:
-        if not isinstance(view, str):
-            raise _malformed(path, "view", view, "a view's name (rgb, gray, L, ab, paired:<name>)")
-        if not is_view(view):
-            raise UserError(f"the 'view' entry of '{path}' is {view!r}, which is not a view (rgb, gray, L, ab, "
-                            f"paired:<name>); {DAMAGED}: use another checkpoint or set it to the view its network "
-                            "was trained on")
+    if view is not None and not isinstance(view, str):  # its name is checked by dataset.views.check_recorded_view
+        raise _malformed(path, "view", view, "a view's name (rgb, gray, L, ab, paired:<name>)")
     for key, wanted in NAME_ENTRIES.items():
         if state.get(key) is not None and not isinstance(state[key], str):
             raise _malformed(path, key, state[key], f"{wanted} (a string)")

@@ -153,7 +153,7 @@ def upgrade(path: Path) -> bool:
         original.unlink(missing_ok=True)
         raise UserError(f"could not keep the original of '{path}' as '{original}' ({err.strerror or err}): "
                         "nothing was changed; free space or make the folder writable") from None
-    save_checkpoint(state, path)
+    save_checkpoint(state, path, advice="Free space, then run this script again")
     return True
 
 
