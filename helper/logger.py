@@ -140,7 +140,7 @@ class RunLog:
         except OSError as err:
             raise UserError(f"could not write the TensorBoard events in {self.folder} ({type(err).__name__}: "
                             f"{err.strerror or err}): is the disk full or the folder not writable? The checkpoints "
-                            "were kept; free space, then continue with --resume auto") from None
+                            "written so far were kept; free space, then continue with --resume auto") from None
 
     def _scalars(self, values: dict[str, Any], step: int, skip: tuple[str, ...]) -> None:
         """The numbers of ``values`` (but ``skip``) as TensorBoard scalars at ``step``, flushed."""
