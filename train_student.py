@@ -31,7 +31,7 @@ from helper.cli.options import Parser, add_training_args, finalize_training_args
 from helper.declare import add_option_group, options_from
 from helper.distributed import say, wrap_ddp
 from helper.errors import UserError, exit_on_user_error
-from helper.logger import RunLog, run_summary
+from helper.logger import RunLog, run_summary, set_derived
 from helper.loops import Fit, Stage, best_line, constant_lr, scheduled_lr, validate
 from helper.optim import build_optimizer
 from helper.resume import claim_run_folder, resume_path
@@ -103,7 +103,7 @@ def check_unlabeled(opt, method: type[Distiller]) -> None:
     if why:
         raise UserError(f"--distill {opt.distill} needs labels, which --split unlabeled has not: {why}")
     if opt.gamma is None:
-        opt.gamma = 0
+        set_derived(opt, "gamma", 0)
         say("--split unlabeled: no labels, so no cross-entropy term (-r 0)")
 
 
@@ -117,13 +117,14 @@ def fill_weights(opt, published: tuple[float, float, float]) -> None:
     """``-r -a -b`` left out take the method's published weights (printed); ``-r`` alone left
     out is 1, as in RepDistiller (an int there, which its folder names show as ``r:1``)."""
     if opt.alpha is not None and opt.beta is not None:
-        opt.gamma = 1 if opt.gamma is None else opt.gamma
+        if opt.gamma is None:
+            set_derived(opt, "gamma", 1)
         return
     filled = []
     for flag, attr, value in zip(("-r", "-a", "-b"), ("gamma", "alpha", "beta"), published):
         if getattr(opt, attr) is None:
             # as if given on the command line (a float), except -r 1, which is RepDistiller's default 1
-            setattr(opt, attr, 1 if attr == "gamma" and value == 1 else float(value))
+            set_derived(opt, attr, 1 if attr == "gamma" and value == 1 else float(value))
             filled.append(f"{flag} {value:g}")
     say(f"--distill {opt.distill}: using its published weights {' '.join(filled)}")
 

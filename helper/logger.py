@@ -22,6 +22,22 @@ from helper.files import atomic_write
 # settings of the run: never recorded in args.json, so a replay (--config args.json) cannot
 # repeat them.
 ONE_INVOCATION = frozenset({"resume", "overwrite"})
+# The options a script filled in because they were left out (the seed from --trial, the learning
+# rate from the model, the published loss weights, ...): an attribute of the options, a dict
+# name -> value. args.json lists their names under "derived": a replay derives them again.
+DERIVED = "_derived"
+
+
+def set_derived(opt, name: str, value: Any) -> None:
+    """Fill in the left-out option ``name`` of ``opt`` with ``value``, remembered as derived."""
+    setattr(opt, name, value)
+    derived = vars(opt).setdefault(DERIVED, {})
+    derived[name] = value
+
+
+def derived_options(opt) -> dict[str, Any]:
+    """The options of ``opt`` that were derived (:func:`set_derived`), with their values."""
+    return dict(vars(opt).get(DERIVED) or {})
 
 
 def _quiet_writer_thread(args: threading.ExceptHookArgs) -> None:
@@ -60,9 +76,12 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def recorded_args(args: dict[str, Any]) -> dict[str, Any]:
-    """A run's options as ``args.json`` and ``results.json`` record them: without the flags that
-    act once (:data:`ONE_INVOCATION`), so that replaying the file never repeats them."""
-    return {k: v for k, v in args.items() if k not in ONE_INVOCATION}
+    """A run's options as ``args.json`` and ``results.json`` record them: every option with the
+    value the run used, without the flags that act once (:data:`ONE_INVOCATION`), and
+    ``derived``: the names of those it filled in (replaying the file derives them again)."""
+    recorded = {k: v for k, v in args.items() if k not in ONE_INVOCATION and not k.startswith("_")}
+    recorded["derived"] = sorted(args.get(DERIVED) or {})
+    return recorded
 
 
 def console_line(record: dict[str, Any]) -> str:

@@ -3,6 +3,7 @@ continues a run with the settings it was made with, and the run folder's claim (
 overwrites another run's checkpoints)."""
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import socket
@@ -103,12 +104,27 @@ def resume_path(value: str | None, folder: str | os.PathLike, prefix: str) -> Pa
             path = Path(folder) / name
             if path.is_file():
                 return path
+        distributed.say(no_run_to_resume(Path(folder)))
         return None
     path = Path(value)
     if not path.is_file():
         raise UserError(f"--resume {value}: no such file; give a {checkpoint_names(prefix)[0]} path, "
                         "or 'auto' for this run's folder")
     return path
+
+
+def no_run_to_resume(folder: Path) -> str:
+    """The note of ``--resume auto`` finding no checkpoint in ``folder``: a new run starts there;
+    when the folder does not exist, the run folders beside it whose names are closest (a flag
+    that names the folder, e.g. ``-a``, differs from the run's)."""
+    if folder.is_dir():
+        return f"note: --resume auto: no checkpoint to continue in {folder}; a new run starts there"
+    runs = [p.name for p in folder.parent.glob("*") if p.is_dir() and any(p.glob("*.pth"))] \
+        if folder.parent.is_dir() else []
+    close = difflib.get_close_matches(folder.name, runs, n=3, cutoff=0.5)
+    hint = (f"; the closest run folders there: {', '.join(close)} (give the flags that name one of them to continue "
+            "it)" if close else "")
+    return f"note: --resume auto: no run folder {folder.name} in {folder.parent}, so a new run starts{hint}"
 
 
 def claim_run_folder(folder: str | os.PathLike, *, resume: Path | None, overwrite: bool,

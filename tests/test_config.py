@@ -18,7 +18,7 @@ import yaml
 import train_student
 import train_teacher
 from helper.cli.options import RECORDED_KEYS, config_text, value_text
-from helper.logger import ONE_INVOCATION
+from helper.logger import ONE_INVOCATION, derived_options, recorded_args
 
 ROOT = Path(__file__).resolve().parents[1]
 SYNTHETIC = ["--dataset", "synthetic", "--synthetic_classes", "4", "--synthetic_train", "16",
@@ -301,22 +301,28 @@ def test_print_config_round_trip(script, argv, tmp_path, capsys, monkeypatch):
     expected = script.parse_option(argv)
     capsys.readouterr()
     # --resume and --overwrite act on one invocation: never printed, never replayed
-    assert values == {k: v for k, v in vars(expected).items() if k not in RECORDED_KEYS | ONE_INVOCATION}
+    # derived options (left out, filled in: seed, learning rate, published weights) are null
+    derived = derived_options(expected)
+    assert values == {k: None if k in derived else v for k, v in vars(expected).items()
+                      if k not in RECORDED_KEYS | ONE_INVOCATION and not k.startswith("_")}
     again = script.parse_option(["--config", write(tmp_path / "printed.yaml", text)])
+    capsys.readouterr()
     assert again.overwrite is False and again.resume is None
     assert typed(again) == {**typed(expected), **typed(argparse.Namespace(overwrite=False, resume=None))}
-    # printing what the file gives prints the same file (less the notes, which were about filling in)
-    body = "".join(line for line in text.splitlines(keepends=True) if not line.startswith("#"))
-    assert printed(script.main, ["--config", str(tmp_path / "printed.yaml")], capsys) == body
+    # printing what the file gives prints the same file, notes included (the same values are filled in)
+    assert printed(script.main, ["--config", str(tmp_path / "printed.yaml")], capsys) == text
 
 
 def test_print_config_notes_are_comments(capsys):
     text = printed(train_student.main, ["--path_t", TEACHER, "--distill", "crd"], capsys)
     first = text.splitlines()[0]
     assert first == "# --distill crd: using its published weights -r 1 -a 0 -b 0.8"
+    # what is filled in is said in the notes and left null, so that a file of it derives it again
+    assert text.splitlines()[1] == ("# left out, so derived when it runs (null below): learning_rate 0.05, "
+                                    "num_workers 0, seed 1, gamma 1, alpha 0.0, beta 0.8")
     values = yaml.safe_load(text)
-    assert (values["gamma"], values["alpha"], values["beta"], values["learning_rate"]) == (1, 0.0, 0.8, 0.05)
-    assert values["lr_decay_epochs"] == [150, 180, 210] and values["seed"] == 1 and values["nce_k"] == 16384
+    assert (values["gamma"], values["alpha"], values["beta"], values["learning_rate"], values["seed"]) == (None,) * 5
+    assert values["lr_decay_epochs"] == [150, 180, 210] and values["trial"] == "1" and values["nce_k"] == 16384
     assert "lr_decay_epochs: [150, 180, 210]\n" in text and "amp: 'off'\n" in text
 
 
@@ -338,16 +344,49 @@ def teacher_run(tmp_path_factory):
 def test_args_json_replays_the_run(teacher_run, capsys):
     recorded = json.loads((teacher_run / "args.json").read_text())
     assert {"arch", "model_name", "save_path", "command"} <= set(recorded)
+    # what was left out and filled in is recorded with its value and listed as derived
+    assert recorded["derived"] == ["learning_rate", "num_workers", "seed"] and recorded["seed"] == 0
     args = str(teacher_run / "args.json")
     values = yaml.safe_load(printed(train_teacher.main, ["--config", args], capsys))
-    assert values == {k: v for k, v in recorded.items() if k not in RECORDED_KEYS}
+    assert values == {k: None if k in recorded["derived"] else v for k, v in recorded.items()
+                      if k not in RECORDED_KEYS}
     assert values["lr_decay_epochs"] == [150, 180, 210] and values["synthetic_classes"] == 4
-    # the replay's options are the run's, derived ones included (its folder is the run's)
-    replay = vars(train_teacher.parse_option(["--config", args]))
-    assert replay.pop("print_config") is False  # main leaves it out of a run's options
+    # the replay's options are the run's, derived ones derived again (its folder is the run's)
+    replay = train_teacher.parse_option(["--config", args])
+    assert replay.print_config is False  # main leaves it out of a run's options
+    del replay.print_config
     assert not ONE_INVOCATION & set(recorded)  # acts of one invocation: not recorded, never replayed
-    assert replay == {**{k: v for k, v in recorded.items() if k != "command"}, "overwrite": False, "resume": None}
+    assert recorded_args(vars(replay)) == {k: v for k, v in recorded.items() if k != "command"}
     assert train_teacher.parse_option(["--config", args, "--trial", "1"]).save_path.endswith("_trial_1")
+
+
+@pytest.mark.e2e
+def test_a_replay_as_another_trial_gets_its_own_seed(teacher_run, tmp_path, capsys):
+    """The seed trial 0 derived is not replayed as a setting: trial 1 of the same file gets seed 1
+    and other draws (another history); an explicit --seed is kept, with a warning that the new
+    trial repeats the old one's draws; an earlier version's args.json (no 'derived' list) too."""
+    args = str(teacher_run / "args.json")
+    first = json.loads((teacher_run / "results.json").read_text())
+    capsys.readouterr()
+    values = yaml.safe_load(printed(train_teacher.main, ["--config", args, "--trial", "1"], capsys))
+    assert values["seed"] is None and str(values["trial"]) == "1"
+    second = train_teacher.main(["--config", args, "--trial", "1", "--save_folder", str(tmp_path)])
+    assert (first["seed"], second["seed"]) == (0, 1)
+    assert second["history"][0]["train_loss"] != first["history"][0]["train_loss"]
+    assert "warning" not in capsys.readouterr().err
+    # an earlier version recorded the derived seed as a setting, without a 'derived' list
+    legacy = json.loads((teacher_run / "args.json").read_text())
+    del legacy["derived"]
+    legacy_file = write(tmp_path / "legacy.json", json.dumps(legacy))
+    assert train_teacher.parse_option(["--config", legacy_file, "--trial", "2"]).seed == 2
+    # a seed the run was given stays given: a new trial then repeats its draws, and is told so
+    explicit = {**legacy, "seed": 5, "command": [*legacy["command"], "--seed", "5"]}
+    explicit_file = write(tmp_path / "explicit.json", json.dumps(explicit))
+    capsys.readouterr()
+    assert train_teacher.parse_option(["--config", explicit_file, "--trial", "2"]).seed == 5
+    err = capsys.readouterr().err
+    assert err == (f"warning: --config {explicit_file}: --trial 2 runs with seed 5, the seed of its trial 0, so it "
+                   "repeats that run's draws; give --seed for another one\n")
 
 
 @pytest.mark.e2e
@@ -379,10 +418,11 @@ save_folder: {save}
     recorded = json.loads((folder / "args.json").read_text())
     assert (recorded["nce_k"], recorded["feat_dim"], recorded["max_steps"], recorded["gamma"]) == (16, 8, 2, 1)
     capsys.readouterr()
+    assert recorded["derived"] == ["gamma", "learning_rate", "num_workers", "seed"]
     replay = train_student.parse_option(["--config", str(folder / "args.json")])
     del replay.print_config  # main leaves it out of a run's options
-    assert typed(replay) == typed(argparse.Namespace(**{k: v for k, v in recorded.items() if k != "command"},
-                                                     overwrite=False, resume=None))
+    assert typed(argparse.Namespace(**recorded_args(vars(replay)))) == typed(
+        argparse.Namespace(**{k: v for k, v in recorded.items() if k != "command"}))
     assert save / train_student.run_name(replay, "resnet8") == folder
 
 
@@ -410,3 +450,19 @@ def test_the_usage_example_works_as_written(tmp_path, capsys, monkeypatch):
     bash = re.search(r"```bash\n(.*?)```", section, re.DOTALL).group(1).replace("\\\n", " ")
     argv = shlex.split(bash.splitlines()[1].split(" | ")[0])[2:]
     assert values == yaml.safe_load(printed(train_student.main, argv[:-1], capsys))
+
+
+def test_a_yaml_file_names_the_folder_the_command_line_names(tmp_path):
+    """A number in a YAML file is the flag given on the command line: `r: 1`, `b: 0` name the
+    folder `-r 1 -b 0` names (r:1.0, b:0.0, RepDistiller's spelling); left out, -r is its int 1
+    (r:1), and a flag's own integer default (kd_T: 4) stays an integer."""
+    flags = ["--path_t", TEACHER, "--distill", "kd"]
+    for text, argv, name in [
+        ("r: 1\na: 0.9\nb: 0\nkd_T: 4\n", ["-r", "1", "-a", "0.9", "-b", "0"], "r:1.0_a:0.9_b:0.0"),
+        ("a: 0\nb: 0.8\n", ["-a", "0", "-b", "0.8"], "r:1_a:0.0_b:0.8"),
+    ]:
+        from_file = train_student.parse_option(flags + ["--config", write(tmp_path / "w.yaml", text)])
+        from_flags = train_student.parse_option(flags + argv)
+        assert train_student.run_name(from_file, "resnet32x4") == train_student.run_name(from_flags, "resnet32x4")
+        assert f"_kd_{name}_1" in train_student.run_name(from_file, "resnet32x4")
+        assert type(from_file.kd_T) is int and from_file.kd_T == 4

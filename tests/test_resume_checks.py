@@ -222,3 +222,24 @@ def test_resume_from_elsewhere_never_writes_over_another_run(tmp_path, capsys):
     moved = train_teacher.main(args + ["--save_folder", str(tmp_path / "c"), "--resume", str(elsewhere),
                                        "--max_steps", "0"])
     assert moved["status"] == "finished" and [h["epoch"] for h in moved["history"]] == [1, 2]
+
+
+def test_resume_auto_that_finds_no_run_says_so_and_names_the_closest(student_run, tmp_path, capsys):
+    """--resume auto with a flag that names another folder (-a 0.5) starts a new run, and says
+    so naming the run folders closest to the one it looked in; in an empty folder it says that."""
+    args, save = student_run
+    (existing,) = [p.name for p in save.iterdir()]
+    capsys.readouterr()
+    results = train_student.main(args + ["--save_folder", str(save), "--resume", "auto", "-a", "0.5",
+                                         "--max_steps", "1"])
+    assert results["steps"] == 1 and "resumed" not in results
+    out = capsys.readouterr().out
+    wanted = existing.replace("_a:0.0_", "_a:0.5_")
+    assert (f"note: --resume auto: no run folder {wanted} in {save}, so a new run starts; the closest run folders "
+            f"there: {existing} (give the flags that name one of them to continue it)") in out, out
+    empty = tmp_path / "run"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not a run")
+    from helper.resume import no_run_to_resume
+    assert no_run_to_resume(empty) == f"note: --resume auto: no checkpoint to continue in {empty}; a new run starts there"
+    assert no_run_to_resume(tmp_path / "none") == f"note: --resume auto: no run folder none in {tmp_path}, so a new run starts"

@@ -23,7 +23,7 @@ from helper.argtypes import (FLOAT32_MAX, SHOWN_CHARS, momentum_float, nonfinite
                              nonnegative_int, positive_float, positive_int, shown)
 from helper.declare import add_option_groups
 from helper.errors import UserError
-from helper.logger import ONE_INVOCATION
+from helper.logger import ONE_INVOCATION, derived_options, set_derived
 from helper.optim import OptimOptions
 from helper.runtime import RuntimeOptions
 
@@ -36,7 +36,7 @@ COMMA_LISTS = frozenset({"lr_decay_epochs", "path_t"})
 # records the first four; earlier ones also wrote n_data, num_classes and model_t; print_config
 # is False in a run that a script's parse_option made without its main): a replay ignores them.
 RECORDED_KEYS = frozenset({"arch", "model_name", "save_path", "command", "n_data", "num_classes", "model_t",
-                           "print_config"})
+                           "print_config", "derived"})
 # Flags about the configuration itself: not options of a run, never in a configuration file.
 CONFIG_FLAGS = ("config", "print_config")
 # A configuration file is flat (option: value, a value a scalar or a short list): bounds that no
@@ -154,11 +154,12 @@ def value_text(value: Any, limit: int = 2 * SHOWN_CHARS) -> str:
     return text
 
 
-def config_value(action: argparse.Action, value: Any) -> Any:
+def config_value(action: argparse.Action, value: Any, recorded: bool = False) -> Any:
     """The configuration file's ``value`` for ``action``'s flag, checked and converted as the
     command line converts the flag's text (its ``type=`` function and ``choices``); a switch
     takes ``true``/``false``, ``null`` is accepted where the flag's default is None, and a list
-    where the flag is comma-separated. Raises ValueError with the reason."""
+    where the flag is comma-separated. ``recorded``: the file is a run's args.json, whose
+    integers stay integers (see below). Raises ValueError with the reason."""
     if action.nargs == 0:  # a switch (store_true)
         if not isinstance(value, bool):
             raise ValueError(f"expected true or false (a switch), got {value_text(value)}")
@@ -183,10 +184,12 @@ def config_value(action: argparse.Action, value: Any) -> Any:
         raise ValueError(f"invalid {getattr(parse, '__name__', 'value')} value: {shown(text)}") from None
     if action.choices is not None and result not in action.choices:
         raise ValueError(f"invalid choice: {value_text(result)} (choose from {', '.join(map(repr, action.choices))})")
-    # An integer stays one where the flag takes floats: RepDistiller's own defaults are such ints
-    # (a left-out -r is 1, its folder name 'r:1'; -r 1 gives 1.0, 'r:1.0'), so a run replayed
-    # from args.json or --print_config's output names the same folder.
-    if type(value) is int and isinstance(result, float) and result == value:
+    # A number in a file is the flag given on the command line: `b: 0` is -b 0, 0.0 (folder name
+    # 'b:0.0'), `r: 1` is -r 1, 1.0. An integer stays one only where it is what the run itself
+    # recorded (args.json: a left-out -r is RepDistiller's int 1, folder 'r:1') or the flag's own
+    # integer default (kd_T: 4), which is what leaving the key out gives.
+    if type(value) is int and isinstance(result, float) and result == value and (
+            recorded or (type(action.default) is int and action.default == value)):
         return value
     return result
 
@@ -266,9 +269,10 @@ class Parser(argparse.ArgumentParser):
             by_key.update((flag.lstrip("-"), action) for flag in action.option_strings)
         values: dict[str, Any] = {}
         keys: dict[str, str] = {}
+        rederived = self._rederived(data, where) if recorded else set()
         for key, value in data.items():
             key = str(key)
-            if recorded and key in RECORDED_KEYS:
+            if (recorded and key in RECORDED_KEYS) or key in rederived:
                 continue
             if key in ONE_INVOCATION:  # recorded by earlier versions (args.json, --print_config): never replayed
                 if recorded or value in (None, False):
@@ -287,15 +291,44 @@ class Parser(argparse.ArgumentParser):
                 self.error(f"{where}: '{keys[action.dest]}' and '{key}' both set {'/'.join(action.option_strings)}")
             keys[action.dest] = key
             try:
-                values[action.dest] = config_value(action, value)
+                values[action.dest] = config_value(action, value, recorded)
             except ValueError as err:
                 self.error(f"{where}: {key} ({'/'.join(action.option_strings)}): {err}")
         return values
 
+    def _rederived(self, data: dict[str, Any], where: str) -> set[str]:
+        """The options a run's args.json lists as derived (filled in because they were left
+        out): a replay leaves them out, so that they are derived again (a new ``--trial`` gets its
+        own seed). An args.json of an earlier version has no list: its seed is taken as derived
+        when it is the one its trial gives and its command line did not give ``--seed``. A seed
+        the replay keeps is remembered, to warn when another trial would repeat it."""
+        self._replayed_seed = None
+        listed = data.get("derived")
+        if listed is not None:
+            if not isinstance(listed, list) or not all(isinstance(name, str) for name in listed):
+                self.error(f"{where}: 'derived' is not a list of option names (a run's args.json has one)")
+            names = set(listed)
+        else:
+            command = data.get("command") if isinstance(data.get("command"), list) else []
+            explicit = any(str(arg).split("=")[0] == "--seed" for arg in command)
+            names = set()
+            if "seed" in data and "trial" in data and not explicit:
+                try:
+                    names = {"seed"} if data["seed"] == seed_of_trial(data["trial"]) else set()
+                except (TypeError, ValueError):
+                    names = set()
+        if "seed" not in names and data.get("seed") is not None:
+            self._replayed_seed = (data.get("trial"), data["seed"])
+        return names
+
     def resolved_options(self, opt: argparse.Namespace) -> dict[str, Any]:
         """The values of ``opt`` for this parser's options, in the parser's order: what
-        ``--print_config`` prints and ``--config`` reads back."""
-        return {a.dest: getattr(opt, a.dest) for a in self.option_actions() if hasattr(opt, a.dest)}
+        ``--print_config`` prints and ``--config`` reads back. Derived options (filled in
+        because they were left out, see :func:`helper.logger.set_derived`) are null there: read
+        back, they are derived again, as for the command line that left them out."""
+        derived = derived_options(opt)
+        return {a.dest: None if a.dest in derived else getattr(opt, a.dest)
+                for a in self.option_actions() if hasattr(opt, a.dest)}
 
     def parse_known_args(self, args=None, namespace=None):
         """argparse's parsing, with a ``--config`` file's values in place of the defaults (so
@@ -304,6 +337,7 @@ class Parser(argparse.ArgumentParser):
         checked ``type=`` from :mod:`helper.argtypes` refuse them already; this covers any other)."""
         args = list(sys.argv[1:] if args is None else args)
         given = vars(namespace) if namespace is not None else {}
+        self._replayed_seed = None
         namespace, extras = super().parse_known_args(args, argparse.Namespace(**given))
         path = getattr(namespace, "config", None)
         if path is not None:
@@ -311,6 +345,11 @@ class Parser(argparse.ArgumentParser):
             namespace, extras = super().parse_known_args(args, preset)
             in_order = {a.dest: None for a in self._actions if hasattr(namespace, a.dest)}
             namespace = argparse.Namespace(**{**in_order, **vars(namespace)})  # the parser's order, as without a file
+            replayed = getattr(self, "_replayed_seed", None)
+            if replayed is not None and namespace.seed == replayed[1] and str(namespace.trial) != str(replayed[0]):
+                print(f"warning: --config {path}: --trial {namespace.trial} runs with seed {namespace.seed}, the seed of "
+                      f"its trial {replayed[0]}, so it repeats that run's draws; give --seed for another one",
+                      file=sys.stderr, flush=True)
         if hasattr(namespace, "config"):
             del namespace.config
         flags = {action.dest: "/".join(action.option_strings) for action in self._actions}
@@ -380,6 +419,10 @@ def with_print_config(parse_option: Callable[[list[str] | None], argparse.Namesp
             del opt.print_config
         if printing:
             comments = "".join(f"# {line}\n" for line in notes.getvalue().splitlines())
+            derived = derived_options(opt)
+            if derived:  # printed as null: read back, they are derived again
+                comments += ("# left out, so derived when it runs (null below): "
+                             + ", ".join(f"{name} {value}" for name, value in derived.items()) + "\n")
             sys.stdout.write(comments + config_text(build_parser().resolved_options(opt)))
             sys.stdout.flush()
             raise SystemExit(0)
@@ -443,8 +486,16 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     add_config_args(parser)
 
 
+def seed_of_trial(trial: Any) -> int:
+    """The seed a run gets when ``--seed`` is left out: its ``--trial`` if that is an integer,
+    else the sum of the trial name's character codes."""
+    trial = str(trial)
+    return int(trial) if trial.lstrip("-").isdigit() else sum(map(ord, trial))
+
+
 def finalize_training_args(opt: argparse.Namespace, model_name: str) -> argparse.Namespace:
-    """Check the shared flags and fill in derived values (learning rate, decay epochs, seed, data folder)."""
+    """Check the shared flags and fill in derived values (learning rate, decay epochs, seed, data
+    folder); those filled in because they were left out are recorded as derived (:func:`set_derived`)."""
     if opt.dataset not in DATASETS:
         raise UserError(f"unknown --dataset '{opt.dataset}'; choose one of: {', '.join(DATASETS)}")
     try:
@@ -454,11 +505,10 @@ def finalize_training_args(opt: argparse.Namespace, model_name: str) -> argparse
     if any(e < 0 for e in opt.lr_decay_epochs):
         raise UserError(f"--lr_decay_epochs cannot hold negative epochs, got {opt.lr_decay_epochs}")
     if opt.learning_rate is None:
-        opt.learning_rate = 0.01 if model_name in SMALL_LR_MODELS else 0.05
+        set_derived(opt, "learning_rate", 0.01 if model_name in SMALL_LR_MODELS else 0.05)
     if opt.num_workers is None:
-        opt.num_workers = default_workers(opt.loader, opt.dataset)
+        set_derived(opt, "num_workers", default_workers(opt.loader, opt.dataset))
     if opt.seed is None:
-        trial = str(opt.trial)
-        opt.seed = int(trial) if trial.lstrip("-").isdigit() else sum(map(ord, trial))
+        set_derived(opt, "seed", seed_of_trial(opt.trial))
     opt.save_folder = str(Path(opt.save_folder))
     return opt
