@@ -4,10 +4,11 @@ signal handling and mixed precision. Methods plug in through each :class:`Stage`
 ``train_step``; the loop never names one.
 
 For code written for RepDistiller, its ``train_vanilla(epoch, train_loader, model, criterion,
-optimizer, opt)`` and ``validate(val_loader, model, criterion, opt)`` work on this loop. Its
-``train_distill`` is not provided: it finds each method's modules by position in ``module_list``
-and dispatches on ``opt.distill``; here a method is a Distiller (``distiller_zoo.build_distiller``)
-that ``train_student.py`` trains."""
+optimizer, opt)``, ``validate(val_loader, model, criterion, opt)`` and ``train_distill(epoch,
+train_loader, module_list, criterion_list, optimizer, opt)`` work on this loop; the last is
+:mod:`helper.repdistiller`'s shim for forks of RepDistiller's ``train_student.py`` (it finds a
+method's modules by position and dispatches on ``opt.distill``), which this library's scripts do
+not use."""
 from __future__ import annotations
 
 import contextlib
@@ -32,6 +33,7 @@ from helper.errors import Stopped, UserError
 from helper.logger import RunLog, is_interactive, is_terminal_output
 from helper.meters import accuracy
 from helper.optim import adjust_learning_rate
+from helper.repdistiller import train_distill  # noqa: F401  (RepDistiller's name, for its forks)
 from helper.resume import checkpoint_names, compare_options, run_options
 from helper.runtime import Runtime, rng_state, set_rng_state
 
