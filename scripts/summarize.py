@@ -2,21 +2,36 @@
 
     python scripts/summarize.py save/ [--out DIR] [--paper scripts/paper_tables.md]
                                       [--dataset NAME] [--include_running]
+                                      [--group_by OPT[,OPT...] | --pool OPT[,OPT...]]
 
 Every run of ``train_teacher.py`` and ``train_student.py`` leaves ``results.json`` in its run
 folder (``helper/logger.py``). This script finds them all under the given folder, splits them by
 the data set each run recorded (``dataset`` in results.json, else ``args.dataset``; ``--dataset``
-keeps one), groups each data set's runs by (teacher->student pair, method label) over trials,
-and writes into ``--out`` (default: the scanned folder):
+keeps one), groups each data set's runs by (teacher->student pair, method label) and configuration
+over trials, and writes into ``--out`` (default: the scanned folder):
 
 - ``summary.md``: one section per data set (cifar100 first, then the others by name) with the mean
   ± sample std (ddof=1) over trials of the last-epoch and the best test top-1 and the number of
   trials; for cifar100 also the published number (``scripts/paper_tables.md``) and our last-epoch
   mean minus it; also printed;
 - ``summary.csv``: the same numbers at full precision, one row per (data set, pair, method);
-- ``accuracy_<pair>.png`` (bars of the last-epoch top-1 per method, the paper's value as a black
-  tick) and ``curves_<pair>.png`` (test top-1 per epoch, mean over trials), if matplotlib imports;
+- ``accuracy_<pair>.png`` (bars of the last-epoch top-1 per row on an axis from 0, ± std error
+  bars cut at 0 and 100, the paper's value as a black tick) and ``curves_<pair>.png`` (test top-1
+  per epoch, mean over a row's runs at the epochs all of them have), if matplotlib imports;
   for a data set other than cifar100 ``accuracy_<dataset>_<pair>.png`` and ``curves_<dataset>_<pair>.png``.
+
+A row is one configuration: runs are averaged only if they recorded the same value of every option
+that changes the result (``args`` in results.json, less the trial, the seed and the flags that
+cannot change what a run computes, helper/run_flags.py's FREE_FLAGS, ``--epochs`` excepted), the
+same teacher's weights (their SHA-256, ``teachers``; ``--path_t`` is not compared) and number of
+processes where recorded, and the same status (a finished run is never pooled with an unfinished
+one). Runs of one (pair, method) that differ are rows of their own, each named by what sets it
+apart (``crd+kd (-a 0.5)``), and one line per split says which options split it. An option only
+some of the runs record is not compared (the row says it pooled over it); runs recording no
+options at all are a row of their own. ``--group_by`` names the options that define a row instead
+(``pair,method``: the pair and method alone), ``--pool`` leaves some out; a row that pools runs of
+other values names them (``kd (pooled: --epochs 1/3)``). Linear probes' rows are split the same
+way by their recipe and their network's loss weights and epoch (not by the target set, a column).
 
 Linear probes (``transfer_student.py``, role ``transfer`` in results.json) are left out of that
 table and make the transfer table instead: one section per (source data set, teacher->student
@@ -361,7 +376,8 @@ def load_run(path: Path) -> Run:
                trial=text(data.get("trial"), "trial"), status=status,
                last_acc=last, best_acc=best, curve=curve, selection=selection, role=role,
                source_dataset=text(source.get("dataset"), "source dataset"),
-               settings=run_settings(data, args, source, status, role), options_recorded=isinstance(data.get("args"), dict))
+               settings=run_settings(data, args, source, status, role),
+               options_recorded=isinstance(data.get("args"), dict))
 
 
 # Recorded options that never make two runs different configurations: the trial and seed (what
@@ -526,7 +542,7 @@ def frozen(value):
 
 def order_key(value) -> tuple:
     """Sorts recorded values of mixed types: not recorded, none, booleans, numbers, text, the rest."""
-    value = frozen(value) if value is not UNRECORDED else value
+    value = frozen(value)
     if value is UNRECORDED:
         return (0, 0)
     if value is None:
@@ -554,7 +570,7 @@ def show_value(key: str, value) -> str:
         return NOT_RECORDED
     if key == "teachers" and isinstance(value, list):
         value = [str(v)[:8] for v in value]
-    shown = show(value)
+    shown = re.sub(r"\s+", " ", show(value))   # one line
     return shown if len(shown) <= MAX_SHOWN else shown[:MAX_SHOWN - 1] + "…"
 
 
@@ -601,7 +617,7 @@ def distinct(values) -> list:
     """The different values among ``values`` (compared :func:`frozen`), sorted."""
     seen: dict = {}
     for value in values:
-        seen.setdefault(frozen(value) if value is not UNRECORDED else UNRECORDED, value)
+        seen.setdefault(frozen(value), value)
     return sorted(seen.values(), key=order_key)
 
 
@@ -626,17 +642,17 @@ def split_configurations(runs: list[Run], grouping: Grouping) -> tuple[list[Conf
         keys = sorted((common - grouping.pool) | {STATUS})
     separate_unrecorded = grouping.by is None
 
-    def key_of(run: Run) -> tuple:
-        values = tuple(frozen(value_of(run, k)) if k in run.settings else UNRECORDED for k in keys)
-        return (run.status != "finished", separate_unrecorded and not run.options_recorded, values)
-
     parts: dict[tuple, list[Run]] = defaultdict(list)
     for run in runs:
-        parts[key_of(run)].append(run)
+        unrecorded = separate_unrecorded and not run.options_recorded
+        parts[(unrecorded, tuple(frozen(value_of(run, k)) for k in keys))].append(run)
     members = list(parts.values())
     with_options = [m for m in members if m[0].options_recorded or not separate_unrecorded]
-    differ = [k for k in keys if len(distinct(value_of(m[0], k) for m in
-                                              (with_options if k != STATUS else members))) > 1]
+
+    def values(key: str) -> list:   # the rows' values of an option (the status: of every row)
+        return distinct(value_of(m[0], key) for m in (members if key == STATUS else with_options))
+
+    differ = [k for k in keys if len(values(k)) > 1]
     configurations, notes = [], []
     for part in members:
         if len(members) == 1:
@@ -650,8 +666,7 @@ def split_configurations(runs: list[Run], grouping: Grouping) -> tuple[list[Conf
     configurations.sort(key=lambda c: (c.runs[0].status != "finished", not c.runs[0].options_recorded,
                                        [order_key(value_of(c.runs[0], k)) for k in differ]))
     if len(configurations) > 1:
-        said = "; ".join(f"{option_name(k)} ({describe_values(k, distinct(value_of(m[0], k) for m in (with_options if k != STATUS else members)))})"
-                         for k in differ)
+        said = "; ".join(f"{option_name(k)} ({describe_values(k, values(k))})" for k in differ)
         if separate_unrecorded and len(with_options) < len(members):
             said = "; ".join(filter(None, [said, "whether their results.json records the options"]))
         notes.append(f"{len(configurations)} rows: their runs differ in {said}"
@@ -845,8 +860,8 @@ def write_csv(sections: list[Section], path: Path) -> None:
                 (last_mean, last_std), (best_mean, best_std) = row.last, row.best
                 writer.writerow([csv_cell(v) for v in (section.dataset, row.pair, teacher, student, row.method, row.n,
                                                    last_mean, last_std, best_mean, best_std, row.paper, row.diff,
-                                                   ";".join(r.trial for r in row.runs),
-                                                   describe_setting(row.setting, True), describe_pooled(row.pooled, True))])
+                                                   ";".join(r.trial for r in row.runs), describe_setting(row.setting, True),
+                                                   describe_pooled(row.pooled, True))])
 
 
 # ----------------------------------------------------------------------------- transfer (linear probes)
@@ -1037,8 +1052,16 @@ def bar_chart(rows: list[Row]) -> Bars:
     above = [min(s, 100.0 - m) for m, s in zip(means, spreads)]
     marks = [(i, r.paper) for i, r in enumerate(ran) if r.paper is not None]
     top = max([m + a for m, a in zip(means, above)] + [v for _, v in marks] + [0.0])
-    return Bars([f"{r.name}\n(n={r.n})" for r in ran], means, below, above, marks, (0.0, min(100.0, top + 5.0)),
+    return Bars([tick_label(r) for r in ran], means, below, above, marks, (0.0, min(100.0, top + 5.0)),
                 any(b < s or a < s for b, a, s in zip(below, above, spreads)))
+
+
+def tick_label(row: Row) -> str:
+    """A bar's label: the method, then each option that sets its row apart and what it pools over
+    on a line of its own, then n."""
+    lines = [row.method] + [describe_setting([item]) for item in row.setting]
+    lines += [f"pooled: {describe_pooled([item])}" for item in row.pooled]
+    return "\n".join(lines + [f"(n={row.n})"])
 
 
 def accuracy_figure(pair: str, rows: list[Row], dataset: str = PAPER_DATASET):
@@ -1048,7 +1071,8 @@ def accuracy_figure(pair: str, rows: list[Row], dataset: str = PAPER_DATASET):
 
     bars = bar_chart(rows)
     x = list(range(len(bars.means)))
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(x) + 2), 4))
+    widest = max((len(line) for label in bars.labels for line in label.splitlines()), default=0)
+    fig, ax = plt.subplots(figsize=(max(4.0, len(x) * max(0.8, 0.06 * widest) + 3.5), 4.5))
     ax.bar(x, bars.means, color="tab:blue", alpha=0.8, label="ours (mean of n)")
     spread = [i for i in x if bars.below[i] or bars.above[i]]
     if spread:
@@ -1060,10 +1084,10 @@ def accuracy_figure(pair: str, rows: list[Row], dataset: str = PAPER_DATASET):
         ax.scatter([i for i, _ in bars.marks], [v for _, v in bars.marks], marker="_", s=600, linewidths=2.5,
                    color="black", zorder=3, label="paper")
     ax.set_ylim(*bars.ylim)
-    ax.set_xticks(x, [plot_text(label) for label in bars.labels], rotation=45 if len(x) > 6 else 0, fontsize=8)
-    ax.set_ylabel("last-epoch test top-1 (%), axis from 0")
+    ax.set_xticks(x, [plot_text(label) for label in bars.labels], fontsize=8)
+    ax.set_ylabel("last-epoch test top-1 (%)")
     ax.set_title(plot_text(f"{display_pair(pair)} ({dataset_name(dataset)})"))
-    ax.legend(fontsize=8, loc="upper right", ncol=3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))   # beside the bars, never over them
     fig.tight_layout()
     return fig
 
@@ -1141,7 +1165,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="only runs of this data set (default: every data set, one section each); the "
                         f"paper column is shown for {PAPER_DATASET} only")
     parser.add_argument("--include_running", action="store_true",
-                        help="also count running and interrupted runs (their last logged epoch)")
+                        help="also count running, interrupted and stopped runs (their last logged epoch), in rows "
+                        "of their own")
     parser.add_argument("--no_plots", action="store_true", help="write the tables only")
     rows = parser.add_mutually_exclusive_group()
     rows.add_argument("--group_by", metavar="OPT[,OPT...]",
