@@ -339,6 +339,7 @@ def train(opt, runtime: Runtime) -> dict:
     claim_run_folder(folder, resume=resume, overwrite=opt.overwrite, resume_asked=bool(opt.resume))
     teacher_accs = validate_teachers(parts, runtime)
     run.results["teacher_acc"] = teacher_accs[0] if len(teacher_accs) == 1 else teacher_accs
+    run.results["teachers"] = parts.teacher_digests  # which teachers (scripts/summarize.py: one table row per teacher)
     if not parts.tested:
         run.results["evaluation"] = (f"not tested: the test set has {data.num_classes} classes, the student (as its "
                                      f"teacher) {parts.student_classes}; the last checkpoint is the result: evaluate "

@@ -16,27 +16,12 @@ from helper import distributed
 from helper.errors import UserError
 from helper.files import file_mode, remove_temporaries
 from helper.logger import jsonable
+from helper.run_flags import DESCRIPTIONS, FREE_FLAGS, flag_name, show  # noqa: F401 (also used from here)
 
 try:
     import fcntl
 except ImportError:  # Windows: no flock
     fcntl = None
-
-# Flags that cannot change what a run computes (beyond float rounding): a resume may change
-# them, and results.json records the change. Every other option must stay as it was.
-FREE_FLAGS = frozenset({
-    "print_freq", "tb_freq", "save_freq", "num_workers", "resume", "overwrite", "save_folder", "save_path",
-    "model_name", "data_folder", "download", "device", "deterministic", "compile", "channels_last",
-    "max_steps", "command", "path_t", "dist_timeout", "plain_teacher", "nce_scores", "allow_modified_data",
-    "epochs",  # checked on its own: it may grow with the step schedule
-})
-
-# How the options that are not flags of their own name are shown in messages.
-DESCRIPTIONS = {
-    "gamma": "-r", "alpha": "-a", "beta": "-b", "arch": "the architecture", "n_data": "the training set's size",
-    "num_classes": "the number of classes", "model_t": "the teacher's architecture",
-    "teachers": "the teacher's weights", "world_size": "the number of processes",
-}
 
 
 def run_options(opt, **extra: Any) -> dict[str, Any]:
@@ -45,16 +30,6 @@ def run_options(opt, **extra: Any) -> dict[str, Any]:
     options = {k: v for k, v in vars(opt).items() if not k.startswith("_")}
     options.update(extra)
     return jsonable(options)
-
-
-def flag_name(key: str) -> str:
-    return DESCRIPTIONS.get(key, f"--{key}")
-
-
-def show(value: Any) -> str:
-    if isinstance(value, list):
-        return ",".join(map(str, value)) or "(none)"
-    return str(value)
 
 
 def compare_options(saved: dict[str, Any], current: dict[str, Any], epochs_done: int

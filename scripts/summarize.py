@@ -2,21 +2,36 @@
 
     python scripts/summarize.py save/ [--out DIR] [--paper scripts/paper_tables.md]
                                       [--dataset NAME] [--include_running]
+                                      [--group_by OPT[,OPT...] | --pool OPT[,OPT...]]
 
 Every run of ``train_teacher.py`` and ``train_student.py`` leaves ``results.json`` in its run
 folder (``helper/logger.py``). This script finds them all under the given folder, splits them by
 the data set each run recorded (``dataset`` in results.json, else ``args.dataset``; ``--dataset``
-keeps one), groups each data set's runs by (teacher->student pair, method label) over trials,
-and writes into ``--out`` (default: the scanned folder):
+keeps one), groups each data set's runs by (teacher->student pair, method label) and configuration
+over trials, and writes into ``--out`` (default: the scanned folder):
 
 - ``summary.md``: one section per data set (cifar100 first, then the others by name) with the mean
   ± sample std (ddof=1) over trials of the last-epoch and the best test top-1 and the number of
   trials; for cifar100 also the published number (``scripts/paper_tables.md``) and our last-epoch
   mean minus it; also printed;
 - ``summary.csv``: the same numbers at full precision, one row per (data set, pair, method);
-- ``accuracy_<pair>.png`` (bars of the last-epoch top-1 per method, the paper's value as a black
-  tick) and ``curves_<pair>.png`` (test top-1 per epoch, mean over trials), if matplotlib imports;
+- ``accuracy_<pair>.png`` (bars of the last-epoch top-1 per row on an axis from 0, ± std error
+  bars cut at 0 and 100, the paper's value as a black tick) and ``curves_<pair>.png`` (test top-1
+  per epoch, mean over a row's runs at the epochs all of them have), if matplotlib imports;
   for a data set other than cifar100 ``accuracy_<dataset>_<pair>.png`` and ``curves_<dataset>_<pair>.png``.
+
+A row is one configuration: runs are averaged only if they recorded the same value of every option
+that changes the result (``args`` in results.json, less the trial, the seed and the flags that
+cannot change what a run computes, helper/run_flags.py's FREE_FLAGS, ``--epochs`` excepted), the
+same teacher's weights (their SHA-256, ``teachers``; ``--path_t`` is not compared) and number of
+processes where recorded, and the same status (a finished run is never pooled with an unfinished
+one). Runs of one (pair, method) that differ are rows of their own, each named by what sets it
+apart (``crd+kd (-a 0.5)``), and one line per split says which options split it. An option only
+some of the runs record is not compared (the row says it pooled over it); runs recording no
+options at all are a row of their own. ``--group_by`` names the options that define a row instead
+(``pair,method``: the pair and method alone), ``--pool`` leaves some out; a row that pools runs of
+other values names them (``kd (pooled: --epochs 1/3)``). Linear probes' rows are split the same
+way by their recipe and their network's loss weights and epoch (not by the target set, a column).
 
 Linear probes (``transfer_student.py``, role ``transfer`` in results.json) are left out of that
 table and make the transfer table instead: one section per (source data set, teacher->student
@@ -39,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import difflib
 import json
 import math
 import os
@@ -49,7 +65,10 @@ import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from helper.run_flags import FREE_FLAGS, flag_name, show  # noqa: E402  (plain Python: no torch)
 
 ARROW = "->"                 # our pair spelling (results.json)
 PAPER_ARROW = "→"            # the paper tables' spelling, also used for display
@@ -82,15 +101,28 @@ class Run:
     selection: str = "test"   # how its best epoch was chosen: on the test set, "val" (--val_split), "last" (not tested)
     role: str = ""                             # "transfer" for a linear probe (then dataset is the target set)
     source_dataset: str = ""                   # a probe's: the data set its network was trained on
+    # what makes it the configuration it is (:func:`run_settings`): option -> value as recorded
+    settings: dict[str, Any] = field(default_factory=dict)
+    options_recorded: bool = True              # False: its results.json has no ``args`` (an old record)
 
 
 @dataclass
 class Row:
-    """One line of the summary: a (pair, method) with our statistics and the paper's number."""
+    """One line of the summary: one configuration of a (pair, method), with our statistics and the
+    paper's number. ``setting`` says what sets it apart from the other rows of its (pair, method)
+    (``[("epochs", 3)]``), ``pooled`` which options differ among its runs (``[("epochs", [3, 6])]``):
+    :func:`describe_setting`, :func:`describe_pooled`."""
     pair: str
     method: str
     runs: list[Run]
     paper: float | None = None
+    setting: list[tuple[str, Any]] = field(default_factory=list)
+    pooled: list[tuple[str, Any]] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        """The method with what sets this row apart: ``kd (--epochs 3)``, ``kd (pooled: --epochs 3/6)``."""
+        return row_name(self.method, self.setting, self.pooled)
 
     @property
     def n(self) -> int:
@@ -337,11 +369,51 @@ def load_run(path: Path) -> Run:
         best = max(curve.values())
     source = data.get("source") if isinstance(data.get("source"), dict) else {}
     args = data.get("args") if isinstance(data.get("args"), dict) else {}
+    status = text(data.get("status"), "status") or "unknown"
+    role = text(data.get("role"), "role")
     return Run(path=path, label=label.lower(), pair=pair, model=model or split_pair(pair)[1],
                model_t=model_t, dataset=text(data.get("dataset") or args.get("dataset"), "dataset"),
-               trial=text(data.get("trial"), "trial"), status=text(data.get("status"), "status") or "unknown",
-               last_acc=last, best_acc=best, curve=curve, selection=selection, role=text(data.get("role"), "role"),
-               source_dataset=text(source.get("dataset"), "source dataset"))
+               trial=text(data.get("trial"), "trial"), status=status,
+               last_acc=last, best_acc=best, curve=curve, selection=selection, role=role,
+               source_dataset=text(source.get("dataset"), "source dataset"),
+               settings=run_settings(data, args, source, status, role),
+               options_recorded=isinstance(data.get("args"), dict))
+
+
+# Recorded options that never make two runs different configurations: the trial and seed (what
+# the rows average over), the flags that cannot change what a run computes (helper/run_flags.py's
+# FREE_FLAGS, which a resume may change) but --epochs (a 3-epoch and a 240-epoch run are different
+# rows), and the data set (one section each; a probe's is its target set, a column of its table).
+NOT_SETTINGS = (FREE_FLAGS - {"epochs"}) | {"trial", "seed", "dataset"}
+# ... and for a linear probe also the network it probes (its trials are the probes' trials) and the
+# flags that only say how it runs (as --plain_teacher) or were derived from others
+NOT_PROBE_SETTINGS = NOT_SETTINGS | {"path_s", "source_run", "lr_given", "plain_backbone"}
+# identity a results.json records beside its args: the teachers' weights (SHA-256, train_student.py),
+# the number of processes; a probe's network: its loss weights, checkpoint epoch and classes
+IDENTITY = ("teachers", "world_size")
+SOURCE_IDENTITY = ("epoch", "num_classes")
+STATUS = "status"   # always part of a row's configuration: a finished run is never pooled with an unfinished one
+
+
+def run_settings(data: dict, args: dict, source: dict, status: str, role: str) -> dict[str, Any]:
+    """What makes a run the configuration it is: every recorded option (``args``) but those of
+    :data:`NOT_SETTINGS` (:data:`NOT_PROBE_SETTINGS` for a probe), the :data:`IDENTITY` fields it
+    records, for a probe its network's loss weights and epoch (``source.alpha``, ``source.epoch``),
+    and its status. ValueError for a value nested too deeply to compare."""
+    skip = NOT_PROBE_SETTINGS if role == TRANSFER_ROLE else NOT_SETTINGS
+    settings = {k: v for k, v in args.items() if k not in skip}
+    settings.update({k: data[k] for k in IDENTITY if data.get(k) is not None})
+    if role == TRANSFER_ROLE:
+        weights = source.get("weights") if isinstance(source.get("weights"), dict) else {}
+        settings.update({f"source.{k}": v for k, v in weights.items() if v is not None})
+        settings.update({f"source.{k}": source[k] for k in SOURCE_IDENTITY if source.get(k) is not None})
+    settings[STATUS] = status
+    try:
+        for value in settings.values():
+            frozen(value)
+    except RecursionError:
+        raise ValueError("an option nested too deeply to compare") from None
+    return settings
 
 
 def collect_runs(folder: Path) -> list[Run]:
@@ -418,12 +490,232 @@ def group_runs(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:
         keys += [(p, STUDENT_ROW) for p in pairs if split_pair(p)[1] == run.model]
         for key in keys or [(run.pair, run.label)]:
             groups[key].append(run)
-    for (pair, method), members in groups.items():
-        trials = [r.trial for r in members]
-        if len(set(trials)) < len(trials):
-            warn(f"{display_pair(pair)} {method}: several runs share a trial name ({', '.join(sorted(trials))}); "
-                 "each counts as one trial")
     return dict(groups)
+
+
+def warn_shared_trials(pair: str, name: str, runs: list[Run]) -> None:
+    """Warn when several runs of one row share a trial name (each still counts as one trial)."""
+    trials = [r.trial for r in runs]
+    if len(set(trials)) < len(trials):
+        warn(f"{display_pair(pair)} {name}: several runs share a trial name ({', '.join(sorted(trials))}); "
+             "each counts as one trial")
+
+
+# ----------------------------------------------------------------------------- configurations
+
+
+NOT_RECORDED = "not recorded"
+OPTION_ALIASES = {"r": "gamma", "a": "alpha", "b": "beta"}   # -r/-a/-b, as train_student.py spells them
+ROW_NAMES = {"pair", "method"}                             # always define a row
+MAX_SHOWN = 60                                             # characters of an option's value in a row's name
+
+
+@dataclass(frozen=True)
+class Grouping:
+    """Which recorded options define a row besides the pair and method (and the status, always):
+    ``by`` (``--group_by``; None: every option that changes the result, :func:`run_settings`),
+    less ``pool`` (``--pool``)."""
+    by: frozenset[str] | None = None
+    pool: frozenset[str] = frozenset()
+
+
+class _Missing:
+    """An option a run does not record (sorts first, shows as "not recorded")."""
+    def __repr__(self) -> str:
+        return NOT_RECORDED
+
+
+UNRECORDED = _Missing()
+
+
+def frozen(value):
+    """A recorded value in a form that can be compared and hashed (lists as tuples, objects as
+    sorted item tuples, NaN as text); equal numbers are equal whatever their type (1 == 1.0)."""
+    if isinstance(value, list):
+        return tuple(frozen(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((str(k), frozen(v)) for k, v in value.items()))
+    if isinstance(value, float) and math.isnan(value):
+        return "nan"
+    return value
+
+
+def order_key(value) -> tuple:
+    """Sorts recorded values of mixed types: not recorded, none, booleans, numbers, text, the rest."""
+    value = frozen(value)
+    if value is UNRECORDED:
+        return (0, 0)
+    if value is None:
+        return (1, 0)
+    if isinstance(value, bool):
+        return (2, value)
+    if isinstance(value, (int, float)):
+        return (3, value)
+    return (4, value) if isinstance(value, str) else (5, repr(value))
+
+
+def option_name(key: str) -> str:
+    """How a table names a recorded option: its flag (``--epochs``, ``-a``), a description, or
+    for a probe's network ``the probed network's -a``."""
+    if key == STATUS:
+        return "status"
+    if key.startswith("source."):
+        return f"the probed network's {option_name(key[len('source.'):]).removeprefix('--')}"
+    return flag_name(key)
+
+
+def show_value(key: str, value) -> str:
+    """A recorded value for a row's name: digests cut to 8 characters, long values cut short."""
+    if value is UNRECORDED:
+        return NOT_RECORDED
+    if key == "teachers" and isinstance(value, list):
+        value = [str(v)[:8] for v in value]
+    shown = re.sub(r"\s+", " ", show(value))   # one line
+    return shown if len(shown) <= MAX_SHOWN else shown[:MAX_SHOWN - 1] + "…"
+
+
+OPTIONS = "options"   # in a setting: whether the runs' results.json record their options at all
+
+
+def describe_setting(items: list[tuple[str, Any]], for_csv: bool = False) -> str:
+    """What sets a row apart, for its name (``--epochs 3, -a 0.5``) or the CSV (``epochs=3; alpha=0.5``)."""
+    if for_csv:
+        return "; ".join(f"{k}={NOT_RECORDED if k == OPTIONS else show_value(k, v)}" for k, v in items)
+    return ", ".join(f"options {NOT_RECORDED}" if k == OPTIONS else f"{option_name(k)} {show_value(k, v)}"
+                     for k, v in items)
+
+
+def describe_pooled(items: list[tuple[str, Any]], for_csv: bool = False) -> str:
+    """The options a row pools over with their values (``--epochs 3/6``; CSV: ``epochs=3/6``); for
+    :data:`OPTIONS` the number of its runs that record none."""
+    parts = []
+    for key, values in items:
+        shown = f"{NOT_RECORDED} by {values} run(s)" if key == OPTIONS else "/".join(show_value(key, v) for v in values)
+        parts.append(f"{key}={shown}" if for_csv else f"{'options' if key == OPTIONS else option_name(key)} {shown}")
+    return ("; " if for_csv else ", ").join(parts)
+
+
+def row_name(method: str, setting: list[tuple[str, Any]], pooled: list[tuple[str, Any]]) -> str:
+    """A row's method with what sets it apart and what it pools over."""
+    return (method + (f" ({describe_setting(setting)})" if setting else "")
+            + (f" (pooled: {describe_pooled(pooled)})" if pooled else ""))
+
+
+@dataclass
+class Configuration:
+    """The runs of one row of a (pair, method): ``setting`` and ``pooled`` as in :class:`Row`."""
+    runs: list[Run]
+    setting: list[tuple[str, Any]] = field(default_factory=list)
+    pooled: list[tuple[str, Any]] = field(default_factory=list)
+
+
+def value_of(run: Run, key: str):
+    return run.settings.get(key, UNRECORDED)
+
+
+def distinct(values) -> list:
+    """The different values among ``values`` (compared :func:`frozen`), sorted."""
+    seen: dict = {}
+    for value in values:
+        seen.setdefault(frozen(value), value)
+    return sorted(seen.values(), key=order_key)
+
+
+def describe_values(key: str, values, sep: str = ", ") -> str:
+    return sep.join(show_value(key, v) for v in values)
+
+
+def split_configurations(runs: list[Run], grouping: Grouping) -> tuple[list[Configuration], list[str]]:
+    """The runs of one (pair, method) as rows, one per configuration, and notes saying what split
+    them and what each row pools over.
+
+    A configuration is the value of every option that defines a row (:class:`Grouping`; by
+    default every option the runs record that changes the result, :func:`run_settings`) and the
+    status. By default an option only some of the runs record is not compared (a run recorded by
+    an older version lacks the options added since; the row says it pooled over it), and runs
+    whose results.json records no options at all are a row of their own."""
+    recorded = [r for r in runs if r.options_recorded]
+    if grouping.by is not None:
+        keys = sorted(grouping.by | {STATUS})
+    else:
+        common = set.intersection(*(set(r.settings) for r in recorded)) if recorded else {STATUS}
+        keys = sorted((common - grouping.pool) | {STATUS})
+    separate_unrecorded = grouping.by is None
+
+    parts: dict[tuple, list[Run]] = defaultdict(list)
+    for run in runs:
+        unrecorded = separate_unrecorded and not run.options_recorded
+        parts[(unrecorded, tuple(frozen(value_of(run, k)) for k in keys))].append(run)
+    members = list(parts.values())
+    with_options = [m for m in members if m[0].options_recorded or not separate_unrecorded]
+
+    def values(key: str) -> list:   # the rows' values of an option (the status: of every row)
+        return distinct(value_of(m[0], key) for m in (members if key == STATUS else with_options))
+
+    differ = [k for k in keys if len(values(k)) > 1]
+    configurations, notes = [], []
+    for part in members:
+        if len(members) == 1:
+            setting = []
+        elif part[0].options_recorded or not separate_unrecorded:
+            setting = [(k, value_of(part[0], k)) for k in differ]
+        else:
+            setting = [(OPTIONS, UNRECORDED)] if with_options else []
+            setting += [(STATUS, part[0].status) for k in differ if k == STATUS]
+        configurations.append(Configuration(part, setting, pooled_over(part, keys)))
+    configurations.sort(key=lambda c: (c.runs[0].status != "finished", not c.runs[0].options_recorded,
+                                       [order_key(value_of(c.runs[0], k)) for k in differ]))
+    if len(configurations) > 1:
+        said = "; ".join(f"{option_name(k)} ({describe_values(k, values(k))})" for k in differ)
+        if separate_unrecorded and len(with_options) < len(members):
+            said = "; ".join(filter(None, [said, "whether their results.json records the options"]))
+        notes.append(f"{len(configurations)} rows: their runs differ in {said}"
+                     + (" (--pool or --group_by pools them)" if grouping.by is None else ""))
+    for configuration in configurations:
+        if configuration.pooled:
+            of = f" of {describe_setting(configuration.setting)}" if configuration.setting else ""
+            notes.append(f"{len(configuration.runs)} runs{of} pooled over {describe_pooled(configuration.pooled)}")
+    return configurations, notes
+
+
+def pooled_over(runs: list[Run], keys: list[str]) -> list[tuple[str, Any]]:
+    """The options (not in ``keys``) whose values differ among ``runs``, with their values
+    (``[("epochs", [3, 6])]``), and how many of them record no options at all (:data:`OPTIONS`)."""
+    recorded = [r for r in runs if r.options_recorded]
+    names = sorted({k for r in recorded for k in r.settings} - set(keys))
+    pooled = [(k, values) for k in names if len(values := distinct(value_of(r, k) for r in recorded)) > 1]
+    if recorded and len(recorded) < len(runs):
+        pooled.append((OPTIONS, len(runs) - len(recorded)))
+    return pooled
+
+
+def option_key(name: str) -> str:
+    """The recorded option a ``--group_by``/``--pool`` name stands for: ``epochs``, ``--epochs``,
+    ``-a`` (alpha)."""
+    bare = name.strip().lstrip("-")
+    return OPTION_ALIASES.get(bare, bare) if name.strip().startswith("-") and len(bare) == 1 else bare
+
+
+def parse_grouping(group_by: str | None, pool: str | None, runs: list[Run]) -> Grouping:
+    """The :class:`Grouping` of the command line's ``--group_by``/``--pool`` lists; ValueError
+    (one line) for a name no run records, or for pooling over the status."""
+    known = {k for r in runs for k in r.settings} | set(IDENTITY) | ROW_NAMES
+
+    def names(flag: str, value: str) -> frozenset[str]:
+        keys = [option_key(n) for n in value.split(",") if n.strip()]
+        for key in keys:
+            if key not in known:
+                close = difflib.get_close_matches(key, sorted(known), n=1)
+                raise ValueError(f"{flag} {key}: no run records such an option"
+                                 + (f" (did you mean {close[0]}?)" if close else ""))
+            if key == STATUS and flag == "--pool":
+                raise ValueError("--pool status: a finished run is never pooled with an unfinished one")
+        if not keys:
+            raise ValueError(f"{flag} names no option (e.g. {flag} epochs)")
+        return frozenset(keys) - ROW_NAMES
+
+    return Grouping(by=None if group_by is None else names("--group_by", group_by),
+                    pool=frozenset() if pool is None else names("--pool", pool))
 
 
 def pair_order(pairs: Iterable[str], paper: PaperTable | None) -> list[str]:
@@ -434,17 +726,28 @@ def pair_order(pairs: Iterable[str], paper: PaperTable | None) -> list[str]:
     return known + rest
 
 
-def build_rows(groups: dict[tuple[str, str], list[Run]], paper: PaperTable | None) -> list[Row]:
-    """One row per (pair, method) that we ran or that the paper lists for a pair we ran, in the
-    paper's order (its pairs, then its methods), our other pairs and methods after."""
-    rows = []
+def build_rows(groups: dict[tuple[str, str], list[Run]], paper: PaperTable | None,
+               grouping: Grouping = Grouping(), dataset: str | None = None) -> tuple[list[Row], list[str]]:
+    """One row per configuration (:func:`split_configurations`) of each (pair, method) that we ran,
+    and one per (pair, method) that the paper lists for a pair we ran, in the paper's order (its
+    pairs, then its methods), our other pairs and methods after; and the notes on the splits."""
+    rows, notes = [], []
+    where = f" ({dataset_name(dataset)})" if dataset is not None else ""
     for pair in pair_order((p for p, _ in groups), paper):
         ours = {m for p, m in groups if p == pair}
         order = paper.methods if paper else [TEACHER_ROW, STUDENT_ROW]
         listed = [m for m in order if m in ours or (paper is not None and (pair, m) in paper.values)]
         for method in listed + sorted(ours - set(listed)):
-            rows.append(Row(pair, method, groups.get((pair, method), []), paper_value(paper, pair, method)))
-    return rows
+            value = paper_value(paper, pair, method)
+            if (pair, method) not in groups:
+                rows.append(Row(pair, method, [], value))
+                continue
+            configurations, said = split_configurations(groups[(pair, method)], grouping)
+            notes += [f"{display_pair(pair)} {method}{where}: {line}" for line in said]
+            for c in configurations:
+                rows.append(Row(pair, method, c.runs, value, c.setting, c.pooled))
+                warn_shared_trials(pair, rows[-1].name, c.runs)
+    return rows, notes
 
 
 # ----------------------------------------------------------------------------- statistics and text
@@ -493,7 +796,7 @@ def markdown_table(section: Section) -> list[str]:
     header = ["pair", "method", "n", "last top-1", "best top-1"] + (["paper", "Δ (last − paper)"] if with_paper else [])
     lines = [title, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in section.rows:
-        cells = [md_text(display_pair(row.pair)), md_text(row.method), str(row.n), fmt_mean_std(row.last, row.n),
+        cells = [md_text(display_pair(row.pair)), md_text(row.name), str(row.n), fmt_mean_std(row.last, row.n),
                  fmt_mean_std(row.best, row.n)]
         if with_paper:
             cells += [fmt(row.paper), fmt(row.diff, signed=True)]
@@ -519,7 +822,7 @@ def markdown_document(sections: list[Section], *, folder: Path | str, notes: Ite
 
 
 CSV_FIELDS = ["dataset", "pair", "teacher", "student", "method", "n", "last_mean", "last_std", "best_mean", "best_std",
-              "paper", "diff", "trials"]
+              "paper", "diff", "trials", "setting", "pooled"]
 
 
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")   # what makes a spreadsheet read a cell as a formula (OWASP)
@@ -545,8 +848,9 @@ def csv_writer(f):
 
 
 def write_csv(sections: list[Section], path: Path) -> None:
-    """The summary as CSV, one row per (data set, pair, method), numbers at full precision, empty
-    cells for none (an unknown data set too)."""
+    """The summary as CSV, one row per (data set, pair, method, configuration), numbers at full
+    precision, empty cells for none (an unknown data set too); ``setting`` and ``pooled`` as in
+    :class:`Row`, as ``option=value`` (``epochs=3; alpha=0.5``, ``epochs=3/6``)."""
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv_writer(f)
         writer.writerow(CSV_FIELDS)
@@ -556,7 +860,8 @@ def write_csv(sections: list[Section], path: Path) -> None:
                 (last_mean, last_std), (best_mean, best_std) = row.last, row.best
                 writer.writerow([csv_cell(v) for v in (section.dataset, row.pair, teacher, student, row.method, row.n,
                                                    last_mean, last_std, best_mean, best_std, row.paper, row.diff,
-                                                   ";".join(r.trial for r in row.runs))])
+                                                   ";".join(r.trial for r in row.runs), describe_setting(row.setting, True),
+                                                   describe_pooled(row.pooled, True))])
 
 
 # ----------------------------------------------------------------------------- transfer (linear probes)
@@ -566,10 +871,18 @@ TRANSFER_ROLE = "transfer"
 
 @dataclass
 class TransferRow:
-    """One method of a transfer table: its probes by target set, and the published numbers."""
+    """One configuration of a method of a transfer table (the probes' recipe and their network's
+    loss weights and epoch, :func:`split_configurations`): its probes by target set, and the
+    published numbers; ``setting`` and ``pooled`` as in :class:`Row`."""
     method: str
     runs: dict[str, list[Run]]                  # target set -> probes (over trials)
     paper: dict[str, float | None]              # target set -> published top-1
+    setting: list[tuple[str, Any]] = field(default_factory=list)
+    pooled: list[tuple[str, Any]] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return row_name(self.method, self.setting, self.pooled)
 
 
 @dataclass
@@ -580,15 +893,17 @@ class TransferTable:
     targets: list[str]
     rows: list[TransferRow]
     with_paper: bool
+    notes: list[str] = field(default_factory=list)   # what split its methods' rows, what they pool over
 
 
-def group_transfer(runs: list[Run], paper: PaperTable | None) -> list[TransferTable]:
-    """The probes by (source data set, pair) and then (method, target): a probe of a distilled
-    network goes to its own pair and label; a probe of a vanilla network of model M to the
-    ``teacher`` row of every pair (of the probes' and the paper's, for the same source set) whose
-    teacher is M and to the ``student`` row of every pair whose student is M, or to its own
-    (M, "vanilla") row if none. Published numbers only for the paper's source set (cifar100)."""
-    cells: dict[tuple[str, str], dict[str, dict[str, list[Run]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+def group_transfer(runs: list[Run], paper: PaperTable | None, grouping: Grouping = Grouping()) -> list[TransferTable]:
+    """The probes by (source data set, pair), then by method and configuration (a row each:
+    :func:`split_configurations`, the target set left out: it is the column), then by target: a
+    probe of a distilled network goes to its own pair and label; a probe of a vanilla network of
+    model M to the ``teacher`` row of every pair (of the probes' and the paper's, for the same
+    source set) whose teacher is M and to the ``student`` row of every pair whose student is M, or
+    to its own (M, "vanilla") row if none. Published numbers only for the paper's source set (cifar100)."""
+    cells: dict[tuple[str, str], dict[str, list[Run]]] = defaultdict(lambda: defaultdict(list))
     paper_pairs = sorted({p for p, _, _ in (paper.transfer if paper else {})})
     for source in sorted({r.source_dataset for r in runs}):
         members = [r for r in runs if r.source_dataset == source]
@@ -600,20 +915,31 @@ def group_transfer(runs: list[Run], paper: PaperTable | None) -> list[TransferTa
                 keys = [(p, TEACHER_ROW) for p in pairs if split_pair(p)[0] == run.model]
                 keys += [(p, STUDENT_ROW) for p in pairs if split_pair(p)[1] == run.model]
             for pair, method in keys or [(run.pair, run.label)]:
-                cells[(source, pair)][method][run.dataset].append(run)
+                cells[(source, pair)][method].append(run)
     tables = []
     for (source, pair) in sorted(cells, key=lambda k: (k[0] != PAPER_DATASET, k[0], ARROW not in k[1], k[1])):
         by_method = cells[(source, pair)]
         published = {(m, t): v for (p, m, t), v in (paper.transfer if paper else {}).items()
                      if p == pair and source == PAPER_DATASET}
-        ran_targets = {t for targets in by_method.values() for t in targets}
+        ran_targets = {r.dataset for probes in by_method.values() for r in probes}
         paper_targets = [t for t in (paper.targets if paper else []) if any(k[1] == t for k in published)]
         targets = paper_targets + sorted(ran_targets - set(paper_targets))
         paper_methods = list(dict.fromkeys(m for m, _ in published))
         methods = paper_methods + sorted(set(by_method) - set(paper_methods))
-        rows = [TransferRow(m, {t: by_method.get(m, {}).get(t, []) for t in targets},
-                            {t: published.get((m, t)) for t in targets}) for m in methods]
-        tables.append(TransferTable(source, pair, targets, rows, bool(published)))
+        rows, notes = [], []
+        for m in methods:
+            published_row = {t: published.get((m, t)) for t in targets}
+            if m not in by_method:
+                rows.append(TransferRow(m, {t: [] for t in targets}, published_row))
+                continue
+            configurations, said = split_configurations(by_method[m], grouping)
+            notes += [f"transfer {display_pair(pair)} {m} (trained on {dataset_name(source)}): {line}" for line in said]
+            for c in configurations:
+                rows.append(TransferRow(m, {t: [r for r in c.runs if r.dataset == t] for t in targets}, published_row,
+                                        c.setting, c.pooled))
+                for t in targets:
+                    warn_shared_trials(pair, f"{rows[-1].name} on {t}", rows[-1].runs[t])
+        tables.append(TransferTable(source, pair, targets, rows, bool(published), notes))
     return tables
 
 
@@ -633,7 +959,7 @@ def transfer_markdown(tables: list[TransferTable], paper_source: str | None) -> 
             header += [f"{md_text(target)} (n)"] + (["paper", "Δ"] if table.with_paper else [])
         lines += ["", title, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in table.rows:
-            cells = [md_text(row.method)]
+            cells = [md_text(row.name)]
             for target in table.targets:
                 runs = row.runs[target]
                 stats = mean_std(r.last_acc for r in runs)
@@ -647,11 +973,11 @@ def transfer_markdown(tables: list[TransferTable], paper_source: str | None) -> 
 
 
 TRANSFER_CSV_FIELDS = ["source_dataset", "pair", "teacher", "student", "method", "target", "n", "last_mean", "last_std",
-                       "best_mean", "best_std", "paper", "diff", "trials"]
+                       "best_mean", "best_std", "paper", "diff", "trials", "setting", "pooled"]
 
 
 def write_transfer_csv(tables: list[TransferTable], path: Path) -> None:
-    """The transfer tables as CSV, one row per (source data set, pair, method, target set)."""
+    """The transfer tables as CSV, one row per (source data set, pair, method, configuration, target set)."""
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv_writer(f)
         writer.writerow(TRANSFER_CSV_FIELDS)
@@ -666,7 +992,9 @@ def write_transfer_csv(tables: list[TransferTable], path: Path) -> None:
                     diff = None if last_mean is None or paper is None else last_mean - paper
                     writer.writerow([csv_cell(v) for v in (table.source_dataset, table.pair, teacher, student, row.method,
                                                        target, len(runs), last_mean, last_std, best_mean, best_std,
-                                                       paper, diff, ";".join(r.trial for r in runs))])
+                                                       paper, diff, ";".join(r.trial for r in runs),
+                                                       describe_setting(row.setting, True),
+                                                       describe_pooled(row.pooled, True))])
 
 
 # ----------------------------------------------------------------------------- plots
@@ -683,10 +1011,15 @@ def plot_text(value: str) -> str:
     return value.replace("$", r"\$")
 
 
-def mean_curve(runs: list[Run]) -> tuple[list[int], list[float]]:
-    """Test top-1 per epoch averaged over the runs that reached that epoch."""
-    epochs = sorted({e for r in runs for e in r.curve})
-    return epochs, [statistics.fmean(r.curve[e] for r in runs if e in r.curve) for e in epochs]
+def mean_curve(runs: list[Run]) -> tuple[list[int], list[float], bool]:
+    """Test top-1 per epoch averaged over the runs with a history, at the epochs every one of them
+    has (a run cut short ends the curve at its last epoch), and whether some run had more epochs."""
+    curves = [r.curve for r in runs if r.curve]
+    if not curves:
+        return [], [], False
+    epochs = sorted(set.intersection(*(set(c) for c in curves)))
+    cut = any(len(c) > len(epochs) for c in curves)
+    return epochs, [statistics.fmean(c[e] for c in curves) for e in epochs], cut
 
 
 def plot_stem(dataset: str, pair: str) -> str:
@@ -694,54 +1027,106 @@ def plot_stem(dataset: str, pair: str) -> str:
     return safe_name(pair) if dataset == PAPER_DATASET else f"{safe_name(dataset_name(dataset))}_{safe_name(pair)}"
 
 
-def plot_pair(pair: str, rows: list[Row], out: Path, dataset: str = PAPER_DATASET) -> list[Path]:
-    """``accuracy_<stem>.png`` (bars with std error bars, paper values as black ticks) and
-    ``curves_<stem>.png`` (mean test top-1 per epoch per method) for one pair's rows of ``dataset``
-    (the stem: :func:`plot_stem`)."""
+@dataclass
+class Bars:
+    """What the accuracy chart of a pair draws: per row with runs its tick label, mean last-epoch
+    top-1 and error bar below and above (the std over trials, cut at 0 and 100; 0 for one trial),
+    the paper's values as ``(position, value)``, the y range (from 0) and whether a bar was cut."""
+    labels: list[str]
+    means: list[float]
+    below: list[float]
+    above: list[float]
+    marks: list[tuple[int, float]]
+    ylim: tuple[float, float]
+    clipped: bool
+
+
+def bar_chart(rows: list[Row]) -> Bars:
+    """The numbers of a pair's accuracy chart (:class:`Bars`): the axis starts at 0 and reaches 5
+    points above the highest bar, error bar or paper value (at most 100); an error bar is cut to
+    stay within [0, 100]."""
+    ran = [r for r in rows if r.n and r.last[0] is not None]
+    means = [r.last[0] for r in ran]
+    spreads = [r.last[1] or 0.0 for r in ran]
+    below = [min(s, m) for m, s in zip(means, spreads)]
+    above = [min(s, 100.0 - m) for m, s in zip(means, spreads)]
+    marks = [(i, r.paper) for i, r in enumerate(ran) if r.paper is not None]
+    top = max([m + a for m, a in zip(means, above)] + [v for _, v in marks] + [0.0])
+    return Bars([tick_label(r) for r in ran], means, below, above, marks, (0.0, min(100.0, top + 5.0)),
+                any(b < s or a < s for b, a, s in zip(below, above, spreads)))
+
+
+def tick_label(row: Row) -> str:
+    """A bar's label: the method, then each option that sets its row apart and what it pools over
+    on a line of its own, then n."""
+    lines = [row.method] + [describe_setting([item]) for item in row.setting]
+    lines += [f"pooled: {describe_pooled([item])}" for item in row.pooled]
+    return "\n".join(lines + [f"(n={row.n})"])
+
+
+def accuracy_figure(pair: str, rows: list[Row], dataset: str = PAPER_DATASET):
+    """The bar chart of one pair's rows (:func:`bar_chart`): bars of the mean last-epoch top-1 with
+    std error bars, the paper's values as black ticks. Returns the matplotlib Figure (not saved)."""
+    import matplotlib.pyplot as plt
+
+    bars = bar_chart(rows)
+    x = list(range(len(bars.means)))
+    widest = max((len(line) for label in bars.labels for line in label.splitlines()), default=0)
+    fig, ax = plt.subplots(figsize=(max(4.0, len(x) * max(0.8, 0.06 * widest) + 3.5), 4.5))
+    ax.bar(x, bars.means, color="tab:blue", alpha=0.8, label="ours (mean of n)")
+    spread = [i for i in x if bars.below[i] or bars.above[i]]
+    if spread:
+        ax.errorbar(spread, [bars.means[i] for i in spread],
+                    yerr=[[bars.below[i] for i in spread], [bars.above[i] for i in spread]], fmt="none",
+                    ecolor="dimgray", capsize=4,
+                    label="± std over trials" + (" (cut at 0/100)" if bars.clipped else ""))
+    if bars.marks:
+        ax.scatter([i for i, _ in bars.marks], [v for _, v in bars.marks], marker="_", s=600, linewidths=2.5,
+                   color="black", zorder=3, label="paper")
+    ax.set_ylim(*bars.ylim)
+    ax.set_xticks(x, [plot_text(label) for label in bars.labels], fontsize=8)
+    ax.set_ylabel("last-epoch test top-1 (%)")
+    ax.set_title(plot_text(f"{display_pair(pair)} ({dataset_name(dataset)})"))
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))   # beside the bars, never over them
+    fig.tight_layout()
+    return fig
+
+
+def curves_figure(pair: str, rows: list[Row], dataset: str = PAPER_DATASET):
+    """The training curves of one pair's rows: per row the mean test top-1 per epoch over its runs,
+    at the epochs all of them have (:func:`mean_curve`). Returns the matplotlib Figure (not saved)."""
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    ran = [r for r in rows if r.n]
-    written = []
-    x = list(range(len(ran)))
-    means = [r.last[0] for r in ran]
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(ran) + 2), 4))
-    ax.bar(x, means, color="tab:blue", alpha=0.8, label="ours (mean of n)")
-    spread = [(i, r.last) for i, r in enumerate(ran) if r.last[1] is not None]
-    if spread:
-        ax.errorbar([i for i, _ in spread], [m for _, (m, _) in spread], yerr=[s for _, (_, s) in spread],
-                    fmt="none", ecolor="dimgray", capsize=4, label="± std over trials")
-    marks = [(i, r.paper) for i, r in enumerate(ran) if r.paper is not None]
-    if marks:
-        ax.scatter([i for i, _ in marks], [v for _, v in marks], marker="_", s=600, linewidths=2.5,
-                   color="black", zorder=3, label="paper")
-    values = means + [v for _, v in marks]
-    ax.set_ylim(max(0.0, min(values) - 5), min(100.0, max(values) + 5))
-    ax.set_xticks(x, [f"{plot_text(r.method)}\n(n={r.n})" for r in ran], rotation=45 if len(ran) > 6 else 0, fontsize=8)
-    ax.set_ylabel("last-epoch test top-1 (%)")
-    title = plot_text(f"{display_pair(pair)} ({dataset_name(dataset)})")
-    ax.set_title(title)
-    ax.legend(fontsize=8, loc="upper right", ncol=3)
-    fig.tight_layout()
-    written.append(out / f"accuracy_{plot_stem(dataset, pair)}.png")
-    fig.savefig(written[-1], dpi=100)
-    plt.close(fig)
-
     fig, ax = plt.subplots(figsize=(6, 4))
-    for row in ran:
-        epochs, accs = mean_curve(row.runs)
+    for row in rows:
+        epochs, accs, cut = mean_curve(row.runs)
         if epochs:
+            n = sum(1 for r in row.runs if r.curve)
             ax.plot(epochs, accs, marker="." if len(epochs) < 30 else None,
-                    label=f"{plot_text(row.method)} (n={row.n})")
+                    label=plot_text(f"{row.name} (n={n}{', epochs all runs have' if cut else ''})"))
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("test top-1 (%), mean over trials")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.set_title(plot_text(f"{display_pair(pair)} ({dataset_name(dataset)})"))
+    if ax.lines:
+        ax.legend(fontsize=8)
     fig.tight_layout()
-    written.append(out / f"curves_{plot_stem(dataset, pair)}.png")
-    fig.savefig(written[-1], dpi=100)
-    plt.close(fig)
+    return fig
+
+
+def plot_pair(pair: str, rows: list[Row], out: Path, dataset: str = PAPER_DATASET) -> list[Path]:
+    """``accuracy_<stem>.png`` (:func:`accuracy_figure`) and ``curves_<stem>.png``
+    (:func:`curves_figure`) for one pair's rows of ``dataset`` (the stem: :func:`plot_stem`)."""
+    import matplotlib.pyplot as plt
+
+    ran = [r for r in rows if r.n]
+    written = []
+    for kind, make in (("accuracy", accuracy_figure), ("curves", curves_figure)):
+        fig = make(pair, ran, dataset)
+        written.append(out / f"{kind}_{plot_stem(dataset, pair)}.png")
+        fig.savefig(written[-1], dpi=100)
+        plt.close(fig)
     return written
 
 
@@ -780,8 +1165,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="only runs of this data set (default: every data set, one section each); the "
                         f"paper column is shown for {PAPER_DATASET} only")
     parser.add_argument("--include_running", action="store_true",
-                        help="also count running and interrupted runs (their last logged epoch)")
+                        help="also count running, interrupted and stopped runs (their last logged epoch), in rows "
+                        "of their own")
     parser.add_argument("--no_plots", action="store_true", help="write the tables only")
+    rows = parser.add_mutually_exclusive_group()
+    rows.add_argument("--group_by", metavar="OPT[,OPT...]",
+                      help="the options that define a row besides the pair and method, as recorded in results.json "
+                      "args (epochs, synthetic_classes, alpha or -a, teachers, ...): runs that differ only in others "
+                      "are pooled into one row, which names the options it pooled over; 'pair,method' pools every "
+                      "configuration of a method. Default: every option that changes the result, apart from the "
+                      "trial and seed (one row per configuration). Finished and unfinished runs are never pooled")
+    rows.add_argument("--pool", metavar="OPT[,OPT...]",
+                      help="pool runs that differ only in these options (e.g. --pool teachers: students of "
+                      "different teachers' weights in one row); the row names them")
     return parser.parse_args(argv)
 
 
@@ -803,13 +1199,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no {'' if args.include_running else 'finished '}runs{of} under "
               f"{args.folder} ({len(runs)} results.json read)" + "".join(f"; {n}" for n in notes), file=sys.stderr)
         return 1
+    try:
+        grouping = parse_grouping(args.group_by, args.pool, kept + probes)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     split = split_by_dataset(kept)
     wants_paper = PAPER_DATASET in split or any(r.source_dataset == PAPER_DATASET for r in probes)
     paper = load_paper(args.paper) if wants_paper else None
     source = None if paper is None else "scripts/paper_tables.md" if args.paper == DEFAULT_PAPER else str(args.paper)
-    sections = [Section(dataset, build_rows(group_runs(members), paper if dataset == PAPER_DATASET else None),
-                        source if dataset == PAPER_DATASET else None, len(members))
-                for dataset, members in split.items()]
+    sections, row_notes = [], []
+    for dataset, members in split.items():
+        rows, said = build_rows(group_runs(members), paper if dataset == PAPER_DATASET else None, grouping, dataset)
+        sections.append(Section(dataset, rows, source if dataset == PAPER_DATASET else None, len(members)))
+        row_notes += said
+    transfer = group_transfer(probes, paper, grouping)
+    row_notes += [note for table in transfer for note in table.notes]
 
     out = args.out or args.folder
     out.mkdir(parents=True, exist_ok=True)
@@ -817,8 +1222,8 @@ def main(argv: list[str] | None = None) -> int:
     notes.insert(0, f"{len(kept)} run(s) counted from {args.folder} ({counts})")
     if probes:
         notes.insert(1, f"{len(probes)} linear probe(s) counted (transfer tables; transfer.csv)")
+    notes += row_notes
     text = markdown_document(sections, folder=args.folder, notes=notes)
-    transfer = group_transfer(probes, paper)
     if transfer:
         text += "\n".join(transfer_markdown(transfer, source)) + "\n"
         write_transfer_csv(transfer, out / "transfer.csv")

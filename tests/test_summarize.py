@@ -24,8 +24,10 @@ KD_LAST = [73.1, 73.6]
 
 
 def write_run(folder: Path, *, label: str, model: str, model_t: str | None, trial: int, last: float,
-              best: float, status: str = "finished", dataset: str = "cifar100", epochs: int = 3) -> None:
-    """A results.json as helper/logger.py writes it, with a history that ends at ``last``."""
+              best: float, status: str = "finished", dataset: str = "cifar100", epochs: int = 3,
+              args: dict | None = None, **fields) -> None:
+    """A results.json as helper/logger.py writes it, with a history that ends at ``last``; ``args``
+    (the recorded options; none by default, as in records older than them) and other ``fields``."""
     role = "student" if model_t else "teacher"
     name = f"S:{model}_T:{model_t}_{dataset}_{label}_{trial}" if model_t else f"{model}_{dataset}_trial_{trial}"
     history = [{"epoch": e, "test_acc": last - 2.0 * (epochs - e), "test_acc_top5": 95.0, "train_loss": 1.0 / e}
@@ -34,7 +36,9 @@ def write_run(folder: Path, *, label: str, model: str, model_t: str | None, tria
             "model": model, "model_t": model_t, "pair": f"{model_t}->{model}" if model_t else model,
             "dataset": dataset, "trial": str(trial), "seed": trial, "status": status, "history": history,
             "last_acc": last, "best_acc": best, "last_acc_top5": 95.0, "best_acc_top5": 95.0,
-            "wall_time_s": 1.0, "images_per_s": 100.0, "commit": None, "device": "cpu"}
+            "wall_time_s": 1.0, "images_per_s": 100.0, "commit": None, "device": "cpu", **fields}
+    if args is not None:
+        data["args"] = {"epochs": epochs, "trial": trial, "seed": trial, "dataset": dataset, **args}
     (folder / name).mkdir(parents=True)
     (folder / name / "results.json").write_text(json.dumps(data))
 
@@ -204,7 +208,9 @@ def test_dataset_filter_and_running(runs_dir, tmp_path):
     assert "1 run(s) of another data set left out (synthetic; see --dataset)" in md
     assert summarize.main([str(runs_dir), "--out", str(tmp_path / "all"), "--include_running", "--no_plots"]) == 0
     md = (tmp_path / "all" / "summary.md").read_text()
-    assert md_row(md_section(md, "cifar100"), PAIR, "crd")[2] == "4"
+    # a finished run is never pooled with an unfinished one: the running run is a row of its own
+    assert md_row(md_section(md, "cifar100"), PAIR, "crd (status finished)")[2:4] == ["3", "75.50 ± 0.50"]
+    assert md_row(md_section(md, "cifar100"), PAIR, "crd (status running)")[2:4] == ["1", "10.00 ± –"]
     assert summarize.main([str(runs_dir), "--out", str(tmp_path / "none"), "--dataset", "imagenet"]) == 1
 
 
@@ -381,3 +387,205 @@ def test_text_cells_are_neutralised_in_csv_and_markdown(tmp_path):
     assert ",1,73.0,\"\",73.5," in kd and float(rows["kd"]["diff"]) < 0 and ",-0.3" in kd   # numbers stay bare
     md = (tmp_path / "out" / "summary.md").read_text()
     assert "| resnet14→resnet8 | a\\|b c | 1 |" in md and "| resnet14→resnet8 | =1+2 | 1 |" in md
+
+
+# ----------------------------------------------------------------------------- one row per configuration
+
+PAIR_T = "resnet14->resnet8"   # the teacher rows are the vanilla resnet14 runs
+TEACHER_ARGS = {"model": "resnet14", "synthetic_classes": 100, "learning_rate": 0.05, "print_freq": 100,
+                "save_folder": "save/models", "num_workers": 0, "device": "auto", "command": ["--epochs", "6"]}
+STUDENT_ARGS = {"model_s": "resnet8", "distill": "crd", "gamma": 1.0, "alpha": 1.0, "beta": 0.8, "nce_k": 4096,
+                "synthetic_classes": 100, "path_t": "save/demo/teacher/resnet14_last.pth", "save_folder": "save"}
+
+
+@pytest.fixture(scope="module")
+def configurations_dir(tmp_path_factory) -> Path:
+    """The issue's examples: three resnet14 teachers of other class counts and epochs, CRD+KD at
+    -a 1 (3 trials, from two teacher files with the same weights) and a -a 0.5 smoke run, a KD run
+    that records no options (an old record), and a KD run recording an option the others do not."""
+    root = tmp_path_factory.mktemp("configs")
+    teachers = [("demo", 6, 100, 72.35), ("transfer", 5, 20, 20.0), ("try", 3, 100, 9.5)]
+    for folder, epochs, classes, last in teachers:
+        write_run(root / folder, label="vanilla", model="resnet14", model_t=None, trial=0, last=last, best=last,
+                  dataset="synthetic", epochs=epochs, args={**TEACHER_ARGS, "synthetic_classes": classes,
+                                                            "save_folder": f"save/{folder}"})
+    for trial, last in zip((1, 2, 3), (57.0, 58.0, 59.0)):   # trials differ in trial, seed and free flags only
+        write_run(root / "crdkd", label="crd+kd", model="resnet8", model_t="resnet14", trial=trial, last=last,
+                  best=last, dataset="synthetic", teachers=["ab" * 32],
+                  args={**STUDENT_ARGS, "num_workers": trial, "path_t": f"copy{trial}/resnet14_last.pth"})
+    write_run(root / "smoke", label="crd+kd", model="resnet8", model_t="resnet14", trial=0, last=30.0, best=31.0,
+              dataset="synthetic", teachers=["ab" * 32], args={**STUDENT_ARGS, "alpha": 0.5})
+    write_run(root / "kd_old", label="kd", model="resnet8", model_t="resnet14", trial=0, last=50.0, best=50.0,
+              dataset="synthetic")
+    for trial, extra in ((1, {}), (2, {"new_option": 3})):
+        write_run(root / "kd", label="kd", model="resnet8", model_t="resnet14", trial=trial, last=52.0 + trial,
+                  best=54.0, dataset="synthetic", args={**STUDENT_ARGS, "distill": "kd", **extra})
+    return root
+
+
+def summarize_into(folder: Path, out: Path, *flags: str) -> tuple[str, dict]:
+    """Run the summary of ``folder`` into ``out``: summary.md and the CSV rows by (pair, method, setting)."""
+    assert summarize.main([str(folder), "--out", str(out), "--no_plots", *flags]) == 0
+    with open(out / "summary.csv", newline="") as f:
+        rows = {(r["pair"], r["method"], r["setting"]): r for r in csv.DictReader(f)}
+    return (out / "summary.md").read_text(), rows
+
+
+def test_runs_of_other_configurations_are_rows_of_their_own(configurations_dir, tmp_path, capsys):
+    md, rows = summarize_into(configurations_dir, tmp_path)
+    printed = capsys.readouterr().out
+    # the issue's row "33.94 ± 23.80" pooled three teachers: now one row each, named by what differs
+    assert md_row(md, PAIR_T, "teacher (--epochs 3, --synthetic_classes 100)")[2:4] == ["1", "9.50 ± –"]
+    assert md_row(md, PAIR_T, "teacher (--epochs 5, --synthetic_classes 20)")[2:4] == ["1", "20.00 ± –"]
+    assert md_row(md, PAIR_T, "teacher (--epochs 6, --synthetic_classes 100)")[2:4] == ["1", "72.35 ± –"]
+    note = ("- resnet14→resnet8 teacher (synthetic): 3 rows: their runs differ in --epochs (3, 5, 6); --synthetic_classes "
+            "(20, 100) (--pool or --group_by pools them)")
+    assert note in md.splitlines() and note in printed.splitlines()
+    # the -a 0.5 smoke run is not averaged with CRD+KD; trials (trial, seed, --num_workers, --path_t) are
+    pair = PAIR_T
+    assert md_row(md, pair, "crd+kd (-a 1.0)")[2:4] == ["3", "58.00 ± 1.00"]
+    assert md_row(md, pair, "crd+kd (-a 0.5)")[2:4] == ["1", "30.00 ± –"]
+    assert "- resnet14→resnet8 crd+kd (synthetic): 2 rows: their runs differ in -a (0.5, 1.0) (--pool" in md
+    # a record without options is a row of its own; an option only some runs record is pooled over, and said
+    assert md_row(md, pair, "kd (options not recorded)")[2:4] == ["1", "50.00 ± –"]
+    assert md_row(md, pair, "kd (pooled: --new_option not recorded/3)")[2:4] == ["2", "53.50 ± 0.71"]
+    assert "- resnet14→resnet8 kd (synthetic): 2 runs pooled over --new_option not recorded/3" in md
+    crd = rows[(pair, "crd+kd", "alpha=1.0")]
+    assert crd["n"] == "3" and crd["trials"] == "1;2;3" and crd["pooled"] == "" and float(crd["last_mean"]) == 58.0
+    assert rows[(pair, "kd", "")]["pooled"] == "new_option=not recorded/3"   # CSV: option=value
+    assert rows[(pair, "kd", "options=not recorded")]["n"] == "1"
+    assert {k[2] for k in rows if k[1] == "teacher"} == {"epochs=3; synthetic_classes=100",
+                                                        "epochs=5; synthetic_classes=20",
+                                                        "epochs=6; synthetic_classes=100"}
+
+
+def test_other_teacher_weights_and_epochs_split_rows(configurations_dir, tmp_path):
+    root = tmp_path / "save"
+    subprocess.run(["cp", "-r", str(configurations_dir / "crdkd"), str(root)], check=True)
+    write_run(root / "other", label="crd+kd", model="resnet8", model_t="resnet14", trial=4, last=40.0, best=40.0,
+              dataset="synthetic", teachers=["cd" * 32], args=STUDENT_ARGS)
+    write_run(root / "short", label="crd+kd", model="resnet8", model_t="resnet14", trial=1, last=20.0, best=20.0,
+              dataset="synthetic", teachers=["ab" * 32], args=STUDENT_ARGS, epochs=1)
+    md, _ = summarize_into(root, tmp_path / "out")
+    pair = PAIR_T
+    assert md_row(md, pair, "crd+kd (--epochs 1, the teacher's weights abababab)")[2:4] == ["1", "20.00 ± –"]
+    assert md_row(md, pair, "crd+kd (--epochs 3, the teacher's weights abababab)")[2:4] == ["3", "58.00 ± 1.00"]
+    assert md_row(md, pair, "crd+kd (--epochs 3, the teacher's weights cdcdcdcd)")[2:4] == ["1", "40.00 ± –"]
+    md, _ = summarize_into(root, tmp_path / "pooled", "--pool", "teachers")
+    assert md_row(md, pair, "crd+kd (--epochs 3) (pooled: the teacher's weights abababab/cdcdcdcd)")[2:4] == [
+        "4", f"53.50 ± {statistics.stdev([57.0, 58.0, 59.0, 40.0]):.2f}"]
+
+
+def test_group_by_pools_rows_and_names_what_it_pooled(configurations_dir, tmp_path):
+    md, rows = summarize_into(configurations_dir, tmp_path / "pm", "--group_by", "pair,method")
+    cells = md_row(md, PAIR_T, "teacher (pooled: --epochs 3/5/6, --synthetic_classes 20/100)")
+    assert cells[2:4] == ["3", f"{statistics.fmean([72.35, 20.0, 9.5]):.2f} ± {statistics.stdev([72.35, 20.0, 9.5]):.2f}"]
+    assert "- resnet14→resnet8 teacher (synthetic): 3 runs pooled over --epochs 3/5/6, --synthetic_classes 20/100" in md
+    assert md_row(md, PAIR_T, "crd+kd (pooled: -a 0.5/1.0)")[2] == "4"
+    assert md_row(md, PAIR_T, "kd (pooled: --new_option not recorded/3, options not recorded by 1 "
+                                           "run(s))")[2] == "3"
+    assert rows[(PAIR_T, "teacher", "")]["pooled"] == "epochs=3/5/6; synthetic_classes=20/100"
+    # a row by the options named: --synthetic_classes, -a (as train_student.py spells it, or alpha)
+    md, _ = summarize_into(configurations_dir, tmp_path / "e", "--group_by", "synthetic_classes,-a")
+    assert md_row(md, PAIR_T, "teacher (--synthetic_classes 20)")[2:4] == ["1", "20.00 ± –"]
+    assert md_row(md, PAIR_T, "teacher (--synthetic_classes 100) (pooled: --epochs 3/6)")[2] == "2"
+    assert md_row(md, PAIR_T, "crd+kd (-a 0.5)")[2] == "1" and md_row(md, PAIR_T, "crd+kd (-a 1.0)")[2] == "3"
+    # the record without options
+    assert md_row(md, PAIR_T, "kd (-a not recorded, --synthetic_classes not recorded)")[2] == "1"
+    assert md_row(md, PAIR_T, "kd (-a 1.0, --synthetic_classes 100) (pooled: --new_option not recorded/3)")[2] == "2"
+
+
+def test_bad_group_by_is_one_line(configurations_dir, tmp_path, capsys):
+    for flags, message in ((["--group_by", "epoch"], "error: --group_by epoch: no run records such an option "
+                                                     "(did you mean epochs?)"),
+                           (["--pool=--nce_kk"], "error: --pool nce_kk: no run records such an option "
+                                                 "(did you mean nce_k?)"),
+                           (["--pool", "status"], "error: --pool status: a finished run is never pooled with an "
+                                                  "unfinished one"),
+                           (["--group_by", ","], "error: --group_by names no option (e.g. --group_by epochs)")):
+        assert summarize.main([str(configurations_dir), "--out", str(tmp_path), "--no_plots", *flags]) == 2
+        printed = capsys.readouterr()
+        assert (printed.err.splitlines(), printed.out) == ([message], ""), flags
+    assert not list(tmp_path.iterdir())   # nothing written
+    done = subprocess.run([sys.executable, "scripts/summarize.py", str(configurations_dir), "--group_by", "epoch"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stderr.splitlines() == [
+        "error: --group_by epoch: no run records such an option (did you mean epochs?)"]
+
+
+def test_transfer_rows_by_probe_recipe(tmp_path):
+    root = tmp_path / "save"
+    recipe = {"epochs": 120, "learning_rate": 0.05, "batch_size": 64, "path_s": "x/wrn_16_2_last.pth",
+              "source_run": "x", "no_augment": False}
+    for folder, target, trial, last, epochs in (("a", "stl10", 0, 71.0, 120), ("a", "stl10", 1, 73.0, 120),
+                                                ("a", "tinyimagenet", 0, 35.0, 120), ("b", "stl10", 0, 40.0, 10)):
+        write_probe(root / folder, label="crd", model="wrn_16_2", model_t="wrn_40_2", target=target, trial=trial,
+                    last=last)
+        (path,) = (root / folder).glob(f"*_{target}_probe_trial_{trial}_*/results.json")
+        set_fields(path, args={**recipe, "epochs": epochs, "dataset": target, "trial": trial,
+                               "path_s": f"run{trial}/wrn_16_2_last.pth", "source_run": f"run{trial}"})
+    out = tmp_path / "out"
+    assert summarize.main([str(root), "--out", str(out), "--no_plots"]) == 0
+    md = (out / "summary.md").read_text()
+    section = md.split("## transfer: wrn_40_2→wrn_16_2 trained on cifar100")[1]
+    rows = {c[0]: c for c in ([x.strip() for x in line.strip().strip("|").split("|")] for line in section.splitlines()
+                              if line.startswith("|"))}
+    # one row per recipe; the target set is the column, the probed network (path_s) the trial
+    assert rows["crd (--epochs 10)"][1:2] == ["40.00 ± – (1)"]
+    assert rows["crd (--epochs 120)"][1:2] == ["72.00 ± 1.41 (2)"] and rows["crd (--epochs 120)"][4] == "35.00 ± – (1)"
+    assert "- transfer wrn_40_2→wrn_16_2 crd (trained on cifar100): 2 rows: their runs differ in --epochs (10, 120)" in md
+    with open(out / "transfer.csv", newline="") as f:
+        table = [(r["method"], r["setting"], r["target"], r["n"]) for r in csv.DictReader(f) if r["method"] == "crd"]
+    assert table == [("crd", "epochs=10", "stl10", "1"), ("crd", "epochs=10", "tinyimagenet", "0"),
+                     ("crd", "epochs=120", "stl10", "2"), ("crd", "epochs=120", "tinyimagenet", "1")]
+
+
+# ----------------------------------------------------------------------------- plots' numbers
+
+
+def fake_run(last: float, epochs: int = 3, trial: str = "0") -> summarize.Run:
+    return summarize.Run(path=Path("r"), label="kd", pair=PAIR, model="resnet8x4", model_t="resnet32x4",
+                         dataset="cifar100", trial=trial, status="finished", last_acc=last, best_acc=last,
+                         curve={e: last - (epochs - e) for e in range(1, epochs + 1)})
+
+
+def test_curve_averages_only_the_epochs_every_run_has():
+    runs = [fake_run(50.0, epochs=3), fake_run(60.0, epochs=5)]
+    epochs, accs, cut = summarize.mean_curve(runs)
+    assert epochs == [1, 2, 3] and accs == [(48.0 + 56.0) / 2, (49.0 + 57.0) / 2, (50.0 + 58.0) / 2] and cut
+    assert summarize.mean_curve([fake_run(50.0), fake_run(52.0)])[2] is False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig = summarize.curves_figure(PAIR, [summarize.Row(PAIR, "kd", runs)])
+    (line,) = fig.axes[0].lines
+    assert list(line.get_xdata()) == [1, 2, 3] and list(line.get_ydata()) == accs
+    assert line.get_label() == "kd (n=2, epochs all runs have)"
+    plt.close(fig)
+
+
+def test_bar_chart_starts_at_zero_and_keeps_error_bars_inside():
+    high = summarize.Row(PAIR, "crd", [fake_run(v, trial=str(i)) for i, v in enumerate((99.0, 100.0, 95.0))], paper=75.5)
+    low = summarize.Row(PAIR, "kd", [fake_run(v, trial=str(i)) for i, v in enumerate((0.5, 5.0, 0.0))])
+    one = summarize.Row(PAIR, "fitnet", [fake_run(30.0)])
+    bars = summarize.bar_chart([high, low, one, summarize.Row(PAIR, "fsp", [], paper=72.6)])
+    std_high, std_low = statistics.stdev([99.0, 100.0, 95.0]), statistics.stdev([0.5, 5.0, 0.0])
+    assert bars.labels == ["crd\n(n=3)", "kd\n(n=3)", "fitnet\n(n=1)"] and bars.ylim == (0.0, 100.0)
+    assert bars.means == [98.0, pytest.approx(11 / 6), 30.0]
+    assert bars.above == [pytest.approx(2.0), pytest.approx(std_low), 0.0]         # cut at 100
+    assert bars.below == [pytest.approx(std_high), pytest.approx(11 / 6), 0.0]    # cut at 0
+    assert bars.marks == [(0, 75.5)] and bars.clipped
+    assert summarize.bar_chart([one]).ylim == (0.0, 35.0)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig = summarize.accuracy_figure(PAIR, [high, low, one])
+    ax = fig.axes[0]
+    assert ax.get_ylim() == (0.0, 100.0)
+    (bars_drawn,) = [c for c in ax.containers if c.__class__.__name__ == "ErrorbarContainer"]
+    (segments,) = [lines.get_segments() for lines in bars_drawn.lines[2]]
+    assert len(segments) == 2 and all(0.0 <= y <= 100.0 for segment in segments for _, y in segment)
+    assert [tuple(y for _, y in s) for s in segments] == [pytest.approx((98.0 - std_high, 100.0)),
+                                                          pytest.approx((0.0, 11 / 6 + std_low))]
+    assert any("cut at 0/100" in label for label in ax.get_legend_handles_labels()[1])
+    plt.close(fig)

@@ -121,6 +121,8 @@ def test_reference_line_runs_unchanged_in_repdistiller_layout(teachers, tmp_path
     assert {"criterion.embed_s.linear.weight", "criterion.contrast.memory_v1"} <= set(state["distiller"])
     assert state["distiller"]["criterion.contrast.memory_v1"].shape == (200, 128)
     assert results["teacher_acc"] is not None
+    # the teacher's weights (SHA-256): scripts/summarize.py never pools students of other teachers
+    assert len(results["teachers"]) == 1 and len(results["teachers"][0]) == 64
 
 
 def test_published_weights_when_left_out(capsys):
@@ -192,6 +194,7 @@ def test_ensemble_of_identical_teachers_equals_single_teacher_kd(teachers, tmp_p
     single = run(["--path_t", path, *args], tmp_path / "one")
     double = run(["--path_t", f"{path},{path}", *args], tmp_path / "two")
     assert double["model_t"] == "resnet32x4+resnet32x4" and len(double["teacher_acc"]) == 2
+    assert double["teachers"] == single["teachers"] * 2
     assert single["history"][0]["loss_kd"] == approx(double["history"][0]["loss_kd"], rtol=FP32_EXACT)
     w_one = torch.load(next((tmp_path / "one").glob("S:*/*_last.pth")), weights_only=True)["model"]
     w_two = torch.load(next((tmp_path / "two").glob("S:*/*_last.pth")), weights_only=True)["model"]
