@@ -202,15 +202,15 @@ def checkpoint_classes(state: dict, arch: str, path: str) -> int:
     return int(weight.shape[0])
 
 
-def load_backbone(path: str) -> tuple[nn.Module, str, dict]:
+def load_backbone(path: str, state: dict | None = None) -> tuple[nn.Module, str, dict]:
     """Build and load any network checkpoint of ours or RepDistiller's (teacher or student) with
     the checkpoint's own number of classes (:func:`checkpoint_classes`); the architecture is read
-    as for a teacher (:func:`load_teacher`). Returns ``(model, arch, facts)``, ``facts`` being the
-    checkpoint's plain entries of :data:`CHECKPOINT_FACTS` that it has. Every problem raises
-    :class:`UserError`."""
+    as for a teacher (:func:`load_teacher`). ``state``: the checkpoint, when already read. Returns
+    ``(model, arch, facts)``, ``facts`` being the checkpoint's plain entries of
+    :data:`CHECKPOINT_FACTS` that it has. Every problem raises :class:`UserError`."""
     if not path:
         raise UserError("no checkpoint given: name a .pth file of train_teacher.py, train_student.py or RepDistiller")
-    state = load_checkpoint(path)
+    state = load_checkpoint(path) if state is None else state
     if "model" not in state:
         raise UserError(f"'{path}' has no 'model' entry: it is not a checkpoint of train_teacher.py, "
                         "train_student.py or RepDistiller")
