@@ -25,7 +25,7 @@ from dataset.views import ViewLayout, check_recorded_view, check_view, distinct
 from distiller_zoo.registry import BuildContext, Distiller
 from distiller_zoo.step import DistillStep, InitStep, channels
 from helper.argtypes import nonnegative_float, nonnegative_int, path_part, positive_float
-from helper.checkpoint import load_checkpoint, weights_digest
+from helper.checkpoint import weights_digest
 from helper.cli.methods import get_method, method_names, method_option_groups
 from helper.cli.options import Parser, add_training_args, finalize_training_args, with_print_config
 from helper.declare import add_option_group, options_from
@@ -39,7 +39,7 @@ from helper.runtime import Runtime, run_script
 from helper.sync_bn import convert_sync_batchnorm
 from models import build_model, in_channels_of, resolve_model_name
 from models.teacher import (check_entries, checkpoint_arch, checkpoint_classes, checkpoint_view, load_teacher,
-                            prepare_teacher)
+                            prepare_teacher, read_teacher_checkpoint, teacher_sources)
 
 
 def build_parser() -> Parser:
@@ -79,8 +79,7 @@ def parse_option(argv: list[str] | None = None):
 
     method = get_method(opt.distill)
     if not opt.path_t:
-        raise UserError("--path_t is required: the teacher checkpoint, e.g. "
-                        "./save/models/resnet32x4_vanilla/ckpt_epoch_240.pth")
+        raise UserError(f"--path_t is required: the teacher checkpoint; {teacher_sources()}")
     opt.arch = resolve_model_name(opt.model_s, opt.dataset)
     check_view(opt.view_s, "--view_s")
     for view in (opt.view_t or "rgb").split(","):
@@ -242,7 +241,7 @@ def build_run(opt, runtime: Runtime) -> RunParts:
     method = get_method(opt.distill)
     options = options_from(method.Options, opt)
     paths = teacher_paths(opt)
-    states = [load_checkpoint(path) if path else None for path in paths]
+    states = [read_teacher_checkpoint(path) if path else None for path in paths]
     for path, state in zip(paths, states):
         if state is not None:  # before their views and classes are read
             check_entries(state, path)

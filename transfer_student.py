@@ -44,7 +44,7 @@ from helper.logger import RunLog, run_summary
 from helper.optim import build_optimizer, lr_at_epoch, set_lr
 from helper.resume import claim_run_folder
 from helper.runtime import Runtime, run_script
-from dataset.views import check_recorded_view, check_view
+from dataset.views import network_view as probe_view
 from models import in_channels_of
 from models.teacher import load_backbone, prepare_teacher
 
@@ -346,22 +346,6 @@ def train_probe(classifier: nn.Linear, batches, test, opt, *, epochs: int, run: 
     return {"last_acc": history[-1]["test_acc"], "last_acc_top5": history[-1]["test_acc_top5"],
             "best_acc": best, "best_epoch": max(history, key=lambda r: r["test_acc"])["epoch"],
             "epochs_done": len(history), "steps": steps, "history": history}
-
-
-def probe_view(given: str | None, recorded: str | None, path: Path) -> str:
-    """The view the probe feeds the network: ``--view`` (which must agree with the one its checkpoint
-    records), else the recorded one; a :class:`UserError` when neither tells it."""
-    check_recorded_view(recorded, str(path))
-    if given is not None:
-        check_view(given, "--view")
-        if recorded is not None and given != recorded:
-            raise UserError(f"--view {given} contradicts '{path}', whose network was trained on view {recorded}: "
-                            "leave --view out (it defaults to the checkpoint's view)")
-        return given
-    if recorded is None:
-        raise UserError(f"'{path}' records no view and its network does not take 3 channels: say which view it was "
-                        "trained on with --view")
-    return recorded
 
 
 @exit_on_user_error

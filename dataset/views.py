@@ -63,6 +63,23 @@ def check_view(name: str, flag: str = "--view") -> str:
     raise UserError(f"{flag} {name!r} is not a view: use rgb, gray, L, ab or paired:<folder> (with --dataset paired)")
 
 
+def network_view(given: str | None, recorded: str | None, path: object) -> str:
+    """The view to feed the network saved at ``path``: ``--view`` (``given``, which must agree with
+    the view its checkpoint records, ``recorded``), else the recorded one; a :class:`UserError`
+    when neither tells it (a checkpoint without a view whose stem does not take 3 channels)."""
+    check_recorded_view(recorded, str(path))
+    if given is not None:
+        check_view(given, "--view")
+        if recorded is not None and given != recorded:
+            raise UserError(f"--view {given} contradicts '{path}', whose network was trained on view {recorded}: "
+                            "leave --view out (it defaults to the checkpoint's view)")
+        return given
+    if recorded is None:
+        raise UserError(f"'{path}' records no view and its network does not take 3 channels: say which view it was "
+                        "trained on with --view")
+    return recorded
+
+
 def distinct(views: Sequence[str]) -> tuple[str, ...]:
     """The distinct views of ``views``, in their first order."""
     return tuple(dict.fromkeys(views))

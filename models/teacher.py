@@ -41,6 +41,33 @@ def checkpoint_view(state: dict) -> str | None:
     return RGB if channels in (None, 3) else None
 
 
+def teacher_sources(path: str = "") -> str:
+    """The two ways to get a teacher checkpoint, for a message about a missing one: RepDistiller's
+    published teachers (``scripts/fetch_pretrained_teachers.sh``, installed where RepDistiller's
+    scripts look) or one trained with ``train_teacher.py`` (with the model ``path``'s folder
+    names, when it names one)."""
+    model = teacher_name_from_path(path) if path else ""
+    model = model if model in model_dict else "<model>"
+    return ("get RepDistiller's published CIFAR-100 teachers with `bash scripts/fetch_pretrained_teachers.sh`, which "
+            "installs them as save/models/<model>_vanilla/ckpt_epoch_240.pth (the folder RepDistiller's scripts "
+            f"expect), or train one with `python train_teacher.py --model {model}`, which writes "
+            f"save/models/{model}_<dataset>_lr_<lr>_decay_<wd>_trial_<trial>/ckpt_epoch_240.pth")
+
+
+def read_teacher_checkpoint(path: str) -> dict:
+    """The teacher checkpoint at ``path`` (``--path_t``), read by
+    :func:`helper.checkpoint.load_checkpoint`; none given, a missing file or a folder is a
+    :class:`UserError` that says how to get a teacher (:func:`teacher_sources`)."""
+    if not path:
+        raise UserError(f"--path_t is required: the teacher checkpoint; {teacher_sources()}")
+    if Path(path).is_dir():
+        raise UserError(f"--path_t '{path}' is a folder: give the checkpoint file in it (ckpt_epoch_240.pth, or a "
+                        "run's <model>_best.pth or <model>_last.pth)")
+    if not Path(path).exists():
+        raise UserError(f"the teacher checkpoint '{path}' does not exist: {teacher_sources(path)}")
+    return load_checkpoint(path)
+
+
 # the entries of a checkpoint that name something: a string each, when present
 NAME_ENTRIES = {"dataset": "a data set's name", "distill": "a method's name", "model_t": "a model's name"}
 DAMAGED = "the file is damaged or was not written by train_teacher.py, train_student.py or RepDistiller"
@@ -124,10 +151,7 @@ def load_teacher(path: str, num_classes: int, dataset: str = "cifar100",
     file, not a checkpoint, unknown architecture, weights of another architecture or class
     count) raises :class:`UserError`.
     """
-    if not path:
-        raise UserError("--path_t is required: the teacher checkpoint, e.g. "
-                        "./save/models/resnet32x4_vanilla/ckpt_epoch_240.pth")
-    state = load_checkpoint(path) if state is None else state
+    state = read_teacher_checkpoint(path) if state is None else state
     if "model" not in state:
         raise UserError(f"'{path}' has no 'model' entry: it is not a checkpoint of train_teacher.py or RepDistiller")
     arch = checkpoint_arch(state, path)
@@ -178,15 +202,15 @@ def checkpoint_classes(state: dict, arch: str, path: str) -> int:
     return int(weight.shape[0])
 
 
-def load_backbone(path: str) -> tuple[nn.Module, str, dict]:
+def load_backbone(path: str, state: dict | None = None) -> tuple[nn.Module, str, dict]:
     """Build and load any network checkpoint of ours or RepDistiller's (teacher or student) with
     the checkpoint's own number of classes (:func:`checkpoint_classes`); the architecture is read
-    as for a teacher (:func:`load_teacher`). Returns ``(model, arch, facts)``, ``facts`` being the
-    checkpoint's plain entries of :data:`CHECKPOINT_FACTS` that it has. Every problem raises
-    :class:`UserError`."""
+    as for a teacher (:func:`load_teacher`). ``state``: the checkpoint, when already read. Returns
+    ``(model, arch, facts)``, ``facts`` being the checkpoint's plain entries of
+    :data:`CHECKPOINT_FACTS` that it has. Every problem raises :class:`UserError`."""
     if not path:
         raise UserError("no checkpoint given: name a .pth file of train_teacher.py, train_student.py or RepDistiller")
-    state = load_checkpoint(path)
+    state = load_checkpoint(path) if state is None else state
     if "model" not in state:
         raise UserError(f"'{path}' has no 'model' entry: it is not a checkpoint of train_teacher.py, "
                         "train_student.py or RepDistiller")

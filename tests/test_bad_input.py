@@ -188,13 +188,24 @@ def test_unknown_method_or_dataset_lists_the_choices(main, args, words, capsys):
     assert_one_error_line(code, err, *words)
 
 
-# 3. --path_t: not given, not there, not a checkpoint, no 'model', another architecture.
+# 3. --path_t: not given, not there (the line says how to get a teacher), a folder, not a checkpoint,
+# no 'model', another architecture.
+GET_A_TEACHER = ["bash scripts/fetch_pretrained_teachers.sh", "save/models/<model>_vanilla/ckpt_epoch_240.pth",
+                 "the folder RepDistiller's scripts expect", "python train_teacher.py --model",
+                 "_lr_<lr>_decay_<wd>_trial_<trial>/ckpt_epoch_240.pth"]
+
+
 @pytest.mark.parametrize("path_t, words", [
-    (None, ["--path_t is required", "ckpt_epoch_240.pth"]),
-    ("missing", ["does not exist", "no_such_folder"]),
-], ids=["not-given", "not-there"])
+    (lambda f: None, ["--path_t is required", *GET_A_TEACHER, "train_teacher.py --model <model>`"]),
+    (lambda f: f.missing, ["the teacher checkpoint", "no_such_folder", "does not exist", *GET_A_TEACHER]),
+    # a missing file in a RepDistiller folder: the training command names its model
+    (lambda f: f.wrong_arch.with_name("ckpt_epoch_100.pth"),
+     ["does not exist", *GET_A_TEACHER, "train_teacher.py --model resnet14`", "save/models/resnet14_<dataset>_lr_"]),
+    (lambda f: f.empty, ["is a folder", "give the checkpoint file in it"]),
+], ids=["not-given", "not-there", "named-model", "folder"])
 def test_teacher_path_not_given_or_missing(path_t, words, files, capsys):
-    args = [] if path_t is None else ["--path_t", str(getattr(files, path_t))]
+    path = path_t(files)
+    args = [] if path is None else ["--path_t", str(path)]
     code, err = main_error(train_student.main, args + SYNTHETIC + TINY + ["--save_folder", str(files.students)],
                            capsys)
     assert_one_error_line(code, err, *words)

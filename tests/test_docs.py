@@ -1,9 +1,11 @@
 """Every command in the README and docs/ works as written: the shell lines of their ```bash
-blocks are extracted; training commands on the synthetic set run for real (with tiny-run flags
-appended), in document order in a scratch folder, so that a command may use what an earlier one
-made; the others are parsed by the scripts' own parsers, and the launch scripts run with DRY_RUN=1."""
+blocks are extracted; training commands on the synthetic set, and evaluations of what they made, run
+for real (with tiny-run flags appended), in document order in a scratch folder, so that a command
+may use what an earlier one made; the others are parsed by the scripts' own parsers, and the launch
+scripts run with DRY_RUN=1."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+import eval_student
 import train_student
 import train_teacher
 import transfer_student
@@ -22,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # appended to the commands that run for real: a couple of steps, a small validation set
 TINY = ["--max_steps", "2", "--val_subset", "100", "--batch_size", "16"]
+EVAL_TINY = TINY[2:]  # the same test set as the runs' validations
 SCRIPTS = {"train_teacher.py": train_teacher, "train_student.py": train_student, "transfer_student.py": transfer_student}
 DRY_RUN_SCRIPTS = ("run_cifar_vanilla.sh", "run_cifar_distill.sh", "run_imagenet_distill.sh")
 
@@ -85,6 +89,13 @@ def runs_here(command: Command) -> bool:
 
 
 TRAINING = [c for c in ALL if c.argv[0] in ("python", "torchrun") and script_and_args(c.argv)[0] in SCRIPTS]
+EVALUATING = [c for c in ALL if c.argv[0] == "python" and c.argv[1] == "eval_student.py"]
+
+
+def evaluates_here(command: Command) -> bool:
+    """An evaluation on the synthetic set: given, or the data set of a synthetic run's checkpoint."""
+    opt = eval_student.parse_option(command.argv[2:])
+    return opt.dataset == "synthetic" or (opt.dataset is None and "_synthetic_" in opt.path)
 
 
 @pytest.mark.parametrize("command", [c for c in TRAINING if not runs_here(c)], ids=str)
@@ -94,12 +105,33 @@ def test_training_commands_parse(command, capsys):
     assert opt.arch and opt.learning_rate > 0
 
 
+@pytest.mark.parametrize("command", [c for c in EVALUATING if not evaluates_here(c)], ids=str)
+def test_evaluation_commands_parse(command):
+    assert eval_student.parse_option(command.argv[2:]).path
+
+
+def check_evaluation(command: Command) -> None:
+    """Run an evaluation of a checkpoint that an earlier command made: a run's last (best)
+    checkpoint gives the last (best) test top-1 of its results.json."""
+    results = eval_student.main(command.argv[2:] + EVAL_TINY)
+    assert results["test_images"] == 100, command
+    path = Path(results["path"])
+    recorded = json.loads((path.parent / "results.json").read_text())
+    key = "best_acc" if path.name.endswith("_best.pth") else "last_acc"
+    assert results["test_acc"] == recorded[key], command
+
+
 @pytest.mark.parametrize("doc", sorted({c.doc for c in TRAINING if runs_here(c)}))
 def test_synthetic_commands_run_as_written(doc, tmp_path, monkeypatch):
     """In document order, in one scratch folder: a teacher command makes the checkpoint a
-    student command of the same document names."""
+    student command (or an evaluation) of the same document names."""
     monkeypatch.chdir(tmp_path)
-    for command in [c for c in TRAINING if c.doc == doc and runs_here(c)]:
+    here = [c for c in TRAINING if c.doc == doc and runs_here(c)]
+    here += [c for c in EVALUATING if c.doc == doc and evaluates_here(c)]
+    for command in sorted(here, key=lambda c: c.line):
+        if command in EVALUATING:
+            check_evaluation(command)
+            continue
         script, args = script_and_args(command.argv)
         if command.argv[0] == "torchrun":
             launcher = command.argv[1:command.argv.index(next(w for w in command.argv if w.endswith(".py")))]
