@@ -422,8 +422,10 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     """Flags for optimisation, data, device and run control, with RepDistiller's defaults."""
     g = parser.add_argument_group("RepDistiller flags")
     g.add_argument("--print_freq", type=positive_int, default=100,
-                   help="print frequency (steps; kept for compatibility)")
-    g.add_argument("--tb_freq", type=positive_int, default=500, help="tensorboard frequency (kept for compatibility)")
+                   help="when the output is not a terminal, a progress line every N steps")
+    g.add_argument("--tb_freq", type=positive_int, default=500,
+                   help="TensorBoard step scalars (step/loss, step/<term>, step/lr, step/top1) every N optimiser "
+                        "steps; the epoch scalars are written every epoch")
     g.add_argument("--save_freq", type=positive_int, default=40, help="write ckpt_epoch_N.pth every this many epochs")
     g.add_argument("--epochs", type=positive_int, default=240, help="number of training epochs")
 
