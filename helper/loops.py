@@ -250,9 +250,10 @@ class Progress:
     """One console line every ``every`` steps of an epoch (``label``: e.g. ``epoch 3``), for logs
     that are not a terminal (a terminal gets tqdm's bar): the step, the means over the epoch so far
     of the loss and top-1, this step's loss and (with several) each term, images/s and the time
-    left in the epoch (``... this step: loss 3.213 ce 2.191 kd 1.022  1234.5 img/s  eta 0:01:23``)::
+    left in the epoch, e.g. (one line)::
 
-        epoch 1 [20/782]  epoch mean: loss 3.3747 top-1 12.50  this step: loss 3.213 ce 2.191 kd 1.022  ...
+        epoch 1 [20/782]  epoch mean: loss 3.3747 top-1 12.50  this step: loss 3.213 ce 2.191 kd 1.022
+          1234.5 img/s  eta 0:01:23
     """
 
     def __init__(self, label: str, total: int | None, first_step: int, every: int) -> None:
