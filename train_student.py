@@ -26,7 +26,7 @@ from distiller_zoo.registry import BuildContext, Distiller
 from distiller_zoo.step import DistillStep, InitStep, channels
 from helper.argtypes import nonnegative_float, nonnegative_int, path_part, positive_float
 from helper.checkpoint import weights_digest
-from helper.cli.methods import get_method, method_names, method_option_groups
+from helper.cli.methods import get_method, method_names, method_option_groups, method_option_names
 from helper.cli.options import Parser, add_training_args, finalize_training_args, with_print_config
 from helper.declare import add_option_group, options_from
 from helper.distributed import say, wrap_ddp
@@ -142,7 +142,13 @@ def run_name(opt, model_t: str, views_t: list[str] | None = None) -> str:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
-    return run_script(with_print_config(parse_option, build_parser), train, argv)
+    return run_script(with_print_config(parse_option, build_parser, other_methods_options), train, argv)
+
+
+def other_methods_options(opt) -> set[str]:
+    """The options of the methods other than ``--distill``'s (they do nothing in its run):
+    ``--print_config`` leaves them out where they hold their defaults."""
+    return method_option_names() - method_option_names(opt.distill)
 
 
 @dataclass

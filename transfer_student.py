@@ -30,6 +30,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from dataset import DATASETS, DataNeeds, DataOptions, get_dataloaders
 from dataset.loaders import DataBundle, IndexedDataset
@@ -40,7 +41,7 @@ from helper.cli.options import SMALL_LR_MODELS, Parser, add_training_args, final
 from helper.declare import add_option_groups, option, options_from
 from helper.distributed import EpochSampler, ShardSampler, say
 from helper.errors import UserError, exit_on_user_error
-from helper.logger import RunLog, run_summary
+from helper.logger import RunLog, is_interactive, is_terminal_output, run_summary
 from helper.optim import build_optimizer, lr_at_epoch, set_lr
 from helper.resume import claim_run_folder
 from helper.runtime import Runtime, run_script
@@ -52,6 +53,8 @@ PROBE_FILE = "probe_last.pth"
 # GPU batch of the one-off feature pass of --no_augment (eval mode: any batch gives the same features);
 # a CPU uses the probe's own, which is faster there (resnet8x4: 580 images/s at 64, 330 at 256)
 FEATURE_BATCH = 256
+# Without a terminal (a log file), the probe prints the line of its first epoch, of every tenth and of its last.
+PRINT_EVERY_EPOCHS = 10
 
 
 @dataclass
@@ -313,10 +316,18 @@ def train_probe(classifier: nn.Linear, batches, test, opt, *, epochs: int, run: 
     """Train ``classifier`` with SGD and the step schedule of ``opt`` on ``batches.epoch(e)``
     for ``e`` = 1..epochs, evaluating after each epoch on ``test`` (a :class:`FeatureSet`, or a
     callable returning one: the test features when they change, with ``--probe_bn train``).
-    Returns last/best top-1 and the per-epoch history."""
+    Returns last/best top-1 and the per-epoch history.
+
+    Every epoch's record goes to ``run``; on a terminal a progress bar shows the epochs, otherwise
+    the record's line is printed for the first epoch, every :data:`PRINT_EVERY_EPOCHS`-th and the
+    last. Every ``opt.tb_freq`` steps (if set) the step's ``step/loss``, ``step/lr`` and
+    ``step/top1`` go to TensorBoard."""
     optimizer = build_optimizer(classifier.parameters(), opt)
     history, best, steps = [], -math.inf, 0
-    for epoch in range(1, epochs + 1):
+    tb_freq = getattr(opt, "tb_freq", 0)
+    bar = tqdm(range(1, epochs + 1), desc="probe", unit="epoch", leave=False, disable=not is_interactive())
+    lines = bar.disable or not is_terminal_output()  # the bar shows the progress where the lines would
+    for epoch in bar:
         lr = lr_at_epoch(epoch, opt)
         set_lr(optimizer, lr)
         classifier.train()
@@ -327,10 +338,13 @@ def train_probe(classifier: nn.Linear, batches, test, opt, *, epochs: int, run: 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += loss.item() * len(labels)
+            value, right = loss.item(), int((logits.argmax(1) == labels).sum())
+            total += value * len(labels)
             seen += len(labels)
-            correct += int((logits.argmax(1) == labels).sum())
+            correct += right
             steps += 1
+            if run is not None and tb_freq and steps % tb_freq == 0:
+                run.step({"loss": value, "lr": lr, "top1": 100.0 * right / len(labels)}, steps)
             if max_steps and steps >= max_steps:
                 break
         classifier.eval()
@@ -339,9 +353,11 @@ def train_probe(classifier: nn.Linear, batches, test, opt, *, epochs: int, run: 
                   **evaluate(classifier, test() if callable(test) else test)}
         best = max(best, record["test_acc"])
         history.append(record)
+        stopping = bool(max_steps and steps >= max_steps)
         if run is not None:
-            run.epoch(record)
-        if max_steps and steps >= max_steps:
+            run.epoch(record, show=lines and (epoch in (1, epochs) or epoch % PRINT_EVERY_EPOCHS == 0 or stopping))
+        bar.set_postfix(loss=f"{record['train_loss']:.3f}", test_top1=f"{record['test_acc']:.2f}")
+        if stopping:
             break
     return {"last_acc": history[-1]["test_acc"], "last_acc_top5": history[-1]["test_acc_top5"],
             "best_acc": best, "best_epoch": max(history, key=lambda r: r["test_acc"])["epoch"],

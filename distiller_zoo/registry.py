@@ -18,6 +18,7 @@ This module knows the methods that were imported; the complete list (this packag
 from __future__ import annotations
 
 import abc
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -223,6 +224,13 @@ def method_option_groups() -> list[tuple[type, str]]:
         what = (group.__doc__ or group.__name__).strip().splitlines()[0]
         titled.append((group, f"{what} (--distill {', '.join(names)})"))
     return titled
+
+
+def method_option_names(name: str | None = None) -> set[str]:
+    """The options (flag names) of method ``name``'s ``Options``, its shared groups included
+    (``crd``: ``nce_k``, ``feat_dim``, ...); None: of every registered method."""
+    names = method_names() if name is None else [name]
+    return {f.name for each in names for f in dataclasses.fields(get_method(each).Options)}
 
 
 @torch.no_grad()

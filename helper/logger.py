@@ -117,11 +117,12 @@ def run_summary(opt, *, role: str, method: str, model: str, model_t: str | None,
 
 class RunLog:
     """The run folder's records: ``args.json`` when training starts (:meth:`open`), TensorBoard
-    scalars and one console line per epoch, and ``results.json`` (rewritten after each epoch, so an interrupted run keeps
-    its history). ``sessions`` lists each start of the run (the first, then every resume: where
-    it started, its command line and the flags it changed); each epoch's record names the session
-    that ran it. Under torchrun only rank 0's is ``active``; the others keep the history in memory
-    and write and print nothing."""
+    scalars (per epoch, and every ``--tb_freq`` steps: :meth:`step`), one console line per epoch,
+    and ``results.json`` (rewritten after each epoch, so an interrupted run keeps its history).
+    ``sessions`` lists each start of the run (the first, then every resume: where it started, its
+    command line and the flags it changed); each epoch's record names the session that ran it.
+    Under torchrun only rank 0's is ``active``; the others keep the history in memory and write
+    and print nothing."""
 
     def __init__(self, folder: Path, opt, extra: dict[str, Any] | None = None, active: bool = True) -> None:
         self.folder = Path(folder)
@@ -169,6 +170,16 @@ class RunLog:
                     self.writer.add_scalar(key, value, step)
             self.writer.flush()
 
+    def step(self, values: dict[str, float], global_step: int, tag: str = "step") -> None:
+        """Step-level TensorBoard scalars ``<tag>/<name>`` at optimiser step ``global_step``
+        (``--tb_freq``); not flushed here (the next epoch's record flushes the writer)."""
+        if not self.active:
+            return
+        self.open()
+        with self._tensorboard():
+            for name, value in values.items():
+                self.writer.add_scalar(f"{tag}/{name}", value, global_step)
+
     def elapsed(self) -> float:
         """Seconds of this run so far (across resumes)."""
         return time.time() - self.start
@@ -188,16 +199,17 @@ class RunLog:
         current = {**self.sessions[-1], **(session or {})}
         self.sessions[:] = [*(sessions or [self.sessions[0]]), current]
 
-    def epoch(self, record: dict[str, Any]) -> None:
+    def epoch(self, record: dict[str, Any], show: bool = True) -> None:
         """Log one epoch's ``record`` (must hold 'epoch'; numbers become TensorBoard scalars);
-        it is tagged with the current session's number."""
+        it is tagged with the current session's number. ``show``: print its console line."""
         record = {**record, "session": len(self.sessions) - 1}
         self.history.append(record)
         if not self.active:
             return
         self.open()
         self._scalars(record, record["epoch"], skip=("epoch", "session"))
-        print(console_line(record), flush=True)
+        if show:
+            print(console_line(record), flush=True)
         self.save(status="running")
 
     def stage_epoch(self, name: str, record: dict[str, Any]) -> None:

@@ -185,7 +185,8 @@ def train_one_epoch(epoch: int, loader, trainable: nn.Module, train_step: TrainS
                     stats: EpochStats | None = None, first_step: int = 1,
                     stop: StopSignals | None = None, device: torch.device | None = None,
                     print_freq: int = 0, fresh_run: bool = False, label: str = "epoch", fp16: bool = False,
-                    sync_gradients: bool = False) -> dict[str, float]:
+                    sync_gradients: bool = False, run: RunLog | None = None, tb_freq: int = 0,
+                    tb_tag: str = "step") -> dict[str, float]:
     """Train for one pass over ``loader`` (or until the step budget runs out).
 
     Each step runs ``train_step`` under ``autocast()``, checks every loss term is finite (raising
@@ -200,6 +201,10 @@ def train_one_epoch(epoch: int, loader, trainable: nn.Module, train_step: TrainS
     ``label`` names the epoch in messages (``init epoch 2, step 5``); ``fp16``: the forward runs under
     fp16 autocast (a hint for the cause of a non-finite loss); ``sync_gradients``: the step is not
     DDP-wrapped, so the gradients of the optimiser's parameters are averaged over ranks here.
+    With ``run`` and ``tb_freq``, every ``tb_freq``-th optimiser step of the budget (its count across
+    epochs is the x axis) logs ``<tb_tag>/loss``, one ``<tb_tag>/<term>`` per term, ``<tb_tag>/lr``
+    and the batch's ``<tb_tag>/top1`` to TensorBoard (:meth:`RunLog.step`; rank 0 alone writes),
+    from the values the step already read.
     """
     trainable.train()
     stats = stats or EpochStats()
@@ -215,8 +220,9 @@ def train_one_epoch(epoch: int, loader, trainable: nn.Module, train_step: TrainS
             logits, target, terms = train_step(batch)
         loss = sum(terms.values())
         values = {name: term.item() for name, term in terms.items()}
+        lr = optimizer.param_groups[0]["lr"]
         check_finite(values, f"{label} {epoch}", step, device, before_any_update=fresh_run and budget.done == 0,
-                     fp16=fp16 or (scaler is not None and scaler.is_enabled()), lr=optimizer.param_groups[0]["lr"])
+                     fp16=fp16 or (scaler is not None and scaler.is_enabled()), lr=lr)
         optimizer.zero_grad(set_to_none=True)
         (scaler.scale(loss) if scaler is not None else loss).backward()
         if sync_gradients:
@@ -227,7 +233,10 @@ def train_one_epoch(epoch: int, loader, trainable: nn.Module, train_step: TrainS
         else:
             optimizer.step()
         budget.done += 1
-        stats.update(values, accuracy(logits.detach().float(), target)[0].item(), target.size(0))
+        top1 = accuracy(logits.detach().float(), target)[0].item()
+        stats.update(values, top1, target.size(0))
+        if run is not None and tb_freq and budget.done % tb_freq == 0:
+            run.step({"loss": sum(values.values()), **values, "lr": lr, "top1": top1}, budget.done, tb_tag)
         bar.set_postfix(loss=f"{stats.loss / stats.count:.3f}", acc=f"{stats.correct / stats.count:.1f}")
         progress.step(step, stats, values, target.size(0))
         if stop is not None and stop.requested(device or logits.device):
@@ -241,8 +250,13 @@ def train_one_epoch(epoch: int, loader, trainable: nn.Module, train_step: TrainS
 
 class Progress:
     """One console line every ``every`` steps of an epoch (``label``: e.g. ``epoch 3``), for logs
-    that are not a terminal (a terminal gets tqdm's bar): the step, the running loss and each
-    term, top-1, images/s and the time left in the epoch."""
+    that are not a terminal (a terminal gets tqdm's bar): the step, the means over the epoch so far
+    of the loss and top-1, this step's loss and (with several) each term, images/s and the time
+    left in the epoch, e.g. (one line)::
+
+        epoch 1 [20/782]  epoch mean: loss 3.3747 top-1 12.50  this step: loss 3.213 ce 2.191 kd 1.022
+          1234.5 img/s  eta 0:01:23
+    """
 
     def __init__(self, label: str, total: int | None, first_step: int, every: int) -> None:
         self.label, self.total, self.first_step = label, total, first_step
@@ -259,9 +273,12 @@ class Progress:
             return
         elapsed = time.perf_counter() - self.start
         of = f"/{self.total}" if self.total else ""
-        terms = " ".join(f"{name} {value:.4g}" for name, value in values.items())
-        line = (f"{self.label} [{step}{of}]  loss {stats.loss / max(stats.count, 1):.4f} ({terms})  "
-                f"top-1 {stats.correct / max(stats.count, 1):.2f}")
+        n = max(stats.count, 1)
+        now = f"loss {sum(values.values()):.4g}"
+        if len(values) > 1:
+            now += "".join(f" {name} {value:.4g}" for name, value in values.items())
+        line = (f"{self.label} [{step}{of}]  epoch mean: loss {stats.loss / n:.4f} top-1 {stats.correct / n:.2f}  "
+                f"this step: {now}")
         if elapsed > 0:
             line += f"  {self.images / elapsed:.1f} img/s"
             if self.total:
@@ -763,7 +780,9 @@ class Fit:
                 autocast=self.runtime.autocast, stats=stats, first_step=first_step, stop=stop,
                 device=self.runtime.device, print_freq=self.opt.print_freq,
                 fresh_run=others == 0, label=label,
-                fp16=self.runtime.amp == "fp16", sync_gradients=stage.sync_gradients)
+                fp16=self.runtime.amp == "fp16", sync_gradients=stage.sync_gradients,
+                run=self.run, tb_freq=self.opt.tb_freq,
+                tb_tag="step" if stage is self.main else f"{stage.name}_step")
         except StopRequest as request:
             self._guard_weights(f"{label} {epoch}")
             distributed.broadcast_buffers(self.modules["model"])

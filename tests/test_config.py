@@ -17,6 +17,7 @@ import yaml
 
 import train_student
 import train_teacher
+from helper.cli.methods import method_option_names
 from helper.cli.options import RECORDED_KEYS, config_text, value_text
 from helper.logger import ONE_INVOCATION, derived_options, recorded_args
 
@@ -36,10 +37,10 @@ def typed(opt) -> dict:
     return {key: (type(value).__name__, value) for key, value in vars(opt).items()}
 
 
-def printed(main, argv: list[str], capsys) -> str:
-    """What ``main(argv + --print_config)`` prints; it must exit with status 0."""
+def printed(main, argv: list[str], capsys, *how: str) -> str:
+    """What ``main(argv + --print_config [how])`` prints; it must exit with status 0."""
     with pytest.raises(SystemExit) as stop:
-        main([*argv, "--print_config"])
+        main([*argv, "--print_config", *how])
     assert stop.value.code == 0
     return capsys.readouterr().out
 
@@ -282,6 +283,7 @@ def test_a_bad_file_from_the_shell_is_one_line(tmp_path):
     assert out.stderr == f"error: --config {config}: nce_k (--nce_k): expected an integer >= 1, got '-5' (see --help)\n"
 
 
+@pytest.mark.parametrize("how", [(), ("all",)], ids=["method", "all"])
 @pytest.mark.parametrize("script, argv", [
     (train_student, ["--path_t", TEACHER, "--distill", "crd", "--model_s", "MobileNetV2", "-a", "0",
                      "--nce_k", "4096", "--lr_decay_epochs", "30,60", "--amp", "bf16", "--trial", "007",
@@ -290,12 +292,12 @@ def test_a_bad_file_from_the_shell_is_one_line(tmp_path):
     (train_teacher, ["--model", "wrn_40_2", "--learning_rate", "1", "--lr_decay_epochs", "", "--trial", "5",
                      "--seed", "-3", "--data_folder", "/data/c100"]),
 ], ids=["student-crd", "student-dkd", "teacher"])
-def test_print_config_round_trip(script, argv, tmp_path, capsys, monkeypatch):
-    """--print_config's output, given back to --config, resolves to the same options, types
-    included (the -r 1 RepDistiller leaves an int, -r 1.0 given, kd_T's int default), and the
-    printing writes nothing."""
+def test_print_config_round_trip(script, argv, how, tmp_path, capsys, monkeypatch):
+    """--print_config's output (the chosen method's options; with 'all' every method's), given
+    back to --config, resolves to the same options, types included (the -r 1 RepDistiller leaves an
+    int, -r 1.0 given, kd_T's int default), and the printing writes nothing."""
     monkeypatch.chdir(tmp_path)
-    text = printed(script.main, argv, capsys)
+    text = printed(script.main, argv, capsys, *how)
     assert list(tmp_path.iterdir()) == []  # nothing built or written
     values = yaml.safe_load(text)
     expected = script.parse_option(argv)
@@ -303,14 +305,51 @@ def test_print_config_round_trip(script, argv, tmp_path, capsys, monkeypatch):
     # --resume and --overwrite act on one invocation: never printed, never replayed
     # derived options (left out, filled in: seed, learning rate, published weights) are null
     derived = derived_options(expected)
-    assert values == {k: None if k in derived else v for k, v in vars(expected).items()
-                      if k not in RECORDED_KEYS | ONE_INVOCATION and not k.startswith("_")}
+    options = {k: None if k in derived else v for k, v in vars(expected).items()
+               if k not in RECORDED_KEYS | ONE_INVOCATION and not k.startswith("_")}
+    if script is train_student and how != ("all",):  # the other methods' options are left out
+        options = {k: v for k, v in options.items()
+                   if k not in method_option_names() - method_option_names(expected.distill)}
+    assert values == options
     again = script.parse_option(["--config", write(tmp_path / "printed.yaml", text)])
     capsys.readouterr()
     assert again.overwrite is False and again.resume is None
     assert typed(again) == {**typed(expected), **typed(argparse.Namespace(overwrite=False, resume=None))}
     # printing what the file gives prints the same file, notes included (the same values are filled in)
-    assert printed(script.main, ["--config", str(tmp_path / "printed.yaml")], capsys) == text
+    assert printed(script.main, ["--config", str(tmp_path / "printed.yaml")], capsys, *how) == text
+
+
+def method_keys(values: dict) -> set[str]:
+    return set(values) & method_option_names()
+
+
+def test_print_config_prints_the_chosen_methods_options(capsys):
+    """--print_config (first, last, or before other flags) prints the shared options and the
+    chosen method's; 'all' every method's; another method's option given a value is kept (the
+    file then replays the same options); a bad choice is one line."""
+    argv = ["--path_t", TEACHER, "--distill", "crd"]
+    last = yaml.safe_load(printed(train_student.main, argv, capsys))
+    assert method_keys(last) == {"feat_dim", "nce_m", "nce_scores", "nce_k", "nce_t", "nce_z_momentum", "mode"}
+    assert {"init_epochs", "kd_T", "epochs", "tb_freq"} <= set(last)  # the shared ones
+    for first in (["--print_config", *argv], ["--path_t", TEACHER, "--print_config", "--distill", "crd"]):
+        with pytest.raises(SystemExit) as stop:
+            train_student.main(first)
+        assert stop.value.code == 0 and yaml.safe_load(capsys.readouterr().out) == last
+    with pytest.raises(SystemExit):
+        train_student.main(["--print_config", "all", *argv])
+    everything = yaml.safe_load(capsys.readouterr().out)
+    assert everything == yaml.safe_load(printed(train_student.main, argv, capsys, "all"))
+    assert method_keys(everything) == method_option_names() and {**everything, **last} == everything
+    kd = yaml.safe_load(printed(train_student.main, ["--path_t", TEACHER, "--dkd_T", "2"], capsys))
+    assert method_keys(kd) == {"dkd_T"} and kd["dkd_T"] == 2.0 and kd["distill"] == "kd"
+    with pytest.raises(SystemExit) as stop:
+        train_student.main([*argv, "--print_config", "every"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == ("error: argument --print_config: invalid choice: 'every' (choose from "
+                                       "'method', 'all') (see --help)\n")
+    # train_teacher.py has no method: both print every option
+    teacher = printed(train_teacher.main, [], capsys)
+    assert teacher == printed(train_teacher.main, [], capsys, "all") and "tb_freq: 500\n" in teacher
 
 
 def test_print_config_notes_are_comments(capsys):

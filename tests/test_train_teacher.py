@@ -135,5 +135,33 @@ def test_print_freq_gives_progress_lines_in_a_log(tmp_path):
     lines = [line for line in out.stdout.splitlines() if line.startswith("epoch 1 [")]
     assert [line.split("]")[0] for line in lines] == ["epoch 1 [3/8", "epoch 1 [6/8"]
     for line in lines:
-        assert re.search(r"loss \d+\.\d+ \(ce \d", line) and "top-1 " in line and " img/s" in line
-        assert re.search(r"eta \d+:\d\d:\d\d$", line)
+        # the means over the epoch so far, then this step's loss (one term: no term list)
+        assert re.search(r"\]  epoch mean: loss \d+\.\d{4} top-1 \d+\.\d\d  this step: loss \d[\d.e+-]*  ", line), line
+        assert " ce " not in line and re.search(r"  \d+\.\d img/s  eta \d+:\d\d:\d\d$", line), line
+
+
+def step_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """The run's TensorBoard scalars tagged ``step/...``: tag -> [(step, value)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)]
+            for tag in events.Tags()["scalars"] if tag.startswith("step/")}
+
+
+def test_tb_freq_logs_step_scalars(tmp_path):
+    """--tb_freq 2 over 8 steps: 4 step records of the loss, its term, the learning rate and the
+    batch's top-1 (x axis: the optimiser step); the default 500 writes none. Epoch scalars as before."""
+    tiny = ["--model", "resnet8", "--dataset", "synthetic", "--synthetic_classes", "4", "--synthetic_train", "16",
+            "--synthetic_test", "4", "--batch_size", "8", "--epochs", "1", "--device", "cpu",
+            "--save_folder", str(tmp_path)]
+    results = train_teacher.main([*tiny, "--tb_freq", "2"])
+    assert results["steps"] == 8
+    scalars = step_scalars(tmp_path / "resnet8_synthetic_lr_0.05_decay_0.0005_trial_0")
+    assert set(scalars) == {"step/loss", "step/ce", "step/lr", "step/top1"}
+    assert all([step for step, _ in records] == [2, 4, 6, 8] for records in scalars.values())
+    assert [value for _, value in scalars["step/loss"]] == [value for _, value in scalars["step/ce"]]
+    assert all(value == pytest.approx(0.05) for _, value in scalars["step/lr"])
+    assert all(value in (0, 12.5, 25, 37.5, 50, 62.5, 75, 87.5, 100) for _, value in scalars["step/top1"])
+    train_teacher.main([*tiny, "--trial", "1"])
+    assert step_scalars(tmp_path / "resnet8_synthetic_lr_0.05_decay_0.0005_trial_1") == {}

@@ -81,6 +81,35 @@ def test_results_json_fields(sources, tmp_path):
     probe(sources["trained"], tmp_path, "--no_augment", "--trial", "3", "--overwrite", "--epochs", "1")
 
 
+def test_epoch_lines_in_a_log_and_a_bar_on_a_terminal(sources, tmp_path, capsys, monkeypatch):
+    """Not on a terminal (capsys), a 12-epoch probe prints the lines of epochs 1, 10 and 12; every
+    epoch is in results.json, and --tb_freq 20 over its 84 steps writes 4 step records. On a
+    terminal, a bar (on stderr) and no epoch lines."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = probe(sources["trained"], tmp_path, "--no_augment", "--epochs", "12", "--tb_freq", "20")
+    printed = [line.split("  ")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    assert printed == ["epoch 1", "epoch 10", "epoch 12"]
+    assert [h["epoch"] for h in out["history"]] == list(range(1, 13)) and out["steps"] == 84
+    events = EventAccumulator(str(tmp_path / f"{out['source']['run']}_synthetic_probe_trial_0"),
+                              size_guidance={"scalars": 0})
+    events.Reload()
+    assert {tag: [e.step for e in events.Scalars(tag)] for tag in events.Tags()["scalars"] if "/" in tag} == {
+        f"step/{name}": [20, 40, 60, 80] for name in ("loss", "lr", "top1")}
+    # on a terminal (train_probe on a few cached features: no backbone needed)
+    monkeypatch.setattr(transfer_student, "is_interactive", lambda: True)
+    monkeypatch.setattr(transfer_student, "is_terminal_output", lambda: True)
+    cached = transfer_student.FeatureSet(torch.randn(16, 4), torch.arange(16) % 3)
+    recipe = argparse.Namespace(learning_rate=0.05, momentum=0.9, weight_decay=5e-4, lr_decay_epochs=[],
+                                lr_decay_rate=0.1, lr_schedule="step", epochs=12)
+    run = transfer_student.RunLog(tmp_path / "terminal", recipe)
+    transfer_student.train_probe(torch.nn.Linear(4, 3), transfer_student.CachedBatches(cached, 8, 0, False), cached,
+                                 recipe, epochs=12, run=run)
+    run.close()
+    seen = capsys.readouterr()
+    assert len(run.history) == 12 and seen.out == ""
+    assert "probe:" in seen.err and "/12 [" in seen.err and "epoch/s" in seen.err and "test_top1=" in seen.err
+
+
 @pytest.mark.parametrize("flags, bn_changes", [((), False), (("--plain_backbone",), False),
                                                (("--probe_bn", "train"), True)])
 def test_backbone_frozen(sources, tmp_path, monkeypatch, flags, bn_changes):

@@ -14,7 +14,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import yaml
 
@@ -39,6 +39,8 @@ RECORDED_KEYS = frozenset({"arch", "model_name", "save_path", "command", "n_data
                            "print_config", "derived"})
 # Flags about the configuration itself: not options of a run, never in a configuration file.
 CONFIG_FLAGS = ("config", "print_config")
+# What --print_config prints: the options of the run's method (and the shared ones), or all.
+PRINT_CONFIG = ("method", "all")
 # A configuration file is flat (option: value, a value a scalar or a short list): bounds that no
 # real one comes near, so that a hostile or broken file is refused before it costs time or memory.
 MAX_CONFIG_BYTES = 1 << 20  # 1 MiB
@@ -395,16 +397,24 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--config", action=GivenOnce, default=None, metavar="FILE",
                    help="option values from a YAML file, or a run's args.json (replays that run); "
                         "flags given on the command line override them")
-    g.add_argument("--print_config", action="store_true",
-                   help="print the resolved options as YAML (what --config reads) and exit without running")
+    g.add_argument("--print_config", nargs="?", const="method", default=False, choices=PRINT_CONFIG,
+                   help="print the resolved options as YAML (what --config reads) and exit without running; "
+                        "train_student.py prints the options of the chosen --distill method only (other methods' "
+                        "ones where they differ from their defaults), --print_config all every method's")
 
 
 def with_print_config(parse_option: Callable[[list[str] | None], argparse.Namespace],
-                      build_parser: Callable[[], Parser]) -> Callable[[list[str] | None], argparse.Namespace]:
+                      build_parser: Callable[[], Parser],
+                      not_used: Callable[[argparse.Namespace], Collection[str]] | None = None
+                      ) -> Callable[[list[str] | None], argparse.Namespace]:
     """A script's ``parse_option`` that, for ``--print_config``, prints the options it resolved
     (finalised as for a run: published weights, learning rate, seed, ...) as YAML that
     ``--config`` accepts, the notes it printed while parsing as comments on top, and exits with
-    status 0 before anything is built or written. ``print_config`` is removed from the options."""
+    status 0 before anything is built or written. ``print_config`` is removed from the options.
+
+    ``not_used(opt)``: the options that do nothing in the run of ``opt`` (train_student.py: the
+    other methods' options); ``--print_config`` leaves out those that hold their defaults (the
+    file then reads back to the same options), ``--print_config all`` prints them too."""
 
     def parse(argv: list[str] | None = None) -> argparse.Namespace:
         notes, opt = io.StringIO(), None
@@ -412,7 +422,7 @@ def with_print_config(parse_option: Callable[[list[str] | None], argparse.Namesp
             with contextlib.redirect_stdout(notes):
                 opt = parse_option(argv)
         finally:
-            printing = bool(getattr(opt, "print_config", False))
+            printing = getattr(opt, "print_config", False)  # False, "method" or "all"
             if not printing:
                 sys.stdout.write(notes.getvalue())
         if hasattr(opt, "print_config"):
@@ -423,12 +433,24 @@ def with_print_config(parse_option: Callable[[list[str] | None], argparse.Namesp
             if derived:  # printed as null: read back, they are derived again
                 comments += ("# left out, so derived when it runs (null below): "
                              + ", ".join(f"{name} {value}" for name, value in derived.items()) + "\n")
-            sys.stdout.write(comments + config_text(build_parser().resolved_options(opt)))
+            parser = build_parser()
+            options = parser.resolved_options(opt)
+            if printing != "all" and not_used is not None:
+                left_out = set(not_used(opt))
+                defaults = vars(parser.parse_args([]))  # as parsed: a default's text converted by its type
+                options = {k: v for k, v in options.items()
+                           if k not in left_out or not _same(v, defaults.get(k))}
+            sys.stdout.write(comments + config_text(options))
             sys.stdout.flush()
             raise SystemExit(0)
         return opt
 
     return parse
+
+
+def _same(value: Any, default: Any) -> bool:
+    """Whether an option's ``value`` is its ``default`` (of the same type: 1 and 1.0 differ)."""
+    return type(value) is type(default) and value == default
 
 
 class ConfigDumper(yaml.SafeDumper):
@@ -465,8 +487,10 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     """Flags for optimisation, data, device and run control, with RepDistiller's defaults."""
     g = parser.add_argument_group("RepDistiller flags")
     g.add_argument("--print_freq", type=positive_int, default=100,
-                   help="print frequency (steps; kept for compatibility)")
-    g.add_argument("--tb_freq", type=positive_int, default=500, help="tensorboard frequency (kept for compatibility)")
+                   help="when the output is not a terminal, a progress line every N steps")
+    g.add_argument("--tb_freq", type=positive_int, default=500,
+                   help="TensorBoard step scalars (step/loss, step/<term>, step/lr, step/top1) every N optimiser "
+                        "steps; the epoch scalars are written every epoch")
     g.add_argument("--save_freq", type=positive_int, default=40, help="write ckpt_epoch_N.pth every this many epochs")
     g.add_argument("--epochs", type=positive_int, default=240, help="number of training epochs")
 
