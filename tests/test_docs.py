@@ -187,3 +187,17 @@ def test_make_targets_exist():
 def test_every_command_is_covered():
     known = {"python", "torchrun", "bash", "sh", "make", "source", "tensorboard"}
     assert {c.argv[0] for c in ALL} <= known, [str(c) for c in ALL if c.argv[0] not in known]
+
+
+# a measured time in a command's comment: "# 16 s", "# no files needed; 42 s", "# ...: 2.5-3.5 min"
+TIMED = re.compile(r"#.*\b\d+(\.\d+)?(-\d+(\.\d+)?)? ?(s|min)\b")
+
+
+def test_readme_commands_that_run_on_a_cpu_say_how_long_they_take():
+    """The README's commands a user runs first on a CPU (the make targets, the training runs on
+    the synthetic set, the evaluations of what they made) state their measured time."""
+    readme = [c for c in ALL if c.doc == "README.md"]
+    local = [c for c in readme if c.argv[0] == "make"
+             or (c in TRAINING and runs_here(c)) or (c in EVALUATING and evaluates_here(c))]
+    assert len(local) >= 8, [str(c) for c in local]
+    assert not [str(c) for c in local if not TIMED.search(c.text)]
