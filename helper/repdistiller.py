@@ -122,10 +122,7 @@ def train_distill(epoch: int, train_loader, module_list: nn.ModuleList, criterio
 
     def step(data: tuple) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         image, target, index, contrast_idx = _batch(data, device, distill)
-        feat_s, logit_s = model_s(image, is_feat=True, preact=preact)
-        with torch.no_grad():
-            feat_t, logit_t = model_t(image, is_feat=True, preact=preact)
-            feat_t = [f.detach() for f in feat_t]
+        feat_s, logit_s, feat_t, logit_t = _forward(model_s, model_t, image, preact)
         terms = {"ce": opt.gamma * criterion_cls(logit_s, target), "kd": opt.alpha * criterion_div(logit_s, logit_t)}
         loss_kd = _method_loss(opt, feat_s, feat_t, module_list, criterion_kd, index, contrast_idx)
         if loss_kd is not None:
@@ -135,6 +132,16 @@ def train_distill(epoch: int, train_loader, module_list: nn.ModuleList, criterio
     stats = train_one_epoch(epoch, train_loader, _Modes(set_modes), step, optimizer, StepBudget(None),
                             print_freq=getattr(opt, "print_freq", 0) or 0)
     return stats["train_acc"], stats["train_loss"]
+
+
+def _forward(model_s: nn.Module, model_t: nn.Module, image: torch.Tensor, preact: bool) -> tuple:
+    """``(feat_s, logit_s, feat_t, logit_t)``: the student's forward, and the teacher's without
+    gradients (its features detached), as RepDistiller's loops run them."""
+    feat_s, logit_s = model_s(image, is_feat=True, preact=preact)
+    with torch.no_grad():
+        feat_t, logit_t = model_t(image, is_feat=True, preact=preact)
+        feat_t = [f.detach() for f in feat_t]
+    return feat_s, logit_s, feat_t, logit_t
 
 
 def init(model_s: nn.Module, model_t: nn.Module, init_modules: nn.ModuleList, criterion: nn.Module, train_loader,
@@ -176,10 +183,7 @@ def init(model_s: nn.Module, model_t: nn.Module, init_modules: nn.ModuleList, cr
 
     def step(data: tuple) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         image, target, _, _ = _batch(data, device, distill)
-        feat_s, logit_s = model_s(image, is_feat=True, preact=preact)
-        with torch.no_grad():
-            feat_t, _ = model_t(image, is_feat=True, preact=preact)
-            feat_t = [f.detach() for f in feat_t]
+        feat_s, logit_s, feat_t, _ = _forward(model_s, model_t, image, preact)
         if distill == "abound":
             loss = sum(criterion(init_modules[0](feat_s[1:-1]), feat_t[1:-1]))
         elif distill == "factor":
