@@ -88,7 +88,7 @@ def _method_loss(opt, feat_s: list[torch.Tensor], feat_t: list[torch.Tensor], mo
         return sum(vid(f_s, f_t) for f_s, f_t, vid in zip(feat_s[1:-1], feat_t[1:-1], criterion_kd))
     if distill == "factor":
         return criterion_kd(module_list[1](feat_s[-2]), module_list[2](feat_t[-2], is_factor=True))
-    raise NotImplementedError(distill)
+    raise ValueError(f"unknown opt.distill {distill!r}; RepDistiller's are {', '.join(DISTILL_METHODS)}")
 
 
 def train_distill(epoch: int, train_loader, module_list: nn.ModuleList, criterion_list: nn.ModuleList,
@@ -103,9 +103,8 @@ def train_distill(epoch: int, train_loader, module_list: nn.ModuleList, criterio
 
     distill = opt.distill
     if distill not in DISTILL_METHODS:
-        raise NotImplementedError(f"train_distill has no opt.distill {distill!r} (RepDistiller's are "
-                                  f"{', '.join(DISTILL_METHODS)}); other methods train with train_student.py "
-                                  f"--distill <method>")
+        raise ValueError(f"train_distill has no opt.distill {distill!r} (RepDistiller's are "
+                         f"{', '.join(DISTILL_METHODS)}); other methods train with train_student.py --distill <method>")
     model_s, model_t = module_list[0], module_list[-1]
     criterion_cls, criterion_div, criterion_kd = criterion_list[0], criterion_list[1], criterion_list[2]
     device = _device(model_s)
@@ -162,8 +161,8 @@ def init(model_s: nn.Module, model_t: nn.Module, init_modules: nn.ModuleList, cr
 
     distill = opt.distill
     if distill not in INIT_METHODS:
-        raise NotImplementedError(f"init has no init stage for opt.distill {distill!r} (RepDistiller's are "
-                                  f"{', '.join(INIT_METHODS)})")
+        raise ValueError(f"init has no init stage for opt.distill {distill!r} (RepDistiller's are "
+                         f"{', '.join(INIT_METHODS)})")
     if torch.cuda.is_available():
         device = torch.device("cuda")
         torch.backends.cudnn.benchmark = True
