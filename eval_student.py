@@ -13,7 +13,6 @@ checkpoint gives the last test top-1 of its results.json.
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from helper.cli.options import Parser, default_workers
 from helper.declare import add_option_groups, options_from
 from helper.distributed import say
 from helper.errors import UserError, exit_on_user_error
-from helper.files import atomic_write
+from helper.logger import write_json
 from helper.loops import evaluate
 from helper.runtime import Runtime, RuntimeOptions, run_script
 from models import in_channels_of
@@ -110,18 +109,12 @@ def evaluate_checkpoint(opt, runtime: Runtime) -> dict:
     results = {"path": path, "arch": arch, "dataset": opt.dataset, "view": view, "num_classes": data.num_classes,
                "test_images": images, **stats, "checkpoint": facts, "device": str(runtime.device), "amp": runtime.amp}
     if opt.json and runtime.dist.is_main:
-        write_json(Path(opt.json), results)
+        try:
+            write_json(Path(opt.json), results)
+        except OSError as err:
+            raise UserError(f"could not write --json {opt.json} ({err.strerror or err}): is the folder there and "
+                            "writable? The results were printed above") from None
     return results
-
-
-def write_json(path: Path, results: dict) -> None:
-    """Write ``results`` to ``path`` as JSON (atomically); a failing write is one line."""
-    text = json.dumps(results, indent=2).encode() + b"\n"
-    try:
-        atomic_write(path, lambda f: f.write(text))
-    except OSError as err:
-        raise UserError(f"could not write --json {path} ({err.strerror or err}): is the folder there and "
-                        "writable? The results were printed above") from None
 
 
 if __name__ == "__main__":
