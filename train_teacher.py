@@ -13,20 +13,20 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from common.declare import options_from
+from common.distributed import say, wrap_ddp
+from common.errors import UserError, exit_on_user_error
+from common.runtime import Runtime
+from common.sync_bn import convert_sync_batchnorm
 from dataset import DataNeeds, DataOptions, get_dataloaders
 from dataset.views import check_view
-from helper.checkpoint import load_checkpoint
-from helper.cli.options import Parser, add_training_args, finalize_training_args, with_print_config
-from helper.declare import options_from
-from helper.distributed import say, wrap_ddp
-from helper.errors import UserError, exit_on_user_error
-from helper.logger import RunLog, run_summary
-from helper.loops import Fit, Stage, best_line, scheduled_lr
-from helper.optim import build_optimizer
-from helper.resume import claim_run_folder, resume_path
-from helper.runtime import Runtime, run_script
-from helper.steps import ClassifyStep
-from helper.sync_bn import convert_sync_batchnorm
+from engine.logger import RunLog, run_summary
+from engine.loops import Fit, Stage, best_line, scheduled_lr
+from engine.optim import build_optimizer
+from engine.options import Parser, add_training_args, finalize_training_args, with_print_config
+from engine.resume import claim_run_folder, resume_path
+from engine.script import run_script
+from engine.steps import ClassifyStep
 from models import build_model, resolve_model_name
 
 

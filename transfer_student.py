@@ -32,20 +32,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from common.checkpoint import save_checkpoint
+from common.declare import add_option_groups, option, options_from
+from common.distributed import EpochSampler, ShardSampler, say
+from common.errors import UserError, exit_on_user_error
+from common.runtime import Runtime
 from dataset import DATASETS, DataNeeds, DataOptions, get_dataloaders
 from dataset.loaders import DataBundle, IndexedDataset
 from dataset.skipping import SkippingLoader, SkipUnreadable, sample_images
 from dataset.tensor_loader import TensorLoader
-from helper.checkpoint import save_checkpoint
-from helper.cli.options import SMALL_LR_MODELS, Parser, add_training_args, finalize_training_args, with_print_config
-from helper.declare import add_option_groups, option, options_from
-from helper.distributed import EpochSampler, ShardSampler, say
-from helper.errors import UserError, exit_on_user_error
-from helper.logger import RunLog, is_interactive, is_terminal_output, run_summary
-from helper.optim import build_optimizer, lr_at_epoch, set_lr
-from helper.resume import claim_run_folder
-from helper.runtime import Runtime, run_script
 from dataset.views import network_view as probe_view
+from engine.logger import RunLog, is_interactive, is_terminal_output, run_summary
+from engine.optim import build_optimizer, lr_at_epoch, set_lr
+from engine.options import SMALL_LR_MODELS, Parser, add_training_args, finalize_training_args, with_print_config
+from engine.resume import claim_run_folder
+from engine.script import run_script
 from models import in_channels_of
 from models.teacher import load_backbone, prepare_teacher
 

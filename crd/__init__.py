@@ -3,10 +3,11 @@ WCoRD, CRCD and DCD losses.
 
 Importing the package registers ``--distill crd``, ``wcord``, ``crcd`` and ``dcd``.
 """
+from models.util import Embed
+
 from .crd_loss import CRD, CRDLoss
 from .crcd import CRCD, CRCDLoss
 from .dcd import DCD, DCDLoss
-from .embed import Embed
 from .loss import ContrastLoss
 from .memory import ContrastMemory
 from .wcord import WCoRD, WCoRDLoss

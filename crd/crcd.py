@@ -23,15 +23,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from distiller_zoo._common import fp32
+from common.argtypes import nonnegative_float, positive_float, positive_int
+from common.declare import option
+from common.errors import UserError
 from dataset.needs import DataNeeds
+from distiller_zoo._common import fp32
 from distiller_zoo.registry import Batch, BuildContext, Distiller, NetOutput, register
-from helper.argtypes import nonnegative_float, positive_float, positive_int
-from helper.declare import option
-from helper.errors import UserError
 from models import get_classifier
+from models.util import Embed
 
-from .embed import Embed
 from .loss import ContrastLoss
 from .memory import T_SLOT, Z_V1_SLOT, Z_V2_SLOT, ContrastMemory, matmul_nt
 from .options import BankOptions

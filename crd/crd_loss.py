@@ -6,8 +6,8 @@ import torch.nn as nn
 
 from dataset.needs import ContrastNeed, DataNeeds
 from distiller_zoo.registry import Batch, BuildContext, Distiller, NetOutput, register
+from models.util import Embed
 
-from .embed import Embed
 from .loss import ContrastLoss
 from .memory import ContrastMemory
 from .options import NCEOptions

@@ -8,13 +8,12 @@ buffer names:
   nce_k, nce_t, nce_m``; ``forward(f_s, f_t, idx, contrast_idx=None)`` (``crd.crd_loss.CRDLoss``
   takes these as arguments);
 - :class:`ContrastLoss` (``crd.loss``): ``ContrastLoss(n_data)``, ``forward(x)`` on scores [B, K+1(, 1)];
-- :class:`Embed` (``crd.embed``): ``Embed(dim_in=1024, dim_out=128)``, linear map + L2 normalisation;
+- :class:`Embed` (``models.util``): ``Embed(dim_in=1024, dim_out=128)``, linear map + L2 normalisation;
 - :class:`Normalize` (``models.util``): ``Normalize(power=2)``, rows divided by their L_power norm.
 """
-from models.util import Normalize
+from models.util import Embed, Normalize
 
 from . import crd_loss
-from .embed import Embed
 from .loss import ContrastLoss
 
 

@@ -7,11 +7,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common.argtypes import finite_float, nonnegative_float, positive_float
+from common.declare import option
 from distiller_zoo._common import fp32
 from distiller_zoo.options import EmbedOptions
 from distiller_zoo.registry import Batch, BuildContext, Distiller, NetOutput, register
-from helper.argtypes import finite_float, nonnegative_float, positive_float
-from helper.declare import option
 
 
 @dataclass

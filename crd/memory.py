@@ -10,9 +10,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from common import distributed
+from common.errors import UserError
 from dataset.sampling import ContrastSampler
-from helper import distributed
-from helper.errors import UserError
 
 # Positions in the ``params`` buffer (RepDistiller's layout).
 K_SLOT, T_SLOT, Z_V1_SLOT, Z_V2_SLOT, MOMENTUM_SLOT = range(5)

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from common.argtypes import momentum_float, positive_float, positive_int, unit_interval
+from common.declare import option
 from dataset.needs import MODES
 from distiller_zoo.options import EmbedOptions
-from helper.argtypes import momentum_float, positive_float, positive_int, unit_interval
-from helper.declare import option
 
 from .memory import SCORE_MODES
 

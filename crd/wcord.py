@@ -11,13 +11,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
+from common.argtypes import nonnegative_float, positive_float, positive_int
+from common.declare import option
+from common.errors import UserError
 from dataset.needs import ContrastNeed, DataNeeds
 from distiller_zoo.registry import Batch, BuildContext, Distiller, NetOutput, register
-from helper.argtypes import nonnegative_float, positive_float, positive_int
-from helper.declare import option
-from helper.errors import UserError
+from models.util import Embed
 
-from .embed import Embed
 from .loss import ContrastLoss
 from .memory import ContrastMemory
 from .options import NCEOptions

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from helper.errors import UserError
+from common.errors import UserError
 
 from .cifar100 import open_cifar10, open_cifar100
 from .imagenet import open_imagenet

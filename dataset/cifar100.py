@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-from helper.errors import UserError
+from common.errors import UserError
 
 from .loaders import make_bundle
 from .needs import ContrastNeed, DataNeeds

@@ -11,8 +11,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 
-from helper.distributed import EpochSampler, ShardSampler, current
-from helper.errors import UserError
+from common.distributed import EpochSampler, ShardSampler, current
+from common.errors import UserError
 
 from .needs import DataNeeds
 from .options import LOADERS, DataOptions
@@ -129,7 +129,7 @@ def make_bundle(train_set: Dataset, val_set: Dataset, train_labels: torch.Tensor
     (image folders) silently get torchvision DataLoaders, as with ``'torchvision'``.
     The tensor loaders have the same order (:class:`EpochSampler`) and, for validation, the same
     sharding; their augmentations and negatives come from ``(seed, epoch, rank)`` alone.
-    Training order: :class:`helper.distributed.EpochSampler` (a permutation drawn from
+    Training order: :class:`common.distributed.EpochSampler` (a permutation drawn from
     ``seed + epoch``, sharded across ranks under torchrun; call ``train_loader.sampler.set_epoch``).
     Each epoch's worker seeds come from ``train_loader.generator`` (seeded ``seed + rank``),
     so the loader's output is reproducible, and that generator's state is all a resume has to

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from helper.argtypes import int_at_least, nonnegative_float, nonnegative_int, positive_int
-from helper.declare import option
+from common.argtypes import int_at_least, nonnegative_float, nonnegative_int, positive_int
+from common.declare import option
 
 DATASETS = ("cifar100", "cifar10", "stl10", "tinyimagenet", "imagenet", "synthetic", "paired")
 LOADERS = ("tensor", "torchvision")

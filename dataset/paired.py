@@ -26,7 +26,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
 
-from helper.errors import UserError
+from common.errors import UserError
 
 from .options import DataOptions
 from .skipping import DECODE_ERRORS, Unreadable, pixel_limit_errors

@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from helper.errors import UserError
+from common.errors import UserError
 
 from .needs import MODES
 

@@ -22,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader
 from torch.utils.data._utils.collate import default_collate
 
-from helper.errors import UserError
+from common.errors import UserError
 
 # What PIL raises for a file it cannot decode (UnidentifiedImageError is an OSError; so are
 # truncated files and unreadable ones), and for one over its pixel limit (Image.MAX_IMAGE_PIXELS):

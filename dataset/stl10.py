@@ -20,7 +20,7 @@ import torch
 from torchvision import datasets
 from torchvision.datasets.utils import download_and_extract_archive
 
-from helper.errors import UserError
+from common.errors import UserError
 
 from .cifar100 import DEFAULT_FOLDER, cifar_test_transform, cifar_train_transform, md5_of
 from .memory import SIZE, ArrayImages, resize_all

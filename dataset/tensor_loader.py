@@ -204,7 +204,7 @@ class TensorLoader:
     LongTensors, all on the set's device (``img`` has the set's views' channels, see
     :meth:`TensorImages.to_float`).
 
-    sampler: the order of one pass, e.g. :class:`helper.distributed.EpochSampler` (training:
+    sampler: the order of one pass, e.g. :class:`common.distributed.EpochSampler` (training:
     ``set_epoch`` and ``skip`` work as with a DataLoader) or ``ShardSampler`` (validation).
     It yields ``len(sampler)`` positions of the pass unless told to skip some first; the skipped
     count is taken as the offset into the pass, so the batches after it are those of the whole pass.

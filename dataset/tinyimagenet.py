@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from helper.errors import UserError
+from common.errors import UserError
 
 from .cifar100 import DEFAULT_FOLDER, cifar_test_transform, cifar_train_transform
 from .memory import SIZE, ArrayImages, decode_all

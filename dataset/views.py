@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import torch
 from torchvision import transforms
 
-from helper.errors import UserError
+from common.errors import UserError
 
 BASE_VIEWS = {"rgb": 3, "gray": 1, "L": 1, "ab": 2}   # computed from the RGB image
 PAIRED = "paired:"

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from helper.errors import UserError
+from common.errors import UserError
 from models.util import Connector
 
 from ._common import detached, fp32

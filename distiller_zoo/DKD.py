@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from helper.argtypes import nonnegative_float, nonnegative_int, positive_float
-from helper.declare import option
+from common.argtypes import nonnegative_float, nonnegative_int, positive_float
+from common.declare import option
 
 from ._common import fp32
 from .registry import Batch, BuildContext, Distiller, NetOutput, register

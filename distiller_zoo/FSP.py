@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from helper.errors import UserError
+from common.errors import UserError
 
 from ._common import channels, detached, fp32, pool_to_smaller
 from .registry import Batch, BuildContext, Distiller, NetOutput, NoOptions, register

@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from helper.declare import option
-from helper.errors import UserError
+from common.declare import option
+from common.errors import UserError
 from models.util import ConvReg
 
 from ._common import fp32

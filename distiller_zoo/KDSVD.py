@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from helper.errors import UserError
+from common.errors import UserError
 
 from ._common import channels, detached, fp32
 from .registry import Batch, BuildContext, Distiller, NetOutput, NoOptions, register

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from helper.argtypes import positive_int
-from helper.declare import option
+from common.argtypes import positive_int
+from common.declare import option
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The ``--distill`` registry and the Distiller contract every method implements.
 
-A method is one file: its options (a dataclass of :func:`helper.declare.option` fields, from
+A method is one file: its options (a dataclass of :func:`common.declare.option` fields, from
 which its flags are made), its loss class(es) and a :class:`Distiller` subclass decorated with
 ``@register("name")``. The training loop only talks to this interface:
 
@@ -13,7 +13,7 @@ which its flags are made), its loss class(es) and a :class:`Distiller` subclass 
     loss = gamma * CE + alpha * KL + beta * sum(terms.values())
 
 This module knows the methods that were imported; the complete list (this package's and
-``crd``'s) is :mod:`helper.cli.methods`.
+``crd``'s) is :mod:`engine.methods`.
 """
 from __future__ import annotations
 
@@ -26,9 +26,9 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from common.declare import option_groups
+from common.errors import UserError
 from dataset.needs import DataNeeds
-from helper.declare import option_groups
-from helper.errors import UserError
 
 
 @dataclass

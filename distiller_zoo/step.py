@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from helper.errors import UserError
-from helper.runtime import Runtime
+from common.errors import UserError
+from common.runtime import Runtime
 
 from .KD import DistillKL
 from .registry import Batch, Distiller, NetOutput

@@ -1,1 +1,2 @@
-"""Training utilities shared by train_teacher.py and train_student.py."""
+"""RepDistiller's import paths (``helper.util``, ``helper.loops``, ``helper.pretrain``), kept as re-exports
+for code written for RepDistiller; this library's own code never imports this package."""

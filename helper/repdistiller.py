@@ -17,8 +17,8 @@ method's modules are found by their position and ``opt.distill`` picks the branc
 - ``opt``: ``distill``, ``gamma``, ``alpha``, ``beta``, ``hint_layer``; ``init`` also reads
   ``model_s``, ``learning_rate``, ``momentum``, ``weight_decay``, ``init_epochs``.
 
-The epochs run on this library's epoch loop (:func:`helper.loops.train_one_epoch`) on the
-student's device, so a non-finite loss stops with ``helper.loops.NonFiniteLoss``. The branches
+The epochs run on this library's epoch loop (:func:`engine.loops.train_one_epoch`) on the
+student's device, so a non-finite loss stops with ``engine.loops.NonFiniteLoss``. The branches
 are those of RepDistiller's current ``train_student.py`` (``--distill`` choices below); its
 older ``contrast`` branch (``CRDLoss(opt, n_data)`` with separate embeds) is not provided.
 """
@@ -28,6 +28,8 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+
+from engine.loops import StepBudget, evaluate, train_one_epoch
 
 # opt.distill values of RepDistiller's train_distill, and those its init pre-trains
 DISTILL_METHODS = ("kd", "hint", "crd", "attention", "nst", "similarity", "rkd", "pkt", "kdsvd", "correlation",
@@ -51,9 +53,6 @@ class _Modes(nn.Module):
         return self
 
 
-def _device(model: nn.Module) -> torch.device:
-    from helper.loops import _device_of
-    return _device_of(model)
 
 
 def _batch(data: tuple, device: torch.device, distill: str) -> tuple[torch.Tensor, ...]:
@@ -99,15 +98,13 @@ def train_distill(epoch: int, train_loader, module_list: nn.ModuleList, criterio
     for abound); each step minimises ``opt.gamma * CE + opt.alpha * KL + opt.beta * loss_kd`` with
     ``criterion_list`` and ``optimizer``. The learning rate is left as it is (the script calls
     ``adjust_learning_rate`` first). Returns ``(top1, loss)``, each averaged over the samples."""
-    from helper.loops import StepBudget, train_one_epoch
-
     distill = opt.distill
     if distill not in DISTILL_METHODS:
         raise ValueError(f"train_distill has no opt.distill {distill!r} (RepDistiller's are "
                          f"{', '.join(DISTILL_METHODS)}); other methods train with train_student.py --distill <method>")
     model_s, model_t = module_list[0], module_list[-1]
     criterion_cls, criterion_div, criterion_kd = criterion_list[0], criterion_list[1], criterion_list[2]
-    device = _device(model_s)
+    device = _device_of(model_s)
     preact = distill == "abound"
 
     def set_modes() -> None:
@@ -157,8 +154,6 @@ def init(model_s: nn.Module, model_t: nn.Module, init_modules: nn.ModuleList, cr
     The networks and ``init_modules`` are moved to CUDA when available (as RepDistiller does), else
     to the student's device. Each epoch's mean loss goes to ``logger.log_value('init_train_loss',
     loss, epoch)`` (``logger`` None: not logged)."""
-    from helper.loops import StepBudget, train_one_epoch
-
     distill = opt.distill
     if distill not in INIT_METHODS:
         raise ValueError(f"init has no init stage for opt.distill {distill!r} (RepDistiller's are "
@@ -167,7 +162,7 @@ def init(model_s: nn.Module, model_t: nn.Module, init_modules: nn.ModuleList, cr
         device = torch.device("cuda")
         torch.backends.cudnn.benchmark = True
     else:
-        device = _device(model_s)
+        device = _device_of(model_s)
     for module in (model_s, model_t, init_modules):
         module.to(device)
     lr = 0.01 if distill == "factor" and opt.model_s in FACTOR_INIT_LR_001 else opt.learning_rate
@@ -197,3 +192,51 @@ def init(model_s: nn.Module, model_t: nn.Module, init_modules: nn.ModuleList, cr
                                 label="init epoch")
         if logger is not None:
             logger.log_value("init_train_loss", stats["train_loss"], epoch)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (or buffer), else the CPU."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def validate(*args: Any, **kwargs: Any) -> dict[str, float] | tuple[float, float, float]:
+    """Test a model; two call forms, told apart by the first argument:
+
+    - ``validate(model, loader, device, runtime=None)``: this library's, :func:`evaluate`'s dict
+      (``test_acc``, ``test_acc_top5``, ``test_loss``);
+    - ``validate(val_loader, model, criterion, opt)``: RepDistiller's (``helper/loops.py``), for code
+      written for it: ``(top1, top5, loss)`` as floats, the accuracies in percent and the loss the
+      size-weighted mean of ``criterion(logits, target)`` over the batches, on the model's device
+      (``opt`` is accepted and not used: RepDistiller reads only its ``print_freq``).
+    """
+    repdistiller = "val_loader" in kwargs or "criterion" in kwargs or (args and not isinstance(args[0], nn.Module))
+    if not repdistiller:
+        return evaluate(*args, **kwargs)
+    return _validate_repdistiller(*args, **kwargs)
+
+
+def _validate_repdistiller(val_loader, model: nn.Module, criterion, opt=None) -> tuple[float, float, float]:
+    stats = evaluate(model, val_loader, _device_of(model), criterion=criterion)
+    return stats["test_acc"], stats["test_acc_top5"], stats["test_loss"]
+
+
+def train_vanilla(epoch: int, train_loader, model: nn.Module, criterion, optimizer: torch.optim.Optimizer,
+                  opt=None) -> tuple[float, float]:
+    """RepDistiller's ``train_vanilla`` (``helper/loops.py``), on this library's epoch loop
+    (:func:`train_one_epoch`): one pass over ``train_loader`` (batches ``(img, target, ...)``)
+    training ``model`` with ``criterion(logits, target)`` and ``optimizer`` on the model's device;
+    a non-finite loss stops with :class:`NonFiniteLoss`. The learning rate is left as it is (call
+    ``adjust_learning_rate`` first, as RepDistiller's scripts do); ``opt`` is accepted and not used.
+
+    Returns ``(top1, loss)``: the training top-1 (%) and loss, each averaged over the samples."""
+    device = _device_of(model)
+
+    def step(batch: tuple) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        images, target = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        logits = model(images)
+        return logits, target, {"loss": criterion(logits, target)}
+
+    stats = train_one_epoch(epoch, train_loader, model, step, optimizer, StepBudget(None))
+    return stats["train_acc"], stats["train_loss"]

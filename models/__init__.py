@@ -23,7 +23,7 @@ import math
 import torch
 import torch.nn as nn
 
-from helper.errors import UserError
+from common.errors import UserError
 
 from .mobilenetv1 import imagenet_mobilenetv1
 from .mobilenetv2 import mobile_half

@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from helper.checkpoint import _strip_prefixes, load_checkpoint, load_weights, nonfinite_tensors
-from helper.errors import UserError
-from helper.runtime import Runtime
+from common.checkpoint import _strip_prefixes, load_checkpoint, load_weights, nonfinite_tensors
+from common.errors import UserError
+from common.runtime import Runtime
 from models import build_model, get_classifier, model_dict, stem_conv
 from models.fold import fold_batchnorm
 
@@ -56,7 +56,7 @@ def teacher_sources(path: str = "") -> str:
 
 def read_teacher_checkpoint(path: str) -> dict:
     """The teacher checkpoint at ``path`` (``--path_t``), read by
-    :func:`helper.checkpoint.load_checkpoint`; none given, a missing file or a folder is a
+    :func:`common.checkpoint.load_checkpoint`; none given, a missing file or a folder is a
     :class:`UserError` that says how to get a teacher (:func:`teacher_sources`)."""
     if not path:
         raise UserError(f"--path_t is required: the teacher checkpoint; {teacher_sources()}")

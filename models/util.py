@@ -20,6 +20,7 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 __all__ = [
     "ConvReg",
@@ -234,15 +235,17 @@ class Regress(nn.Module):
 
 
 class Embed(nn.Module):
-    """Linear embedding + L2 normalisation (CRD's head): [B, ...] -> [B, dim_out], unit rows."""
+    """The heads g^S and g^T of "Contrastive Representation Distillation" (Tian, Krishnan & Isola,
+    ICLR 2020, §3): ``g(x) = normalize(W x + b)``, a linear map followed by L2 normalisation, so
+    that the critic's dot products are cosine similarities: [B, ...] (flattening to ``dim_in``) ->
+    unit rows [B, dim_out]. Parameters ``linear.weight`` and ``linear.bias``, as in RepDistiller."""
 
     def __init__(self, dim_in: int = 1024, dim_out: int = 128) -> None:
         super().__init__()
         self.linear = nn.Linear(dim_in, dim_out)
-        self.l2norm = Normalize(2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.l2norm(self.linear(x.view(x.shape[0], -1)))
+        return F.normalize(self.linear(x.flatten(1)), p=2, dim=1)
 
 
 class LinearEmbed(nn.Module):

@@ -8,14 +8,14 @@
 
 Every configuration (teacher, student, method, flags) is a ``train_student.py`` command line on the
 synthetic set (``--dataset synthetic``, CIFAR-shaped, ``--n_data`` training images), read by
-``train_student.parse_option``, its runtime set up by ``helper.runtime.setup_runtime`` (as
+``train_student.parse_option``, its runtime set up by ``engine.script.setup_runtime`` (as
 ``train_student.py`` does) and built by ``train_student.build_run``: the benchmark builds no part
 of a run itself. The teachers have random weights whose BatchNorm statistics are set on one batch,
 saved in RepDistiller's layout ``<arch>_vanilla/ckpt_epoch_240.pth`` (or your checkpoints with
 ``--teacher_dir``). Then, after ``--warmup`` steps of each kind, ``--steps`` real steps and
 ``--steps`` phased steps, alternating (so that both see the same machine load):
 
-* **real step**: one step of ``helper.loops.train_one_epoch`` itself (the code ``train_student.py``
+* **real step**: one step of ``engine.loops.train_one_epoch`` itself (the code ``train_student.py``
   runs: autocast, the ``DistillStep``, the finite check, ``zero_grad``, backward, optimiser step,
   accuracy) on the run's own train loader. Their wall time gives images/s and steps/s.
 * **phased step**: the same ``DistillStep.forward``, timed by part: forward hooks on the student
@@ -77,6 +77,7 @@ import gc
 import io
 import itertools
 import json
+import importlib
 import os
 import platform
 import re
@@ -101,13 +102,27 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 import train_student  # noqa: E402
-from helper.errors import UserError, exit_on_user_error  # noqa: E402
-from helper.logger import write_json  # noqa: E402
-from helper.loops import StepBudget, check_finite, train_one_epoch  # noqa: E402
-from helper.meters import accuracy  # noqa: E402
-from helper.optim import adjust_learning_rate  # noqa: E402
-from helper.runtime import resolve_device, setup_runtime  # noqa: E402
 from models import build_model  # noqa: E402
+
+
+def _measured(module: str, before: str) -> Any:
+    """A module of the measured code by its path in the layered layout, or, for a commit from before
+    it (``--baseline_ref``), by its older path ``before``."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError:
+        return importlib.import_module(before)
+
+
+UserError = _measured("common.errors", "helper.errors").UserError
+exit_on_user_error = _measured("common.errors", "helper.errors").exit_on_user_error
+accuracy = _measured("common.meters", "helper.meters").accuracy
+resolve_device = _measured("common.runtime", "helper.runtime").resolve_device
+write_json = _measured("engine.logger", "helper.logger").write_json
+_loops = _measured("engine.loops", "helper.loops")
+StepBudget, check_finite, train_one_epoch = _loops.StepBudget, _loops.check_finite, _loops.train_one_epoch
+adjust_learning_rate = _measured("engine.optim", "helper.optim").adjust_learning_rate
+setup_runtime = _measured("engine.script", "helper.runtime").setup_runtime
 
 BASELINE_FLAGS = "--loader torchvision --nce_scores gather --plain_teacher"
 PHASES = ("data", "teacher_fwd", "student_fwd", "loss_fwd", "loss_bwd", "student_bwd", "optimizer", "other")
@@ -680,7 +695,7 @@ def run_child(spec_path: str, out_path: str) -> None:
 # ---------------------------------------------------------------- the list of configurations
 def build_parser() -> argparse.ArgumentParser:
     """The benchmark's flags (the parent process's only: a child gets them as a namespace)."""
-    from helper.cli.options import Parser  # this checkout's parser (one-line errors)
+    from engine.options import Parser  # this checkout's parser (one-line errors)
 
     p = Parser(description="Time train_student.py's training step on synthetic batches.",
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -745,7 +760,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 def resolve_methods(spec: str) -> list[str]:
     """The ``--methods`` list (``all``: every registered method)."""
-    from helper.cli.methods import method_names  # this checkout's list of every method
+    from engine.methods import method_names  # this checkout's list of every method
 
     known = method_names()
     if spec == "all":

@@ -20,9 +20,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from engine.logger import write_json  # noqa: E402
 import train_student  # noqa: E402
 import train_teacher  # noqa: E402
-from helper.logger import write_json  # noqa: E402
 
 TEACHER, TEACHER_EPOCHS = "resnet14", 6
 STUDENT, STUDENT_EPOCHS = "resnet8", 3

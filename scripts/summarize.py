@@ -5,7 +5,7 @@
                                       [--group_by OPT[,OPT...] | --pool OPT[,OPT...]]
 
 Every run of ``train_teacher.py`` and ``train_student.py`` leaves ``results.json`` in its run
-folder (``helper/logger.py``). This script finds them all under the given folder, splits them by
+folder (``engine/logger.py``). This script finds them all under the given folder, splits them by
 the data set each run recorded (``dataset`` in results.json, else ``args.dataset``; ``--dataset``
 keeps one), groups each data set's runs by (teacher->student pair, method label) and configuration
 over trials, and writes into ``--out`` (default: the scanned folder):
@@ -22,7 +22,7 @@ over trials, and writes into ``--out`` (default: the scanned folder):
 
 A row is one configuration: runs are averaged only if they recorded the same value of every option
 that changes the result (``args`` in results.json, less the trial, the seed and the flags that
-cannot change what a run computes, helper/run_flags.py's FREE_FLAGS, ``--epochs`` excepted), the
+cannot change what a run computes, engine/run_flags.py's FREE_FLAGS, ``--epochs`` excepted), the
 same teacher's weights (their SHA-256, ``teachers``; ``--path_t`` is not compared) and number of
 processes where recorded, and the same status (a finished run is never pooled with an unfinished
 one). Runs of one (pair, method) that differ are rows of their own, each named by what sets it
@@ -68,7 +68,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helper.run_flags import FREE_FLAGS, flag_name, show  # noqa: E402  (plain Python: no torch)
+from engine.run_flags import FREE_FLAGS, flag_name, show  # noqa: E402  (plain Python: no torch)
 
 ARROW = "->"                 # our pair spelling (results.json)
 PAPER_ARROW = "→"            # the paper tables' spelling, also used for display
@@ -352,7 +352,7 @@ def load_run(path: Path) -> Run:
     pair = text(data.get("pair"), "pair") or (f"{model_t}{ARROW}{model}" if model_t else model)
     label = text(data.get("label") or data.get("method"), "label")
     if not pair or not label:
-        raise ValueError("no pair/label fields (written before helper/logger.py's run_summary?)")
+        raise ValueError("no pair/label fields (written before engine/logger.py's run_summary?)")
     curve = {}
     for record in data.get("history") or []:
         acc = number(record.get("test_acc")) if isinstance(record, dict) else None
@@ -381,7 +381,7 @@ def load_run(path: Path) -> Run:
 
 
 # Recorded options that never make two runs different configurations: the trial and seed (what
-# the rows average over), the flags that cannot change what a run computes (helper/run_flags.py's
+# the rows average over), the flags that cannot change what a run computes (engine/run_flags.py's
 # FREE_FLAGS, which a resume may change) but --epochs (a 3-epoch and a 240-epoch run are different
 # rows), and the data set (one section each; a probe's is its target set, a column of its table).
 NOT_SETTINGS = (FREE_FLAGS - {"epochs"}) | {"trial", "seed", "dataset"}

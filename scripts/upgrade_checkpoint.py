@@ -27,9 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from helper.checkpoint import SAFE_CLASSES, save_checkpoint  # noqa: E402
-from helper.errors import UserError, exit_on_user_error  # noqa: E402
-from helper.runtime import plain_rng_states  # noqa: E402
+from common.checkpoint import SAFE_CLASSES, save_checkpoint  # noqa: E402
+from common.errors import UserError, exit_on_user_error  # noqa: E402
+from common.runtime import plain_rng_states  # noqa: E402
 
 try:  # numpy 2; numpy 1 names the module numpy.core
     from numpy._core.multiarray import _reconstruct
@@ -42,7 +42,7 @@ RNG_ERRORS = (KeyError, TypeError, ValueError, AttributeError, IndexError, Runti
 
 
 def tensor_rng(state: dict) -> dict:
-    """A ``helper.runtime.rng_state`` dict of the older format (Python and numpy states as their
+    """A ``common.runtime.rng_state`` dict of the older format (Python and numpy states as their
     own tuples) in the current one (tensors and numbers)."""
     if isinstance(state.get("python"), dict):
         return state
@@ -80,7 +80,7 @@ def kind(value) -> str:
 
 def checked_rng(rng, where: str, path: Path) -> dict:
     """``rng`` (the random states of one process) in the current format, after checking that each
-    state restores into a fresh generator as ``helper.runtime.set_rng_state`` will restore it."""
+    state restores into a fresh generator as ``common.runtime.set_rng_state`` will restore it."""
     if not isinstance(rng, dict):
         raise refused(path, f"{where} is {kind(rng)}, not a dict of random states")
     try:

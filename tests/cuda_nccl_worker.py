@@ -1,5 +1,5 @@
 """Run by tests/test_cuda.py as ``torchrun --standalone --nproc_per_node 1 -m tests.cuda_nccl_worker OUT``:
-joins an NCCL process group on one GPU and checks the collectives of helper/distributed.py and
+joins an NCCL process group on one GPU and checks the collectives of common/distributed.py and
 the memory bank's gathered update against the single-process path, then writes OUT (JSON).
 ``... OUT gloo`` does the same on the CPU with gloo (to check this script without a GPU).
 
@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from common import distributed
 from crd import ContrastLoss, ContrastMemory
-from helper import distributed
 from tests.tolerance import FP32_EXACT, assert_close
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine import steps  # noqa: E402
 import train_teacher  # noqa: E402
-from helper import steps  # noqa: E402
 
 
 def stall_second_step(seconds: float) -> None:

@@ -15,13 +15,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common.declare import options_from
 from crd import ContrastLoss
 from distiller_zoo import (DKDLoss, FSP, KDSVD, ABLoss, Attention, Correlation, DistillKL, FactorTransfer,
                            HintLoss, NSTLoss, PKT, RKDLoss, Similarity)
 from distiller_zoo._common import fp32, to_fp32
 from distiller_zoo.registry import Batch, Distiller, NetOutput
-from helper.cli.methods import build_distiller, get_method, method_names
-from helper.declare import options_from
+from engine.methods import build_distiller, get_method, method_names
 from models import build_model
 from tests.tolerance import AMP, FP32, assert_close
 

@@ -20,11 +20,11 @@ import pytest
 import torch
 
 from dataset import DATASETS
+from engine.methods import method_names
+from models import build_model, model_dict
 import train_student
 import train_teacher
 import transfer_student
-from helper.cli.methods import method_names
-from models import build_model, model_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 # Seconds-long runs on a 4-class synthetic set (32 training images: 8 per class, 24 of other classes).

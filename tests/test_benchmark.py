@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import train_student
-from helper.errors import UserError
-from helper.runtime import setup_runtime
+from common.errors import UserError
+from engine.script import setup_runtime
 from tests.tolerance import FP32, FP64, approx, assert_close
+import train_student
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "benchmark.py"

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from common import checkpoint as ckpt
+from common.errors import UserError
+from engine import logger
+from models import model_dict
 import train_student
 import train_teacher
-from helper import checkpoint as ckpt
-from helper import logger
-from helper.errors import UserError
-from models import model_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ["--dataset", "synthetic", "--synthetic_classes", "4", "--synthetic_train", "16", "--synthetic_test", "4",

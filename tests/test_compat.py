@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common.errors import UserError
 from tests.datagen import write_fake_cifar100, write_fake_imagenet
 from tests.tolerance import FP32, FP32_DEEP, FP32_EXACT, FP64, approx, assert_close
 
@@ -321,12 +322,17 @@ def test_dataset_cifar100_loader_functions(tmp_path):
 
 
 def test_dataset_imagenet_loader_functions(tmp_path):
-    from dataset.imagenet import get_dataloader_sample, get_imagenet_dataloader
+    from dataset.imagenet import get_dataloader_sample, get_imagenet_dataloader, get_test_loader
     root = str(write_fake_imagenet(tmp_path / "imagenet"))  # 3 classes, 4 + 2 + 3 training images
     train, val = get_imagenet_dataloader(batch_size=2, num_workers=0, data_folder=root)
     img, target = next(iter(train))
     assert img.shape == (2, 3, 224, 224) and target.shape == (2,) and len(train.dataset) == 9
     assert next(iter(val))[0].shape[1:] == (3, 224, 224)
+    test = get_test_loader(batch_size=2, num_workers=0, data_folder=root)  # the same validation images, in order
+    assert len(test.dataset) == len(val.dataset)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(test, val))
+    with pytest.raises(UserError, match="'cifar100' is not served by the ImageNet loaders"):
+        get_test_loader("cifar100", data_folder=root)
     train, _, n_data, num_classes = get_dataloader_sample(batch_size=3, num_workers=0, is_sample=True, k=2,
                                                           data_folder=root)
     img, target, index, contrast_idx = next(iter(train))

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from engine.logger import ONE_INVOCATION, derived_options, recorded_args
+from engine.methods import method_option_names
+from engine.options import RECORDED_KEYS, config_text, value_text
 import train_student
 import train_teacher
-from helper.cli.methods import method_option_names
-from helper.cli.options import RECORDED_KEYS, config_text, value_text
-from helper.logger import ONE_INVOCATION, derived_options, recorded_args
 
 ROOT = Path(__file__).resolve().parents[1]
 SYNTHETIC = ["--dataset", "synthetic", "--synthetic_classes", "4", "--synthetic_train", "16",

@@ -13,15 +13,15 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-import train_student
+from common.errors import UserError
 from crd import CRCDLoss
 from crd.crcd import CRCDOptions, ce_feature_grad, relation_scores
 from dataset.needs import DataNeeds
 from distiller_zoo.registry import Batch, NetOutput
-from helper.cli.methods import build_distiller, get_method
-from helper.errors import UserError
+from engine.methods import build_distiller, get_method
 from models import build_model, get_classifier
 from tests.tolerance import FP32, FP32_DEEP, FP64, assert_close
+import train_student
 
 pytestmark = pytest.mark.numeric
 

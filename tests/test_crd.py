@@ -11,13 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from common.errors import UserError
 from crd import CRDLoss, ContrastLoss, ContrastMemory, Embed
 from crd.options import NCEOptions
 from dataset.needs import ContrastNeed, DataNeeds
 from dataset.sampling import ContrastSampler
 from distiller_zoo.registry import Batch, NetOutput
-from helper.cli.methods import build_distiller, get_method
-from helper.errors import UserError
+from engine.methods import build_distiller, get_method
 from models import build_model
 from tests.tolerance import FP32, FP32_DEEP, FP32_DEEP_GRAD, approx, assert_close
 

@@ -21,14 +21,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import train_student
-import train_teacher
+from common.runtime import Runtime
 from crd import ContrastLoss, ContrastMemory
 from crd.crcd import relation_scores_from_bank
 from dataset.sampling import ContrastSampler
 from distiller_zoo.registry import Batch
-from helper.cli.methods import method_names
-from helper.runtime import Runtime
+from engine.methods import method_names
 from models import build_model
 from models.teacher import prepare_teacher
 from tests.test_amp import GRAD_COSINE, check_method_under_autocast, make_setup
@@ -36,6 +34,8 @@ from tests.test_contrast_fast import BATCH, DIM, contrast_idx, crcd_case
 from tests.test_fast_teacher import all_outputs, assert_outputs_close, input_size, randomize_batchnorm
 from tests.test_tensor_loader import all_batches, make_loader, random_images
 from tests.tolerance import AMP, FP32, FP32_DEEP, FP32_EXACT, assert_close
+import train_student
+import train_teacher
 
 pytestmark = pytest.mark.cuda
 
@@ -247,7 +247,7 @@ def test_train_student_crd_on_cuda(cuda_teacher, tmp_path):
 
 def test_nccl_all_gather_of_the_banks_under_torchrun(tmp_path):
     """tests/cuda_nccl_worker.py under torchrun with one process: the NCCL process group, the
-    collectives of helper/distributed.py and the memory bank's gathered update (forced on in a
+    collectives of common/distributed.py and the memory bank's gathered update (forced on in a
     world of one) give what the single-process path gives."""
     out = tmp_path / "nccl.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",

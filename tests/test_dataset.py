@@ -15,7 +15,10 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
+from common.declare import options_from
+from common.errors import UserError
 from dataset import DATASETS, ContrastNeed, ContrastSampler, DataBundle, DataNeeds, DataOptions, get_dataloaders
+from dataset import sampling
 from dataset.cifar100 import (CIFAR100_MEAN, CIFAR100_STD, CIFAR100Folder, CIFAR100Instance,
                               CIFAR100InstanceSample, cifar100_test_transform,
                               cifar100_train_transform, get_cifar100_dataloaders,
@@ -23,11 +26,8 @@ from dataset.cifar100 import (CIFAR100_MEAN, CIFAR100_STD, CIFAR100Folder, CIFAR
 from dataset.imagenet import (IMAGENET_MEAN, IMAGENET_STD, ImageFolderSample, get_dataloader_sample,
                               imagenet_train_transform, imagenet_val_transform)
 from dataset.loaders import balanced_subset
-from dataset import sampling
 from dataset.sampling import distinct_positions
 from dataset.synthetic import make_synthetic
-from helper.declare import options_from
-from helper.errors import UserError
 from tests.datagen import write_fake_cifar100, write_fake_imagenet
 from tests.tolerance import FP32_EXACT, assert_close
 

@@ -7,13 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import train_student
+from common.declare import options_from
 from crd import DCDLoss
 from crd.dcd import DCD, DCDOptions
 from distiller_zoo.registry import BuildContext
-from helper.declare import options_from
 from models import build_model
 from tests.tolerance import FP32, approx, assert_close
+import train_student
 
 pytestmark = pytest.mark.numeric
 

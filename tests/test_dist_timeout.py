@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from helper import distributed
+from common import distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--model", "resnet8", "--dataset", "synthetic", "--synthetic_classes", "4", "--synthetic_train", "16",

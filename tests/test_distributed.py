@@ -14,18 +14,18 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-import train_student
-import train_teacher
+from common import distributed
+from common.declare import options_from
+from common.distributed import EpochSampler, ShardSampler, all_gather_cat, wrap_ddp
+from common.runtime import Runtime
+from common.sync_bn import convert_sync_batchnorm
 from distiller_zoo.step import DistillStep
-from helper import distributed
-from helper.cli.methods import build_distiller, get_method
-from helper.declare import options_from
-from helper.distributed import EpochSampler, ShardSampler, all_gather_cat, wrap_ddp
-from helper.optim import build_optimizer
-from helper.runtime import Runtime
-from helper.sync_bn import convert_sync_batchnorm
+from engine.methods import build_distiller, get_method
+from engine.optim import build_optimizer
 from models import build_model
 from tests.tolerance import FP32, FP32_DEEP, approx, assert_close
+import train_student
+import train_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 B, N_DATA, K, CLASSES = 4, 64, 16, 4

@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import train_student
 from distiller_zoo import DKDLoss
 from distiller_zoo.DKD import DKD, MASK_OFFSET, DKDOptions, dkd_terms, warmup_factor
 from distiller_zoo.registry import Batch, BuildContext, NetOutput
 from models import build_model
 from tests.tolerance import FP32, FP32_EXACT, FP64, approx, assert_close
+import train_student
 
 pytestmark = pytest.mark.numeric
 

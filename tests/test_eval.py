@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import eval_student
+from models import build_model
 import train_student
 import train_teacher
-from models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 # a 4-class synthetic set of 64 training and 32 test images; the same flags for training and testing

@@ -12,18 +12,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-import train_student
+from common.declare import options_from
+from common.runtime import Runtime
 from distiller_zoo import DistillKL
 from distiller_zoo.registry import Batch, NetOutput
 from distiller_zoo.step import DistillStep, ordinary_tensors
-from helper.cli.methods import build_distiller, get_method
-from helper.declare import options_from
-from helper.loops import validate
-from helper.runtime import Runtime
+from engine.loops import evaluate
+from engine.methods import build_distiller, get_method
 from models import build_model, imagenet_model_dict, model_dict
 from models.fold import find_foldable, fold_batchnorm
 from models.teacher import prepare_teacher
 from tests.tolerance import FP32, FP32_DEEP, FP32_DEEP_GRAD, FP32_EXACT, FP64, approx, assert_close
+import train_student
 
 pytestmark = pytest.mark.numeric
 
@@ -211,14 +211,14 @@ def tiny_validation_set(model: nn.Module, classes: int = 10, n: int = 48) -> Dat
 def test_prepared_teacher_has_the_same_accuracy(channels_last):
     teacher = randomize_batchnorm(build_model("resnet14", num_classes=10), 32)
     loader = tiny_validation_set(teacher)
-    expected = validate(teacher, loader, CPU.device, CPU)
+    expected = evaluate(teacher, loader, CPU.device, CPU)
     runtime = Runtime(torch.device("cpu"), channels_last=channels_last)
     sample = runtime.to_device(next(iter(loader))[0][:2])
     prepared = prepare_teacher(copy.deepcopy(teacher), runtime, sample)
     assert not prepared.training and not any(p.requires_grad for p in prepared.parameters())
     assert bn_names(prepared) == []
     assert prepared.conv1.weight.is_contiguous(memory_format=torch.channels_last)  # always on the fast path
-    got = validate(prepared, loader, runtime.device, runtime)
+    got = evaluate(prepared, loader, runtime.device, runtime)
     assert 0 < expected["test_acc"] < 100
     assert got["test_acc"] == expected["test_acc"] and got["test_acc_top5"] == expected["test_acc_top5"]
     assert got["test_loss"] == approx(expected["test_loss"], rtol=FP32)

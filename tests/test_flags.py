@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.argtypes import FLOAT32_MAX, FLOAT32_TINY, float_in, int_at_least, path_part, to_float32
+from engine.options import Parser
 import train_student
 import train_teacher
-from helper.argtypes import FLOAT32_MAX, FLOAT32_TINY, float_in, int_at_least, path_part, to_float32
-from helper.cli.options import Parser
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDENT = ["--path_t", "teacher.pth", "--dataset", "synthetic"]

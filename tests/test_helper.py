@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from helper import checkpoint as ckpt
-from helper.errors import UserError
-from helper.logger import RunLog
-from helper.loops import NonFiniteLoss, StepBudget, train_one_epoch
-from helper.meters import AverageMeter, accuracy
-from helper.optim import adjust_learning_rate, build_optimizer, lr_at_epoch
+from common import checkpoint as ckpt
+from common.errors import UserError
+from common.meters import AverageMeter, accuracy
+from engine.logger import RunLog
+from engine.loops import NonFiniteLoss, StepBudget, train_one_epoch
+from engine.optim import adjust_learning_rate, build_optimizer, lr_at_epoch
 from tests.tolerance import FP32, FP64, approx
 
 
@@ -193,7 +193,7 @@ def test_step_scalars_every_tb_freq_steps_across_epochs(tmp_path):
 
 def test_progress_line_labels_means_and_this_step(capsys):
     """The --print_freq line: the epoch's means so far, then this step's loss and its terms."""
-    from helper.loops import EpochStats, Progress
+    from engine.loops import EpochStats, Progress
     stats = EpochStats()
     stats.update({"ce": 2.0, "kd": 1.0}, 50.0, 4)
     stats.update({"ce": 1.5, "kd": 0.5}, 25.0, 4)

@@ -1,4 +1,4 @@
-"""The init stage of abound, factor and fsp is a stage of helper.loops.Fit: a stop signal inside it
+"""The init stage of abound, factor and fsp is a stage of engine.loops.Fit: a stop signal inside it
 saves ``<model>_last.pth`` and ``--resume auto`` continues it exactly; ``--max_steps`` counts its
 steps apart from the main stage's and stops the run inside it; a resume after it never reruns it.
 All through train_student.py on tiny synthetic runs, on the CPU with --deterministic."""
@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from distiller_zoo.step import InitStep
+from engine.loops import Fit
+from tests.test_reliability import assert_same_state, interrupt_after
 import train_student
 import train_teacher
-from distiller_zoo.step import InitStep
-from helper.loops import Fit
-from tests.test_reliability import assert_same_state, interrupt_after
 
 DATA = ["--dataset", "synthetic", "--synthetic_classes", "4", "--synthetic_train", "8", "--synthetic_test", "4",
         "--batch_size", "8", "--num_workers", "0", "--device", "cpu"]

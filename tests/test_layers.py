@@ -11,29 +11,27 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Lowest first. A package may import only from packages of lower layers.
+# Lowest first; a top-level folder is one package (its sub-packages count as itself). A package
+# may import only from packages of lower layers.
 LAYERS = {
-    "helper": 0,          # errors, checked flag types, declared options, processes, checkpoints, the loop (Fit)
-    "models": 1,          # networks, teacher loading
-    "dataset": 1,         # data sets, loaders, the contrastive sampler, data needs and options
+    "common": 0,          # errors, checked flag types, declared options, files and checkpoints, processes, meters
+    "models": 1,          # networks (and their recipe facts), teacher loading
+    "dataset": 1,         # data sets (each registers itself), loaders, the contrastive sampler, data needs
     "distiller_zoo": 2,   # the Distiller contract and registry, the distillation step, the classic methods
     "crd": 3,             # the contrastive family (memory banks, CRD, WCoRD, CRCD, DCD)
-    "helper.cli": 4,      # the scripts' flags and config files, the list of every method
+    "engine": 4,          # running a training: the run builder, Fit and its parts, resume, results, flags
+    "helper": 5,          # RepDistiller's import paths (helper.util, helper.loops, helper.pretrain): re-exports
 }
-TOP_LEVEL = sorted({name.split(".")[0] for name in LAYERS})
+TOP_LEVEL = sorted(LAYERS)
 # RepDistiller's own signatures that take its ``opt`` (kept so that its code runs unchanged).
 READS_OPT = {"crd/criterion.py"}
+SCRIPTS = sorted([*ROOT.glob("*.py"), *(ROOT / "scripts").glob("*.py")])
 
 
 def package_of(module: str) -> str | None:
-    """The deepest package (a folder with __init__.py) of the project holding ``module``."""
-    parts = module.split(".")
-    if parts[0] not in TOP_LEVEL:
-        return None
-    for end in range(len(parts), 0, -1):
-        if (ROOT.joinpath(*parts[:end]) / "__init__.py").is_file():
-            return ".".join(parts[:end])
-    return parts[0]
+    """The project's top-level package holding ``module`` (None for another library's)."""
+    top = module.split(".")[0]
+    return top if top in LAYERS else None
 
 
 def imported_modules(path: Path) -> list[str]:
@@ -58,7 +56,7 @@ def package_graph() -> dict[str, dict[str, set[str]]]:
     """package -> imported package -> the files of the package that import it."""
     graph: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
     for top in TOP_LEVEL:
-        for path in sorted((ROOT / top).rglob("*.py")):
+        for path in sorted((ROOT / top).rglob("*.py")):  # sub-packages included: they are their folder
             source = package_of(".".join(path.relative_to(ROOT).with_suffix("").parts))
             for module in imported_modules(path):
                 target = package_of(module)
@@ -108,10 +106,25 @@ def test_the_checker_finds_a_cycle_and_resolves_relative_imports(tmp_path):
     graph = {"a": {"b": {"a/x.py"}}, "b": {"c": {"b/y.py"}}, "c": {"a": {"c/z.py"}}}
     assert find_cycle(graph) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b": set()}, "b": {}}) is None
-    assert "helper.errors" in imported_modules(ROOT / "helper" / "checkpoint.py")
+    assert "common.errors" in imported_modules(ROOT / "common" / "checkpoint.py")
     assert "distiller_zoo.registry" in imported_modules(ROOT / "distiller_zoo" / "KD.py")  # from .registry import ...
-    assert package_of("helper.cli.options") == "helper.cli" and package_of("helper.errors") == "helper"
+    assert package_of("engine.options") == "engine" and package_of("crd.memory") == "crd"
     assert package_of("torch.nn") is None
+
+
+def test_nothing_of_ours_imports_repdistillers_paths():
+    """``helper`` holds RepDistiller's import paths for code written for it; the library's own
+    packages and scripts import the modules those re-export instead."""
+    ours = [p for top in TOP_LEVEL if top != "helper" for p in sorted((ROOT / top).rglob("*.py"))] + SCRIPTS
+    offenders = [str(p.relative_to(ROOT)) for p in ours if any(package_of(m) == "helper" for m in imported_modules(p))]
+    assert not offenders, offenders
+
+
+def test_repdistillers_import_paths_are_one_line_re_exports():
+    for name in ("util", "loops", "pretrain"):
+        tree = ast.parse((ROOT / "helper" / f"{name}.py").read_text())
+        code = [n for n in tree.body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]
+        assert all(isinstance(n, (ast.ImportFrom, ast.Assign)) for n in code), name  # imports and __all__ only
 
 
 @pytest.mark.parametrize("package", ["distiller_zoo", "crd", "dataset", "models"])

@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common.declare import options_from
+from common.errors import UserError
 from distiller_zoo import (
     FSP,
     KDSVD,
@@ -34,9 +36,7 @@ from distiller_zoo import (
 )
 import distiller_zoo.VID as VID_MODULE
 from distiller_zoo.registry import Batch, NetOutput
-from helper.cli.methods import build_distiller, get_method, method_names
-from helper.declare import options_from
-from helper.errors import UserError
+from engine.methods import build_distiller, get_method, method_names
 from models import build_model
 from models.util import Connector, ConvReg, LinearEmbed, Paraphraser, Translator
 from tests.tolerance import FP32, FP32_DEEP, FP32_DEEP_GRAD, FP32_EXACT, FP64, assert_close

@@ -10,14 +10,14 @@ from collections import Counter
 import pytest
 import torch
 
-import train_student
+from common.declare import add_option_groups, option, options_from
+from common.errors import UserError
 from crd.options import BankOptions, NCEOptions
 from distiller_zoo.options import EmbedOptions
 from distiller_zoo.registry import BuildContext
-from helper.cli.methods import build_distiller, get_method, method_names
-from helper.declare import add_option_groups, option, options_from
-from helper.errors import UserError
+from engine.methods import build_distiller, get_method, method_names
 from models import build_model
+import train_student
 
 # The flags of the option groups several methods share.
 SHARED_FLAGS = ["--feat_dim", "--nce_m", "--nce_scores", "--nce_k", "--nce_t", "--nce_z_momentum", "--mode"]

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+from common.errors import UserError
 from models import build_model, cifar_model_dict, get_classifier, model_dict, resolve_model_name
-from helper.errors import UserError
 from tests.tolerance import FP32, FP32_DEEP, assert_close
 
 pytestmark = pytest.mark.numeric

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import train_student
-from helper.loops import NonFiniteLoss, check_finite
+from engine.loops import NonFiniteLoss, check_finite
 from models import build_model
+import train_student
 
 DATA = ["--dataset", "synthetic", "--synthetic_classes", "4", "--synthetic_train", "16", "--synthetic_test", "4",
         "--batch_size", "8", "--num_workers", "0", "--device", "cpu", "--epochs", "1"]

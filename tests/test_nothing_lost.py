@@ -3,7 +3,7 @@ folder at once, replaying a run made with --overwrite, and a full disk under Ten
 
 The killed and the racing runs are real processes: forks of this one (the training script's
 ``main`` in a child that SIGKILLs itself at the chosen point of a write, see
-``helper.files.KILL_AT``), so that no process pays the start-up of Python and torch again."""
+``common.files.KILL_AT``), so that no process pays the start-up of Python and torch again."""
 from __future__ import annotations
 
 import errno
@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.files import KILL_AT, atomic_write
+from engine import resume as resume_mod
 import train_teacher
-from helper import resume as resume_mod
-from helper.files import KILL_AT, atomic_write
 
 pytestmark = pytest.mark.e2e
 

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine import loops
+from engine.optim import set_lr
+from models import model_dict
+from tests.tolerance import AMP, FP32_DEEP, FP32_DEEP_GRAD, FP64, approx
 import train_student
 import train_teacher
-from models import model_dict
-from helper import loops
-from helper.optim import set_lr
-from tests.tolerance import AMP, FP32_DEEP, FP32_DEEP_GRAD, FP64, approx
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ["--dataset", "synthetic", "--synthetic_classes", "4", "--synthetic_train", "16", "--synthetic_test", "4",

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from common.runtime import Runtime
 from crd.criterion import CRDLoss
 from crd.options import NCEOptions
 from dataset import ContrastNeed, DataNeeds, DataOptions, get_dataloaders
@@ -21,7 +22,6 @@ from distiller_zoo.registry import NoOptions
 from distiller_zoo.step import DistillStep
 from helper.loops import train_distill
 from helper.pretrain import init
-from helper.runtime import Runtime
 from models import model_dict
 from models.util import Connector, ConvReg, LinearEmbed, Paraphraser, Translator
 from tests.tolerance import FP32, FP32_DEEP_GRAD, assert_close

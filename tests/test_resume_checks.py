@@ -240,6 +240,6 @@ def test_resume_auto_that_finds_no_run_says_so_and_names_the_closest(student_run
     empty = tmp_path / "run"
     empty.mkdir()
     (empty / "notes.txt").write_text("not a run")
-    from helper.resume import no_run_to_resume
+    from engine.resume import no_run_to_resume
     assert no_run_to_resume(empty) == f"note: --resume auto: no checkpoint to continue in {empty}; a new run starts there"
     assert no_run_to_resume(tmp_path / "none") == f"note: --resume auto: no run folder none in {tmp_path}, so a new run starts"

@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import train_student
-import train_teacher
 from models import build_model
 from tests.tolerance import FP32, assert_close
+import train_student
+import train_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -26,7 +26,7 @@ KD_LAST = [73.1, 73.6]
 def write_run(folder: Path, *, label: str, model: str, model_t: str | None, trial: int, last: float,
               best: float, status: str = "finished", dataset: str = "cifar100", epochs: int = 3,
               args: dict | None = None, **fields) -> None:
-    """A results.json as helper/logger.py writes it, with a history that ends at ``last``; ``args``
+    """A results.json as engine/logger.py writes it, with a history that ends at ``last``; ``args``
     (the recorded options; none by default, as in records older than them) and other ``fields``."""
     role = "student" if model_t else "teacher"
     name = f"S:{model}_T:{model_t}_{dataset}_{label}_{trial}" if model_t else f"{model}_{dataset}_trial_{trial}"

@@ -1,4 +1,4 @@
-"""helper/sync_bn.py: CPUSyncBatchNorm and convert_sync_batchnorm.
+"""common/sync_bn.py: CPUSyncBatchNorm and convert_sync_batchnorm.
 
 Without torch.distributed a converted model is plain BatchNorm. With two gloo processes (spawned,
 CPU) each holding half a batch, a DDP resnet8 with synchronised BatchNorm gives the logits, mean
@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
-from helper.sync_bn import CPUSyncBatchNorm, convert_sync_batchnorm
+from common.sync_bn import CPUSyncBatchNorm, convert_sync_batchnorm
 from models import model_dict
 from tests.tolerance import FP32_DEEP, assert_close
 

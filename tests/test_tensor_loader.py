@@ -13,17 +13,17 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-import train_student
-import train_teacher
+from common.distributed import EpochSampler, ShardSampler
 from dataset import ContrastNeed, DataNeeds, DataOptions, get_dataloaders
 from dataset.cifar100 import CIFAR100_MEAN, CIFAR100_STD, cifar100_test_transform, cifar100_train_transform
 from dataset.sampling import ContrastSampler
 from dataset.synthetic import SyntheticDataset
 from dataset.tensor_loader import (Augment, CropFlip, TensorImages, TensorLoader, normalize,
                                    stream_seed, tensor_source)
-from helper.distributed import EpochSampler, ShardSampler
-from helper.cli.options import Parser, add_training_args, default_workers, finalize_training_args
+from engine.options import Parser, add_training_args, default_workers, finalize_training_args
 from tests.tolerance import FP32_EXACT, assert_close
+import train_student
+import train_teacher
 
 pytestmark = pytest.mark.numeric
 
@@ -287,13 +287,13 @@ def test_num_workers_default_follows_the_loader(monkeypatch):
     def workers(*argv):
         return finalize_training_args(parser.parse_args(list(argv)), "resnet8").num_workers
 
-    monkeypatch.setattr("helper.cli.options.available_cores", lambda: 2)
+    monkeypatch.setattr("engine.options.available_cores", lambda: 2)
     assert workers() == 0 and workers("--dataset", "synthetic") == 0
     assert workers("--loader", "torchvision") == 1 and workers("--dataset", "imagenet") == 1
     assert workers("--loader", "torchvision", "--num_workers", "3") == 3
-    monkeypatch.setattr("helper.cli.options.available_cores", lambda: 32)
+    monkeypatch.setattr("engine.options.available_cores", lambda: 32)
     assert default_workers("torchvision") == 8 and default_workers("tensor", "imagenet") == 8
-    monkeypatch.setattr("helper.cli.options.available_cores", lambda: 1)
+    monkeypatch.setattr("engine.options.available_cores", lambda: 1)
     assert default_workers("torchvision") == 0
 
 

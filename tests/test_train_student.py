@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import train_student
-from helper.cli.methods import method_names
+from engine.methods import method_names
 from models import build_model
 from tests.tolerance import FP32_EXACT, approx, assert_close
+import train_student
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["kd", "hint", "attention", "similarity", "correlation", "vid", "crd", "kdsvd", "fsp", "rkd",
@@ -234,8 +234,8 @@ def test_distill_script_dry_run_prints_parsable_commands():
 
 
 def test_nce_z_momentum_flag_reaches_the_memory():
-    from helper.cli.methods import build_distiller, get_method
-    from helper.declare import options_from
+    from engine.methods import build_distiller, get_method
+    from common.declare import options_from
     opt = train_student.parse_option(["--path_t", "t.pth", "--distill", "crd", "--nce_z_momentum", "0.99",
                                       "--nce_k", "16"])
     options = options_from(get_method("crd").Options, opt)
@@ -250,7 +250,7 @@ def test_nce_z_momentum_flag_reaches_the_memory():
 def test_fast_path_flags_reach_the_teacher_and_the_bank(plain, teachers, tmp_path):
     """--plain_teacher keeps the teacher as loaded; --nce_scores picks the bank's scoring; the
     default folds the teacher's BatchNorms, stores it channels_last and scores by auto."""
-    from helper.runtime import setup_runtime
+    from engine.script import setup_runtime
 
     flags = ["--plain_teacher", "--nce_scores", "gather"] if plain else []
     opt = train_student.parse_option(["--path_t", str(teachers["resnet32x4"]), "--distill", "crd",
@@ -267,7 +267,7 @@ def test_fast_path_flags_reach_the_teacher_and_the_bank(plain, teachers, tmp_pat
 def test_nce_k_sets_both_the_loader_and_the_bank(teachers, tmp_path):
     """One flag, one place: ``--nce_k 12`` gives the loader's contrast_idx 13 columns (the
     positive and 12 negatives) and the memory bank K = 12, through CRD's declared DataNeeds."""
-    from helper.runtime import setup_runtime
+    from engine.script import setup_runtime
 
     opt = train_student.parse_option(["--path_t", str(teachers["resnet32x4"]), "--distill", "crd",
                                       "--model_s", "resnet8x4", *TINY, "--nce_k", "12",

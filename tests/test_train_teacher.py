@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import train_teacher
 from models import build_model
 from tests.datagen import write_fake_cifar100
+import train_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import train_teacher
-import transfer_student
+from common.runtime import Runtime
 from dataset import DataOptions, get_dataloaders
 from dataset.skipping import sample_images
 from dataset.tensor_loader import TensorLoader
-from helper.runtime import Runtime
 from models import build_model
 from models.teacher import load_backbone, prepare_teacher
+import train_teacher
+import transfer_student
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ["--dataset", "synthetic", "--synthetic_classes", "10", "--synthetic_train", "40", "--synthetic_test", "10",

@@ -13,13 +13,13 @@ import torch
 from PIL import Image
 from torchvision import datasets, transforms
 
+from common.errors import UserError
 from dataset import TENSOR_DATASETS, UNLABELED_SETS, get_dataloaders
 from dataset.cifar100 import CIFAR10_MEAN, CIFAR10_STD, CIFAR10Folder
 from dataset.memory import resize_all
 from dataset.stl10 import STL10_MEAN, STL10Folder, read_stl10_images, read_stl10_labels
 from dataset.tensor_loader import TensorLoader, tensor_source
 from dataset.tinyimagenet import TinyImageNetFolder
-from helper.errors import UserError
 from tests.datagen import (TINY_WNIDS, stl10_bytes, write_fake_cifar10, write_fake_stl10,
                            write_fake_tinyimagenet)
 from tests.test_dataset import check_batches, make_opt, needs_of

@@ -9,16 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-import train_student
-import train_teacher
+from common.checkpoint import load_checkpoint
+from common.errors import UserError
 from crd.crcd import CRCDOptions
 from crd.options import NCEOptions
 from dataset.loaders import balanced_subset
 from dataset.sampling import ContrastSampler, own_classes
-from helper.checkpoint import load_checkpoint
-from helper.cli.methods import get_method, method_names  # with every method registered (crd's too)
-from helper.errors import UserError
+from engine.methods import get_method, method_names  # with every method registered (crd's too)
 from models import build_model
+import train_student
+import train_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER_CLASSES = 4

@@ -16,17 +16,17 @@ import pytest
 import torch
 from PIL import Image
 
-import train_student
-import train_teacher
+from common.errors import UserError
 from dataset import ContrastNeed, DataNeeds, DataOptions, get_dataloaders
 from dataset.memory import decode_all
 from dataset.paired import open_paired
 from dataset.skipping import PartialBatch, SkipUnreadable, Unreadable, pixel_limit_errors
 from dataset.tinyimagenet import TinyImageNetFolder
 from dataset.tinyimagenet import _open as tinyimagenet_open
-from helper.errors import UserError
 from models import build_model
 from tests.datagen import write_fake_imagenet, write_fake_tinyimagenet
+import train_student
+import train_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 # 12 training files (3 unreadable) and a batch of 4: three batches, every file read each epoch

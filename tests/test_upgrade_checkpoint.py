@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from helper.checkpoint import load_checkpoint
-from helper.runtime import set_rng_state
+from common.checkpoint import load_checkpoint
+from common.runtime import set_rng_state
 from scripts import upgrade_checkpoint
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import train_teacher
+from common.checkpoint import load_checkpoint
 from dataset import DataOptions, get_dataloaders
-from helper.checkpoint import load_checkpoint
+import train_teacher
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import summarize  # noqa: E402

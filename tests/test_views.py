@@ -12,16 +12,16 @@ import pytest
 import torch
 from PIL import Image
 
-import train_student
-import train_teacher
+from common.errors import UserError
+from common.runtime import Runtime
 from dataset import DataNeeds, DataOptions, get_dataloaders
 from dataset.tensor_loader import tensor_source
 from dataset.views import LAB_NORM, ToViews, ViewLayout, rgb_to_gray, rgb_to_lab, with_views
 from distiller_zoo.step import DistillStep
-from helper.errors import UserError
-from helper.runtime import Runtime
 from models import build_model, cifar_model_dict, in_channels_of, stem_conv
 from models.teacher import checkpoint_view, load_teacher, prepare_teacher
+import train_student
+import train_teacher
 
 pytestmark = pytest.mark.numeric
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,14 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import train_student
 from crd import ContrastLoss, CRDLoss, WCoRDLoss
 from crd.wcord import WCoRD, WCoRDOptions, cosine_cost, sinkhorn_plan, wasserstein_local
 from dataset.needs import ContrastNeed, DataNeeds
 from distiller_zoo.registry import Batch, BuildContext, NetOutput
-from helper.cli.methods import get_method
+from engine.methods import get_method
 from models import build_model
 from tests.tolerance import FP32, FP32_EXACT, approx, assert_close
+import train_student
 
 pytestmark = pytest.mark.numeric
 
@@ -206,7 +206,7 @@ def test_heads_are_spectrally_normalised():
 
 
 def test_bad_flags_are_refused():
-    from helper.errors import UserError
+    from common.errors import UserError
     with pytest.raises(UserError, match="wcord_eps"):
         make_loss(wcord_eps=0.0)
     with pytest.raises(UserError, match="wcord_iters"):

@@ -88,7 +88,7 @@ def _sync_folder(folder: Path) -> None:
 def remove_temporaries(folder: str | os.PathLike) -> list[Path]:
     """Delete the temporary files that writes cut short left in ``folder`` (see
     :data:`TEMPORARY_PATTERNS`); returns what was removed. Call it only while holding the
-    folder (:func:`helper.resume.claim_run_folder`): another run's writes in progress would go."""
+    folder (:func:`engine.resume.claim_run_folder`): another run's writes in progress would go."""
     folder = Path(folder)
     removed = []
     if folder.is_dir():

@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from helper import distributed
-from helper.errors import UserError
-from helper.files import file_mode, remove_temporaries
-from helper.logger import jsonable
-from helper.run_flags import DESCRIPTIONS, FREE_FLAGS, flag_name, show  # noqa: F401 (also used from here)
+from common import distributed
+from common.errors import UserError
+from common.files import file_mode, remove_temporaries
+from engine.logger import jsonable
+from engine.run_flags import DESCRIPTIONS, FREE_FLAGS, flag_name, show  # noqa: F401 (also used from here)
 
 try:
     import fcntl

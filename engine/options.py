@@ -18,14 +18,13 @@ from typing import Any, Callable, Collection
 
 import yaml
 
+from common.argtypes import FLOAT32_MAX, SHOWN_CHARS, nonfinite_floats, nonnegative_int, positive_int, shown
+from common.declare import add_option_groups
+from common.errors import UserError
+from common.runtime import RuntimeOptions
 from dataset import DATASETS, TENSOR_DATASETS, DataOptions
-from helper.argtypes import (FLOAT32_MAX, SHOWN_CHARS, momentum_float, nonfinite_floats, nonnegative_float,
-                             nonnegative_int, positive_float, positive_int, shown)
-from helper.declare import add_option_groups
-from helper.errors import UserError
-from helper.logger import ONE_INVOCATION, derived_options, set_derived
-from helper.optim import OptimOptions
-from helper.runtime import RuntimeOptions
+from engine.logger import ONE_INVOCATION, derived_options, set_derived
+from engine.optim import OptimOptions
 
 # RepDistiller trains these students with lr 0.01 instead of 0.05.
 SMALL_LR_MODELS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
@@ -326,7 +325,7 @@ class Parser(argparse.ArgumentParser):
     def resolved_options(self, opt: argparse.Namespace) -> dict[str, Any]:
         """The values of ``opt`` for this parser's options, in the parser's order: what
         ``--print_config`` prints and ``--config`` reads back. Derived options (filled in
-        because they were left out, see :func:`helper.logger.set_derived`) are null there: read
+        because they were left out, see :func:`engine.logger.set_derived`) are null there: read
         back, they are derived again, as for the command line that left them out."""
         derived = derived_options(opt)
         return {a.dest: None if a.dest in derived else getattr(opt, a.dest)
@@ -336,7 +335,7 @@ class Parser(argparse.ArgumentParser):
         """argparse's parsing, with a ``--config`` file's values in place of the defaults (so
         that the flags given override them; ``opt`` keeps the values, not the file's name), then
         a check that no float option is NaN, infinite or beyond float32's range (flags with a
-        checked ``type=`` from :mod:`helper.argtypes` refuse them already; this covers any other)."""
+        checked ``type=`` from :mod:`common.argtypes` refuse them already; this covers any other)."""
         args = list(sys.argv[1:] if args is None else args)
         given = vars(namespace) if namespace is not None else {}
         self._replayed_seed = None

@@ -8,7 +8,7 @@ A group of options is a dataclass whose fields are made with :func:`option`::
         nce_k: int = option(16384, "negatives per anchor", type=positive_int)
 
 The field's name is the flag (``--nce_k``), its default the flag's default, ``type`` the
-checked parser of :mod:`helper.argtypes`. Groups compose by inheritance: a method's options
+checked parser of :mod:`common.argtypes`. Groups compose by inheritance: a method's options
 subclass the shared groups they use (the memory bank's, the embedding's), and
 :func:`add_option_groups` adds each group's own fields once, however many methods share it.
 :func:`options_from` reads a group back from a parsed namespace: that and the scripts' parsing

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from helper.errors import UserError
-from helper.files import atomic_write, file_mode, remove_temporaries  # noqa: F401 (re-exported)
+from common.errors import UserError
+from common.files import atomic_write, file_mode, remove_temporaries  # noqa: F401 (re-exported)
 
 # The only class a checkpoint may hold besides tensors and plain types: RepDistiller's
 # ``<model>_last.pth`` stores its argparse options as ``'opt'``.
@@ -32,7 +32,7 @@ RUN_ADVICE = "Free space or choose another --save_folder, then continue with --r
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike, advice: str = RUN_ADVICE) -> None:
-    """Write ``state`` to ``path`` atomically (:func:`helper.files.atomic_write`: a temporary
+    """Write ``state`` to ``path`` atomically (:func:`common.files.atomic_write`: a temporary
     file of its own, flushed to disk, renamed over ``path``), so a crash, a full disk or a failing
     write never leaves a truncated file and a good checkpoint is only ever replaced by a complete
     one. A failing write raises :class:`UserError` (the old ``path`` is kept), ending with

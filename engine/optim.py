@@ -7,8 +7,8 @@ from typing import Iterable
 
 import torch
 
-from helper.argtypes import momentum_float, nonnegative_float, positive_float
-from helper.declare import option, options_from
+from common.argtypes import momentum_float, nonnegative_float, positive_float
+from common.declare import option, options_from
 
 
 @dataclass

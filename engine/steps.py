@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from helper.runtime import Runtime
+from common.runtime import Runtime
 
 
 class ClassifyStep(nn.Module):

@@ -1,5 +1,5 @@
 """Which recorded options make a run what it is, and how messages name them. Plain Python (no
-torch): ``helper/resume.py`` checks a resume with these, ``scripts/summarize.py`` groups runs
+torch): ``engine/resume.py`` checks a resume with these, ``scripts/summarize.py`` groups runs
 into table rows with them."""
 from __future__ import annotations
 

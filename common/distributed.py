@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import Sampler
 
-from helper.errors import Stopped, UserError
+from common.errors import Stopped, UserError
 
 
 @dataclass(frozen=True)

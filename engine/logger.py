@@ -14,8 +14,8 @@ from typing import Any, Iterator
 from tensorboard.summary.writer import event_file_writer
 from torch.utils.tensorboard import SummaryWriter
 
-from helper.errors import UserError
-from helper.files import atomic_write
+from common.errors import UserError
+from common.files import atomic_write
 
 
 # Flags that act on one invocation (continue the run, or delete it and start again), not
@@ -70,7 +70,7 @@ def jsonable(value: Any) -> Any:
 
 def write_json(path: Path, data: Any) -> None:
     """Write ``data`` as indented JSON through a temporary file of this write's own and a rename
-    (:func:`helper.files.atomic_write`); raises OSError."""
+    (:func:`common.files.atomic_write`); raises OSError."""
     text = (json.dumps(jsonable(data), indent=2) + "\n").encode()
     atomic_write(Path(path), lambda f: f.write(text))
 
