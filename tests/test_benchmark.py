@@ -202,6 +202,13 @@ def test_a_tree_without_build_run_is_refused(tmp_path):
         benchmark.require_build_run(tmp_path, "old")
     (tmp_path / "train_student.py").write_text("def build_run(opt, runtime):\n    pass\n")
     benchmark.require_build_run(tmp_path, "new")
+    # the layered layout: train_student.py imports it from engine.student
+    (tmp_path / "train_student.py").write_text("from engine.student import (build_run, run_name)\n")
+    benchmark.require_build_run(tmp_path, "layered")
+    for text in ("import engine.student\n", "def build_run(:\n"):  # not the name itself; not Python
+        (tmp_path / "train_student.py").write_text(text)
+        with pytest.raises(UserError, match="no build_run"):
+            benchmark.require_build_run(tmp_path, "other")
 
 
 @needs_commit("1564697^")
