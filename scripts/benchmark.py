@@ -1,10 +1,17 @@
-"""Time the real training step of ``train_student.py`` on synthetic batches.
+"""Time the real training step of ``train_student.py`` on synthetic batches, compare it with a
+baseline, and check the goals given with ``--expect``.
 
     python scripts/benchmark.py                                   # CRD and KD, resnet32x4 -> resnet8x4, CPU or GPU
     python scripts/benchmark.py --methods all --steps 10          # every --distill method on that pair
     python scripts/benchmark.py --pairs resnet56:resnet20,vgg13:vgg8 --methods crd --device cuda --json out.json
     python scripts/benchmark.py --baseline_ref 31064c4 --rounds 3 # each configuration also on a commit's code
     python scripts/benchmark.py --data_only                       # the data pipelines alone
+    python scripts/benchmark.py --methods crd --expect "crd images_per_s_ratio>=1.2"   # a goal, checked
+
+The file reads in parts: the measured code (imported from this checkout or a commit's tree),
+small tools (clock, peak memory), teachers, a configuration and its run, one step timed by phase,
+one configuration, the data pipelines alone, isolation (child processes, ``--baseline_ref``),
+comparisons, expectations, the report, the command line, and ``main``.
 
 Every configuration (teacher, student, method, flags) is a ``train_student.py`` command line on the
 synthetic set (``--dataset synthetic``, CIFAR-shaped, ``--n_data`` training images), read by
@@ -42,14 +49,28 @@ Each configuration is compared with a **baseline** in the same run:
 * with ``--baseline_ref COMMIT``, the same command line on the code of that git commit (exported
   with ``git archive`` into a tmp folder and measured in a child process; the repository is not
   touched), so that each configuration is timed on both codes; with ``--baseline_flags`` too,
-  those flags on that commit, once per pair and method. The commit must have
-  ``train_student.build_run`` (1564697 and later); of what it returns, only the parts that every
-  version of it has are used (``step``, ``data.train_loader``, ``optimizer``, ``student``,
-  ``teachers``, ``distillers``).
+  those flags on that commit, once per pair and method. The commit's ``train_student.py`` must
+  define or import ``build_run`` (1564697 and later; an older commit is refused in one error
+  line); of what it returns, only the parts that every version of it has are used (``step``,
+  ``data.train_loader``, ``optimizer``, ``student``, ``teachers``, ``distillers``).
 
+A flag that the measured code's ``train_student.py`` refuses is one error line before anything is
+measured (on a ``--baseline_ref`` commit, that configuration is skipped with the commit's message).
 Finally the data pipelines alone are timed (``--loader`` tensor and torchvision, each with its
 default ``--num_workers``, plain batches and CRD's, from the train loader that ``build_run`` builds,
-moved to the device), and the issue's targets are checked and printed.
+moved to the device).
+
+**Expectations.** Performance goals are ratios measured here, stated by whoever asks for them:
+``--expect '[METHOD ...] [TEACHER:STUDENT ...] METRIC OP NUMBER'`` (repeatable; OP one of ``>=``,
+``<=``, ``>``, ``<``) is checked on every measured configuration (never a baseline) of the named
+methods and pairs, all of them when none is named. METRIC is a number of the configuration's
+result (``images_per_s``, ``phased_over_real``, ``peak_mem_mb``, ``share.loss_fwd_bwd``,
+``ms.teacher_fwd``, ...), of its comparison with its baseline (``images_per_s_ratio``,
+``peak_mem_ratio``, ``loss_share``, ...), or of the pipelines alone (``loader_ratio``,
+``loader_ratio_contrast``: tensor over torchvision images/s). Each check is printed and written to
+the report's ``expectations`` as met or not met, and the exit status is 1 when one is not met.
+Without ``--expect`` nothing is checked. An expectation the run cannot check (a method or pair it
+does not measure, a ratio without a baseline, ...) is refused before anything is measured.
 
 Each configuration runs in a fresh Python process (``--in_process``: all in this one), so that
 peak memory and the allocator's state do not carry over. ``--rounds N`` measures the whole list N
@@ -60,27 +81,22 @@ Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during the timed steps;
 peak resident set size (``VmHWM``, reset through ``/proc/self/clear_refs``) during the timed steps
 minus the resident size before the configuration was built (data, models, banks, activations;
 data-loader worker processes not included).
-
-Changed with issue 13 (no flag was removed): the benchmark's own construction of a run for code
-without ``build_run`` is gone, so ``--baseline_ref`` refuses such a commit (e.g. 67003d6) with one
-error line; flags that the measured code's ``train_student.py`` does not accept are refused (one
-error line; on a ``--baseline_ref`` commit, that configuration is skipped with the commit's
-message) instead of dropped with a note, and the results' ``dropped_flags`` field is gone;
-``--baseline_ref`` without ``--baseline_flags`` times each configuration's own command line on
-the commit (before: the plain baseline flags on it).
 """
 from __future__ import annotations
 
 import argparse
 import ast
 import contextlib
+import functools
 import gc
 import io
 import itertools
 import json
 import importlib
+import operator
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
@@ -104,7 +120,17 @@ import torch.nn as nn  # noqa: E402
 import train_student  # noqa: E402
 from models import build_model  # noqa: E402
 
+BASELINE_FLAGS = "--loader torchvision --nce_scores gather --plain_teacher"
+DEFAULT_PAIRS = "resnet32x4:resnet8x4"
+PHASES = ("data", "teacher_fwd", "student_fwd", "loss_fwd", "loss_bwd", "student_bwd", "optimizer", "other")
+# The table's shares (percent of the phased step); they sum to 100.
+SHARES = {"data": ("data",), "teacher_fwd": ("teacher_fwd",), "student_fwd_bwd": ("student_fwd", "student_bwd"),
+          "loss_fwd_bwd": ("loss_fwd", "loss_bwd"), "optimizer": ("optimizer",), "other": ("other",)}
+# The pair whose runs give the loader-alone timing (only their train loader is used).
+LOADER_PAIR = ("resnet8", "resnet8")
 
+
+# ---------------------------------------------------------------- the measured code
 def _measured(module: str, before: str) -> Any:
     """A module of the measured code by its path in the layered layout, or, for a commit from before
     it (``--baseline_ref``), by its older path ``before``."""
@@ -119,21 +145,22 @@ exit_on_user_error = _measured("common.errors", "helper.errors").exit_on_user_er
 accuracy = _measured("common.meters", "helper.meters").accuracy
 resolve_device = _measured("common.runtime", "helper.runtime").resolve_device
 write_json = _measured("engine.logger", "helper.logger").write_json
-_loops = _measured("engine.loops", "helper.loops")
-StepBudget, check_finite, train_one_epoch = _loops.StepBudget, _loops.check_finite, _loops.train_one_epoch
 adjust_learning_rate = _measured("engine.optim", "helper.optim").adjust_learning_rate
 setup_runtime = _measured("engine.script", "helper.runtime").setup_runtime
+# The training loop's module: the two functions below are the only users of train_one_epoch,
+# StepBudget and check_finite.
+_loops = _measured("engine.loops", "helper.loops")
 
-BASELINE_FLAGS = "--loader torchvision --nce_scores gather --plain_teacher"
-PHASES = ("data", "teacher_fwd", "student_fwd", "loss_fwd", "loss_bwd", "student_bwd", "optimizer", "other")
-# The table's shares (percent of the phased step); they sum to 100.
-SHARES = {"data": ("data",), "teacher_fwd": ("teacher_fwd",), "student_fwd_bwd": ("student_fwd", "student_bwd"),
-          "loss_fwd_bwd": ("loss_fwd", "loss_bwd"), "optimizer": ("optimizer",), "other": ("other",)}
-# The issue's targets (CPU, resnet32x4 -> resnet8x4, batch 64, K 16384, N 50000).
-TARGET_PAIR, TARGET_SETTINGS = "resnet32x4:resnet8x4", {"batch_size": 64, "nce_k": 16384, "n_data": 50000}
-CRD_SPEEDUP, LOSS_SHARE, LOADER_SPEEDUP = 2.5, 10.0, 5.0
-# The pair whose runs give the loader-alone timing (only their train loader is used).
-LOADER_PAIR = ("resnet8", "resnet8")
+
+def loop_step(step: nn.Module, batches: Iterator, optimizer: torch.optim.Optimizer, scaler, runtime) -> None:
+    """One step of the measured code's own loop: ``train_one_epoch`` over the next batch of ``batches``."""
+    _loops.train_one_epoch(1, itertools.islice(batches, 1), step, step, optimizer, _loops.StepBudget(None),
+                           scaler=scaler, autocast=runtime.autocast, device=runtime.device)
+
+
+def check_terms(terms: dict[str, float], number: int) -> None:
+    """The loop's finite check of the loss terms of step ``number`` (raises as the loop does)."""
+    _loops.check_finite(terms, "the benchmark", number)
 
 
 # ---------------------------------------------------------------- small tools
@@ -231,7 +258,7 @@ def teacher_checkpoint(arch: str, folder: Path, num_classes: int, image_size: in
     return path
 
 
-# ---------------------------------------------------------------- one configuration
+# ---------------------------------------------------------------- a configuration and its run
 class Config:
     """One measured configuration: a teacher/student pair, a method, its ``train_student.py``
     flags, and the git commit whose code is measured (None: this checkout). A configuration and
@@ -299,6 +326,7 @@ def batches_forever(loader) -> Iterator:
         yield from loader
 
 
+# ---------------------------------------------------------------- one step, timed by phase
 class PhaseHooks:
     """Forward hooks that time the student's and the teachers' forwards and cut the autograd graph
     between the student's outputs and the loss (see the module docstring)."""
@@ -365,7 +393,7 @@ def phased_step(step: nn.Module, batches: Iterator, optimizer: torch.optim.Optim
     with runtime.autocast():
         logits, target, terms = step(batch)
     loss = sum(terms.values())
-    check_finite({name: term.item() for name, term in terms.items()}, "the benchmark", number)
+    check_terms({name: term.item() for name, term in terms.items()}, number)
     t2 = clock()
     optimizer.zero_grad(set_to_none=True)
     t3 = clock()
@@ -396,6 +424,7 @@ def phased_step(step: nn.Module, batches: Iterator, optimizer: torch.optim.Optim
     return times
 
 
+# ---------------------------------------------------------------- one configuration
 class StepTimer:
     """The two timed steps of a built run (:func:`build`): a real one (``train_one_epoch`` over
     one batch) and a phased one, drawing from one stream of the run's training batches."""
@@ -416,8 +445,7 @@ class StepTimer:
     def real(self) -> float:
         """Seconds of one step of ``train_one_epoch`` itself, as ``train_student.py`` runs it."""
         start = self.clock()
-        train_one_epoch(1, itertools.islice(self.batches, 1), self.step, self.step, self.optimizer, StepBudget(None),
-                        scaler=self.scaler, autocast=self.runtime.autocast, device=self.runtime.device)
+        loop_step(self.step, self.batches, self.optimizer, self.scaler, self.runtime)
         return self.clock() - start
 
     def phased(self, number: int) -> dict[str, float]:
@@ -522,116 +550,7 @@ def loader_timing(args: argparse.Namespace, teacher_dir: Path, save_folder: str,
     return found
 
 
-# ---------------------------------------------------------------- report
-def median_round(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Of one configuration's rounds, the one with the median images/s (the lower middle one for
-    an even count), with every round's images/s added as ``images_per_s_rounds``."""
-    ordered = sorted(runs, key=lambda r: r["images_per_s"])
-    chosen = dict(ordered[(len(ordered) - 1) // 2])
-    chosen["images_per_s_rounds"] = [r["images_per_s"] for r in runs]
-    return chosen
-
-
-def table(results: list[dict[str, Any]]) -> str:
-    """The configurations as a Markdown table."""
-    lines = ["| config | images/s | steps/s | % data | % teacher fwd | % student fwd+bwd | % loss fwd+bwd "
-             "| % optimizer | % other | peak mem (MB) | phased/real |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        s = r["share"]
-        lines.append(f"| {r['name']} | {r['images_per_s']:.0f} | {r['steps_per_s']:.2f} | {s['data']:.1f} "
-                     f"| {s['teacher_fwd']:.1f} | {s['student_fwd_bwd']:.1f} | {s['loss_fwd_bwd']:.1f} "
-                     f"| {s['optimizer']:.1f} | {s['other']:.1f} | {r['peak_mem_mb']:.0f} | {r['phased_over_real']:.2f} |")
-    return "\n".join(lines)
-
-
-def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each measured configuration against the baseline of its group (``same_flags``: the baseline
-    is the same command line, on another commit's code)."""
-    base = {r["group"]: r for r in results if r["baseline"]}
-    out = []
-    for r in results:
-        b = base.get(r["group"])
-        if r["baseline"] or b is None:
-            continue
-        out.append({"name": r["name"], "pair": r["pair"], "method": r["method"], "label": r["label"],
-                    "baseline_label": b["label"], "baseline_commit": b["commit"], "same_flags": r["flags"] == b["flags"],
-                    "images_per_s": r["images_per_s"], "baseline_images_per_s": b["images_per_s"],
-                    "images_per_s_ratio": r["images_per_s"] / b["images_per_s"],
-                    "loss_share": r["share"]["loss_fwd_bwd"], "baseline_loss_share": b["share"]["loss_fwd_bwd"],
-                    "peak_mem_mb": r["peak_mem_mb"], "baseline_peak_mem_mb": b["peak_mem_mb"]})
-    return out
-
-
-def targets(args: argparse.Namespace, device: str, results: list[dict[str, Any]], compared: list[dict[str, Any]],
-            loaders: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's targets, checked on what this run measured (``settings_match`` says whether the
-    run used the targets' CPU / batch / K / N settings). The CRD speed-up is against a plain
-    baseline (other flags), not the same command line on another commit."""
-    settings = {"batch_size": args.batch_size, "nce_k": args.nce_k, "n_data": args.n_data}
-    match = device == "cpu" and settings == TARGET_SETTINGS
-    found = []
-    for c in compared:
-        if c["method"] == "crd" and not c["same_flags"]:
-            found.append({"target": f"CRD {c['pair']} [{c['label']}]: images/s vs plain baseline >= {CRD_SPEEDUP}x",
-                          "value": c["images_per_s_ratio"], "met": c["images_per_s_ratio"] >= CRD_SPEEDUP,
-                          "settings_match": match and c["pair"] == TARGET_PAIR})
-    for r in results:
-        if not r["baseline"]:
-            found.append({"target": f"{r['method']} {r['pair']} [{r['label']}]: loss share <= {LOSS_SHARE:g}% of the step",
-                          "value": r["share"]["loss_fwd_bwd"], "met": r["share"]["loss_fwd_bwd"] <= LOSS_SHARE,
-                          "settings_match": match and r["pair"] == TARGET_PAIR})
-    if loaders.get("ratio") is not None:
-        found.append({"target": f"tensor loader alone vs torchvision DataLoader: images/s >= {LOADER_SPEEDUP}x",
-                      "value": loaders["ratio"], "met": loaders["ratio"] >= LOADER_SPEEDUP,
-                      "settings_match": device == "cpu"})
-    return found
-
-
-def render(report: dict[str, Any]) -> str:
-    """The report as text: the table, skipped configurations, ratios, pipelines, targets, notes."""
-    s = report["settings"]
-    out = [f"\nRepDistill benchmark: {s['device']} ({s['threads']} threads), torch {s['torch']}, batch {s['batch_size']}, "
-           f"K {s['nce_k']}, N {s['n_data']}, {s['steps']} timed steps after {s['warmup']} warm-up", ""]
-    if report["configs"]:
-        out += [table(report["configs"]), ""]
-        out.append("shares: percent of the phased step; images/s and steps/s: the real loop "
-                   "(train_one_epoch); peak mem: " + report["configs"][0]["peak_mem_kind"].replace("_", " "))
-    out += [f"skipped {skip['name']}: {skip['error']}" for skip in report["skipped"]]
-    if report["ratios"]:
-        out += ["", "vs the baseline (same pair and method):"]
-        for c in report["ratios"]:
-            out.append(f"- {c['name']} vs [{c['baseline_label']}]: {c['images_per_s_ratio']:.2f}x images/s "
-                       f"({c['images_per_s']:.0f} vs {c['baseline_images_per_s']:.0f}); loss {c['loss_share']:.1f}% "
-                       f"of the step (baseline {c['baseline_loss_share']:.1f}%); peak mem {c['peak_mem_mb']:.0f} vs "
-                       f"{c['baseline_peak_mem_mb']:.0f} MB")
-    out += render_loaders(report["loaders"])
-    if report["targets"]:
-        out += ["", "targets:"]
-        for t in report["targets"]:
-            where = "" if t["settings_match"] else " (not the target's settings)"
-            out.append(f"- {t['target']}: {t['value']:.2f} -> {'met' if t['met'] else 'NOT met'}{where}")
-    if report["notes"]:
-        out += ["", "notes:"] + [f"- {n}" for n in report["notes"]]
-    return "\n".join(out)
-
-
-def render_loaders(loaders: dict[str, Any]) -> list[str]:
-    """The lines of the loader-alone timing (none when it did not run)."""
-    if not loaders.get("runs"):
-        return []
-    out = ["", "data pipelines alone (train batches with augmentation, moved to the device):"]
-    for r in loaders["runs"]:
-        out.append(f"- {r['loader']} ({'crd batches' if r['contrast'] else 'plain'}, num_workers "
-                   f"{r['num_workers']}): {r['images_per_s']:.0f} images/s")
-    if loaders.get("ratio") is not None:
-        contrast = loaders.get("ratio_contrast")
-        out.append(f"- tensor / torchvision: {loaders['ratio']:.2f}x (plain)"
-                   + (f", {contrast:.2f}x (crd batches)" if contrast is not None else ""))
-    return out
-
-
-# ---------------------------------------------------------------- isolation
+# ---------------------------------------------------------------- isolation: child processes, --baseline_ref
 def export_ref(ref: str, dest: Path) -> str:
     """Write the tree of git ``ref`` of this checkout into ``dest`` (``git archive``; the
     repository is not touched) and return the commit; refused (:class:`UserError`) when it is not
@@ -697,14 +616,260 @@ def run_child(spec_path: str, out_path: str) -> None:
     write_json(Path(out_path), result)
 
 
-# ---------------------------------------------------------------- the list of configurations
+# ---------------------------------------------------------------- comparisons
+def median_round(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Of one configuration's rounds, the one with the median images/s (the lower middle one for
+    an even count), with every round's images/s added as ``images_per_s_rounds``."""
+    ordered = sorted(runs, key=lambda r: r["images_per_s"])
+    chosen = dict(ordered[(len(ordered) - 1) // 2])
+    chosen["images_per_s_rounds"] = [r["images_per_s"] for r in runs]
+    return chosen
+
+
+def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each measured configuration against the baseline of its group (``same_flags``: the baseline
+    is the same command line, on another commit's code)."""
+    base = {r["group"]: r for r in results if r["baseline"]}
+    out = []
+    for r in results:
+        b = base.get(r["group"])
+        if r["baseline"] or b is None:
+            continue
+        out.append({"name": r["name"], "pair": r["pair"], "method": r["method"], "label": r["label"],
+                    "baseline_label": b["label"], "baseline_commit": b["commit"], "same_flags": r["flags"] == b["flags"],
+                    "images_per_s": r["images_per_s"], "baseline_images_per_s": b["images_per_s"],
+                    "images_per_s_ratio": r["images_per_s"] / b["images_per_s"],
+                    "peak_mem_ratio": r["peak_mem_mb"] / b["peak_mem_mb"] if b["peak_mem_mb"] > 0 else None,
+                    "loss_share": r["share"]["loss_fwd_bwd"], "baseline_loss_share": b["share"]["loss_fwd_bwd"],
+                    "peak_mem_mb": r["peak_mem_mb"], "baseline_peak_mem_mb": b["peak_mem_mb"]})
+    return out
+
+
+# ---------------------------------------------------------------- expectations (--expect)
+# What an expectation may name: a number of a measured configuration's result (``ms.<phase>`` and
+# ``share.<share>`` for the nested ones), of its comparison with its baseline, or of the pipelines
+# alone (by its key in the report's ``loaders``).
+RESULT_METRICS = ("images_per_s", "steps_per_s", "real_step_ms", "real_step_ms_median", "phased_step_ms",
+                  "phased_over_real", "peak_mem_mb", "build_s", *(f"ms.{p}" for p in PHASES),
+                  *(f"share.{s}" for s in SHARES))
+RATIO_METRICS = ("images_per_s_ratio", "peak_mem_ratio", "baseline_images_per_s", "loss_share",
+                 "baseline_loss_share", "baseline_peak_mem_mb")
+LOADER_METRICS = {"loader_ratio": "ratio", "loader_ratio_contrast": "ratio_contrast"}
+OPERATORS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
+EXPECT_FORM = re.compile(r"(?:(?P<select>.*\S)\s+)?(?P<metric>[A-Za-z_][\w.]*)\s*(?P<op>>=|<=|>|<)\s*(?P<bound>\S+)")
+EXPECT_HELP = ("[METHOD ...] [TEACHER:STUDENT ...] METRIC OP NUMBER with OP one of >= <= > <, e.g. "
+               "'crd resnet32x4:resnet8x4 images_per_s_ratio>=1.5'")
+
+
+class Expectation:
+    """A goal given with ``--expect``: ``metric op bound`` must hold for every measured configuration
+    (not a baseline) of ``methods`` and ``pairs`` (all of them when empty), or for the pipelines alone
+    when ``metric`` is one of :data:`LOADER_METRICS`."""
+
+    def __init__(self, text: str, methods: set[str], pairs: set[str], metric: str, op: str, bound: float):
+        self.text, self.methods, self.pairs = text, methods, pairs
+        self.metric, self.op, self.bound = metric, op, bound
+
+    def names(self, result: dict[str, Any]) -> bool:
+        """Whether ``result`` (a configuration's) is one that the expectation is checked on."""
+        return ((not self.methods or result["method"] in self.methods)
+                and (not self.pairs or result["pair"] in self.pairs))
+
+    def check(self, subject: str | None, value: float | None) -> dict[str, Any]:
+        """The report's entry for ``value`` measured on ``subject`` (None: nothing measured)."""
+        met = value is not None and OPERATORS[self.op](value, self.bound)
+        return {"expect": self.text, "subject": subject, "metric": self.metric, "op": self.op, "bound": self.bound,
+                "value": value, "met": met}
+
+
+def metric_names() -> str:
+    """The metrics an expectation may name, for error messages and ``--help``."""
+    plain = [m for m in RESULT_METRICS if "." not in m]
+    return ", ".join([*plain, "ms.<phase>", "share.<share>", *RATIO_METRICS, *LOADER_METRICS])
+
+
+def parse_expectation(text: str, methods: list[str], pairs: list[str]) -> Expectation:
+    """``--expect``'s ``text`` as an :class:`Expectation`; refused (:class:`UserError`) when it is
+    not of the form, or names an unknown metric, or a method or pair (``teacher:student``) that is
+    not measured."""
+    where = f"--expect {text!r}"
+    form = EXPECT_FORM.fullmatch(text.strip())
+    if form is None:
+        raise UserError(f"{where}: write {EXPECT_HELP}")
+    metric, select = form["metric"], (form["select"] or "").split()
+    if metric not in (*RESULT_METRICS, *RATIO_METRICS, *LOADER_METRICS):
+        raise UserError(f"{where}: unknown metric {metric}; choose from {metric_names()} "
+                        f"(phases: {', '.join(PHASES)}; shares: {', '.join(SHARES)})")
+    try:
+        bound = float(form["bound"])
+    except ValueError:
+        raise UserError(f"{where}: {form['bound']} is not a number") from None
+    if metric in LOADER_METRICS and select:
+        raise UserError(f"{where}: {metric} is a number of the data pipelines alone: name no method or pair")
+    chosen_pairs = {s for s in select if ":" in s}
+    chosen_methods = set(select) - chosen_pairs
+    unknown = sorted(chosen_methods - set(methods)) + sorted(chosen_pairs - set(pairs))
+    if unknown:
+        raise UserError(f"{where}: {', '.join(unknown)} not measured (methods: {', '.join(methods) or 'none'}; "
+                        f"pairs: {', '.join(pairs)})")
+    return Expectation(text.strip(), chosen_methods, chosen_pairs, metric, form["op"], bound)
+
+
+def read_expectations(args: argparse.Namespace, methods: list[str], pairs: list[tuple[str, str]]
+                      ) -> list[Expectation]:
+    """The ``--expect`` goals; each one that this run could not check is refused
+    (:class:`UserError`) before anything is measured."""
+    found = []
+    for text in args.expect:
+        e = parse_expectation(text, methods, [f"{teacher}:{student}" for teacher, student in pairs])
+        named = [m for m in methods if not e.methods or m in e.methods]
+        if e.metric in LOADER_METRICS and args.no_loader_check:
+            raise UserError(f"--expect {text!r}: {e.metric} needs the pipelines alone, which --no_loader_check skips")
+        if e.metric not in LOADER_METRICS and not named:
+            raise UserError(f"--expect {text!r}: no configuration is measured (--data_only)")
+        if e.metric in RATIO_METRICS and not set(named) & baseline_methods(args, methods):
+            raise UserError(f"--expect {text!r}: {e.metric} compares with a baseline, and --baseline_methods "
+                            f"gives none to {', '.join(named)}")
+        found.append(e)
+    return found
+
+
+def check_expectations(expectations: list[Expectation], results: list[dict[str, Any]],
+                       compared: list[dict[str, Any]], loaders: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each expectation checked on what was measured: one entry per configuration it names (with its
+    comparison, for the ratio metrics) or one for the pipelines alone; where nothing it names was
+    measured (skipped configurations), one entry without a subject, not met."""
+    comparison = {c["name"]: c for c in compared}
+    checks = []
+    for e in expectations:
+        if e.metric in LOADER_METRICS:
+            value = loaders.get(LOADER_METRICS[e.metric])
+            subjects = [("data pipelines alone", value)] if value is not None else []
+        else:
+            rows = [{**r, **comparison.get(r["name"], {})} for r in results if not r["baseline"] and e.names(r)]
+            subjects = [(row["name"], functools.reduce(operator.getitem, e.metric.split("."), row)) for row in rows
+                        if e.metric not in RATIO_METRICS or row["name"] in comparison]
+        checks += [e.check(subject, value) for subject, value in subjects] or [e.check(None, None)]
+    return checks
+
+
+def exit_status(report: dict[str, Any] | None) -> int:
+    """The script's exit status: 1 when an expectation is not met, else 0."""
+    return int(bool(report) and any(not c["met"] for c in report["expectations"]))
+
+
+# ---------------------------------------------------------------- the report
+def load_note(device: str, loads: tuple[float | None, float | None]) -> list[str]:
+    """A note when the CPU was shared with other processes during the run."""
+    busy = max(load or 0.0 for load in loads)
+    if device == "cpu" and busy > (os.cpu_count() or 1):
+        return [f"the 1-minute load average reached {busy:.1f} on {os.cpu_count()} cores: other processes "
+                "shared the CPU, so these timings are slower and noisier than on an idle machine"]
+    return []
+
+
+def make_report(args: argparse.Namespace, device: str, methods: list[str], configs: list[Config],
+                measured: dict[str, Any], loads: tuple[float | None, float | None],
+                expectations: list[Expectation]) -> dict[str, Any]:
+    """The whole report (what ``--json`` writes) from the measured configurations and pipelines, with
+    each expectation checked on them."""
+    results, loaders = measured["configs"], measured["loaders"]
+    notes = measured["notes"] + [f"{r['name']}: the teacher forward was not observed by the hooks (its time is "
+                                 "counted in the loss)" for r in results if not r["teacher_seen"]]
+    notes += load_note(device, loads)
+    compared = ratios(results)
+    baselines = [c for c in configs if c.baseline]
+    settings = {
+        "device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(), "machine": platform.machine(), "pairs": args.pairs, "methods": methods,
+        "loaders": ["tensor", "torchvision"] if args.loader == "both" else [args.loader], "steps": args.steps,
+        "warmup": args.warmup, "rounds": args.rounds, "batch_size": args.batch_size, "nce_k": args.nce_k,
+        "n_data": args.n_data, "flags": shlex.split(args.flags),
+        "baseline_flags": sorted({" ".join(c.flags) for c in baselines}), "baseline_ref": args.baseline_ref,
+        "baseline_commit": next((c.commit for c in baselines if c.commit), None), "isolated": not args.in_process,
+        "data_batches": args.data_batches, "load_average_before": loads[0], "load_average_after": loads[1],
+        "expect": [e.text for e in expectations],
+    }
+    return {"settings": settings, "configs": results, "skipped": measured["skipped"], "ratios": compared,
+            "loaders": loaders, "expectations": check_expectations(expectations, results, compared, loaders),
+            "notes": notes}
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    """The configurations as a Markdown table."""
+    lines = ["| config | images/s | steps/s | % data | % teacher fwd | % student fwd+bwd | % loss fwd+bwd "
+             "| % optimizer | % other | peak mem (MB) | phased/real |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        s = r["share"]
+        lines.append(f"| {r['name']} | {r['images_per_s']:.0f} | {r['steps_per_s']:.2f} | {s['data']:.1f} "
+                     f"| {s['teacher_fwd']:.1f} | {s['student_fwd_bwd']:.1f} | {s['loss_fwd_bwd']:.1f} "
+                     f"| {s['optimizer']:.1f} | {s['other']:.1f} | {r['peak_mem_mb']:.0f} | {r['phased_over_real']:.2f} |")
+    return "\n".join(lines)
+
+
+def render(report: dict[str, Any]) -> str:
+    """The report as text: the table, skipped configurations, ratios, pipelines, expectations, notes."""
+    s = report["settings"]
+    out = [f"\nRepDistill benchmark: {s['device']} ({s['threads']} threads), torch {s['torch']}, batch {s['batch_size']}, "
+           f"K {s['nce_k']}, N {s['n_data']}, {s['steps']} timed steps after {s['warmup']} warm-up", ""]
+    if report["configs"]:
+        out += [table(report["configs"]), ""]
+        out.append("shares: percent of the phased step; images/s and steps/s: the real loop "
+                   "(train_one_epoch); peak mem: " + report["configs"][0]["peak_mem_kind"].replace("_", " "))
+    out += [f"skipped {skip['name']}: {skip['error']}" for skip in report["skipped"]]
+    if report["ratios"]:
+        out += ["", "vs the baseline (same pair and method):"]
+        for c in report["ratios"]:
+            out.append(f"- {c['name']} vs [{c['baseline_label']}]: {c['images_per_s_ratio']:.2f}x images/s "
+                       f"({c['images_per_s']:.0f} vs {c['baseline_images_per_s']:.0f}); loss {c['loss_share']:.1f}% "
+                       f"of the step (baseline {c['baseline_loss_share']:.1f}%); peak mem {c['peak_mem_mb']:.0f} vs "
+                       f"{c['baseline_peak_mem_mb']:.0f} MB")
+    out += render_loaders(report["loaders"])
+    out += render_expectations(report["expectations"])
+    if report["notes"]:
+        out += ["", "notes:"] + [f"- {n}" for n in report["notes"]]
+    return "\n".join(out)
+
+
+def render_loaders(loaders: dict[str, Any]) -> list[str]:
+    """The lines of the loader-alone timing (none when it did not run)."""
+    if not loaders.get("runs"):
+        return []
+    out = ["", "data pipelines alone (train batches with augmentation, moved to the device):"]
+    for r in loaders["runs"]:
+        out.append(f"- {r['loader']} ({'crd batches' if r['contrast'] else 'plain'}, num_workers "
+                   f"{r['num_workers']}): {r['images_per_s']:.0f} images/s")
+    if loaders.get("ratio") is not None:
+        contrast = loaders.get("ratio_contrast")
+        out.append(f"- tensor / torchvision: {loaders['ratio']:.2f}x (plain)"
+                   + (f", {contrast:.2f}x (crd batches)" if contrast is not None else ""))
+    return out
+
+
+def render_expectations(checks: list[dict[str, Any]]) -> list[str]:
+    """The lines of the expectations' checks (none without ``--expect``)."""
+    if not checks:
+        return []
+    out = ["", "expectations:"]
+    for c in checks:
+        if c["subject"] is None:
+            out.append(f"- {c['expect']}: nothing it names was measured -> NOT met")
+            continue
+        value = "n/a" if c["value"] is None else f"{c['value']:.2f}"
+        out.append(f"- {c['expect']}: {c['subject']}: {c['metric']} {value} (expected {c['op']} {c['bound']:g}) "
+                   f"-> {'met' if c['met'] else 'NOT met'}")
+    return out
+
+
+# ---------------------------------------------------------------- the command line
 def build_parser() -> argparse.ArgumentParser:
     """The benchmark's flags (the parent process's only: a child gets them as a namespace)."""
     from engine.options import Parser  # this checkout's parser (one-line errors)
 
     p = Parser(description="Time train_student.py's training step on synthetic batches.",
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--pairs", default=TARGET_PAIR, help="comma-separated teacher:student pairs")
+    p.add_argument("--pairs", default=DEFAULT_PAIRS, help="comma-separated teacher:student pairs")
     p.add_argument("--methods", default="crd,kd", help="comma-separated --distill methods, or 'all'")
     p.add_argument("--steps", type=int, default=20, help="timed steps of each loop (real and phased)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps (and loader batches) first")
@@ -736,6 +901,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data_only", action="store_true", help="time the data pipelines alone, nothing else")
     p.add_argument("--teacher_dir", default=None,
                    help="folder with <arch>_vanilla/ckpt_epoch_240.pth teachers (default: random ones in a tmp folder)")
+    p.add_argument("--expect", action="append", default=[], metavar="GOAL",
+                   help=f"a goal checked on the measured numbers, repeatable: {EXPECT_HELP}; METRIC: "
+                        f"{metric_names()}; printed and written to the report as met or not met, exit status 1 "
+                        "when one is not met")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--verbose", action="store_true", help="show the training scripts' own output")
     return p
@@ -785,6 +954,15 @@ def resolve_pairs(spec: str) -> list[tuple[str, str]]:
     return pairs
 
 
+def baseline_methods(args: argparse.Namespace, methods: list[str]) -> set[str]:
+    """The methods that get a baseline run (``--baseline_methods``)."""
+    if args.baseline_methods == "all":
+        return set(methods)
+    if args.baseline_methods == "none":
+        return set()
+    return {m.strip() for m in args.baseline_methods.split(",")}
+
+
 def make_configs(args: argparse.Namespace, pairs: list[tuple[str, str]], methods: list[str],
                  commit: str | None) -> list[Config]:
     """Every configuration to measure, each followed by its baseline: ``--baseline_flags`` (on this
@@ -793,8 +971,7 @@ def make_configs(args: argparse.Namespace, pairs: list[tuple[str, str]], methods
     loaders = ["tensor", "torchvision"] if args.loader == "both" else [args.loader]
     extra = shlex.split(args.flags)
     base_flags = args.baseline_flags if args.baseline_flags is not None or commit else BASELINE_FLAGS
-    chosen = (set(methods) if args.baseline_methods == "all" else set() if args.baseline_methods == "none"
-              else {m.strip() for m in args.baseline_methods.split(",")})
+    chosen = baseline_methods(args, methods)
     at = f" @ {commit[:10]}" if commit else ""
     configs = []
     for (teacher, student), method in itertools.product(pairs, methods):
@@ -864,38 +1041,6 @@ def measure_rounds(configs: list[Config], args: argparse.Namespace, teacher_dir:
     return [median_round(r) for r in runs.values() if r], skipped
 
 
-def load_note(device: str, loads: tuple[float | None, float | None]) -> list[str]:
-    """A note when the CPU was shared with other processes during the run."""
-    busy = max(load or 0.0 for load in loads)
-    if device == "cpu" and busy > (os.cpu_count() or 1):
-        return [f"the 1-minute load average reached {busy:.1f} on {os.cpu_count()} cores: other processes "
-                "shared the CPU, so these timings are slower and noisier than on an idle machine"]
-    return []
-
-
-def make_report(args: argparse.Namespace, device: str, methods: list[str], configs: list[Config],
-                measured: dict[str, Any], loads: tuple[float | None, float | None]) -> dict[str, Any]:
-    """The whole report (what ``--json`` writes) from the measured configurations and pipelines."""
-    results, loaders = measured["configs"], measured["loaders"]
-    notes = measured["notes"] + [f"{r['name']}: the teacher forward was not observed by the hooks (its time is "
-                                 "counted in the loss)" for r in results if not r["teacher_seen"]]
-    notes += load_note(device, loads)
-    compared = ratios(results)
-    baselines = [c for c in configs if c.baseline]
-    settings = {
-        "device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(), "machine": platform.machine(), "pairs": args.pairs, "methods": methods,
-        "loaders": ["tensor", "torchvision"] if args.loader == "both" else [args.loader], "steps": args.steps,
-        "warmup": args.warmup, "rounds": args.rounds, "batch_size": args.batch_size, "nce_k": args.nce_k,
-        "n_data": args.n_data, "flags": shlex.split(args.flags),
-        "baseline_flags": sorted({" ".join(c.flags) for c in baselines}), "baseline_ref": args.baseline_ref,
-        "baseline_commit": next((c.commit for c in baselines if c.commit), None), "isolated": not args.in_process,
-        "data_batches": args.data_batches, "load_average_before": loads[0], "load_average_after": loads[1],
-    }
-    return {"settings": settings, "configs": results, "skipped": measured["skipped"], "ratios": compared,
-            "loaders": loaders, "targets": targets(args, device, results, compared, loaders), "notes": notes}
-
-
 def run_all(args: argparse.Namespace, pairs: list[tuple[str, str]], methods: list[str], tmp: Path
             ) -> tuple[list[Config], dict[str, Any]]:
     """Export the baseline commit (if any), check every command line, make the teachers, then
@@ -928,11 +1073,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     check_args(args)
     pairs = resolve_pairs(args.pairs)
     methods = [] if args.data_only else resolve_methods(args.methods)
+    expectations = read_expectations(args, methods, pairs)
     device = str(resolve_device(args.device))
     load_before = _load_average()
     with tempfile.TemporaryDirectory(prefix="benchmark_") as tmp:
         configs, measured = run_all(args, pairs, methods, Path(tmp))
-    report = make_report(args, device, methods, configs, measured, (load_before, _load_average()))
+    report = make_report(args, device, methods, configs, measured, (load_before, _load_average()), expectations)
     print(render(report), flush=True)
     if args.json:
         write_json(Path(args.json), report)
@@ -940,4 +1086,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main()))

@@ -1,12 +1,15 @@
 """scripts/benchmark.py: the report of a tiny run has every field, its shares add up, the phased
 step (hooks that cut the graph between the student and the loss) trains exactly like the real
-step, a commit's code (--baseline_ref) is measured in a child process, and bad input is one error
-line. No timing is asserted."""
+step, a commit's code (--baseline_ref) is measured in a child process, the goals given with
+--expect are checked on the measured numbers (met and not met, the exit status), and bad input is
+one error line. No timing is asserted: the expectations of the tiny runs hold (or fail) whatever
+the machine's speed."""
 from __future__ import annotations
 
 import ast
 import contextlib
 import copy
+import functools
 import importlib.util
 import io
 import json
@@ -36,6 +39,11 @@ SMALL = ["--pairs", "resnet8:resnet8", "--steps", "2", "--warmup", "1", "--n_dat
 # kd and crd in this process; crd's baseline the plain flags, without loader workers (fast to start).
 TINY = SMALL + ["--methods", "kd,crd", "--in_process", "--flags", "--num_workers 0", "--baseline_methods", "crd",
                 "--baseline_flags", "--loader torchvision --num_workers 0 --nce_scores gather --plain_teacher"]
+# Goals on the tiny run: one met whatever the speed (a ratio of two speeds is positive), one not
+# met, one on a share of every measured configuration, one on the pipelines alone.
+MET, UNMET = "crd resnet8:resnet8 images_per_s_ratio>0", "crd images_per_s_ratio < 0"
+EXPECT = ["--expect", MET, "--expect", UNMET, "--expect", "share.loss_fwd_bwd<=100", "--expect", "loader_ratio>0"]
+CHECK_FIELDS = {"expect", "subject", "metric", "op", "bound", "value", "met"}
 CONFIG_FIELDS = {"name", "pair", "teacher", "student", "method", "label", "baseline", "group", "flags", "argv",
                  "device", "runtime", "loader", "num_workers", "weights", "batch_size", "nce_k", "n_data", "steps",
                  "warmup", "build_s", "images_per_s", "steps_per_s", "real_step_ms", "real_step_ms_median",
@@ -73,13 +81,13 @@ def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        result = benchmark.main(TINY + ["--json", str(out)])
+        result = benchmark.main(TINY + EXPECT + ["--json", str(out)])
     return result, json.loads(out.read_text()), printed.getvalue()
 
 
 def test_report_fields(report):
     result, saved, _ = report
-    assert set(saved) == {"settings", "configs", "skipped", "ratios", "loaders", "targets", "notes"}
+    assert set(saved) == {"settings", "configs", "skipped", "ratios", "loaders", "expectations", "notes"}
     assert saved["skipped"] == []
     assert saved["settings"]["n_data"] == 200 and saved["settings"]["device"] == "cpu"
     assert saved["settings"]["baseline_commit"] is None
@@ -101,9 +109,7 @@ def test_report_fields(report):
     assert [(r["loader"], r["contrast"]) for r in runs] == [("tensor", False), ("tensor", True),
                                                             ("torchvision", False), ("torchvision", True)]
     assert all(r["images_per_s"] > 0 and r["batches"] == 2 for r in runs)
-    targets = [t["target"] for t in saved["targets"]]
-    assert any(t.startswith("CRD resnet8:resnet8") for t in targets)
-    assert all(not t["settings_match"] for t in saved["targets"] if "loader" not in t["target"])
+    assert saved["settings"]["expect"] == [MET, UNMET, "share.loss_fwd_bwd<=100", "loader_ratio>0"]
     assert result["configs"][0]["name"] == saved["configs"][0]["name"]
 
 
@@ -111,15 +117,95 @@ def test_table_prints(report):
     text = report[2]
     assert benchmark.render(report[0]) in text
     assert "| config | images/s | steps/s | % data | % teacher fwd | % student fwd+bwd | % loss fwd+bwd" in text
-    assert "crd resnet8->resnet8" in text and "vs the baseline" in text and "targets:" in text
+    assert "crd resnet8->resnet8" in text and "vs the baseline" in text and "expectations:" in text
+    expectations = text.split("expectations:")[1]
+    assert f"- {MET}: crd resnet8->resnet8 [--loader tensor --num_workers 0]: images_per_s_ratio " in expectations
+    assert "(expected > 0) -> met" in expectations and "(expected < 0) -> NOT met" in expectations
     assert "images/s" in text.split("data pipelines alone")[1]
+
+
+def test_expectations_are_checked_on_the_measured_numbers(report):
+    """Each --expect is checked on every measured configuration it names (never a baseline), with
+    the value the report holds for it; met and not met as the comparison says."""
+    _, saved, _ = report
+    checks = saved["expectations"]
+    assert all(set(c) == CHECK_FIELDS for c in checks)
+    assert [(c["expect"], c["subject"]) for c in checks] == [
+        (MET, "crd resnet8->resnet8 [--loader tensor --num_workers 0]"),
+        (UNMET, "crd resnet8->resnet8 [--loader tensor --num_workers 0]"),
+        ("share.loss_fwd_bwd<=100", "kd resnet8->resnet8 [--loader tensor --num_workers 0]"),
+        ("share.loss_fwd_bwd<=100", "crd resnet8->resnet8 [--loader tensor --num_workers 0]"),
+        ("loader_ratio>0", "data pipelines alone")]
+    ratio = saved["ratios"][0]["images_per_s_ratio"]
+    assert checks[0] == {"expect": MET, "subject": checks[0]["subject"], "metric": "images_per_s_ratio", "op": ">",
+                         "bound": 0.0, "value": ratio, "met": True}
+    assert checks[1]["op"] == "<" and checks[1]["value"] == ratio and checks[1]["met"] is False
+    assert [c["value"] for c in checks[2:4]] == [c["share"]["loss_fwd_bwd"] for c in saved["configs"][:2]]
+    assert checks[2]["met"] and checks[3]["met"]
+    assert checks[4]["value"] == saved["loaders"]["ratio"] and checks[4]["met"]
+    assert benchmark.exit_status(saved) == 1
 
 
 def test_data_only_times_the_pipelines_alone(capsys):
     saved = benchmark.main(SMALL + ["--data_only", "--methods", "nope"])  # --methods is not read
     assert saved["configs"] == [] and saved["ratios"] == [] and saved["skipped"] == []
     assert len(saved["loaders"]["runs"]) == 4 and saved["loaders"]["ratio"] > 0
-    assert "data pipelines alone" in capsys.readouterr().out
+    # no --expect: nothing is checked
+    assert saved["expectations"] == [] and saved["settings"]["expect"] == [] and benchmark.exit_status(saved) == 0
+    out = capsys.readouterr().out
+    assert "data pipelines alone" in out and "expectations:" not in out
+
+
+def test_parse_expectation():
+    e = benchmark.parse_expectation(" crd resnet32x4:resnet8x4 images_per_s_ratio>=1.5 ", ["crd", "kd"],
+                                    ["resnet32x4:resnet8x4", "resnet56:resnet20"])
+    assert (e.text, e.methods, e.pairs, e.metric, e.op, e.bound) == (
+        "crd resnet32x4:resnet8x4 images_per_s_ratio>=1.5", {"crd"}, {"resnet32x4:resnet8x4"}, "images_per_s_ratio",
+        ">=", 1.5)
+    e = benchmark.parse_expectation("kd crd share.loss_fwd_bwd <= 10", ["crd", "kd"], ["a:b"])
+    assert (e.methods, e.pairs, e.metric, e.op, e.bound) == ({"kd", "crd"}, set(), "share.loss_fwd_bwd", "<=", 10.0)
+    assert e.names({"method": "kd", "pair": "a:b"}) and not e.names({"method": "hint", "pair": "a:b"})
+    e = benchmark.parse_expectation("loader_ratio>5", [], ["a:b"])
+    assert (e.methods, e.pairs, e.metric, e.op, e.bound) == (set(), set(), "loader_ratio", ">", 5.0)
+
+
+def test_check_expectations_on_given_numbers():
+    """One entry per configuration named (baselines never); a ratio only where there is a baseline;
+    nothing measured (skipped) or no value is not met; no expectation, no entry."""
+    def result(method, pair, speed, baseline=False):
+        return {"name": f"{method} {pair}{' base' if baseline else ''}", "method": method, "pair": pair,
+                "baseline": baseline, "images_per_s": speed, "share": {"loss_fwd_bwd": 4.0}}
+
+    results = [result("crd", "a:b", 30.0), result("crd", "a:b", 10.0, True), result("kd", "a:b", 50.0),
+               result("crd", "c:d", 20.0)]
+    compared = [{"name": "crd a:b", "images_per_s_ratio": 3.0, "peak_mem_ratio": None}]
+    parse = functools.partial(benchmark.parse_expectation, methods=["crd", "kd", "hint"], pairs=["a:b", "c:d", "e:f"])
+    expectations = [parse("crd images_per_s>=25"), parse("images_per_s_ratio>=2.5"), parse("peak_mem_ratio<1"),
+                    parse("hint images_per_s>1"), parse("e:f share.loss_fwd_bwd<5"), parse("kd share.loss_fwd_bwd<5"),
+                    parse("loader_ratio_contrast>=2")]
+    checks = benchmark.check_expectations(expectations, results, compared, {"ratio": 4.0})
+    assert [(c["subject"], c["value"], c["met"]) for c in checks] == [
+        ("crd a:b", 30.0, True), ("crd c:d", 20.0, False),  # the baseline (10) is not checked
+        ("crd a:b", 3.0, True),                            # crd c:d and kd have no baseline
+        ("crd a:b", None, False),                          # no value (a baseline without peak memory)
+        (None, None, False), (None, None, False),          # hint, e:f: nothing measured
+        ("kd a:b", 4.0, True),
+        (None, None, False)]                               # the pipelines' crd-batch ratio is missing
+    assert benchmark.check_expectations([], results, compared, {"ratio": 4.0}) == []
+    assert benchmark.exit_status({"expectations": checks[:1]}) == 0
+    assert benchmark.exit_status({"expectations": checks[:2]}) == 1 and benchmark.exit_status(None) == 0
+
+
+def test_an_unmet_expectation_is_exit_status_1(tmp_path):
+    """The script run as a command: the report is printed and written, and the exit status is 1."""
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, str(SCRIPT), *SMALL, "--steps", "1", "--warmup", "0", "--methods", "kd",
+                           "--in_process", "--flags", "--num_workers 0", "--no_loader_check", "--expect",
+                           "kd images_per_s>0", "--expect", "kd images_per_s<0", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert [c["met"] for c in json.loads(out.read_text())["expectations"]] == [True, False]
+    assert "kd images_per_s<0: kd resnet8->resnet8 [--loader tensor --num_workers 0]: images_per_s " in done.stdout
 
 
 def test_make_configs_pairs_each_configuration_with_its_baseline():
@@ -187,6 +273,20 @@ def test_median_round():
     (["--methods", "kd,nope"], "error: unknown method(s) nope; choose from"),
     (["--pairs", "resnet8"], "error: --pairs takes teacher:student pairs"),
     (["--steps", "0"], "error: --steps, --rounds and --data_batches must be at least 1"),
+    (["--expect", "crd images_per_s_ratio=>1.5"], "error: --expect 'crd images_per_s_ratio=>1.5': write [METHOD ...] "
+                                                  "[TEACHER:STUDENT ...] METRIC OP NUMBER"),
+    (["--expect", "crd speed>=2"], "error: --expect 'crd speed>=2': unknown metric speed; choose from images_per_s,"),
+    (["--expect", "kd images_per_s>=fast"], "error: --expect 'kd images_per_s>=fast': fast is not a number"),
+    (["--expect", "hint resnet8:resnet20 images_per_s>1"], "error: --expect 'hint resnet8:resnet20 images_per_s>1': "
+                                                           "hint, resnet8:resnet20 not measured (methods: crd, kd;"),
+    (["--expect", "kd loader_ratio>=5"], "error: --expect 'kd loader_ratio>=5': loader_ratio is a number of the data "
+                                         "pipelines alone: name no method or pair"),
+    (["--expect", "kd images_per_s_ratio>=1", "--baseline_methods", "crd"],
+     "error: --expect 'kd images_per_s_ratio>=1': images_per_s_ratio compares with a baseline, and --baseline_methods "
+     "gives none to kd"),
+    (["--expect", "loader_ratio>=5", "--no_loader_check"], "error: --expect 'loader_ratio>=5': loader_ratio needs the "
+                                                           "pipelines alone, which --no_loader_check skips"),
+    (["--expect", "images_per_s>=1", "--data_only"], "error: --expect 'images_per_s>=1': no configuration is measured"),
 ])
 def test_bad_input_is_one_error_line_before_measuring(bad, message, capsys):
     with pytest.raises(SystemExit) as stop:
@@ -273,7 +373,7 @@ def test_script_times_each_configuration_on_a_commit_too(tmp_path):
     before issue 13), and compared with it."""
     out = tmp_path / "bench.json"
     done = subprocess.run([sys.executable, str(SCRIPT), *SMALL, "--methods", "crd", "--flags", "--num_workers 0",
-                           "--baseline_ref", BEFORE_REFACTOR, "--no_loader_check", "--json", str(out)],
+                           "--baseline_ref", BEFORE_REFACTOR, "--no_loader_check", "--expect", MET, "--json", str(out)],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     saved = json.loads(out.read_text())
@@ -284,7 +384,9 @@ def test_script_times_each_configuration_on_a_commit_too(tmp_path):
         check_result(c)
     assert saved["configs"][0]["flags"] == saved["configs"][1]["flags"] == ["--loader", "tensor", "--num_workers", "0"]
     assert [r["same_flags"] for r in saved["ratios"]] == [True]
-    assert not any(t["target"].startswith("CRD") for t in saved["targets"])  # no plain baseline: no speed-up target
+    # the expectation is checked against the commit's code, the same command line
+    assert [(c["expect"], c["value"], c["met"]) for c in saved["expectations"]] == [
+        (MET, saved["ratios"][0]["images_per_s_ratio"], True)]
     assert f"@ {commit[:10]}" in done.stdout and "vs the baseline" in done.stdout
 
 
@@ -306,3 +408,13 @@ def test_no_function_is_longer_than_60_lines():
              for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
     assert len(spans) > 20 and "main" in spans
     assert {name: n for name, n in spans.items() if n > 60} == {}
+
+
+def test_the_training_loop_is_named_in_one_place():
+    """train_one_epoch, StepBudget and check_finite (whose home may move) are used by loop_step and
+    check_terms alone, so that a change of the loop's interface is a change there."""
+    tree = ast.parse(SCRIPT.read_text())
+    users = {node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)
+             for sub in ast.walk(node) if isinstance(sub, (ast.Attribute, ast.Name))
+             and {getattr(sub, "attr", None), getattr(sub, "id", None)} & {"train_one_epoch", "StepBudget", "check_finite"}}
+    assert users == {"loop_step", "check_terms"}
