@@ -16,35 +16,29 @@ args.json and the classifier's ``probe_last.pth``).
 """
 from __future__ import annotations
 
-import contextlib
-import copy
 import json
-import math
 import re
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from tqdm import tqdm
 
 from common.checkpoint import save_checkpoint
 from common.declare import add_option_groups, option, options_from
-from common.distributed import EpochSampler, ShardSampler, say
+from common.distributed import say
 from common.errors import UserError, exit_on_user_error
 from common.runtime import Runtime
 from dataset import DATASETS, DataNeeds, DataOptions, get_dataloaders
-from dataset.loaders import DataBundle, IndexedDataset
-from dataset.skipping import SkippingLoader, SkipUnreadable, sample_images
-from dataset.tensor_loader import TensorLoader
+from dataset.skipping import sample_images
 from dataset.views import network_view as probe_view
-from engine.logger import RunLog, is_interactive, is_terminal_output, run_summary
-from engine.optim import build_optimizer, lr_at_epoch, set_lr
+from engine.logger import RunLog, run_summary
 from engine.options import SMALL_LR_MODELS, Parser, add_training_args, finalize_training_args, with_print_config
+from engine.probe import (CachedBatches, FeatureSet, LiveBatches, PassTimer, extract, one_thread, plain_train_loader,
+                          pooled, train_probe)
 from engine.resume import claim_run_folder
 from engine.script import run_script
 from models import in_channels_of
@@ -54,8 +48,6 @@ PROBE_FILE = "probe_last.pth"
 # GPU batch of the one-off feature pass of --no_augment (eval mode: any batch gives the same features);
 # a CPU uses the probe's own, which is faster there (resnet8x4: 580 images/s at 64, 330 at 256)
 FEATURE_BATCH = 256
-# Without a terminal (a log file), the probe prints the line of its first epoch, of every tenth and of its last.
-PRINT_EVERY_EPOCHS = 10
 
 
 @dataclass
@@ -158,211 +150,6 @@ def describe_source(path: Path, arch: str, facts: dict[str, Any]) -> dict[str, A
     else:
         source.update(role="teacher", method="vanilla", label="vanilla")
     return source
-
-
-# ----------------------------------------------------------------------------- features
-
-
-def pooled(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """The backbone's pooled penultimate features ``feats[-1]`` [B, D]."""
-    feats, _ = backbone(images, is_feat=True)
-    return feats[-1].flatten(1)
-
-
-def frozen_features(backbone: nn.Module, images: torch.Tensor, bn_train: bool) -> torch.Tensor:
-    """``pooled`` features as an ordinary tensor (usable by autograd), computed without gradients:
-    under ``torch.inference_mode`` with the backbone in eval mode, or with its BatchNorm in train
-    mode (``bn_train``, the DCD code's: running statistics updated) under ``torch.no_grad``."""
-    if bn_train:
-        backbone.train()
-        with torch.no_grad():
-            feats = pooled(backbone, images)
-        backbone.eval()
-        return feats
-    with torch.inference_mode():
-        feats = pooled(backbone, images)
-    return feats.clone()  # an inference tensor cannot be saved for the classifier's backward
-
-
-@dataclass
-class FeatureSet:
-    """Cached features ``[N, D]`` and labels ``[N]`` (on the run's device)."""
-
-    feats: torch.Tensor
-    labels: torch.Tensor
-
-
-class PassTimer:
-    """Images and seconds spent in the backbone's forward passes (for images/s)."""
-
-    def __init__(self) -> None:
-        self.images, self.seconds = 0, 0.0
-
-    def rate(self) -> float | None:
-        return self.images / self.seconds if self.seconds > 0 else None
-
-
-def extract(backbone: nn.Module, loader, runtime: Runtime, timer: PassTimer) -> FeatureSet:
-    """The eval-mode features and labels of every batch of ``loader``, in its order."""
-    feats, labels = [], []
-    for raw in loader:
-        images, target = runtime.to_device(raw[0]), runtime.to_device(raw[1])
-        start = time.perf_counter()
-        feats.append(frozen_features(backbone, images, bn_train=False))
-        _sync(runtime)
-        timer.seconds += time.perf_counter() - start
-        timer.images += images.shape[0]
-        labels.append(target)
-    if not feats:
-        raise UserError("the data set gave no images to compute features from")
-    return FeatureSet(torch.cat(feats), torch.cat(labels))
-
-
-def _sync(runtime: Runtime) -> None:
-    if runtime.device.type == "cuda":
-        torch.cuda.synchronize(runtime.device)
-
-
-def plain_train_loader(data: DataBundle, batch_size: int):
-    """The training set without augmentation, in its order: the test transform's images."""
-    loader = data.train_loader
-    if isinstance(loader, TensorLoader):
-        return TensorLoader(loader.dataset, batch_size, ShardSampler(len(loader.dataset)))
-    view, val_view = loader.dataset, data.val_loader.dataset
-    base = copy.copy(view.base)
-    if not hasattr(base, "transform") or not hasattr(val_view.base, "transform"):
-        raise UserError("--no_augment needs a data set with a test transform; run without it")
-    base.transform = val_view.base.transform
-    plain = IndexedDataset(base, view.indices)
-    return SkippingLoader(plain, batch_size=batch_size, sampler=ShardSampler(len(plain)),
-                          num_workers=loader.num_workers, collate_fn=SkipUnreadable())
-
-
-class CachedBatches:
-    """Training mini-batches of cached features: each epoch a permutation from ``(seed, epoch)``
-    (the training loader's :class:`EpochSampler`), cut into batches as the loader cuts it."""
-
-    def __init__(self, cached: FeatureSet, batch_size: int, seed: int, drop_last: bool):
-        self.cached, self.batch_size, self.drop_last = cached, batch_size, drop_last
-        self.order = EpochSampler(len(cached.labels), seed)
-
-    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        self.order.set_epoch(epoch)
-        order = torch.as_tensor(list(self.order), dtype=torch.long, device=self.cached.labels.device)
-        end = (len(order) // self.batch_size) * self.batch_size if self.drop_last else len(order)
-        for start in range(0, end, self.batch_size):
-            index = order[start:start + self.batch_size]
-            yield self.cached.feats[index], self.cached.labels[index]
-
-
-class LiveBatches:
-    """Training mini-batches whose features are computed per batch from ``loader``'s images (with
-    its augmentation) by the frozen backbone."""
-
-    def __init__(self, backbone: nn.Module, loader, runtime: Runtime, bn_train: bool, timer: PassTimer):
-        self.backbone, self.loader, self.runtime, self.bn_train, self.timer = backbone, loader, runtime, bn_train, timer
-
-    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        sampler = getattr(self.loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        for raw in self.loader:
-            images, target = self.runtime.to_device(raw[0]), self.runtime.to_device(raw[1])
-            start = time.perf_counter()
-            feats = frozen_features(self.backbone, images, self.bn_train)
-            _sync(self.runtime)
-            self.timer.seconds += time.perf_counter() - start
-            self.timer.images += images.shape[0]
-            yield feats, target
-
-
-# ----------------------------------------------------------------------------- the probe
-
-
-@contextlib.contextmanager
-def one_thread(runtime: Runtime | None) -> Iterator[None]:
-    """Run the block with one torch thread on the CPU (``runtime`` None: unchanged). Training a
-    linear layer on cached features is a stream of tiny ops, for which splitting over threads only
-    costs synchronisations (ruinous when other processes hold the cores)."""
-    before = torch.get_num_threads()
-    if runtime is None or runtime.device.type != "cpu" or before == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-
-def evaluate(classifier: nn.Linear, test: FeatureSet, batch_size: int = 1024) -> dict[str, float]:
-    """Test loss, top-1 and top-5 (%) of ``classifier`` on cached features."""
-    loss, top1, top5 = 0.0, 0, 0
-    k = min(5, classifier.out_features)
-    with torch.no_grad():
-        for start in range(0, len(test.labels), batch_size):
-            feats, labels = test.feats[start:start + batch_size], test.labels[start:start + batch_size]
-            logits = classifier(feats)
-            loss += float(F.cross_entropy(logits, labels, reduction="sum"))
-            best = logits.topk(k, dim=1).indices
-            top1 += int((best[:, 0] == labels).sum())
-            top5 += int((best == labels[:, None]).any(dim=1).sum())
-    n = len(test.labels)
-    return {"test_loss": loss / n, "test_acc": 100.0 * top1 / n, "test_acc_top5": 100.0 * top5 / n}
-
-
-def train_probe(classifier: nn.Linear, batches, test, opt, *, epochs: int, run: RunLog | None = None,
-                max_steps: int = 0) -> dict[str, Any]:
-    """Train ``classifier`` with SGD and the step schedule of ``opt`` on ``batches.epoch(e)``
-    for ``e`` = 1..epochs, evaluating after each epoch on ``test`` (a :class:`FeatureSet`, or a
-    callable returning one: the test features when they change, with ``--probe_bn train``).
-    Returns last/best top-1 and the per-epoch history.
-
-    Every epoch's record goes to ``run``; on a terminal a progress bar shows the epochs, otherwise
-    the record's line is printed for the first epoch, every :data:`PRINT_EVERY_EPOCHS`-th and the
-    last. Every ``opt.tb_freq`` steps (if set) the step's ``step/loss``, ``step/lr`` and
-    ``step/top1`` go to TensorBoard."""
-    optimizer = build_optimizer(classifier.parameters(), opt)
-    history, best, steps = [], -math.inf, 0
-    tb_freq = getattr(opt, "tb_freq", 0)
-    bar = tqdm(range(1, epochs + 1), desc="probe", unit="epoch", leave=False, disable=not is_interactive())
-    lines = bar.disable or not is_terminal_output()  # the bar shows the progress where the lines would
-    for epoch in bar:
-        lr = lr_at_epoch(epoch, opt)
-        set_lr(optimizer, lr)
-        classifier.train()
-        total, seen, correct = 0.0, 0, 0
-        for feats, labels in batches.epoch(epoch):
-            logits = classifier(feats)
-            loss = F.cross_entropy(logits, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            value, right = loss.item(), int((logits.argmax(1) == labels).sum())
-            total += value * len(labels)
-            seen += len(labels)
-            correct += right
-            steps += 1
-            if run is not None and tb_freq and steps % tb_freq == 0:
-                run.step({"loss": value, "lr": lr, "top1": 100.0 * right / len(labels)}, steps)
-            if max_steps and steps >= max_steps:
-                break
-        classifier.eval()
-        record = {"epoch": epoch, "lr": lr, "train_loss": total / max(seen, 1),
-                  "train_acc": 100.0 * correct / max(seen, 1),
-                  **evaluate(classifier, test() if callable(test) else test)}
-        best = max(best, record["test_acc"])
-        history.append(record)
-        stopping = bool(max_steps and steps >= max_steps)
-        if run is not None:
-            run.epoch(record, show=lines and (epoch in (1, epochs) or epoch % PRINT_EVERY_EPOCHS == 0 or stopping))
-        bar.set_postfix(loss=f"{record['train_loss']:.3f}", test_top1=f"{record['test_acc']:.2f}")
-        if stopping:
-            break
-    return {"last_acc": history[-1]["test_acc"], "last_acc_top5": history[-1]["test_acc_top5"],
-            "best_acc": best, "best_epoch": max(history, key=lambda r: r["test_acc"])["epoch"],
-            "epochs_done": len(history), "steps": steps, "history": history}
 
 
 @exit_on_user_error

@@ -18,6 +18,7 @@ from dataset.skipping import sample_images
 from dataset.tensor_loader import TensorLoader
 from models import build_model
 from models.teacher import load_backbone, prepare_teacher
+import engine.probe
 import train_teacher
 import transfer_student
 
@@ -83,8 +84,8 @@ def test_results_json_fields(sources, tmp_path):
 
 def test_epoch_lines_in_a_log_and_a_bar_on_a_terminal(sources, tmp_path, capsys, monkeypatch):
     """Not on a terminal (capsys), a 12-epoch probe prints the lines of epochs 1, 10 and 12; every
-    epoch is in results.json, and --tb_freq 20 over its 84 steps writes 4 step records. On a
-    terminal, a bar (on stderr) and no epoch lines."""
+    epoch is in results.json, and --tb_freq 20 over its 84 steps writes 4 step records (the tags of
+    train_teacher.py's: the loss and its one term ce). On a terminal, a bar (on stderr) and no epoch lines."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     out = probe(sources["trained"], tmp_path, "--no_augment", "--epochs", "12", "--tb_freq", "20")
     printed = [line.split("  ")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
@@ -94,10 +95,10 @@ def test_epoch_lines_in_a_log_and_a_bar_on_a_terminal(sources, tmp_path, capsys,
                               size_guidance={"scalars": 0})
     events.Reload()
     assert {tag: [e.step for e in events.Scalars(tag)] for tag in events.Tags()["scalars"] if "/" in tag} == {
-        f"step/{name}": [20, 40, 60, 80] for name in ("loss", "lr", "top1")}
+        f"step/{name}": [20, 40, 60, 80] for name in ("loss", "ce", "lr", "top1")}
     # on a terminal (train_probe on a few cached features: no backbone needed)
-    monkeypatch.setattr(transfer_student, "is_interactive", lambda: True)
-    monkeypatch.setattr(transfer_student, "is_terminal_output", lambda: True)
+    monkeypatch.setattr(engine.probe, "is_interactive", lambda: True)
+    monkeypatch.setattr(engine.probe, "is_terminal_output", lambda: True)
     cached = transfer_student.FeatureSet(torch.randn(16, 4), torch.arange(16) % 3)
     recipe = argparse.Namespace(learning_rate=0.05, momentum=0.9, weight_decay=5e-4, lr_decay_epochs=[],
                                 lr_decay_rate=0.1, lr_schedule="step", epochs=12)
