@@ -44,10 +44,10 @@ from dataset.tensor_loader import TensorLoader
 from dataset.views import network_view as probe_view
 from engine.logger import RunLog, is_interactive, is_terminal_output, run_summary
 from engine.optim import build_optimizer, lr_at_epoch, set_lr
-from engine.options import SMALL_LR_MODELS, Parser, add_training_args, finalize_training_args, with_print_config
+from engine.options import Parser, add_training_args, finalize_training_args, with_print_config
 from engine.resume import claim_run_folder
 from engine.script import run_script
-from models import in_channels_of
+from models import default_learning_rate, in_channels_of
 from models.teacher import load_backbone, prepare_teacher
 
 PROBE_FILE = "probe_last.pth"
@@ -376,8 +376,8 @@ def probe(opt, runtime: Runtime) -> dict:
         raise UserError("transfer_student.py runs in one process: launch it with python, not torchrun")
     path = Path(opt.path_s)
     backbone, arch, facts = load_backbone(str(path))
-    if not opt.lr_given and arch in SMALL_LR_MODELS:
-        opt.learning_rate = 0.01
+    if not opt.lr_given:
+        opt.learning_rate = default_learning_rate(arch)
     source = describe_source(path, arch, facts)
     view = probe_view(opt.view, backbone.input_view, path)
     data = get_dataloaders(options_from(DataOptions, opt), DataNeeds(views=(view,)), device=runtime.device)

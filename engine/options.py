@@ -22,12 +22,11 @@ from common.argtypes import FLOAT32_MAX, SHOWN_CHARS, nonfinite_floats, nonnegat
 from common.declare import add_option_groups
 from common.errors import UserError
 from common.runtime import RuntimeOptions
-from dataset import DATASETS, TENSOR_DATASETS, DataOptions
+from dataset import DataOptions
+from dataset.registry import dataset_names, tensor_sets
 from engine.logger import ONE_INVOCATION, derived_options, set_derived
 from engine.optim import OptimOptions
-
-# RepDistiller trains these students with lr 0.01 instead of 0.05.
-SMALL_LR_MODELS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
+from models import default_learning_rate
 
 # Options written comma-separated on the command line: a configuration file may give a list.
 COMMA_LISTS = frozenset({"lr_decay_epochs", "path_t"})
@@ -476,7 +475,7 @@ def available_cores() -> int:
 def default_workers(loader: str = "torchvision", dataset: str = "cifar100") -> int:
     """``--num_workers`` when not given: 0 for the tensor pipeline (it needs no workers); else
     one core left to the training process, at most 8, and at least 1 when there are two cores."""
-    if loader == "tensor" and dataset in TENSOR_DATASETS:
+    if loader == "tensor" and dataset in tensor_sets():
         return 0
     cores = available_cores()
     return min(8, cores - 1) if cores > 1 else 0
@@ -519,8 +518,8 @@ def seed_of_trial(trial: Any) -> int:
 def finalize_training_args(opt: argparse.Namespace, model_name: str) -> argparse.Namespace:
     """Check the shared flags and fill in derived values (learning rate, decay epochs, seed, data
     folder); those filled in because they were left out are recorded as derived (:func:`set_derived`)."""
-    if opt.dataset not in DATASETS:
-        raise UserError(f"unknown --dataset '{opt.dataset}'; choose one of: {', '.join(DATASETS)}")
+    if opt.dataset not in dataset_names():
+        raise UserError(f"unknown --dataset '{opt.dataset}'; choose one of: {', '.join(dataset_names())}")
     try:
         opt.lr_decay_epochs = [int(e) for e in str(opt.lr_decay_epochs).split(",") if e.strip()]
     except ValueError:
@@ -528,7 +527,7 @@ def finalize_training_args(opt: argparse.Namespace, model_name: str) -> argparse
     if any(e < 0 for e in opt.lr_decay_epochs):
         raise UserError(f"--lr_decay_epochs cannot hold negative epochs, got {opt.lr_decay_epochs}")
     if opt.learning_rate is None:
-        set_derived(opt, "learning_rate", 0.01 if model_name in SMALL_LR_MODELS else 0.05)
+        set_derived(opt, "learning_rate", default_learning_rate(model_name))
     if opt.num_workers is None:
         set_derived(opt, "num_workers", default_workers(opt.loader, opt.dataset))
     if opt.seed is None:
