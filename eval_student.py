@@ -23,7 +23,8 @@ from common.declare import add_option_groups, options_from
 from common.distributed import say
 from common.errors import UserError, exit_on_user_error
 from common.runtime import Runtime, RuntimeOptions
-from dataset import DATASETS, DataNeeds, DataOptions, get_dataloaders
+from dataset import DataNeeds, DataOptions, get_dataloaders
+from dataset.registry import dataset_names
 from dataset.views import network_view
 from engine.logger import write_json
 from engine.loops import evaluate
@@ -46,7 +47,7 @@ def build_parser() -> Parser:
     parser.set_defaults(dataset=None)  # None: the checkpoint's
     for action in parser._actions:
         if action.dest == "dataset":
-            action.choices = DATASETS  # unknown names: argparse's one line
+            action.choices = dataset_names()  # unknown names: argparse's one line
             action.help = "data set whose test split is used (default: the one the checkpoint records, else cifar100)"
     return parser
 
@@ -84,8 +85,8 @@ def evaluate_checkpoint(opt, runtime: Runtime) -> dict:
     state = load_checkpoint(path)
     model, arch, facts = load_backbone(path, state=state)
     recorded = facts.get("dataset")
-    if opt.dataset is None and recorded is not None and recorded not in DATASETS:
-        raise UserError(f"'{path}' records the data set {recorded!r}, which is not one of {', '.join(DATASETS)}: "
+    if opt.dataset is None and recorded is not None and recorded not in dataset_names():
+        raise UserError(f"'{path}' records the data set {recorded!r}, which is not one of {', '.join(dataset_names())}: "
                         "say which one to test on with --dataset")
     opt.dataset = opt.dataset or recorded or "cifar100"
     dataset = (f"--dataset {opt.dataset}" if opt.dataset_given else

@@ -36,12 +36,12 @@ from dataset import DATASETS, DataNeeds, DataOptions, get_dataloaders
 from dataset.skipping import sample_images
 from dataset.views import network_view as probe_view
 from engine.logger import RunLog, run_summary
-from engine.options import SMALL_LR_MODELS, Parser, add_training_args, finalize_training_args, with_print_config
+from engine.options import Parser, add_training_args, finalize_training_args, with_print_config
 from engine.probe import (CachedBatches, FeatureSet, LiveBatches, PassTimer, extract, one_thread, plain_train_loader,
                           pooled, train_probe)
 from engine.resume import claim_run_folder
 from engine.script import run_script
-from models import in_channels_of
+from models import default_learning_rate, in_channels_of
 from models.teacher import load_backbone, prepare_teacher
 
 PROBE_FILE = "probe_last.pth"
@@ -163,8 +163,8 @@ def probe(opt, runtime: Runtime) -> dict:
         raise UserError("transfer_student.py runs in one process: launch it with python, not torchrun")
     path = Path(opt.path_s)
     backbone, arch, facts = load_backbone(str(path))
-    if not opt.lr_given and arch in SMALL_LR_MODELS:
-        opt.learning_rate = 0.01
+    if not opt.lr_given:
+        opt.learning_rate = default_learning_rate(arch)
     source = describe_source(path, arch, facts)
     view = probe_view(opt.view, backbone.input_view, path)
     data = get_dataloaders(options_from(DataOptions, opt), DataNeeds(views=(view,)), device=runtime.device)

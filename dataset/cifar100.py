@@ -13,7 +13,7 @@ import hashlib
 import pickle
 import tarfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -24,8 +24,11 @@ from common.errors import UserError
 
 from .loaders import make_bundle
 from .needs import ContrastNeed, DataNeeds
-from .options import DataOptions
+from .registry import register_dataset
 from .sampling import ContrastSampler
+
+if TYPE_CHECKING:
+    from . import DataOptions
 
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)
@@ -234,6 +237,7 @@ class CIFAR100InstanceSample(CIFAR100Folder):
         return img, target, index, self.sampler(torch.tensor([index]))[0]
 
 
+@register_dataset("cifar100", tensor=True)
 def open_cifar100(data: DataOptions) -> tuple[CIFAR100Folder, CIFAR100Folder, torch.Tensor, int]:
     """The training and test sets (reference transforms), the training labels and 100."""
     root = data.data_folder or DEFAULT_FOLDER
@@ -244,6 +248,7 @@ def open_cifar100(data: DataOptions) -> tuple[CIFAR100Folder, CIFAR100Folder, to
     return train_set, test_set, torch.as_tensor(train_set.targets, dtype=torch.long), NUM_CLASSES
 
 
+@register_dataset("cifar10", tensor=True)
 def open_cifar10(data: DataOptions) -> tuple[CIFAR10Folder, CIFAR10Folder, torch.Tensor, int]:
     """CIFAR-10's training and test sets (CIFAR transforms with CIFAR-10's statistics), the
     training labels and 10."""
@@ -258,6 +263,8 @@ def open_cifar10(data: DataOptions) -> tuple[CIFAR10Folder, CIFAR10Folder, torch
 
 def _compat_bundle(batch_size: int, num_workers: int, data_folder: str, download: bool, allow_modified: bool,
                    needs: DataNeeds, **extra: Any):
+    from . import DataOptions  # made once every data set has registered (after this file)
+
     data = DataOptions(dataset="cifar100", data_folder=data_folder, download=download,
                        allow_modified_data=allow_modified, loader="torchvision", batch_size=batch_size,
                        num_workers=num_workers)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch.utils.data import DataLoader
@@ -13,9 +13,12 @@ from common.errors import UserError
 
 from .loaders import make_bundle
 from .needs import ContrastNeed, DataNeeds
-from .options import DataOptions
+from .registry import register_dataset
 from .sampling import ContrastSampler
 from .skipping import DECODE_ERRORS, Unreadable, pixel_limit_errors
+
+if TYPE_CHECKING:
+    from . import DataOptions
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -105,6 +108,7 @@ class ImageFolderSample(datasets.ImageFolder):
         return img, target, index, self.sampler(torch.tensor([index]))[0]
 
 
+@register_dataset("imagenet")
 def open_imagenet(data: DataOptions) -> tuple[datasets.ImageFolder, datasets.ImageFolder, torch.Tensor, int]:
     """The training and validation folders (standard transforms; unreadable files become
     :class:`~dataset.skipping.Unreadable` items, see :class:`SafeImageFolder`), the training
@@ -123,6 +127,8 @@ def open_imagenet(data: DataOptions) -> tuple[datasets.ImageFolder, datasets.Ima
 
 
 def _compat_options(batch_size: int, num_workers: int, data_folder: str) -> DataOptions:
+    from . import DataOptions  # made once every data set has registered (after this file)
+
     return DataOptions(dataset="imagenet", data_folder=data_folder, batch_size=batch_size, num_workers=num_workers)
 
 

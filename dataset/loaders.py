@@ -3,7 +3,7 @@ collate function and the construction of the train/validation loaders."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import copy
 
@@ -15,11 +15,14 @@ from common.distributed import EpochSampler, ShardSampler, current
 from common.errors import UserError
 
 from .needs import DataNeeds
-from .options import LOADERS, DataOptions
+from .options import LOADERS
 from .sampling import ContrastSampler, own_classes
 from .skipping import SkippingLoader, SkipUnreadable, Unreadable
 from .tensor_loader import TensorImages, TensorLoader, tensor_source
 from .views import ToViews, ViewLayout, with_views
+
+if TYPE_CHECKING:
+    from . import DataOptions
 
 
 @dataclass

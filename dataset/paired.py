@@ -18,7 +18,7 @@ view is normalised with ImageNet's mean and std, the ``paired:`` ones with mean 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -28,9 +28,12 @@ from torchvision import transforms
 
 from common.errors import UserError
 
-from .options import DataOptions
+from .registry import register_dataset
 from .skipping import DECODE_ERRORS, Unreadable, pixel_limit_errors
 from .views import PAIRED, ToViews, ViewLayout, distinct
+
+if TYPE_CHECKING:
+    from . import DataOptions
 
 RGB_MEAN = (0.485, 0.456, 0.406)
 RGB_STD = (0.229, 0.224, 0.225)
@@ -135,6 +138,7 @@ def read_split(root: Path, folders: list[str], split: str
     return np.stack(rows), keys, [(folder, channels[folder]) for folder in folders]
 
 
+@register_dataset("paired", tensor=True, views=True, splits=("train", "unlabeled"))
 def open_paired(data: DataOptions, views: Sequence[str] = ("rgb",)
                 ) -> tuple[PairedImages, PairedImages, torch.Tensor, int]:
     """The paired set at ``data.data_folder`` for ``views``: the training split (``data.split``:

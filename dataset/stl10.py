@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import tarfile
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -24,8 +24,11 @@ from common.errors import UserError
 
 from .cifar100 import DEFAULT_FOLDER, cifar_test_transform, cifar_train_transform, md5_of
 from .memory import SIZE, ArrayImages, resize_all
-from .options import DataOptions
-from .synthetic import UNLABELED
+from .registry import register_dataset
+from .sampling import UNLABELED
+
+if TYPE_CHECKING:
+    from . import DataOptions
 
 STL10_MEAN = (0.4467, 0.4398, 0.4066)
 STL10_STD = (0.2603, 0.2566, 0.2712)
@@ -87,7 +90,7 @@ def _size_of(path: Path) -> int:
 
 class STL10Folder(ArrayImages):
     """One split of STL-10 (``train``, ``test`` or ``unlabeled``) at 32x32 in memory: ``data`` uint8
-    ``[N, 32, 32, 3]``, ``targets`` (0..9; :data:`dataset.synthetic.UNLABELED` for ``unlabeled``),
+    ``[N, 32, 32, 3]``, ``targets`` (0..9; :data:`dataset.sampling.UNLABELED` for ``unlabeled``),
     ``classes`` (from ``class_names.txt``, else ``class0`` ..). Items ``(img, target)`` as CIFAR's."""
 
     def __init__(self, root: str | Path, split: str = "train", transform: Callable | None = None):
@@ -136,6 +139,7 @@ def download_stl10(root: str | Path) -> None:
                             f"expected {md5}): delete {folder} and run again with --download")
 
 
+@register_dataset("stl10", tensor=True, splits=("train", "unlabeled"))
 def open_stl10(data: DataOptions) -> tuple[STL10Folder, STL10Folder, torch.Tensor, int]:
     """STL-10's training set (``train``, or ``unlabeled`` with ``data.split``; CIFAR training
     transform with STL-10's statistics) and test set (8,000 images), the training labels and 10."""

@@ -17,7 +17,8 @@ epochs, where one twice as wide reaches 72%.
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -25,8 +26,15 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
+from common.argtypes import int_at_least, nonnegative_float, positive_int
+from common.declare import option
+
 from .cifar100 import cifar100_test_transform, cifar100_train_transform
-from .options import DataOptions
+from .registry import register_dataset
+from .sampling import UNLABELED
+
+if TYPE_CHECKING:
+    from . import DataOptions
 
 DEFAULTS = dict(num_classes=100, n_train_per_class=100, n_test_per_class=20, image_size=32,
                 seed=0, difficulty=1.0)
@@ -37,8 +45,20 @@ GROUP = 5           # classes per group (sharing a base pattern), like CIFAR-100
 OWN_WEIGHT = 0.25   # weight of a class's own pattern against its group's (smaller: finer classes)
 STRENGTH = 1.5      # warp and noise strength at difficulty 1
 MAX_BLEND = 0.3     # largest share of the other class's prototype at difficulty 1
-UNLABELED = -1      # the label of every image of an unlabelled split
 UNLABELED_STREAM = 2**62  # + seed: the unlabelled images' generator (train and test use seed * 3 + 1, + 2)
+
+
+@dataclass
+class SyntheticOptions:
+    """the synthetic data set (--dataset synthetic)"""
+
+    synthetic_classes: int = option(100, "number of classes", type=int_at_least(2, name="synthetic_classes"))
+    synthetic_train: int = option(100, "training images per class", type=positive_int)
+    synthetic_test: int = option(20, "test images per class", type=positive_int)
+    synthetic_difficulty: float = option(1.0, "strength of warps, blending and noise (0: bare class prototypes)",
+                                         type=nonnegative_float)
+    synthetic_seed: int = option(0, "seed of the images (fixed apart from --seed, so teachers and students share data)",
+                                 type=int)
 
 
 class SyntheticDataset(Dataset):
@@ -168,6 +188,7 @@ def make_synthetic(num_classes: int = 100, n_train_per_class: int = 100, n_test_
     return splits[0], splits[1], splits[2], splits[3]
 
 
+@register_dataset("synthetic", tensor=True, splits=("train", "unlabeled"), options=SyntheticOptions)
 def open_synthetic(data: DataOptions) -> tuple[SyntheticDataset, SyntheticDataset, torch.Tensor, int]:
     """The synthetic training and test sets with CIFAR-100's transforms, the training labels and
     the number of classes, as ``data``'s ``synthetic_*`` options say. The data seed is not

@@ -14,7 +14,7 @@ are all decoded up front, so there is no batch to skip an unreadable one from).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -24,8 +24,11 @@ from common.errors import UserError
 
 from .cifar100 import DEFAULT_FOLDER, cifar_test_transform, cifar_train_transform
 from .memory import SIZE, ArrayImages, decode_all
-from .options import DataOptions
+from .registry import register_dataset
 from .skipping import DECODE_ERRORS, pixel_limit_errors
+
+if TYPE_CHECKING:
+    from . import DataOptions
 
 TINY_MEAN = (0.4802, 0.4481, 0.3975)
 TINY_STD = (0.2770, 0.2691, 0.2821)
@@ -128,6 +131,7 @@ class TinyImageNetFolder(ArrayImages):
         self.split = split
 
 
+@register_dataset("tinyimagenet", tensor=True)
 def open_tinyimagenet(data: DataOptions) -> tuple[TinyImageNetFolder, TinyImageNetFolder, torch.Tensor, int]:
     """Tiny-ImageNet's training set (CIFAR training transform with its statistics) and
     validation set (the test set of the transfer recipe), the training labels and 200 (the

@@ -9,14 +9,25 @@ import torch
 
 from common.argtypes import momentum_float, nonnegative_float, positive_float
 from common.declare import option, options_from
+from models import default_learning_rate, model_dict
+from models.recipe import LEARNING_RATE
+
+
+def learning_rate_help() -> str:
+    """``--learning_rate``'s help: the default, and the networks whose recipe declares another rate."""
+    others: dict[float, list[str]] = {}
+    for name in model_dict:
+        if default_learning_rate(name) != LEARNING_RATE:
+            others.setdefault(default_learning_rate(name), []).append(name)
+    notes = "".join(f"; {rate:g} for {'/'.join(names)}" for rate, names in others.items())
+    return f"learning rate (default {LEARNING_RATE:g}{notes})"
 
 
 @dataclass
 class OptimOptions:
     """optimisation"""
 
-    learning_rate: float | None = option(None, "learning rate (default 0.05; 0.01 for MobileNetV2/ShuffleV1/ShuffleV2)",
-                                         type=positive_float)
+    learning_rate: float | None = option(None, learning_rate_help(), type=positive_float)
     lr_decay_epochs: str = option("150,180,210", "epochs after which the learning rate is multiplied by "
                                   "--lr_decay_rate")
     lr_decay_rate: float = option(0.1, "decay rate for the learning rate", type=positive_float)

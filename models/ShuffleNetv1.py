@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .recipe import recipe
+
 __all__ = ["channel_shuffle", "Bottleneck", "ShuffleNet", "ShuffleV1"]
 
 
@@ -120,6 +122,7 @@ class ShuffleNet(nn.Module):
         return logits
 
 
+@recipe(learning_rate=0.01)  # RepDistiller trains this student at 0.01 (not 0.05)
 def ShuffleV1(num_classes: int = 100, **kwargs) -> ShuffleNet:
     """The CLI model ``ShuffleV1``: groups 3, stage widths 240/480/960, 4/8/4 units (0.95M parameters)."""
     cfg = {"out_planes": [240, 480, 960], "num_blocks": [4, 8, 4], "groups": 3}

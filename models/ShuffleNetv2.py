@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .recipe import recipe
 from .ShuffleNetv1 import channel_shuffle
 
 __all__ = ["BasicBlock", "DownBlock", "ShuffleNetV2", "ShuffleV2", "configs"]
@@ -151,6 +152,7 @@ class ShuffleNetV2(nn.Module):
         return logits
 
 
+@recipe(learning_rate=0.01)  # RepDistiller trains this student at 0.01 (not 0.05)
 def ShuffleV2(num_classes: int = 100, **kwargs) -> ShuffleNetV2:
     """The CLI model ``ShuffleV2``: net size 1.0 (1.36M parameters at 100 classes)."""
     return ShuffleNetV2(net_size=1, num_classes=num_classes, **kwargs)

@@ -27,6 +27,7 @@ from common.errors import UserError
 
 from .mobilenetv1 import imagenet_mobilenetv1
 from .mobilenetv2 import mobile_half
+from .recipe import LEARNING_RATE
 from .resnet import resnet8, resnet8x4, resnet14, resnet20, resnet32, resnet32x4, resnet44, resnet56, resnet110
 from .resnet_imagenet import imagenet_resnet18, imagenet_resnet34, imagenet_resnet50
 from .resnetv2 import ResNet50
@@ -68,6 +69,14 @@ imagenet_model_dict: dict[str, Callable[..., nn.Module]] = {
 }
 
 model_dict: dict[str, Callable[..., nn.Module]] = {**cifar_model_dict, **imagenet_model_dict}
+
+
+def default_learning_rate(name: str) -> float:
+    """The learning rate of a run training the network ``name`` when ``--learning_rate`` is left
+    out: the one its constructor declares (:func:`models.recipe.recipe`: RepDistiller's 0.01 for
+    MobileNetV2, ShuffleV1 and ShuffleV2), else :data:`models.recipe.LEARNING_RATE` (0.05, also for
+    a name that is no model's)."""
+    return getattr(model_dict.get(name), "learning_rate", LEARNING_RATE)
 
 
 def resolve_model_name(name: str, dataset: str = "cifar100") -> str:

@@ -12,6 +12,8 @@ import math
 import torch
 import torch.nn as nn
 
+from .recipe import recipe
+
 __all__ = ["InvertedResidual", "MobileNetV2", "mobilenetv2_T_w", "mobile_half"]
 
 # (expansion t, output channels c, repeats n, first stride s) per block group, at width 1.0;
@@ -150,6 +152,7 @@ def mobilenetv2_T_w(T: int, W: float, feature_dim: int = 100) -> MobileNetV2:
     return MobileNetV2(T=T, feature_dim=feature_dim, width_mult=W)
 
 
+@recipe(learning_rate=0.01)  # RepDistiller trains this student at 0.01 (not 0.05)
 def mobile_half(num_classes: int = 100, **kwargs) -> MobileNetV2:
     """The CLI model ``MobileNetV2``: expansion 6, width 0.5 (0.81M parameters at 100 classes)."""
     return MobileNetV2(T=6, feature_dim=num_classes, width_mult=0.5, **kwargs)

@@ -17,7 +17,7 @@ import yaml
 
 from engine.logger import ONE_INVOCATION, derived_options, recorded_args
 from engine.methods import method_option_names
-from engine.options import RECORDED_KEYS, config_text, value_text
+from engine.config import RECORDED_KEYS, config_text, value_text
 import train_student
 import train_teacher
 
