@@ -243,3 +243,19 @@ def test_resume_auto_that_finds_no_run_says_so_and_names_the_closest(student_run
     from engine.resume import no_run_to_resume
     assert no_run_to_resume(empty) == f"note: --resume auto: no checkpoint to continue in {empty}; a new run starts there"
     assert no_run_to_resume(tmp_path / "none") == f"note: --resume auto: no run folder none in {tmp_path}, so a new run starts"
+
+
+def test_flags_declared_resumable_where_they_are_declared_may_change(teachers, tmp_path):
+    """A method's (--nce_scores), the data's (--num_workers), the runtime's (--deterministic), the
+    loop's (--tb_freq) and the script's own (--plain_teacher) flags say at their declaration that a
+    resume may change them: the resume continues and records the changes."""
+    args = ["--path_t", str(teachers[0]), "--model_s", "resnet8", "--distill", "crd", "--nce_k", "16", *DATA,
+            "--epochs", "2", "--save_folder", str(tmp_path)]
+    train_student.main(args + ["--max_steps", str(STEPS_PER_EPOCH)])
+    results = train_student.main(args + ["--nce_scores", "gather", "--num_workers", "1", "--deterministic",
+                                         "--tb_freq", "3", "--plain_teacher", "--resume", "auto"])
+    assert results["status"] == "finished" and [h["epoch"] for h in results["history"]] == [1, 2]
+    assert results["sessions"][1]["changed"] == {
+        "--nce_scores": ["auto", "gather"], "--num_workers": [0, 1], "--deterministic": [False, True],
+        "--tb_freq": [500, 3], "--plain_teacher": [False, True], "--max_steps": [STEPS_PER_EPOCH, 0]}
+
