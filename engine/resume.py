@@ -16,6 +16,7 @@ from common import distributed
 from common.errors import UserError
 from common.files import file_mode, remove_temporaries
 from engine.logger import jsonable
+from engine.results import F, RUNNING
 from engine.run_flags import DESCRIPTIONS, flag_name, free_flags, show  # noqa: F401 (also used from here)
 
 try:
@@ -260,10 +261,10 @@ def _ended_status(folder: Path) -> str | None:
     if not path.is_file():
         return None
     try:
-        status = json.loads(path.read_text()).get("status")
+        status = json.loads(path.read_text()).get(F.status)
     except (OSError, ValueError, AttributeError):
         return "unreadable"
-    return None if status == "running" else str(status)
+    return None if status == RUNNING else str(status)
 
 
 def _delete(folder: Path, what: str | None = None) -> None:

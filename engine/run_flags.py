@@ -11,15 +11,6 @@ from common.declare import RESUMABLE
 # never settings of the run, so a resume may find them changed.
 RECORDED = frozenset({"save_path", "model_name", "command"})
 
-# The options a resume could change when this list was the rule (scripts/summarize.py reads runs
-# with it); what a resume may change is now declared with each option (free_flags).
-FREE_FLAGS = frozenset({
-    "print_freq", "tb_freq", "save_freq", "num_workers", "resume", "overwrite", "save_folder", "save_path",
-    "model_name", "data_folder", "download", "device", "deterministic", "compile", "channels_last",
-    "max_steps", "command", "path_t", "dist_timeout", "plain_teacher", "nce_scores", "allow_modified_data",
-    "epochs",
-})
-
 
 def free_flags(opt) -> frozenset[str]:
     """The options of ``opt`` that a resume may change, because they cannot change what the run

@@ -259,3 +259,34 @@ def test_flags_declared_resumable_where_they_are_declared_may_change(teachers, t
         "--nce_scores": ["auto", "gather"], "--num_workers": [0, 1], "--deterministic": [False, True],
         "--tb_freq": [500, 3], "--plain_teacher": [False, True], "--max_steps": [STEPS_PER_EPOCH, 0]}
 
+
+def test_the_scripts_options_that_a_resume_may_change():
+    """What each script's parser declares resumable (and records on the options it parses), with
+    the values a script records beside its options, holds every option an older version let a
+    resume change; an option() field says it with resumable=True, an add_argument flag with resumable()."""
+    import argparse
+    from dataclasses import dataclass
+
+    from common.declare import add_option_group, option, resumable, resumable_options
+    from engine.results import V0_RESUMABLE
+    from engine.run_flags import RECORDED, free_flags
+
+    for script, argv in ((train_student, ["--path_t", "t.pth"]), (train_teacher, [])):
+        parser = script.build_parser()
+        opt = parser.parse_args(argv)
+        assert free_flags(opt) == resumable_options(parser) | RECORDED
+        assert V0_RESUMABLE & set(vars(opt)) <= free_flags(opt)
+    assert {"nce_scores", "plain_teacher", "path_t"} <= resumable_options(train_student.build_parser())
+    assert not {"nce_k", "learning_rate", "distill", "batch_size"} & resumable_options(train_student.build_parser())
+
+    @dataclass
+    class Group:
+        """a group"""
+        fast: bool = option(False, "same numbers, faster", resumable=True)
+        size: int = option(3, "a size")
+
+    parser = argparse.ArgumentParser()
+    add_option_group(parser, Group)
+    resumable(parser.add_argument("--every", type=int, default=1))
+    parser.add_argument("--other", type=int, default=1)
+    assert resumable_options(parser) == {"fast", "every"}
