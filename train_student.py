@@ -100,7 +100,8 @@ def train(opt, runtime: Runtime) -> dict:
     resume = resume_path(opt.resume, folder, opt.model_s)
     run = RunLog(folder, opt, active=runtime.dist.is_main,
                  extra=run_summary(opt, role="student", method=opt.distill, model=opt.arch, model_t=parts.model_t,
-                                   weights=(opt.gamma, opt.alpha, opt.beta), model_s=opt.arch))
+                                   weights=(opt.gamma, opt.alpha, opt.beta), model_s=opt.arch,
+                                   label=get_method(opt.distill).run_label(opt.alpha)))
     ddp_step = wrap_ddp(parts.step, runtime.device, find_unused_parameters=True)
     # a test set of other classes than the student's (--split unlabeled) says nothing: no validation,
     # the last checkpoint is the result and a linear probe (transfer_student.py) evaluates it

@@ -102,16 +102,18 @@ def git_commit() -> str | None:
 
 
 def run_summary(opt, *, role: str, method: str, model: str, model_t: str | None,
-                weights: tuple[float, float, float] | None = None, **more: Any) -> dict[str, Any]:
+                weights: tuple[float, float, float] | None = None, label: str | None = None,
+                **more: Any) -> dict[str, Any]:
     """The fields of ``results.json`` that say what a run was, for ``scripts/summarize.py``
-    (:class:`engine.results.Results`): ``role`` (teacher or student), ``method`` (``vanilla`` for
-    cross-entropy alone, else the ``--distill`` name; ``kd`` with ``-a`` > 0 on top of another
-    method reads as e.g. ``crd+kd`` in ``label``), ``model``, ``model_t``, ``pair``
+    (:class:`engine.results.Results`): ``role`` (teacher, student or transfer), ``method``
+    (``vanilla`` for cross-entropy alone, else the ``--distill`` name), ``label`` (the paper's
+    row name, default ``method``; a student's says so, e.g. ``crd+kd``: see
+    :meth:`distiller_zoo.registry.Distiller.run_label`), ``model``, ``model_t``, ``pair``
     (``teacher->student``, or the model alone), ``dataset``, ``trial``, ``seed``, the loss
-    ``weights`` ``(gamma, alpha, beta)`` of a student and the command-line ``flags`` (``opt.command``)."""
+    ``weights`` ``(gamma, alpha, beta)`` of a student, the command-line ``flags``
+    (``opt.command``) and the ``more`` fields given."""
     gamma, alpha, beta = weights or (None, None, None)
-    label = f"{method}+kd" if role == "student" and method != "kd" and (alpha or 0) > 0 else method
-    return {F.role: role, F.method: method, F.label: label, F.model: model, F.model_t: model_t,
+    return {F.role: role, F.method: method, F.label: label or method, F.model: model, F.model_t: model_t,
             F.pair: f"{model_t}->{model}" if model_t else model, F.dataset: opt.dataset,
             F.trial: str(opt.trial), F.seed: opt.seed, F.weights: {"gamma": gamma, "alpha": alpha, "beta": beta},
             F.flags: list(opt.command), **more}

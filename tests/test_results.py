@@ -92,3 +92,13 @@ def test_the_schema_and_summarize_import_no_torch():
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
 
+
+def test_a_students_label_is_what_its_method_says():
+    """The paper's row name of a student run: ``+kd`` when -a > 0 adds KD to another method's loss;
+    KD says that -a weighs its own loss (Distiller.kd_is_own_loss), so its runs stay ``kd``."""
+    from engine.methods import get_method
+
+    assert get_method("crd").run_label(0.8) == "crd+kd"
+    assert get_method("crd").run_label(0.0) == get_method("crd").run_label(None) == "crd"
+    assert get_method("kd").run_label(0.9) == "kd"
+    assert get_method("dkd").run_label(1.0) == "dkd+kd"
