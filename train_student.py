@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from common.argtypes import nonnegative_float, nonnegative_int, path_part, positive_float
-from common.declare import add_option_group
+from common.declare import add_option_group, resumable
 from common.distributed import say, wrap_ddp
 from common.errors import UserError, exit_on_user_error
 from common.runtime import Runtime
@@ -45,8 +45,9 @@ def build_parser() -> Parser:
     g.add_argument("--init_epochs", type=nonnegative_int, default=30,
                    help="init-stage epochs of abound, factor and fsp")
     g.add_argument("--model_s", type=str, default="resnet8", help="student architecture")
-    g.add_argument("--path_t", type=str, default=None,
-                   help="teacher checkpoint; several comma-separated ones distil from their ensemble")
+    # another path to the same weights may be given on resume (the weights' digests are checked)
+    resumable(g.add_argument("--path_t", type=str, default=None,
+                             help="teacher checkpoint; several comma-separated ones distil from their ensemble"))
     g.add_argument("--distill", type=str, default="kd", help="method: " + ", ".join(method_names()))
     g.add_argument("--trial", type=path_part, default="1", help="trial id")
     g.add_argument("-r", "--gamma", type=nonnegative_float, default=None, help="weight of cross-entropy (default 1)")
@@ -61,9 +62,10 @@ def build_parser() -> Parser:
     g.add_argument("--view_t", type=str, default=None,
                    help="what the teacher sees (default: the view its checkpoint records, rgb for one that records "
                         "none); with several teachers, one view for all or one per teacher, comma-separated")
-    g.add_argument("--plain_teacher", action="store_true",
-                   help="run the teacher as loaded (BatchNorm kept, default memory format) instead of the "
-                        "frozen-teacher fast path (BatchNorm folded into the convolutions, channels_last)")
+    resumable(g.add_argument("--plain_teacher", action="store_true",
+                             help="run the teacher as loaded (BatchNorm kept, default memory format) instead of "
+                                  "the frozen-teacher fast path (BatchNorm folded into the convolutions, "
+                                  "channels_last)"))
     for group, title in method_option_groups():
         add_option_group(parser, group, title)
     return parser
@@ -98,7 +100,8 @@ def train(opt, runtime: Runtime) -> dict:
     resume = resume_path(opt.resume, folder, opt.model_s)
     run = RunLog(folder, opt, active=runtime.dist.is_main,
                  extra=run_summary(opt, role="student", method=opt.distill, model=opt.arch, model_t=parts.model_t,
-                                   weights=(opt.gamma, opt.alpha, opt.beta), model_s=opt.arch))
+                                   weights=(opt.gamma, opt.alpha, opt.beta), model_s=opt.arch,
+                                   label=get_method(opt.distill).run_label(opt.alpha)))
     ddp_step = wrap_ddp(parts.step, runtime.device, find_unused_parameters=True)
     # a test set of other classes than the student's (--split unlabeled) says nothing: no validation,
     # the last checkpoint is the result and a linear probe (transfer_student.py) evaluates it

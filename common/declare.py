@@ -12,7 +12,9 @@ checked parser of :mod:`common.argtypes`. Groups compose by inheritance: a metho
 subclass the shared groups they use (the memory bank's, the embedding's), and
 :func:`add_option_groups` adds each group's own fields once, however many methods share it.
 :func:`options_from` reads a group back from a parsed namespace: that and the scripts' parsing
-are the only places that read ``opt``.
+are the only places that read ``opt``. An option that a resumed run may change says so where it
+is declared: ``option(..., resumable=True)``, or :func:`resumable` around a flag added with
+``add_argument``; :func:`resumable_options` lists a parser's.
 """
 from __future__ import annotations
 
@@ -24,11 +26,37 @@ T = TypeVar("T")
 
 
 def option(default: Any, help: str, *, type: Callable[[str], Any] | None = None,
-           choices: Sequence[Any] | None = None) -> Any:
+           choices: Sequence[Any] | None = None, resumable: bool = False) -> Any:
     """A dataclass field that is also a command-line flag ``--<field name>``: ``default``, its
     ``help`` text, the ``type=`` function that parses it (default: the field's annotation) and its
-    ``choices``. A ``bool`` field defaulting to False becomes a switch (``store_true``)."""
-    return dataclasses.field(default=default, metadata={"help": help, "type": type, "choices": choices})
+    ``choices``. A ``bool`` field defaulting to False becomes a switch (``store_true``).
+    ``resumable``: a resumed run may give it another value (it cannot change what the run
+    computes, beyond float rounding); see :func:`resumable`."""
+    return dataclasses.field(default=default, metadata={"help": help, "type": type, "choices": choices,
+                                                        "resumable": resumable})
+
+
+# The attribute of a parsed namespace that lists its resumable options (:func:`record_resumable`);
+# private (a leading ``_``), so never recorded as an option of the run.
+RESUMABLE = "_resumable"
+
+
+def resumable(action: argparse.Action) -> argparse.Action:
+    """Mark the flag that ``parser.add_argument(...)`` returned (``action``) as one a resumed run
+    may change, as :func:`option`'s ``resumable=True`` marks a declared option; returns it."""
+    action.resumable = True
+    return action
+
+
+def resumable_options(parser: argparse.ArgumentParser) -> frozenset[str]:
+    """The options of ``parser`` marked resumable where they are declared."""
+    return frozenset(a.dest for a in parser._actions if getattr(a, "resumable", False))
+
+
+def record_resumable(parser: argparse.ArgumentParser, namespace: argparse.Namespace) -> None:
+    """Record on ``namespace`` (parsed by ``parser``) the names of its resumable options, as
+    :data:`RESUMABLE`: what a resume may change and what a run's results.json lists."""
+    setattr(namespace, RESUMABLE, sorted(resumable_options(parser)))
 
 
 def own_fields(cls: type) -> list[dataclasses.Field]:
@@ -79,10 +107,12 @@ def add_option_group(parser: argparse.ArgumentParser, cls: type, title: str | No
         if "help" not in meta:
             raise TypeError(f"{cls.__name__}.{f.name} is not declared with option()")
         if _is_switch(f):
-            group.add_argument(f"--{f.name}", action="store_true", help=meta["help"])
+            action = group.add_argument(f"--{f.name}", action="store_true", help=meta["help"])
         else:
-            group.add_argument(f"--{f.name}", type=_parser_of(f), default=f.default, choices=meta.get("choices"),
-                               help=meta["help"])
+            action = group.add_argument(f"--{f.name}", type=_parser_of(f), default=f.default,
+                                        choices=meta.get("choices"), help=meta["help"])
+        if meta.get("resumable"):
+            resumable(action)
 
 
 def add_option_groups(parser: argparse.ArgumentParser, classes: Iterable[type],

@@ -49,16 +49,18 @@ timeout_minutes = float_in(1 / 60000, datetime.timedelta.max / datetime.timedelt
 class RuntimeOptions:
     """device and speed"""
 
-    device: str = option("auto", "auto, cpu or cuda (auto: cuda when available)")
-    deterministic: bool = option(False, "deterministic kernels, no cuDNN autotuning (exact resume on CPU)")
+    device: str = option("auto", "auto, cpu or cuda (auto: cuda when available)", resumable=True)
+    deterministic: bool = option(False, "deterministic kernels, no cuDNN autotuning (exact resume on CPU)",
+                                 resumable=True)
     amp: str = option("off", "mixed precision of the forward passes (fp16 with loss scaling); NCE, KL and Sinkhorn "
                       "stay fp32", choices=tuple(AMP_DTYPES))
-    channels_last: bool = option(False, "channels_last memory format for the networks and images")
-    compile: bool = option(False, "torch.compile the networks (the first steps are slow)")
+    channels_last: bool = option(False, "channels_last memory format for the networks and images",
+                                 resumable=True)
+    compile: bool = option(False, "torch.compile the networks (the first steps are slow)", resumable=True)
     sync_bn: bool = option(False, "under torchrun, BatchNorm statistics over all processes' batches (SyncBatchNorm)")
     dist_timeout: float = option(10.0, "under torchrun: minutes a process waits for the others (in a collective) "
                                  "before it stops and names the rank that stopped answering (at least 1 ms)",
-                                 type=timeout_minutes)
+                                 type=timeout_minutes, resumable=True)
 
 
 @dataclass

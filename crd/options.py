@@ -18,7 +18,8 @@ class BankOptions(EmbedOptions):
     nce_m: float = option(0.5, "momentum of the memory-bank update", type=unit_interval)
     nce_scores: str = option("auto", "how the memory-bank scores are computed (the same numbers either way): one "
                              "matrix product of the batch against the whole bank, a gather of the K+1 rows of each "
-                             "anchor, or auto: the cheaper one for N and K", choices=SCORE_MODES)
+                             "anchor, or auto: the cheaper one for N and K", choices=SCORE_MODES,
+                             resumable=True)
 
 
 @dataclass

@@ -45,11 +45,12 @@ class DataOptions(*reversed(option_groups())):  # type: ignore[misc]  # bases: t
     dataset: str = option("cifar100", f"data set: {', '.join(DATASETS)}")
     data_folder: str | None = option(None, "where the data set lives (default ./data, holding cifar-100-python/, "
                                      "cifar-10-batches-py/, stl10_binary/ or tiny-imagenet-200/; ./data/imagenet for "
-                                     "imagenet; paired: DIR/<view folder>/<split>/<class>/<file>)")
+                                     "imagenet; paired: DIR/<view folder>/<split>/<class>/<file>)", resumable=True)
     download: bool = option(False, "download CIFAR-100, CIFAR-10 or STL-10 into --data_folder if missing (STL-10's "
-                            "files are then checked against the published MD5s)")
+                            "files are then checked against the published MD5s)", resumable=True)
     allow_modified_data: bool = option(False, "read CIFAR-100/CIFAR-10 files whose MD5 is not the published one (a "
-                                       "copy you modified on purpose); they are still read without running code")
+                                       "copy you modified on purpose); they are still read without running code",
+                                       resumable=True)
     loader: str = option("tensor", "tensor: whole set as a uint8 tensor on the device, crop/flip/normalise per batch "
                          "with tensor ops (every set but imagenet, which always uses torchvision's folder loader); "
                          "torchvision: DataLoader with PIL transforms in worker processes", choices=LOADERS)
@@ -60,7 +61,7 @@ class DataOptions(*reversed(option_groups())):  # type: ignore[misc]  # bases: t
     batch_size: int = option(64, "batch size", type=positive_int)
     num_workers: int | None = option(None, "data-loading worker processes of the torchvision loader (default: 0 "
                                      "with --loader tensor, which needs none; else min(8, cores - 1))",
-                                     type=nonnegative_int)
+                                     type=nonnegative_int, resumable=True)
     subset: int = option(0, "train on a class-balanced subset of N samples (0: all)", type=nonnegative_int)
     val_subset: int = option(0, "validate on a class-balanced subset of N test samples (0: all; for smoke tests)",
                              type=nonnegative_int)

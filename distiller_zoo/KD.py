@@ -32,6 +32,7 @@ class KDDistiller(Distiller):
     """``--distill kd``: no term of its own; the loop's ``alpha * KL_T`` is the whole method."""
 
     weights = (0.1, 0.9, 0.0)
+    kd_is_own_loss = True
 
     def __init__(self, options: NoOptions, ctx: BuildContext) -> None:
         super().__init__()

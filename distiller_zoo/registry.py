@@ -118,6 +118,8 @@ class Distiller(nn.Module, abc.ABC):
         preact: take stage features before their last ReLU.
         weights: published ``(gamma, alpha, beta)`` for ``-r -a -b`` (used when left out).
         has_init_stage: the method pre-trains in an init stage of ``--init_epochs`` (see :meth:`init_loss`).
+        kd_is_own_loss: the step's ``-a`` term (KD) is the method's own loss (KD itself), so
+            ``-a`` > 0 adds nothing to its name in the tables (:meth:`run_label`).
 
     :meth:`label_need` says whether (and why) the method needs the training labels.
     """
@@ -127,6 +129,7 @@ class Distiller(nn.Module, abc.ABC):
     preact: bool = False
     weights: tuple[float, float, float] = (1.0, 0.0, 1.0)
     has_init_stage: bool = False
+    kd_is_own_loss: bool = False
 
     @abc.abstractmethod
     def forward(self, s: NetOutput, t: NetOutput, batch: Batch) -> dict[str, torch.Tensor]:
@@ -150,6 +153,12 @@ class Distiller(nn.Module, abc.ABC):
         if contrast is not None and contrast.mode == "relax":
             return "--mode relax draws each positive from the anchor's class (use --mode exact)"
         return None
+
+    @classmethod
+    def run_label(cls, alpha: float | None) -> str:
+        """What the paper's tables call a run of this method with KD weight ``alpha`` (``-a``):
+        its name, with ``+kd`` when ``-a`` > 0 adds KD to another method's loss (``crd+kd``)."""
+        return f"{cls.name}+kd" if not cls.kd_is_own_loss and (alpha or 0) > 0 else cls.name
 
     def start_epoch(self, epoch: int) -> None:
         """Called by the training loop before each epoch (e.g. for warm-up schedules)."""

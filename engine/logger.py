@@ -16,6 +16,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 from common.errors import UserError
 from common.files import atomic_write
+from engine.results import F, RESULTS_VERSION, RUNNING, stage_history
+from engine.run_flags import free_flags
 
 
 # Flags that act on one invocation (continue the run, or delete it and start again), not
@@ -100,25 +102,29 @@ def git_commit() -> str | None:
 
 
 def run_summary(opt, *, role: str, method: str, model: str, model_t: str | None,
-                weights: tuple[float, float, float] | None = None, **more: Any) -> dict[str, Any]:
-    """The fields of ``results.json`` that say what a run was, for ``scripts/summarize.py``:
-    ``role`` (teacher or student), ``method`` (``vanilla`` for cross-entropy alone, else the
-    ``--distill`` name; ``kd`` with ``-a`` > 0 on top of another method reads as e.g. ``crd+kd``
-    in ``label``), ``model``, ``model_t``, ``pair`` (``teacher->student``, or the model alone),
-    ``dataset``, ``trial``, ``seed``, the loss ``weights`` ``(gamma, alpha, beta)`` of a student
-    and the command-line ``flags`` (``opt.command``)."""
+                weights: tuple[float, float, float] | None = None, label: str | None = None,
+                **more: Any) -> dict[str, Any]:
+    """The fields of ``results.json`` that say what a run was, for ``scripts/summarize.py``
+    (:class:`engine.results.Results`): ``role`` (teacher, student or transfer), ``method``
+    (``vanilla`` for cross-entropy alone, else the ``--distill`` name), ``label`` (the paper's
+    row name, default ``method``; a student's says so, e.g. ``crd+kd``: see
+    :meth:`distiller_zoo.registry.Distiller.run_label`), ``model``, ``model_t``, ``pair``
+    (``teacher->student``, or the model alone), ``dataset``, ``trial``, ``seed``, the loss
+    ``weights`` ``(gamma, alpha, beta)`` of a student, the command-line ``flags``
+    (``opt.command``) and the ``more`` fields given."""
     gamma, alpha, beta = weights or (None, None, None)
-    label = f"{method}+kd" if role == "student" and method != "kd" and (alpha or 0) > 0 else method
-    return {"role": role, "method": method, "label": label, "model": model, "model_t": model_t,
-            "pair": f"{model_t}->{model}" if model_t else model, "dataset": opt.dataset,
-            "trial": str(opt.trial), "seed": opt.seed, "weights": {"gamma": gamma, "alpha": alpha, "beta": beta},
-            "flags": list(opt.command), **more}
+    return {F.role: role, F.method: method, F.label: label or method, F.model: model, F.model_t: model_t,
+            F.pair: f"{model_t}->{model}" if model_t else model, F.dataset: opt.dataset,
+            F.trial: str(opt.trial), F.seed: opt.seed, F.weights: {"gamma": gamma, "alpha": alpha, "beta": beta},
+            F.flags: list(opt.command), **more}
 
 
 class RunLog:
     """The run folder's records: ``args.json`` when training starts (:meth:`open`), TensorBoard
     scalars (per epoch, and every ``--tb_freq`` steps: :meth:`step`), one console line per epoch,
-    and ``results.json`` (rewritten after each epoch, so an interrupted run keeps its history).
+    and ``results.json`` (rewritten after each epoch, so an interrupted run keeps its history;
+    its fields: :class:`engine.results.Results`, with ``results_version`` and ``resumable``, the
+    options a resume of it may change).
     ``sessions`` lists each start of the run (the first, then every resume: where it started, its
     command line and the flags it changed); each epoch's record names the session that ran it.
     Under torchrun only rank 0's is ``active``; the others keep the history in memory and write
@@ -133,9 +139,10 @@ class RunLog:
         self.sessions: list[dict[str, Any]] = [{"start_epoch": 1, "start_step": 1, "steps_before": 0,
                                                 "command": list(vars(opt).get("command") or []),
                                                 "changed": {}}]
-        self.results: dict[str, Any] = {"args": vars(opt), "commit": git_commit(), **(extra or {}),
-                                        "sessions": self.sessions}
+        self.results: dict[str, Any] = {F.results_version: RESULTS_VERSION, F.args: vars(opt),
+                                        F.commit: git_commit(), **(extra or {}), F.sessions: self.sessions}
         self._args = vars(opt)
+        self._resumable = free_flags(opt)
 
     def open(self) -> None:
         """Write ``args.json`` and start the TensorBoard writer (once; the first record does it,
@@ -193,9 +200,9 @@ class RunLog:
         self.history = [h for h in history if not h.get("partial")]
         for name, records in stage_histories.items():
             if records:
-                self.results[f"{name}_history"] = [r for r in records if not r.get("partial")]
+                self.results[stage_history(name)] = [r for r in records if not r.get("partial")]
         self.start = time.time() - elapsed
-        self.results["resumed"] = self.results.get("resumed", 0) + 1
+        self.results[F.resumed] = self.results.get(F.resumed, 0) + 1
         current = {**self.sessions[-1], **(session or {})}
         self.sessions[:] = [*(sessions or [self.sessions[0]]), current]
 
@@ -210,25 +217,27 @@ class RunLog:
         self._scalars(record, record["epoch"], skip=("epoch", "session"))
         if show:
             print(console_line(record), flush=True)
-        self.save(status="running")
+        self.save(status=RUNNING)
 
     def stage_epoch(self, name: str, record: dict[str, Any]) -> None:
         """Log one epoch of a stage before the main one (e.g. ``init``: ``record`` holds
         'init_epoch'); kept in ``<name>_history``, ``results.json`` rewritten."""
         key = f"{name}_epoch"
-        self.results.setdefault(f"{name}_history", []).append(record)
+        self.results.setdefault(stage_history(name), []).append(record)
         if not self.active:
             return
         self.open()
         self._scalars(record, record[key], skip=(key,))
         print(console_line(record), flush=True)
-        self.save(status="running")
+        self.save(status=RUNNING)
 
     def save(self, status: str, **summary: Any) -> dict[str, Any]:
         """Rewrite ``results.json`` with the history so far, ``status`` and ``summary`` entries."""
+        args = recorded_args(self._args)
         self.results.update(summary)
-        self.results.update(status=status, wall_time_s=round(time.time() - self.start, 3), history=self.history,
-                            args=recorded_args(self._args))
+        self.results.update({F.status: status, F.wall_time_s: round(time.time() - self.start, 3),
+                             F.history: self.history, F.args: args,
+                             F.resumable: sorted(self._resumable & set(args))})
         if self.active:
             self.open()
             path = self.folder / "results.json"

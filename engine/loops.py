@@ -29,7 +29,7 @@ from common.meters import accuracy
 from common.runtime import Runtime, rng_state, set_rng_state
 from engine.logger import RunLog, is_interactive, is_terminal_output
 from engine.optim import adjust_learning_rate
-from engine.resume import checkpoint_names, compare_options, run_options
+from engine.resume import checkpoint_names, compare_options, free_flags, run_options
 
 # train_step(batch) -> (logits [B, C], target [B], named loss terms); the loss is their sum.
 TrainStep = Callable[[tuple], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
@@ -556,7 +556,7 @@ class Fit:
             distributed.say(f"note: {source} does not record its settings (an older version wrote it): "
                             "only its number of processes can be checked against this run's")
             saved = {"world_size": saved_world}
-        refused, changed = compare_options(saved, self.options, epochs_done)
+        refused, changed = compare_options(saved, self.options, epochs_done, free_flags(self.opt))
         if refused:
             raise UserError(f"{source} was made with other settings than this run: {'; '.join(refused)}. "
                             "Resume with the settings it was made with, or start a new run (another --trial, "

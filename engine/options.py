@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from common.argtypes import FLOAT32_MAX, nonfinite_floats, nonnegative_int, positive_int
-from common.declare import add_option_groups
+from common.declare import add_option_groups, record_resumable, resumable
 from common.errors import UserError
 from common.runtime import RuntimeOptions
 from dataset import DataOptions
@@ -102,6 +102,7 @@ class Parser(argparse.ArgumentParser):
                       file=sys.stderr, flush=True)
         if hasattr(namespace, "config"):
             del namespace.config
+        record_resumable(self, namespace)
         flags = {action.dest: "/".join(action.option_strings) for action in self._actions}
         for dest, value in nonfinite_floats(namespace, float32=True):
             self.error(f"argument {flags.get(dest) or dest}: expected a finite number that float32 holds "
@@ -141,25 +142,30 @@ def default_workers(loader: str = "torchvision", dataset: str = "cifar100") -> i
 def add_training_args(parser: argparse.ArgumentParser) -> None:
     """Flags for optimisation, data, device and run control, with RepDistiller's defaults."""
     g = parser.add_argument_group("RepDistiller flags")
-    g.add_argument("--print_freq", type=positive_int, default=100,
-                   help="when the output is not a terminal, a progress line every N steps")
-    g.add_argument("--tb_freq", type=positive_int, default=500,
-                   help="TensorBoard step scalars (step/loss, step/<term>, step/lr, step/top1) every N optimiser "
-                        "steps; the epoch scalars are written every epoch")
-    g.add_argument("--save_freq", type=positive_int, default=40, help="write ckpt_epoch_N.pth every this many epochs")
-    g.add_argument("--epochs", type=positive_int, default=240, help="number of training epochs")
+    resumable(g.add_argument("--print_freq", type=positive_int, default=100,
+                             help="when the output is not a terminal, a progress line every N steps"))
+    resumable(g.add_argument("--tb_freq", type=positive_int, default=500,
+                             help="TensorBoard step scalars (step/loss, step/<term>, step/lr, step/top1) every N "
+                                  "optimiser steps; the epoch scalars are written every epoch"))
+    resumable(g.add_argument("--save_freq", type=positive_int, default=40,
+                             help="write ckpt_epoch_N.pth every this many epochs"))
+    # a resume may raise it (engine/resume.py checks how far, and not under the cosine schedule)
+    resumable(g.add_argument("--epochs", type=positive_int, default=240, help="number of training epochs"))
 
     g = parser.add_argument_group("RepDistill flags")
-    g.add_argument("--max_steps", type=nonnegative_int, default=0,
-                   help="stop after N optimiser steps, then validate and save (0: no limit); with an init stage each stage "
-                        "counts its own N, and reaching N inside the init stage stops the run there, saved but not validated")
-    g.add_argument("--save_folder", type=str, default="./save/models", help="parent folder of the run folder")
-    g.add_argument("--resume", type=str, default=None,
-                   help="continue a run from its <model>_last.pth: a path, or 'auto' for this run's folder (fresh start "
-                        "if none); the settings that shape training must be the ones it was made with")
-    g.add_argument("--overwrite", action="store_true",
-                   help="start the run again in a run folder that already holds its checkpoints (they are deleted); "
-                        "without it such a start is refused")
+    resumable(g.add_argument("--max_steps", type=nonnegative_int, default=0,
+                             help="stop after N optimiser steps, then validate and save (0: no limit); with an init "
+                                  "stage each stage counts its own N, and reaching N inside the init stage stops the "
+                                  "run there, saved but not validated"))
+    resumable(g.add_argument("--save_folder", type=str, default="./save/models",
+                             help="parent folder of the run folder"))
+    resumable(g.add_argument("--resume", type=str, default=None,
+                             help="continue a run from its <model>_last.pth: a path, or 'auto' for this run's folder "
+                                  "(fresh start if none); the settings that shape training must be the ones it was "
+                                  "made with"))
+    resumable(g.add_argument("--overwrite", action="store_true",
+                             help="start the run again in a run folder that already holds its checkpoints (they are "
+                                  "deleted); without it such a start is refused"))
 
     add_option_groups(parser, [OptimOptions, DataOptions, RuntimeOptions])
     add_config_args(parser)

@@ -10,13 +10,14 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 from common import distributed
 from common.errors import UserError
 from common.files import file_mode, remove_temporaries
 from engine.logger import jsonable
-from engine.run_flags import DESCRIPTIONS, FREE_FLAGS, flag_name, show  # noqa: F401 (also used from here)
+from engine.results import F, RUNNING
+from engine.run_flags import DESCRIPTIONS, flag_name, free_flags, show  # noqa: F401 (also used from here)
 
 try:
     import fcntl
@@ -32,14 +33,15 @@ def run_options(opt, **extra: Any) -> dict[str, Any]:
     return jsonable(options)
 
 
-def compare_options(saved: dict[str, Any], current: dict[str, Any], epochs_done: int
+def compare_options(saved: dict[str, Any], current: dict[str, Any], epochs_done: int, free: Collection[str]
                     ) -> tuple[list[str], dict[str, list[Any]]]:
     """``(refused, changed)``: the differences that would make a resumed run another run
     (``'--nce_k 16384 -> 4096'``), and the allowed ones, ``{flag: [old, new]}``.
 
-    Allowed: the :data:`FREE_FLAGS`, and ``--epochs`` raised (or lowered to no fewer than the
-    epochs done) with the step schedule; with the cosine schedule ``--epochs`` shapes every
-    epoch's learning rate, so it must stay. Options the checkpoint does not record are not compared.
+    Allowed: the options of ``free`` (the run's :func:`engine.run_flags.free_flags`); of them
+    ``--epochs`` only raised (or lowered to no fewer than the epochs done) with the step schedule:
+    with the cosine schedule it shapes every epoch's learning rate, so it must stay. Options the
+    checkpoint does not record are not compared.
     """
     refused, changed = [], {}
     for key in sorted(set(saved) & set(current)):
@@ -54,7 +56,7 @@ def compare_options(saved: dict[str, Any], current: dict[str, Any], epochs_done:
             if new < epochs_done:
                 refused.append(f"--epochs {old} -> {new} (fewer than the {epochs_done} epochs done)")
                 continue
-        if key in FREE_FLAGS:
+        if key in free:
             if key not in ("resume", "overwrite", "command"):  # the command itself is in the session
                 changed[flag_name(key)] = [old, new]
         else:
@@ -259,10 +261,10 @@ def _ended_status(folder: Path) -> str | None:
     if not path.is_file():
         return None
     try:
-        status = json.loads(path.read_text()).get("status")
+        status = json.loads(path.read_text()).get(F.status)
     except (OSError, ValueError, AttributeError):
         return "unreadable"
-    return None if status == "running" else str(status)
+    return None if status == RUNNING else str(status)
 
 
 def _delete(folder: Path, what: str | None = None) -> None:

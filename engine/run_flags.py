@@ -1,18 +1,25 @@
-"""Which recorded options make a run what it is, and how messages name them. Plain Python (no
-torch): ``engine/resume.py`` checks a resume with these, ``scripts/summarize.py`` groups runs
-into table rows with them."""
+"""Which recorded options a resume may change, and how messages name options. Plain Python (no
+torch): ``engine/resume.py`` checks a resume with these, ``scripts/summarize.py`` names options
+with them."""
 from __future__ import annotations
 
 from typing import Any
 
-# Flags that cannot change what a run computes (beyond float rounding): a resume may change
-# them, and results.json records the change. Every other option must stay as it was.
-FREE_FLAGS = frozenset({
-    "print_freq", "tb_freq", "save_freq", "num_workers", "resume", "overwrite", "save_folder", "save_path",
-    "model_name", "data_folder", "download", "device", "deterministic", "compile", "channels_last",
-    "max_steps", "command", "path_t", "dist_timeout", "plain_teacher", "nce_scores", "allow_modified_data",
-    "epochs",  # checked on its own: it may grow with the step schedule
-})
+from common.declare import RESUMABLE
+
+# What a script records beside the options (the run folder's name and path, the command line):
+# never settings of the run, so a resume may find them changed.
+RECORDED = frozenset({"save_path", "model_name", "command"})
+
+
+def free_flags(opt) -> frozenset[str]:
+    """The options of ``opt`` that a resume may change, because they cannot change what the run
+    computes (beyond float rounding), and results.json records the change: those declared
+    resumable where they are declared (``option(..., resumable=True)``, ``resumable(add_argument(...))``;
+    the scripts' parser lists them on ``opt``, :func:`common.declare.record_resumable`) and
+    :data:`RECORDED`. ``--epochs`` is one, checked on its own (``engine/resume.py``). Every
+    other option must stay as it was."""
+    return frozenset(vars(opt).get(RESUMABLE) or ()) | RECORDED
 
 # How the options that are not flags of their own name are shown in messages.
 DESCRIPTIONS = {

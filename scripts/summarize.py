@@ -21,17 +21,18 @@ over trials, and writes into ``--out`` (default: the scanned folder):
   for a data set other than cifar100 ``accuracy_<dataset>_<pair>.png`` and ``curves_<dataset>_<pair>.png``.
 
 A row is one configuration: runs are averaged only if they recorded the same value of every option
-that changes the result (``args`` in results.json, less the trial, the seed and the flags that
-cannot change what a run computes, engine/run_flags.py's FREE_FLAGS, ``--epochs`` excepted), the
-same teacher's weights (their SHA-256, ``teachers``; ``--path_t`` is not compared) and number of
-processes where recorded, and the same status (a finished run is never pooled with an unfinished
-one). Runs of one (pair, method) that differ are rows of their own, each named by what sets it
-apart (``crd+kd (-a 0.5)``), and one line per split says which options split it. An option only
-some of the runs record is not compared (the row says it pooled over it); runs recording no
-options at all are a row of their own. ``--group_by`` names the options that define a row instead
-(``pair,method``: the pair and method alone), ``--pool`` leaves some out; a row that pools runs of
-other values names them (``kd (pooled: --epochs 1/3)``). Linear probes' rows are split the same
-way by their recipe and their network's loss weights and epoch (not by the target set, a column).
+that changes the result (``args`` in results.json, less the trial, the seed and the options a
+resume may change, which cannot change what a run computes: those results.json lists as
+``resumable``, ``--epochs`` excepted), the same teacher's weights (their SHA-256, ``teachers``;
+``--path_t`` is not compared) and number of processes where recorded, and the same status (a
+finished run is never pooled with an unfinished one). Runs of one (pair, method) that differ are
+rows of their own, each named by what sets it apart (``crd+kd (-a 0.5)``), and one line per split
+says which options split it. An option only some of the runs record is not compared (the row says
+it pooled over it); runs recording no options at all are a row of their own. ``--group_by`` names
+the options that define a row instead (``pair,method``: the pair and method alone), ``--pool``
+leaves some out; a row that pools runs of other values names them (``kd (pooled: --epochs 1/3)``).
+Linear probes' rows are split the same way by their recipe and their network's loss weights and
+epoch (not by the target set, a column).
 
 Linear probes (``transfer_student.py``, role ``transfer`` in results.json) are left out of that
 table and make the transfer table instead: one section per (source data set, teacher->student
@@ -42,8 +43,10 @@ the last-epoch probe top-1 over trials and n), beside the published numbers of t
 best epoch's too.
 
 A results.json that cannot be read (not JSON, not a run record, a value out of range, not a regular
-file, too large) is skipped with one warning naming it. The CSV files quote every text cell and put a
-``'`` before text a spreadsheet would run as a formula (``=``, ``+``, ``-``, ``@``, tab, CR at the start).
+file, too large, or written by a newer version of the code: a ``results_version`` above this
+script's, engine/results.py) is skipped with one warning naming it; one without a version (an older
+run's) is read as version 0. The CSV files quote every text cell and put a ``'`` before text a
+spreadsheet would run as a formula (``=``, ``+``, ``-``, ``@``, tab, CR at the start).
 
 Name mapping: a run's ``label`` (``kd``, ``crd``, ``crd+kd``, ...) is the paper's row name; a
 vanilla run of model M (``train_teacher.py``) is the ``teacher`` row of every pair whose teacher
@@ -68,7 +71,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from engine.run_flags import FREE_FLAGS, flag_name, show  # noqa: E402  (plain Python: no torch)
+# plain Python, no torch: the schema of results.json, and how options are named
+from engine.results import (BEST_ON_TEST, BEST_ON_VAL, F, FINISHED, LAST_ONLY, RESULTS_VERSION,  # noqa: E402
+                            TRANSFER, V0_RESUMABLE)
+from engine.run_flags import flag_name, show  # noqa: E402
 
 ARROW = "->"                 # our pair spelling (results.json)
 PAPER_ARROW = "→"            # the paper tables' spelling, also used for display
@@ -76,7 +82,6 @@ PAPER_DATASET = "cifar100"   # the data set of every table in paper_tables.md
 DEFAULT_PAPER = Path(__file__).resolve().parent / "paper_tables.md"
 MISSING = {"", "–", "—", "-", "n/a", "na", "none"}
 UNKNOWN_DATASET = "unknown"  # the section of runs whose results.json names no data set
-VANILLA = "vanilla"          # results.json label of a run trained with cross-entropy alone
 TEACHER_ROW, STUDENT_ROW = "teacher", "student"   # the paper's rows for vanilla runs
 DASH = "–"
 
@@ -98,7 +103,8 @@ class Run:
     last_acc: float | None
     best_acc: float | None
     curve: dict[int, float] = field(default_factory=dict)   # epoch -> test top-1
-    selection: str = "test"   # how its best epoch was chosen: on the test set, "val" (--val_split), "last" (not tested)
+    # how its best epoch was chosen: on the test set, "val" (--val_split), "last" (not tested)
+    selection: str = BEST_ON_TEST
     role: str = ""                             # "transfer" for a linear probe (then dataset is the target set)
     source_dataset: str = ""                   # a probe's: the data set its network was trained on
     # what makes it the configuration it is (:func:`run_settings`): option -> value as recorded
@@ -347,63 +353,101 @@ def load_run(path: Path) -> Run:
         raise ValueError("nested too deeply to be a results.json") from None
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")
-    model = text(data.get("model") or data.get("model_s"), "model")
-    model_t = text(data.get("model_t"), "model_t") or None
-    pair = text(data.get("pair"), "pair") or (f"{model_t}{ARROW}{model}" if model_t else model)
-    label = text(data.get("label") or data.get("method"), "label")
+    resumable = resumable_options(data, results_version(data))
+    model = text(data.get(F.model) or data.get(F.model_s), "model")
+    model_t = text(data.get(F.model_t), "model_t") or None
+    pair = text(data.get(F.pair), "pair") or (f"{model_t}{ARROW}{model}" if model_t else model)
+    label = text(data.get(F.label) or data.get(F.method), "label")
     if not pair or not label:
         raise ValueError("no pair/label fields (written before engine/logger.py's run_summary?)")
     curve = {}
-    for record in data.get("history") or []:
+    for record in data.get(F.history) or []:
         acc = number(record.get("test_acc")) if isinstance(record, dict) else None
         if acc is not None and isinstance(record.get("epoch"), int):
             curve[record["epoch"]] = acc
-    last = number(data.get("last_acc"))
-    best = number(data.get("best_acc"))
-    selection = data.get("selection") if data.get("selection") in ("val", "last") else "test"
-    if selection == "val":  # the test top-1 of the epoch chosen on the held-out images
-        best = number(data.get("best_val_test_acc"))
+    last = number(data.get(F.last_acc))
+    best = number(data.get(F.best_acc))
+    selection = data.get(F.selection) if data.get(F.selection) in (BEST_ON_VAL, LAST_ONLY) else BEST_ON_TEST
+    if selection == BEST_ON_VAL:  # the test top-1 of the epoch chosen on the held-out images
+        best = number(data.get(F.best_val_test_acc))
     if last is None and curve:
         last = curve[max(curve)]
     if best is None and curve:
         best = max(curve.values())
-    source = data.get("source") if isinstance(data.get("source"), dict) else {}
-    args = data.get("args") if isinstance(data.get("args"), dict) else {}
-    status = text(data.get("status"), "status") or "unknown"
-    role = text(data.get("role"), "role")
+    source = data.get(F.source) if isinstance(data.get(F.source), dict) else {}
+    args = data.get(F.args) if isinstance(data.get(F.args), dict) else {}
+    status = text(data.get(F.status), "status") or "unknown"
+    role = text(data.get(F.role), "role")
     return Run(path=path, label=label.lower(), pair=pair, model=model or split_pair(pair)[1],
-               model_t=model_t, dataset=text(data.get("dataset") or args.get("dataset"), "dataset"),
-               trial=text(data.get("trial"), "trial"), status=status,
+               model_t=model_t, dataset=text(data.get(F.dataset) or args.get("dataset"), "dataset"),
+               trial=text(data.get(F.trial), "trial"), status=status,
                last_acc=last, best_acc=best, curve=curve, selection=selection, role=role,
                source_dataset=text(source.get("dataset"), "source dataset"),
-               settings=run_settings(data, args, source, status, role),
-               options_recorded=isinstance(data.get("args"), dict))
+               settings=run_settings(data, args, source, status, role, resumable),
+               options_recorded=isinstance(data.get(F.args), dict))
+
+
+def results_version(data: dict) -> int:
+    """The schema version of a results.json (``results_version``; 0 without one: an older run's);
+    ValueError for one that is not a version number, or newer than this script reads
+    (:data:`engine.results.RESULTS_VERSION`)."""
+    version = data.get(F.results_version, 0)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise ValueError(f"its {F.results_version} {shown_json(version)} is not a version number")
+    if version > RESULTS_VERSION:
+        raise ValueError(f"written by a newer version of the code ({F.results_version} {version}; this "
+                         f"summarize.py reads up to {RESULTS_VERSION}): update the code to summarize it")
+    return version
+
+
+def resumable_options(data: dict, version: int) -> frozenset[str]:
+    """The options a resume of the run could change (they cannot change what it computes): the
+    list its results.json records (``resumable``), or for a version-0 file, which has none, the
+    options that were resumable when it was written; ValueError for a list that is not one."""
+    if version == 0:
+        return V0_RESUMABLE
+    names = data.get(F.resumable)
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise ValueError(f"its {F.resumable} is not a list of option names")
+    return frozenset(names)
+
+
+def shown_json(value) -> str:
+    """A JSON value for a one-line message: a scalar as JSON writes it (cut to 40 characters),
+    else what it is."""
+    if isinstance(value, (list, dict)):
+        return "(a JSON array)" if isinstance(value, list) else "(a JSON object)"
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:39] + "…"
 
 
 # Recorded options that never make two runs different configurations: the trial and seed (what
-# the rows average over), the flags that cannot change what a run computes (engine/run_flags.py's
-# FREE_FLAGS, which a resume may change) but --epochs (a 3-epoch and a 240-epoch run are different
-# rows), and the data set (one section each; a probe's is its target set, a column of its table).
-NOT_SETTINGS = (FREE_FLAGS - {"epochs"}) | {"trial", "seed", "dataset"}
+# the rows average over), the data set (one section each; a probe's is its target set, a column of
+# its table), and the options a resume may change, which cannot change what a run computes (the
+# run's ``resumable``), but --epochs (a 3-epoch and a 240-epoch run are different rows).
+NOT_SETTINGS = frozenset({"trial", "seed", "dataset"})
+CHANGES_RESULT = "epochs"
 # ... and for a linear probe also the network it probes (its trials are the probes' trials) and the
 # flags that only say how it runs (as --plain_teacher) or were derived from others
 NOT_PROBE_SETTINGS = NOT_SETTINGS | {"path_s", "source_run", "lr_given", "plain_backbone"}
 # identity a results.json records beside its args: the teachers' weights (SHA-256, train_student.py),
 # the number of processes; a probe's network: its loss weights, checkpoint epoch and classes
-IDENTITY = ("teachers", "world_size")
+IDENTITY = (F.teachers, F.world_size)
 SOURCE_IDENTITY = ("epoch", "num_classes")
 STATUS = "status"   # always part of a row's configuration: a finished run is never pooled with an unfinished one
 
 
-def run_settings(data: dict, args: dict, source: dict, status: str, role: str) -> dict[str, Any]:
+def run_settings(data: dict, args: dict, source: dict, status: str, role: str,
+                 resumable: frozenset[str]) -> dict[str, Any]:
     """What makes a run the configuration it is: every recorded option (``args``) but those of
-    :data:`NOT_SETTINGS` (:data:`NOT_PROBE_SETTINGS` for a probe), the :data:`IDENTITY` fields it
-    records, for a probe its network's loss weights and epoch (``source.alpha``, ``source.epoch``),
-    and its status. ValueError for a value nested too deeply to compare."""
-    skip = NOT_PROBE_SETTINGS if role == TRANSFER_ROLE else NOT_SETTINGS
+    :data:`NOT_SETTINGS` (:data:`NOT_PROBE_SETTINGS` for a probe) and of ``resumable`` (but
+    ``--epochs``), the :data:`IDENTITY` fields it records, for a probe its network's loss weights
+    and epoch (``source.alpha``, ``source.epoch``), and its status. ValueError for a value nested
+    too deeply to compare."""
+    skip = (NOT_PROBE_SETTINGS if role == TRANSFER else NOT_SETTINGS) | (resumable - {CHANGES_RESULT})
     settings = {k: v for k, v in args.items() if k not in skip}
     settings.update({k: data[k] for k in IDENTITY if data.get(k) is not None})
-    if role == TRANSFER_ROLE:
+    if role == TRANSFER:
         weights = source.get("weights") if isinstance(source.get("weights"), dict) else {}
         settings.update({f"source.{k}": v for k, v in weights.items() if v is not None})
         settings.update({f"source.{k}": source[k] for k in SOURCE_IDENTITY if source.get(k) is not None})
@@ -446,18 +490,18 @@ def select_runs(runs: list[Run], dataset: str | None, include_running: bool) -> 
             names = sorted({dataset_name(r.dataset) for r in other})
             notes.append(f"{len(other)} run(s) of another data set left out ({', '.join(names)}; see --dataset)")
         runs = [r for r in runs if r.dataset == dataset]
-    unfinished = [r for r in runs if r.status != "finished"]
+    unfinished = [r for r in runs if r.status != FINISHED]
     if unfinished and not include_running:
         notes.append(f"{len(unfinished)} unfinished run(s) left out (see --include_running)")
-        runs = [r for r in runs if r.status == "finished"]
+        runs = [r for r in runs if r.status == FINISHED]
     for run in runs:
         if run.last_acc is None:
             why = ("not tested (its test set has other classes; evaluate it with a linear probe)"
-                   if run.selection == "last" else "no test accuracy yet")
+                   if run.selection == LAST_ONLY else "no test accuracy yet")
             notes.append(f"{run.path} left out: {why}")
         else:
             kept.append(run)
-    chosen = [r for r in kept if r.selection == "val"]
+    chosen = [r for r in kept if r.selection == BEST_ON_VAL]
     if chosen:
         notes.append(f"best of {len(chosen)} of the {len(kept)} run(s): the test top-1 of the epoch with the best "
                      "top-1 on held-out training images (--val_split), not the best test top-1"
@@ -663,7 +707,7 @@ def split_configurations(runs: list[Run], grouping: Grouping) -> tuple[list[Conf
             setting = [(OPTIONS, UNRECORDED)] if with_options else []
             setting += [(STATUS, part[0].status) for k in differ if k == STATUS]
         configurations.append(Configuration(part, setting, pooled_over(part, keys)))
-    configurations.sort(key=lambda c: (c.runs[0].status != "finished", not c.runs[0].options_recorded,
+    configurations.sort(key=lambda c: (c.runs[0].status != FINISHED, not c.runs[0].options_recorded,
                                        [order_key(value_of(c.runs[0], k)) for k in differ]))
     if len(configurations) > 1:
         said = "; ".join(f"{option_name(k)} ({describe_values(k, values(k))})" for k in differ)
@@ -865,8 +909,6 @@ def write_csv(sections: list[Section], path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- transfer (linear probes)
-
-TRANSFER_ROLE = "transfer"
 
 
 @dataclass
@@ -1189,8 +1231,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.folder} is not a folder", file=sys.stderr)
         return 1
     runs = collect_runs(args.folder)
-    probes = [r for r in runs if r.role == TRANSFER_ROLE]
-    runs = [r for r in runs if r.role != TRANSFER_ROLE]
+    probes = [r for r in runs if r.role == TRANSFER]
+    runs = [r for r in runs if r.role != TRANSFER]
     kept, notes = select_runs(runs, args.dataset, args.include_running)
     probes, probe_notes = select_runs(probes, None, args.include_running)
     notes += [f"linear probes: {note}" for note in probe_notes]

@@ -243,3 +243,50 @@ def test_resume_auto_that_finds_no_run_says_so_and_names_the_closest(student_run
     from engine.resume import no_run_to_resume
     assert no_run_to_resume(empty) == f"note: --resume auto: no checkpoint to continue in {empty}; a new run starts there"
     assert no_run_to_resume(tmp_path / "none") == f"note: --resume auto: no run folder none in {tmp_path}, so a new run starts"
+
+
+def test_flags_declared_resumable_where_they_are_declared_may_change(teachers, tmp_path):
+    """A method's (--nce_scores), the data's (--num_workers), the runtime's (--deterministic), the
+    loop's (--tb_freq) and the script's own (--plain_teacher) flags say at their declaration that a
+    resume may change them: the resume continues and records the changes."""
+    args = ["--path_t", str(teachers[0]), "--model_s", "resnet8", "--distill", "crd", "--nce_k", "16", *DATA,
+            "--epochs", "2", "--save_folder", str(tmp_path)]
+    train_student.main(args + ["--max_steps", str(STEPS_PER_EPOCH)])
+    results = train_student.main(args + ["--nce_scores", "gather", "--num_workers", "1", "--deterministic",
+                                         "--tb_freq", "3", "--plain_teacher", "--resume", "auto"])
+    assert results["status"] == "finished" and [h["epoch"] for h in results["history"]] == [1, 2]
+    assert results["sessions"][1]["changed"] == {
+        "--nce_scores": ["auto", "gather"], "--num_workers": [0, 1], "--deterministic": [False, True],
+        "--tb_freq": [500, 3], "--plain_teacher": [False, True], "--max_steps": [STEPS_PER_EPOCH, 0]}
+
+
+def test_the_scripts_options_that_a_resume_may_change():
+    """What each script's parser declares resumable (and records on the options it parses), with
+    the values a script records beside its options, holds every option an older version let a
+    resume change; an option() field says it with resumable=True, an add_argument flag with resumable()."""
+    import argparse
+    from dataclasses import dataclass
+
+    from common.declare import add_option_group, option, resumable, resumable_options
+    from engine.results import V0_RESUMABLE
+    from engine.run_flags import RECORDED, free_flags
+
+    for script, argv in ((train_student, ["--path_t", "t.pth"]), (train_teacher, [])):
+        parser = script.build_parser()
+        opt = parser.parse_args(argv)
+        assert free_flags(opt) == resumable_options(parser) | RECORDED
+        assert V0_RESUMABLE & set(vars(opt)) <= free_flags(opt)
+    assert {"nce_scores", "plain_teacher", "path_t"} <= resumable_options(train_student.build_parser())
+    assert not {"nce_k", "learning_rate", "distill", "batch_size"} & resumable_options(train_student.build_parser())
+
+    @dataclass
+    class Group:
+        """a group"""
+        fast: bool = option(False, "same numbers, faster", resumable=True)
+        size: int = option(3, "a size")
+
+    parser = argparse.ArgumentParser()
+    add_option_group(parser, Group)
+    resumable(parser.add_argument("--every", type=int, default=1))
+    parser.add_argument("--other", type=int, default=1)
+    assert resumable_options(parser) == {"fast", "every"}

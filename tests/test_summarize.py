@@ -16,6 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import summarize  # noqa: E402
+from engine.results import RESULTS_VERSION  # noqa: E402
 
 PAIR = "resnet32x4->resnet8x4"
 CRD_LAST = [75.0, 75.5, 76.0]
@@ -589,3 +590,50 @@ def test_bar_chart_starts_at_zero_and_keeps_error_bars_inside():
                                                           pytest.approx((0.0, 11 / 6 + std_low))]
     assert any("cut at 0/100" in label for label in ax.get_legend_handles_labels()[1])
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- the schema's version
+
+
+def test_a_newer_results_version_is_skipped_with_one_line_and_older_files_are_read(tmp_path, capsys):
+    """A results.json written by a newer version of the code (results_version above the one
+    summarize knows) may mean its fields differently: it is skipped with one warning naming it and
+    the fix; a version that is not a number likewise. A file without a version is version 0."""
+    for trial, version in ((0, None), (1, 1), (2, RESULTS_VERSION + 1), (3, "1")):
+        fields = {} if version is None else {"results_version": version, "resumable": []}
+        write_run(tmp_path / "runs", label="kd", model="resnet8", model_t="resnet14", trial=trial, last=50.0 + trial,
+                  best=60.0, **fields)
+    assert summarize.main([str(tmp_path / "runs"), "--no_plots"]) == 0
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2, err
+    newer = next(w for w in warnings if "_kd_2" in w)
+    assert (f"written by a newer version of the code (results_version {RESULTS_VERSION + 1}; this summarize.py "
+            f"reads up to {RESULTS_VERSION}): update the code to summarize it") in newer
+    assert 'its results_version "1" is not a version number' in next(w for w in warnings if "_kd_3" in w)
+    md = (tmp_path / "runs" / "summary.md").read_text()
+    assert md_row(md, "resnet14->resnet8", "kd")[2:4] == ["2", "50.50 ± 0.71"]   # trials 0 (version 0) and 1
+
+
+def test_a_run_says_which_of_its_options_a_resume_may_change(tmp_path):
+    """Runs are pooled over the options their results.json lists as resumable (they cannot change
+    what a run computes), and split by the others; a file without the list (version 0) is read with
+    the options that were resumable when it was written (e.g. --num_workers)."""
+    def run(trial: int, folder: str, resumable: list[str] | None, **args) -> None:
+        fields = {} if resumable is None else {"results_version": 1, "resumable": resumable}
+        write_run(tmp_path / folder, label="kd", model="resnet8", model_t="resnet14", trial=trial, last=50.0 + trial,
+                  best=60.0, args=args, **fields)
+
+    run(0, "listed", ["new_flag"], new_flag=1, num_workers=2)
+    run(1, "listed", ["new_flag"], new_flag=2, num_workers=2)
+    md, rows = summarize_into(tmp_path / "listed", tmp_path / "out1")
+    assert md_row(md, "resnet14->resnet8", "kd")[2:4] == ["2", "50.50 ± 0.71"]
+    run(0, "unlisted", [], new_flag=1, num_workers=2)
+    run(1, "unlisted", [], new_flag=2, num_workers=2)
+    md, rows = summarize_into(tmp_path / "unlisted", tmp_path / "out2")
+    assert md_row(md, "resnet14->resnet8", "kd (--new_flag 1)")[2:4] == ["1", "50.00 ± –"]
+    assert md_row(md, "resnet14->resnet8", "kd (--new_flag 2)")[2:4] == ["1", "51.00 ± –"]
+    run(0, "old", None, num_workers=0)
+    run(1, "old", None, num_workers=4)
+    md, rows = summarize_into(tmp_path / "old", tmp_path / "out3")
+    assert md_row(md, "resnet14->resnet8", "kd")[2:4] == ["2", "50.50 ± 0.71"]
