@@ -18,13 +18,14 @@ from typing import Any, Callable, Collection
 
 import yaml
 
-from common.argtypes import FLOAT32_MAX, SHOWN_CHARS, nonfinite_floats, nonnegative_int, positive_int, shown
-from common.declare import add_option_groups
+from common.argtypes import FLOAT32_MAX, SHOWN_CHARS, nonfinite_floats, positive_int, shown
+from common.declare import add_option_groups, add_options
 from common.errors import UserError
 from common.runtime import RuntimeOptions
 from dataset import DATASETS, TENSOR_DATASETS, DataOptions
 from engine.logger import ONE_INVOCATION, derived_options, set_derived
 from engine.optim import OptimOptions
+from engine.state import FitOptions
 
 # RepDistiller trains these students with lr 0.01 instead of 0.05.
 SMALL_LR_MODELS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
@@ -485,18 +486,11 @@ def default_workers(loader: str = "torchvision", dataset: str = "cifar100") -> i
 def add_training_args(parser: argparse.ArgumentParser) -> None:
     """Flags for optimisation, data, device and run control, with RepDistiller's defaults."""
     g = parser.add_argument_group("RepDistiller flags")
-    g.add_argument("--print_freq", type=positive_int, default=100,
-                   help="when the output is not a terminal, a progress line every N steps")
-    g.add_argument("--tb_freq", type=positive_int, default=500,
-                   help="TensorBoard step scalars (step/loss, step/<term>, step/lr, step/top1) every N optimiser "
-                        "steps; the epoch scalars are written every epoch")
-    g.add_argument("--save_freq", type=positive_int, default=40, help="write ckpt_epoch_N.pth every this many epochs")
+    add_options(g, FitOptions, "print_freq", "tb_freq", "save_freq")
     g.add_argument("--epochs", type=positive_int, default=240, help="number of training epochs")
 
     g = parser.add_argument_group("RepDistill flags")
-    g.add_argument("--max_steps", type=nonnegative_int, default=0,
-                   help="stop after N optimiser steps, then validate and save (0: no limit); with an init stage each stage "
-                        "counts its own N, and reaching N inside the init stage stops the run there, saved but not validated")
+    add_options(g, FitOptions, "max_steps")
     g.add_argument("--save_folder", type=str, default="./save/models", help="parent folder of the run folder")
     g.add_argument("--resume", type=str, default=None,
                    help="continue a run from its <model>_last.pth: a path, or 'auto' for this run's folder (fresh start "

@@ -15,7 +15,7 @@ saved in RepDistiller's layout ``<arch>_vanilla/ckpt_epoch_240.pth`` (or your ch
 ``--teacher_dir``). Then, after ``--warmup`` steps of each kind, ``--steps`` real steps and
 ``--steps`` phased steps, alternating (so that both see the same machine load):
 
-* **real step**: one step of ``engine.loops.train_one_epoch`` itself (the code ``train_student.py``
+* **real step**: one step of ``engine.epoch.train_one_epoch`` itself (the code ``train_student.py``
   runs: autocast, the ``DistillStep``, the finite check, ``zero_grad``, backward, optimiser step,
   accuracy) on the run's own train loader. Their wall time gives images/s and steps/s.
 * **phased step**: the same ``DistillStep.forward``, timed by part: forward hooks on the student
@@ -105,13 +105,15 @@ import train_student  # noqa: E402
 from models import build_model  # noqa: E402
 
 
-def _measured(module: str, before: str) -> Any:
-    """A module of the measured code by its path in the layered layout, or, for a commit from before
-    it (``--baseline_ref``), by its older path ``before``."""
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError:
-        return importlib.import_module(before)
+def _measured(*paths: str) -> Any:
+    """A module of the measured code by its path in this layout (the first of ``paths``), or, for a
+    commit from before it (``--baseline_ref``), by the first of its older paths that the commit has."""
+    for name in paths[:-1]:
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError:
+            pass
+    return importlib.import_module(paths[-1])
 
 
 UserError = _measured("common.errors", "helper.errors").UserError
@@ -119,8 +121,9 @@ exit_on_user_error = _measured("common.errors", "helper.errors").exit_on_user_er
 accuracy = _measured("common.meters", "helper.meters").accuracy
 resolve_device = _measured("common.runtime", "helper.runtime").resolve_device
 write_json = _measured("engine.logger", "helper.logger").write_json
-_loops = _measured("engine.loops", "helper.loops")
-StepBudget, check_finite, train_one_epoch = _loops.StepBudget, _loops.check_finite, _loops.train_one_epoch
+_epoch = _measured("engine.epoch", "engine.loops", "helper.loops")
+_guards = _measured("engine.guards", "engine.loops", "helper.loops")
+StepBudget, check_finite = _guards.StepBudget, _guards.check_finite
 adjust_learning_rate = _measured("engine.optim", "helper.optim").adjust_learning_rate
 setup_runtime = _measured("engine.script", "helper.runtime").setup_runtime
 
@@ -416,8 +419,14 @@ class StepTimer:
     def real(self) -> float:
         """Seconds of one step of ``train_one_epoch`` itself, as ``train_student.py`` runs it."""
         start = self.clock()
-        train_one_epoch(1, itertools.islice(self.batches, 1), self.step, self.step, self.optimizer, StepBudget(None),
-                        scaler=self.scaler, autocast=self.runtime.autocast, device=self.runtime.device)
+        one_batch = itertools.islice(self.batches, 1)
+        if hasattr(_epoch, "EpochContext"):
+            ctx = _epoch.EpochContext(self.step, self.step, self.optimizer, StepBudget(None), scaler=self.scaler,
+                                      autocast=self.runtime.autocast, device=self.runtime.device)
+            _epoch.train_one_epoch(ctx, 1, one_batch)
+        else:  # a commit from before the epoch's context (its keyword arguments)
+            _epoch.train_one_epoch(1, one_batch, self.step, self.step, self.optimizer, StepBudget(None),
+                                   scaler=self.scaler, autocast=self.runtime.autocast, device=self.runtime.device)
         return self.clock() - start
 
     def phased(self, number: int) -> dict[str, float]:
