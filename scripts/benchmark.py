@@ -72,6 +72,7 @@ the commit (before: the plain baseline flags on it).
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import gc
 import io
@@ -80,7 +81,6 @@ import json
 import importlib
 import os
 import platform
-import re
 import shlex
 import statistics
 import subprocess
@@ -660,11 +660,17 @@ def export_ref(ref: str, dest: Path) -> str:
 
 
 def require_build_run(code: Path, ref: str) -> None:
-    """Refuse (:class:`UserError`) a code tree whose ``train_student.py`` has no ``build_run``:
-    the benchmark builds every run with it."""
+    """Refuse (:class:`UserError`) a code tree whose ``train_student.py`` has no ``build_run`` (defined
+    there, or imported at its top level as from engine/student.py): the benchmark builds every run with it."""
     source = code / "train_student.py"
-    text = source.read_text() if source.is_file() else ""
-    if not re.search(r"^def build_run\(", text, flags=re.MULTILINE):
+    try:
+        tree = ast.parse(source.read_text() if source.is_file() else "")
+    except SyntaxError:
+        tree = ast.Module(body=[], type_ignores=[])
+    names = [node.name for node in tree.body if isinstance(node, ast.FunctionDef)]
+    names += [alias.asname or alias.name for node in tree.body if isinstance(node, ast.ImportFrom)
+              for alias in node.names]
+    if "build_run" not in names:
         raise UserError(f"--baseline_ref {ref}: its train_student.py has no build_run (commits from 1564697 on "
                         "have it), and the benchmark builds every run with it: choose a later commit")
 

@@ -202,6 +202,8 @@ def test_a_tree_without_build_run_is_refused(tmp_path):
         benchmark.require_build_run(tmp_path, "old")
     (tmp_path / "train_student.py").write_text("def build_run(opt, runtime):\n    pass\n")
     benchmark.require_build_run(tmp_path, "new")
+    (tmp_path / "train_student.py").write_text("from engine.student import (build_run,\n    run_name)\n")
+    benchmark.require_build_run(tmp_path, "moved")  # build_run moved to engine/student.py (issue 23)
 
 
 @needs_commit("1564697^")
