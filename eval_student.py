@@ -8,7 +8,7 @@ Any checkpoint of train_teacher.py or train_student.py (``<model>_last.pth``, ``
 folder's name, ``resnet32x4_vanilla`` -> ``resnet32x4``); ``--path_s`` and ``--path_t`` are other
 names of ``--path``. The data set is the one the checkpoint records unless ``--dataset`` is given
 (cifar100 for RepDistiller's files, which record none); the network sees the view its checkpoint
-records. The test is the training runs' own (:func:`engine.loops.evaluate`), so a run's last
+records. The test is the training runs' own (:func:`engine.epoch.evaluate`), so a run's last
 checkpoint gives the last test top-1 of its results.json.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from dataset import DataNeeds, DataOptions, get_dataloaders
 from dataset.registry import dataset_names
 from dataset.views import network_view
 from engine.logger import write_json
-from engine.loops import evaluate
+from engine.epoch import evaluate
 from engine.options import Parser, default_workers
 from engine.script import run_script
 from models import in_channels_of

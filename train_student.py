@@ -19,18 +19,20 @@ import torch
 import torch.nn as nn
 
 from common.argtypes import nonnegative_float, nonnegative_int, path_part, positive_float
-from common.declare import add_option_group, resumable
+from common.declare import add_option_group, options_from, resumable
 from common.distributed import say, wrap_ddp
 from common.errors import UserError, exit_on_user_error
 from common.runtime import Runtime
 from dataset.views import check_view
 from distiller_zoo.step import channels
+from engine.fit import Fit, FitOptions, best_line
 from engine.logger import RunLog, run_summary
-from engine.loops import Fit, Stage, best_line, evaluate, scheduled_lr
 from engine.methods import get_method, method_names, method_option_groups
 from engine.options import Parser, add_training_args, finalize_training_args, with_print_config
-from engine.resume import claim_run_folder, resume_path
+from engine.resume import claim_run_folder, resume_path, run_options
+from engine.run_flags import free_flags
 from engine.script import run_script
+from engine.stage import Stage, scheduled_lr
 from engine.student import (build_run, check_unlabeled, fill_weights, init_stages, other_methods_options, run_name,
                             validate_teachers)
 from models import resolve_model_name
@@ -107,16 +109,16 @@ def train(opt, runtime: Runtime) -> dict:
     # the last checkpoint is the result and a linear probe (transfer_student.py) evaluates it
     main = Stage("main", opt.epochs, ddp_step, ddp_step, parts.optimizer, scheduled_lr(opt, parts.optimizer),
                  validates=parts.tested, on_epoch_start=lambda epoch: [d.start_epoch(epoch) for d in distillers])
-    fit = Fit(opt, stages=[*init_stages(opt, parts, runtime), main],
+    # what the run's data and teachers turned out to be: a resume must find them again
+    recorded = run_options(opt, teachers=parts.teacher_digests, n_data=data.n_data,
+                           num_classes=parts.student_classes, model_t=parts.model_t, world_size=runtime.dist.world_size)
+    fit = Fit(options_from(FitOptions, opt), recorded, stages=[*init_stages(opt, parts, runtime), main],
               modules={"model": parts.student, "distiller": distillers[0] if len(distillers) == 1 else distillers},
               train_loader=data.train_loader, val_loader=data.val_loader, holdout_loader=data.holdout_loader,
               runtime=runtime, run=run, prefix=opt.model_s,
               static={"arch": opt.arch, "dataset": opt.dataset, "num_classes": parts.student_classes,
                       "distill": opt.distill, "model_t": parts.model_t, "view": opt.view_s},
-              inputs=parts.input_s,
-              # what the run's data and teachers turned out to be: a resume must find them again
-              identity={"teachers": parts.teacher_digests, "n_data": data.n_data,
-                        "num_classes": parts.student_classes, "model_t": parts.model_t})
+              inputs=parts.input_s, resumable=free_flags(opt))
     if resume is not None:  # checked before anything is written: a refused resume leaves the folder as it was
         fit.resume_from(resume)
     claim_run_folder(folder, resume=resume, overwrite=opt.overwrite, resume_asked=bool(opt.resume))

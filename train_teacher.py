@@ -20,12 +20,14 @@ from common.runtime import Runtime
 from common.sync_bn import convert_sync_batchnorm
 from dataset import DataNeeds, DataOptions, get_dataloaders
 from dataset.views import check_view
+from engine.fit import Fit, FitOptions, best_line
 from engine.logger import RunLog, run_summary
-from engine.loops import Fit, Stage, best_line, scheduled_lr
 from engine.optim import build_optimizer
 from engine.options import Parser, add_training_args, finalize_training_args, with_print_config
-from engine.resume import claim_run_folder, resume_path
+from engine.resume import claim_run_folder, resume_path, run_options
+from engine.run_flags import free_flags
 from engine.script import run_script
+from engine.stage import Stage, scheduled_lr
 from engine.steps import ClassifyStep
 from models import build_model, resolve_model_name
 
@@ -74,11 +76,13 @@ def train(opt, runtime: Runtime) -> dict:
                  extra=run_summary(opt, role="teacher", method="vanilla", model=opt.arch, model_t=None))
     step = wrap_ddp(ClassifyStep(model, runtime), runtime.device)
     stage = Stage("main", opt.epochs, step, step, optimizer, scheduled_lr(opt, optimizer))
-    fit = Fit(opt, stages=[stage], modules={"model": model}, train_loader=data.train_loader,
-              val_loader=data.val_loader, holdout_loader=data.holdout_loader, runtime=runtime, run=run,
-              prefix=opt.model,
+    # a resume must find the same number of classes
+    recorded = run_options(opt, num_classes=data.num_classes, world_size=runtime.dist.world_size)
+    fit = Fit(options_from(FitOptions, opt), recorded, stages=[stage], modules={"model": model},
+              train_loader=data.train_loader, val_loader=data.val_loader, holdout_loader=data.holdout_loader,
+              runtime=runtime, run=run, prefix=opt.model,
               static={"arch": opt.arch, "dataset": opt.dataset, "num_classes": data.num_classes, "view": opt.view},
-              identity={"num_classes": data.num_classes})  # a resume must find the same number of classes
+              resumable=free_flags(opt))
     if resume is not None:  # checked before anything is written: a refused resume leaves the folder as it was
         fit.resume_from(resume)
     claim_run_folder(opt.save_path, resume=resume, overwrite=opt.overwrite, resume_asked=bool(opt.resume))

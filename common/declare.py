@@ -103,16 +103,28 @@ def add_option_group(parser: argparse.ArgumentParser, cls: type, title: str | No
     heading = title or (cls.__doc__ or cls.__name__).strip().splitlines()[0]
     group = parser.add_argument_group(heading)
     for f in fields:
-        meta = f.metadata
-        if "help" not in meta:
-            raise TypeError(f"{cls.__name__}.{f.name} is not declared with option()")
-        if _is_switch(f):
-            action = group.add_argument(f"--{f.name}", action="store_true", help=meta["help"])
-        else:
-            action = group.add_argument(f"--{f.name}", type=_parser_of(f), default=f.default,
-                                        choices=meta.get("choices"), help=meta["help"])
-        if meta.get("resumable"):
-            resumable(action)
+        _add_flag(group, cls, f)
+
+
+def add_options(group: Any, cls: type, *names: str) -> None:
+    """Add the flags of ``cls``'s fields ``names``, in that order, to ``group`` (a parser or one
+    of its argument groups): for options declared in a dataclass whose flags sit among others."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in names:
+        _add_flag(group, cls, fields[name])
+
+
+def _add_flag(group: Any, cls: type, f: dataclasses.Field) -> None:
+    meta = f.metadata
+    if "help" not in meta:
+        raise TypeError(f"{cls.__name__}.{f.name} is not declared with option()")
+    if _is_switch(f):
+        action = group.add_argument(f"--{f.name}", action="store_true", help=meta["help"])
+    else:
+        action = group.add_argument(f"--{f.name}", type=_parser_of(f), default=f.default, choices=meta.get("choices"),
+                                    help=meta["help"])
+    if meta.get("resumable"):
+        resumable(action)
 
 
 def add_option_groups(parser: argparse.ArgumentParser, classes: Iterable[type],

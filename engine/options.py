@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common.argtypes import FLOAT32_MAX, nonfinite_floats, nonnegative_int, positive_int
-from common.declare import add_option_groups, record_resumable, resumable
+from common.argtypes import FLOAT32_MAX, nonfinite_floats, positive_int
+from common.declare import add_option_groups, add_options, record_resumable, resumable
 from common.errors import UserError
 from common.runtime import RuntimeOptions
 from dataset import DataOptions
@@ -22,6 +22,7 @@ from engine.config import with_print_config  # noqa: F401  (the scripts import i
 from engine.config_file import ConfigError, load_config
 from engine.logger import ONE_INVOCATION, derived_options, set_derived
 from engine.optim import OptimOptions
+from engine.state import FitOptions
 from models import default_learning_rate
 
 # The longest error line the scripts print (the rest is cut): a message never repeats a whole input.
@@ -142,21 +143,12 @@ def default_workers(loader: str = "torchvision", dataset: str = "cifar100") -> i
 def add_training_args(parser: argparse.ArgumentParser) -> None:
     """Flags for optimisation, data, device and run control, with RepDistiller's defaults."""
     g = parser.add_argument_group("RepDistiller flags")
-    resumable(g.add_argument("--print_freq", type=positive_int, default=100,
-                             help="when the output is not a terminal, a progress line every N steps"))
-    resumable(g.add_argument("--tb_freq", type=positive_int, default=500,
-                             help="TensorBoard step scalars (step/loss, step/<term>, step/lr, step/top1) every N "
-                                  "optimiser steps; the epoch scalars are written every epoch"))
-    resumable(g.add_argument("--save_freq", type=positive_int, default=40,
-                             help="write ckpt_epoch_N.pth every this many epochs"))
+    add_options(g, FitOptions, "print_freq", "tb_freq", "save_freq")
     # a resume may raise it (engine/resume.py checks how far, and not under the cosine schedule)
     resumable(g.add_argument("--epochs", type=positive_int, default=240, help="number of training epochs"))
 
     g = parser.add_argument_group("RepDistill flags")
-    resumable(g.add_argument("--max_steps", type=nonnegative_int, default=0,
-                             help="stop after N optimiser steps, then validate and save (0: no limit); with an init "
-                                  "stage each stage counts its own N, and reaching N inside the init stage stops the "
-                                  "run there, saved but not validated"))
+    add_options(g, FitOptions, "max_steps")
     resumable(g.add_argument("--save_folder", type=str, default="./save/models",
                              help="parent folder of the run folder"))
     resumable(g.add_argument("--resume", type=str, default=None,

@@ -1,7 +1,7 @@
 """The linear probe's parts: a frozen backbone's pooled features as data sources (computed once
 and cached, or per batch with the training augmentation) and the training of a linear head on
-them by the engine's epoch code (:func:`engine.loops.train_one_epoch` and
-:func:`engine.loops.evaluate`). ``transfer_student.py`` is the script around them."""
+them by the engine's epoch code (:func:`engine.epoch.train_one_epoch` and
+:func:`engine.epoch.evaluate`). ``transfer_student.py`` is the script around them."""
 from __future__ import annotations
 
 import contextlib
@@ -22,8 +22,9 @@ from common.runtime import Runtime
 from dataset.loaders import DataBundle, IndexedDataset
 from dataset.skipping import SkippingLoader, SkipUnreadable
 from dataset.tensor_loader import TensorLoader
+from engine.epoch import EpochContext, evaluate, train_one_epoch
+from engine.guards import StepBudget
 from engine.logger import RunLog, is_interactive, is_terminal_output
-from engine.loops import StepBudget, evaluate, train_one_epoch
 from engine.optim import build_optimizer, lr_at_epoch, set_lr
 
 # Without a terminal (a log file), the probe prints the line of its first epoch, of every tenth and of its last.
@@ -212,8 +213,9 @@ def head_epoch(epoch: int, source, head: nn.Module, optimizer: torch.optim.Optim
     """One epoch of ``head`` on ``source`` (:meth:`set_epoch`, then its batches) by the training
     loop's epoch code; returns its averages (``train_loss``, ``train_acc``, ...)."""
     source.set_epoch(epoch)
-    return train_one_epoch(epoch, source, head, lambda batch: head_step(head, batch), optimizer, budget,
-                           fresh_run=True, run=run, tb_freq=tb_freq)
+    ctx = EpochContext(head, lambda batch: head_step(head, batch), optimizer, budget, fresh_run=True, run=run,
+                       tb_freq=tb_freq)
+    return train_one_epoch(ctx, epoch, source)
 
 
 def train_probe(classifier: nn.Module, batches, test, opt, *, epochs: int, run: RunLog | None = None,

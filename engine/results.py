@@ -1,5 +1,5 @@
 """The schema of a run's ``results.json``: one record per run folder, written by
-:class:`engine.logger.RunLog` (and the parts of a run that add to it: :class:`engine.loops.Fit`,
+:class:`engine.logger.RunLog` (and the parts of a run that add to it: :class:`engine.fit.Fit`,
 ``train_student.py``, ``transfer_student.py``) and read by ``scripts/summarize.py`` and
 ``transfer_student.py``. Plain Python (no torch): ``scripts/summarize.py`` imports it.
 

@@ -20,9 +20,10 @@ from dataset.views import ViewLayout, check_recorded_view, distinct
 from distiller_zoo.registry import BuildContext, Distiller
 from distiller_zoo.step import DistillStep, InitStep, channels
 from engine.logger import set_derived
-from engine.loops import Stage, constant_lr, evaluate
+from engine.epoch import evaluate
 from engine.methods import get_method, method_option_names
 from engine.optim import build_optimizer
+from engine.stage import Stage, constant_lr
 from models import build_model, in_channels_of
 from models.teacher import (check_entries, checkpoint_arch, checkpoint_classes, checkpoint_view, load_teacher,
                             prepare_teacher, read_teacher_checkpoint)

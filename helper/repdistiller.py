@@ -17,8 +17,8 @@ method's modules are found by their position and ``opt.distill`` picks the branc
 - ``opt``: ``distill``, ``gamma``, ``alpha``, ``beta``, ``hint_layer``; ``init`` also reads
   ``model_s``, ``learning_rate``, ``momentum``, ``weight_decay``, ``init_epochs``.
 
-The epochs run on this library's epoch loop (:func:`engine.loops.train_one_epoch`) on the
-student's device, so a non-finite loss stops with ``engine.loops.NonFiniteLoss``. The branches
+The epochs run on this library's epoch loop (:func:`engine.epoch.train_one_epoch`) on the
+student's device, so a non-finite loss stops with ``engine.guards.NonFiniteLoss``. The branches
 are those of RepDistiller's current ``train_student.py`` (``--distill`` choices below); its
 older ``contrast`` branch (``CRDLoss(opt, n_data)`` with separate embeds) is not provided.
 """
@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from engine.loops import StepBudget, evaluate, train_one_epoch
+from engine.epoch import EpochContext, evaluate, train_one_epoch
 
 # opt.distill values of RepDistiller's train_distill, and those its init pre-trains
 DISTILL_METHODS = ("kd", "hint", "crd", "attention", "nst", "similarity", "rkd", "pkt", "kdsvd", "correlation",
@@ -125,8 +125,8 @@ def train_distill(epoch: int, train_loader, module_list: nn.ModuleList, criterio
             terms[distill] = opt.beta * loss_kd
         return logit_s, target, terms
 
-    stats = train_one_epoch(epoch, train_loader, _Modes(set_modes), step, optimizer, StepBudget(None),
-                            print_freq=getattr(opt, "print_freq", 0) or 0)
+    ctx = EpochContext(_Modes(set_modes), step, optimizer, print_freq=getattr(opt, "print_freq", 0) or 0)
+    stats = train_one_epoch(ctx, epoch, train_loader)
     return stats["train_acc"], stats["train_loss"]
 
 
@@ -187,9 +187,9 @@ def init(model_s: nn.Module, model_t: nn.Module, init_modules: nn.ModuleList, cr
             loss = sum(criterion(feat_s[:-1], feat_t[:-1]))
         return logit_s, target, {"init": loss}
 
+    ctx = EpochContext(_Modes(set_modes), step, optimizer, label="init epoch")
     for epoch in range(1, opt.init_epochs + 1):
-        stats = train_one_epoch(epoch, train_loader, _Modes(set_modes), step, optimizer, StepBudget(None),
-                                label="init epoch")
+        stats = train_one_epoch(ctx, epoch, train_loader)
         if logger is not None:
             logger.log_value("init_train_loss", stats["train_loss"], epoch)
 
@@ -238,5 +238,5 @@ def train_vanilla(epoch: int, train_loader, model: nn.Module, criterion, optimiz
         logits = model(images)
         return logits, target, {"loss": criterion(logits, target)}
 
-    stats = train_one_epoch(epoch, train_loader, model, step, optimizer, StepBudget(None))
+    stats = train_one_epoch(EpochContext(model, step, optimizer), epoch, train_loader)
     return stats["train_acc"], stats["train_loss"]

@@ -22,7 +22,7 @@ saved in RepDistiller's layout ``<arch>_vanilla/ckpt_epoch_240.pth`` (or your ch
 ``--teacher_dir``). Then, after ``--warmup`` steps of each kind, ``--steps`` real steps and
 ``--steps`` phased steps, alternating (so that both see the same machine load):
 
-* **real step**: one step of ``engine.loops.train_one_epoch`` itself (the code ``train_student.py``
+* **real step**: one step of ``engine.epoch.train_one_epoch`` itself (the code ``train_student.py``
   runs: autocast, the ``DistillStep``, the finite check, ``zero_grad``, backward, optimiser step,
   accuracy) on the run's own train loader. Their wall time gives images/s and steps/s.
 * **phased step**: the same ``DistillStep.forward``, timed by part: forward hooks on the student
@@ -131,13 +131,15 @@ LOADER_PAIR = ("resnet8", "resnet8")
 
 
 # ---------------------------------------------------------------- the measured code
-def _measured(module: str, before: str) -> Any:
-    """A module of the measured code by its path in the layered layout, or, for a commit from before
-    it (``--baseline_ref``), by its older path ``before``."""
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError:
-        return importlib.import_module(before)
+def _measured(*paths: str) -> Any:
+    """A module of the measured code by its path in this layout (the first of ``paths``), or, for a
+    commit from before it (``--baseline_ref``), by the first of its older paths that the commit has."""
+    for name in paths[:-1]:
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError:
+            pass
+    return importlib.import_module(paths[-1])
 
 
 UserError = _measured("common.errors", "helper.errors").UserError
@@ -147,20 +149,27 @@ resolve_device = _measured("common.runtime", "helper.runtime").resolve_device
 write_json = _measured("engine.logger", "helper.logger").write_json
 adjust_learning_rate = _measured("engine.optim", "helper.optim").adjust_learning_rate
 setup_runtime = _measured("engine.script", "helper.runtime").setup_runtime
-# The training loop's module: the two functions below are the only users of train_one_epoch,
+# The training loop's modules: the two functions below are the only users of train_one_epoch,
 # StepBudget and check_finite.
-_loops = _measured("engine.loops", "helper.loops")
+_epoch = _measured("engine.epoch", "engine.loops", "helper.loops")
+_guards = _measured("engine.guards", "engine.loops", "helper.loops")
 
 
 def loop_step(step: nn.Module, batches: Iterator, optimizer: torch.optim.Optimizer, scaler, runtime) -> None:
     """One step of the measured code's own loop: ``train_one_epoch`` over the next batch of ``batches``."""
-    _loops.train_one_epoch(1, itertools.islice(batches, 1), step, step, optimizer, _loops.StepBudget(None),
-                           scaler=scaler, autocast=runtime.autocast, device=runtime.device)
+    one_batch = itertools.islice(batches, 1)
+    if hasattr(_epoch, "EpochContext"):
+        ctx = _epoch.EpochContext(step, step, optimizer, _guards.StepBudget(None), scaler=scaler,
+                                  autocast=runtime.autocast, device=runtime.device)
+        _epoch.train_one_epoch(ctx, 1, one_batch)
+    else:  # a commit from before the epoch's context (its keyword arguments)
+        _epoch.train_one_epoch(1, one_batch, step, step, optimizer, _guards.StepBudget(None),
+                               scaler=scaler, autocast=runtime.autocast, device=runtime.device)
 
 
 def check_terms(terms: dict[str, float], number: int) -> None:
     """The loop's finite check of the loss terms of step ``number`` (raises as the loop does)."""
-    _loops.check_finite(terms, "the benchmark", number)
+    _guards.check_finite(terms, "the benchmark", number)
 
 
 # ---------------------------------------------------------------- small tools

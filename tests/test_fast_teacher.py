@@ -17,7 +17,7 @@ from common.runtime import Runtime
 from distiller_zoo import DistillKL
 from distiller_zoo.registry import Batch, NetOutput
 from distiller_zoo.step import DistillStep, ordinary_tensors
-from engine.loops import evaluate
+from engine.epoch import evaluate
 from engine.methods import build_distiller, get_method
 from models import build_model, imagenet_model_dict, model_dict
 from models.fold import find_foldable, fold_batchnorm

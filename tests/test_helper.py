@@ -13,7 +13,8 @@ from common import checkpoint as ckpt
 from common.errors import UserError
 from common.meters import AverageMeter, accuracy
 from engine.logger import RunLog
-from engine.loops import NonFiniteLoss, StepBudget, train_one_epoch
+from engine.epoch import EpochContext, train_one_epoch
+from engine.guards import NonFiniteLoss, StepBudget
 from engine.optim import adjust_learning_rate, build_optimizer, lr_at_epoch
 from tests.tolerance import FP32, FP64, approx
 
@@ -131,7 +132,7 @@ def test_nonfinite_loss_stops_with_terms():
         return logits, batch[1], {"ce": logits.sum() * 0 + 1.5, "kd": torch.tensor(float("nan"))}
 
     with pytest.raises(NonFiniteLoss, match=r"epoch 3, step 1 \(ce=1.5, kd=nan\)"):
-        train_one_epoch(3, loader, model, step, optimizer, StepBudget(None))
+        train_one_epoch(EpochContext(model, step, optimizer, StepBudget(None)), 3, loader)
     assert torch.equal(model.weight, before), "no update from a non-finite loss"
 
 
@@ -147,7 +148,7 @@ def test_step_budget_stops_mid_epoch():
 
     loader = [(torch.randn(4, 2), torch.tensor([0, 1, 2, 0]))] * 5
     budget = StepBudget(3)
-    stats = train_one_epoch(1, loader, model, step, optimizer, budget)
+    stats = train_one_epoch(EpochContext(model, step, optimizer, budget), 1, loader)
     assert len(calls) == 3 and budget.exhausted and "loss_ce" in stats
 
 
@@ -181,19 +182,19 @@ def test_step_scalars_every_tb_freq_steps_across_epochs(tmp_path):
     run.writer = writer = _Writer()
     budget = StepBudget(None)
     for epoch in (1, 2):
-        train_one_epoch(epoch, loader, model, step, optimizer, budget, run=run, tb_freq=2)
+        train_one_epoch(EpochContext(model, step, optimizer, budget, run=run, tb_freq=2), epoch, loader)
     assert sorted({s for _, _, s in writer.scalars}) == [2, 4, 6] and writer.flushes == 0
     at_2 = {tag: value for tag, value, s in writer.scalars if s == 2}
     assert set(at_2) == {"step/loss", "step/ce", "step/kd", "step/lr", "step/top1"}
     assert at_2["step/loss"] == pytest.approx(at_2["step/ce"] + 0.25) and at_2["step/lr"] == 0.1
     quiet = RunLog(tmp_path / "other", argparse.Namespace(), active=False)
-    train_one_epoch(3, loader, model, step, optimizer, budget, run=quiet, tb_freq=1)
+    train_one_epoch(EpochContext(model, step, optimizer, budget, run=quiet, tb_freq=1), 3, loader)
     assert quiet.writer is None and not (tmp_path / "other").exists()
 
 
 def test_progress_line_labels_means_and_this_step(capsys):
     """The --print_freq line: the epoch's means so far, then this step's loss and its terms."""
-    from engine.loops import EpochStats, Progress
+    from engine.progress import EpochStats, Progress
     stats = EpochStats()
     stats.update({"ce": 2.0, "kd": 1.0}, 50.0, 4)
     stats.update({"ce": 1.5, "kd": 0.5}, 25.0, 4)

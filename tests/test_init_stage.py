@@ -1,4 +1,4 @@
-"""The init stage of abound, factor and fsp is a stage of engine.loops.Fit: a stop signal inside it
+"""The init stage of abound, factor and fsp is a stage of engine.fit.Fit: a stop signal inside it
 saves ``<model>_last.pth`` and ``--resume auto`` continues it exactly; ``--max_steps`` counts its
 steps apart from the main stage's and stops the run inside it; a resume after it never reruns it.
 All through train_student.py on tiny synthetic runs, on the CPU with --deterministic."""
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from distiller_zoo.step import InitStep
-from engine.loops import Fit
+from engine.fit import Fit
 from tests.test_reliability import assert_same_state, interrupt_after
 import train_student
 import train_teacher
@@ -164,9 +164,9 @@ def test_a_resume_after_the_init_stage_does_not_rerun_it(teachers, whole, tmp_pa
     args = student_args(teachers[:1], "factor", 1, 2) + ["--save_folder", str(tmp_path)]
     save = Fit._save
 
-    def save_under_a_signal(self, state, names):  # a real SIGTERM while the init stage's end is saved
+    def save_under_a_signal(self, names):  # a real SIGTERM while the init stage's end is saved
         os.kill(os.getpid(), signal.SIGTERM)
-        save(self, state, names)
+        save(self, names)
 
     monkeypatch.setattr(Fit, "_save", save_under_a_signal)
     with pytest.raises(SystemExit) as stop:

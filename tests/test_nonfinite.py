@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.loops import NonFiniteLoss, check_finite
+from engine.guards import NonFiniteLoss, check_finite
 from models import build_model
 import train_student
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import loops
+from engine import guards, stage
 from engine.optim import set_lr
 from models import model_dict
 from tests.tolerance import AMP, FP32_DEEP, FP32_DEEP_GRAD, FP64, approx
@@ -52,7 +52,7 @@ def teacher(tmp_path_factory) -> Path:
 def interrupt_after(calls: int, monkeypatch) -> None:
     """Make the loop see a SIGTERM after its ``calls``-th training step."""
     seen = {"n": 0}
-    original = loops.StopSignals.requested
+    original = guards.StopSignals.requested
 
     def requested(self, device):
         seen["n"] += 1
@@ -60,7 +60,7 @@ def interrupt_after(calls: int, monkeypatch) -> None:
             self.signum = signal.SIGTERM
         return original(self, device)
 
-    monkeypatch.setattr(loops.StopSignals, "requested", requested)
+    monkeypatch.setattr(guards.StopSignals, "requested", requested)
 
 
 def test_teacher_resumed_after_epoch_one_ends_identical(tmp_path):
@@ -123,7 +123,7 @@ def test_blow_up_stops_and_leaves_checkpoints_as_they_were(tmp_path, capsys, mon
     train_teacher.main(args + ["--max_steps", str(STEPS_PER_EPOCH)])
     (folder,) = tmp_path.iterdir()
     before = {name: digest(folder / name) for name in ("resnet8_last.pth", "resnet8_best.pth")}
-    monkeypatch.setattr(loops, "adjust_learning_rate", lambda epoch, opt, optimizer: set_lr(optimizer, 1e20))
+    monkeypatch.setattr(stage, "adjust_learning_rate", lambda epoch, opt, optimizer: set_lr(optimizer, 1e20))
     with pytest.raises(SystemExit) as stop:
         train_teacher.main(args + ["--resume", str(folder / "resnet8_last.pth")])
     err = capsys.readouterr().err
