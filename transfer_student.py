@@ -36,6 +36,7 @@ from dataset import DATASETS, DataNeeds, DataOptions, get_dataloaders
 from dataset.skipping import sample_images
 from dataset.views import network_view as probe_view
 from engine.logger import RunLog, run_summary
+from engine.methods import get_method, method_names
 from engine.options import Parser, add_training_args, finalize_training_args, with_print_config
 from engine.probe import (CachedBatches, FeatureSet, LiveBatches, PassTimer, extract, one_thread, plain_train_loader,
                           pooled, train_probe)
@@ -143,7 +144,7 @@ def describe_source(path: Path, arch: str, facts: dict[str, Any]) -> dict[str, A
         method = str(facts.get("distill") or match["method"])
         alpha = _float(match["alpha"]) if match else None
         source.update(role="student", method=method, model_t=facts.get("model_t") or (match and match["model_t"]),
-                      label=f"{method}+kd" if method != "kd" and (alpha or 0) > 0 else method)
+                      label=get_method(method).run_label(alpha) if method in method_names() else method)
         if match:
             source.update(trial=match["trial"], dataset=source["dataset"] or match["dataset"],
                           weights={"gamma": _float(match["gamma"]), "alpha": alpha, "beta": _float(match["beta"])})

@@ -131,10 +131,11 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def default_workers(loader: str = "torchvision", dataset: str = "cifar100") -> int:
-    """``--num_workers`` when not given: 0 for the tensor pipeline (it needs no workers); else
-    one core left to the training process, at most 8, and at least 1 when there are two cores."""
-    if loader == "tensor" and dataset in tensor_sets():
+def default_workers(loader: str = "torchvision", dataset: str | None = None) -> int:
+    """``--num_workers`` when not given: 0 for the tensor pipeline (it needs no workers), which
+    serves ``dataset`` (None: any of the sets it serves); else one core left to the training
+    process, at most 8, and at least 1 when there are two cores."""
+    if loader == "tensor" and (dataset is None or dataset in tensor_sets()):
         return 0
     cores = available_cores()
     return min(8, cores - 1) if cores > 1 else 0
