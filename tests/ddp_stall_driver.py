@@ -1,4 +1,4 @@
-"""One rank of a stalled-rank test (tests/test_distributed.py): run ``train_teacher.main`` with the
+"""One rank of a stalled-rank test (tests/engine/test_dist_timeout.py): run ``train_teacher.main`` with the
 command-line flags, as torchrun's rank ``RANK`` (its environment variables set by the test); on
 rank 1 the second training step first sleeps ``STALL_S`` seconds, as a hung process would."""
 from __future__ import annotations

@@ -22,10 +22,10 @@ from dataset.tensor_loader import TensorLoader, tensor_source
 from dataset.tinyimagenet import TinyImageNetFolder
 from tests.datagen import (TINY_WNIDS, stl10_bytes, write_fake_cifar10, write_fake_stl10,
                            write_fake_tinyimagenet)
-from tests.test_dataset import check_batches, make_opt, needs_of
+from tests.data.test_dataset import check_batches, make_opt, needs_of
 from tests.tolerance import FP32_EXACT, assert_close
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SETS = ("cifar10", "stl10", "tinyimagenet")
 
 

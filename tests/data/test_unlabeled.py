@@ -20,7 +20,7 @@ from models import build_model
 import train_student
 import train_teacher
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TEACHER_CLASSES = 4
 DATA = ["--dataset", "synthetic", "--synthetic_classes", str(TEACHER_CLASSES), "--synthetic_train", "16",
         "--synthetic_test", "4", "--batch_size", "8", "--device", "cpu", "--epochs", "1", "--max_steps", "2"]

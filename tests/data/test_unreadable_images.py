@@ -28,7 +28,7 @@ from tests.datagen import write_fake_imagenet, write_fake_tinyimagenet
 import train_student
 import train_teacher
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # 12 training files (3 unreadable) and a batch of 4: three batches, every file read each epoch
 RUN = ["--dataset", "imagenet", "--batch_size", "4", "--epochs", "2", "--device", "cpu", "--model", "resnet8"]
 

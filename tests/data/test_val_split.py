@@ -13,7 +13,7 @@ from common.checkpoint import load_checkpoint
 from dataset import DataOptions, get_dataloaders
 import train_teacher
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import summarize  # noqa: E402
 
 CLASSES, PER_CLASS, HELD = 4, 16, 8

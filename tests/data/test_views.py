@@ -24,7 +24,7 @@ import train_student
 import train_teacher
 
 pytestmark = pytest.mark.numeric
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CPU = Runtime(torch.device("cpu"))
 SMALL = ["--dataset", "synthetic", "--synthetic_classes", "4", "--synthetic_train", "16", "--synthetic_test", "4",
          "--batch_size", "8", "--device", "cpu", "--max_steps", "2", "--epochs", "1"]

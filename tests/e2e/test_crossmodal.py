@@ -16,7 +16,7 @@ import train_student
 import train_teacher
 import transfer_student
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PARSERS = {"train_teacher.py": train_teacher.parse_option, "train_student.py": train_student.parse_option,
            "transfer_student.py": transfer_student.parse_option}
 

@@ -15,7 +15,7 @@ from models import build_model
 from tests.tolerance import FP32_EXACT, approx, assert_close
 import train_student
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 METHODS = ["kd", "hint", "attention", "similarity", "correlation", "vid", "crd", "kdsvd", "fsp", "rkd",
            "pkt", "abound", "factor", "nst"]
 # Flags that make any command line a seconds-long run on the synthetic set.
@@ -221,7 +221,7 @@ def test_distill_script_dry_run_prints_parsable_commands():
                                               "STUDENT": "resnet8x4", "TRIALS": "1"}, timeout=60)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
-    assert len(lines) == 18  # the tables' methods (tests/test_scripts.py checks every pair)
+    assert len(lines) == 18  # the tables' methods (tests/scripts/test_run_scripts.py checks every pair)
     seen = set()
     for line in lines:
         argv = shlex.split(line)

@@ -14,7 +14,7 @@ from models import build_model
 from tests.datagen import write_fake_cifar100
 import train_teacher
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess:

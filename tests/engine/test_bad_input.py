@@ -26,7 +26,7 @@ import train_student
 import train_teacher
 import transfer_student
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # Seconds-long runs on a 4-class synthetic set (32 training images: 8 per class, 24 of other classes).
 TINY = ["--synthetic_classes", "4", "--synthetic_train", "8", "--synthetic_test", "2", "--subset", "32",
         "--batch_size", "8", "--epochs", "1", "--max_steps", "2", "--num_workers", "0", "--device", "cpu"]

@@ -21,7 +21,7 @@ from engine.options import RECORDED_KEYS, config_text, value_text
 import train_student
 import train_teacher
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SYNTHETIC = ["--dataset", "synthetic", "--synthetic_classes", "4", "--synthetic_train", "16",
              "--synthetic_test", "4", "--batch_size", "8", "--device", "cpu", "--epochs", "1"]
 TEACHER = "./save/models/resnet32x4_vanilla/ckpt_epoch_240.pth"  # parsing never opens it
@@ -139,7 +139,7 @@ BAD = [  # file text, what the one error line says
     ("- nce_k\n", "expected a mapping of option names to values (nce_k: 4096), got list"),
     ("config: other.yaml\n", "'config' cannot be set in a configuration file"),
     ("arch: resnet8\n", "unknown option 'arch'"),  # recorded keys are ignored in an args.json only
-    # floats that float32 (training's arithmetic) cannot hold, as on the command line (tests/test_flags.py)
+    # floats that float32 (training's arithmetic) cannot hold, as on the command line (tests/engine/test_flags.py)
     ("learning_rate: 1e300\n", "learning_rate (--learning_rate): expected a finite number > 0 that float32 holds "
                                "(|x| <= 3.403e+38), got '1e300'"),
     ("b: 1.0e+39\n", "b (-b/--beta): expected a finite number >= 0 that float32 holds (|x| <= 3.403e+38), got '1e+39'"),
@@ -471,7 +471,7 @@ def usage_section() -> str:
 
 
 def test_the_usage_example_works_as_written(tmp_path, capsys, monkeypatch):
-    """docs/usage.md's crd.yaml and the commands that use it (a ```sh block: tests/test_docs.py
+    """docs/usage.md's crd.yaml and the commands that use it (a ```sh block: tests/scripts/test_docs.py
     runs ```bash blocks in a folder without the file)."""
     section = usage_section()
     config = re.search(r"```yaml\n(.*?)```", section, re.DOTALL).group(1)

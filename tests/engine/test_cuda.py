@@ -29,17 +29,17 @@ from distiller_zoo.registry import Batch
 from engine.methods import method_names
 from models import build_model
 from models.teacher import prepare_teacher
-from tests.test_amp import GRAD_COSINE, check_method_under_autocast, make_setup
-from tests.test_contrast_fast import BATCH, DIM, contrast_idx, crcd_case
-from tests.test_fast_teacher import all_outputs, assert_outputs_close, input_size, randomize_batchnorm
-from tests.test_tensor_loader import all_batches, make_loader, random_images
+from tests.methods.test_amp import GRAD_COSINE, check_method_under_autocast, make_setup
+from tests.methods.test_contrast_fast import BATCH, DIM, contrast_idx, crcd_case
+from tests.models.test_fast_teacher import all_outputs, assert_outputs_close, input_size, randomize_batchnorm
+from tests.data.test_tensor_loader import all_batches, make_loader, random_images
 from tests.tolerance import AMP, FP32, FP32_DEEP, FP32_EXACT, assert_close
 import train_student
 import train_teacher
 
 pytestmark = pytest.mark.cuda
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CUDA = torch.device("cuda")
 
 
@@ -59,7 +59,7 @@ def on(device, *tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.to(device) for t in tensors]
 
 
-# --- the tensor data pipeline (tests/test_tensor_loader.py) --------------------------------------
+# --- the tensor data pipeline (tests/data/test_tensor_loader.py) --------------------------------------
 
 def test_tensor_loader_on_cuda_gives_the_cpu_batches():
     """Same seed: the same images, labels and indices on the GPU as on the CPU (the crops and
@@ -88,7 +88,7 @@ def test_tensor_loader_on_cuda_gives_the_cpu_batches():
         assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
-# --- the memory bank's scores (tests/test_contrast_fast.py) -----------------------------------
+# --- the memory bank's scores (tests/methods/test_contrast_fast.py) -----------------------------------
 
 @pytest.mark.parametrize("mode", ["matmul", "gather"])
 def test_memory_bank_on_cuda_equals_the_cpu(mode):
@@ -136,7 +136,7 @@ def test_crcd_relation_scores_on_cuda_equal_the_cpu(mode):
         assert_close(got, expected, rtol=FP32)
 
 
-# --- the prepared teacher (tests/test_fast_teacher.py) -----------------------------------------
+# --- the prepared teacher (tests/models/test_fast_teacher.py) -----------------------------------------
 
 @pytest.mark.parametrize("name", ["resnet32x4", "wrn_40_2", "vgg13", "MobileNetV2", "ShuffleV1", "ResNet50"])
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -155,7 +155,7 @@ def test_prepared_teacher_on_cuda_equals_the_cpu_network(name, channels_last):
     assert_outputs_close(got, expected, FP32_DEEP, f"{name} channels_last={channels_last}")
 
 
-# --- mixed precision (tests/test_amp.py) --------------------------------------------------------
+# --- mixed precision (tests/methods/test_amp.py) --------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def cuda_amp_setup():
@@ -204,7 +204,7 @@ def test_fp16_step_with_the_grad_scaler_follows_the_fp32_step():
     assert F.cosine_similarity(step_fp16, step_fp32, dim=0) > GRAD_COSINE
 
 
-# --- train_student.py on the GPU (tests/test_reliability.py::test_bf16_step_is_close_to_fp32) ------
+# --- train_student.py on the GPU (tests/engine/test_speed_flags.py::test_bf16_step_is_close_to_fp32) ------
 
 DATA = ["--dataset", "synthetic", "--synthetic_classes", "4", "--synthetic_train", "16", "--synthetic_test", "4",
         "--batch_size", "8", "--num_workers", "0"]
@@ -243,7 +243,7 @@ def test_train_student_crd_on_cuda(cuda_teacher, tmp_path):
     assert math.isfinite(longer["history"][0]["loss_crd"])
 
 
-# --- NCCL (tests/test_distributed.py) ----------------------------------------------------------
+# --- NCCL (tests/engine/test_distributed.py) ----------------------------------------------------------
 
 def test_nccl_all_gather_of_the_banks_under_torchrun(tmp_path):
     """tests/cuda_nccl_worker.py under torchrun with one process: the NCCL process group, the

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from common import distributed
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ARGS = ["--model", "resnet8", "--dataset", "synthetic", "--synthetic_classes", "4", "--synthetic_train", "16",
         "--synthetic_test", "4", "--batch_size", "8", "--epochs", "1", "--num_workers", "0", "--device", "cpu",
         "--dist_timeout", "0.1"]

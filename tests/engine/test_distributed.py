@@ -27,7 +27,7 @@ from tests.tolerance import FP32, FP32_DEEP, approx, assert_close
 import train_student
 import train_teacher
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 B, N_DATA, K, CLASSES = 4, 64, 16, 4
 
 

@@ -16,7 +16,7 @@ from engine.options import Parser
 import train_student
 import train_teacher
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STUDENT = ["--path_t", "teacher.pth", "--dataset", "synthetic"]
 TEACHER = ["--model", "resnet8", "--dataset", "synthetic"]
 

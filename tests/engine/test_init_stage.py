@@ -16,14 +16,14 @@ import torch
 
 from distiller_zoo.step import InitStep
 from engine.loops import Fit
-from tests.test_reliability import assert_same_state, interrupt_after
+from tests.engine.test_resume import assert_same_state, interrupt_after
 import train_student
 import train_teacher
 
 DATA = ["--dataset", "synthetic", "--synthetic_classes", "4", "--synthetic_train", "8", "--synthetic_test", "4",
         "--batch_size", "8", "--num_workers", "0", "--device", "cpu"]
 STEPS_PER_EPOCH = 4  # 32 images, batch 8
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TIMING = ("epoch_time_s", "images_per_s", "session")  # what may differ between two identical runs
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # Lowest first; a top-level folder is one package (its sub-packages count as itself). A package
 # may import only from packages of lower layers.

@@ -20,7 +20,7 @@ from tests.tolerance import AMP, FP32_DEEP, FP32_DEEP_GRAD, FP64, approx
 import train_student
 import train_teacher
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DATA = ["--dataset", "synthetic", "--synthetic_classes", "4", "--synthetic_train", "16", "--synthetic_test", "4",
         "--batch_size", "8", "--num_workers", "0", "--device", "cpu"]
 TEACHER = ["--model", "resnet8", *DATA]

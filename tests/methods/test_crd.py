@@ -23,7 +23,7 @@ from tests.tolerance import FP32, FP32_DEEP, FP32_DEEP_GRAD, approx, assert_clos
 
 pytestmark = pytest.mark.numeric
 
-GOLDENS = torch.load(Path(__file__).parent / "fixtures" / "repdistiller_goldens.pt", weights_only=True)
+GOLDENS = torch.load(Path(__file__).parents[1] / "fixtures" / "repdistiller_goldens.pt", weights_only=True)
 
 
 SMALL = dict(s_dim=12, t_dim=20, feat_dim=8, n_data=50, nce_k=10, nce_t=0.07, nce_m=0.5)

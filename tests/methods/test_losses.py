@@ -43,7 +43,7 @@ from tests.tolerance import FP32, FP32_DEEP, FP32_DEEP_GRAD, FP32_EXACT, FP64, a
 
 pytestmark = pytest.mark.numeric
 
-GOLDENS = torch.load(Path(__file__).parent / "fixtures" / "repdistiller_goldens.pt", weights_only=True)
+GOLDENS = torch.load(Path(__file__).parents[1] / "fixtures" / "repdistiller_goldens.pt", weights_only=True)
 CLASSIC = ["kd", "hint", "attention", "similarity", "correlation", "vid", "rkd", "pkt", "abound",
            "factor", "fsp", "nst", "kdsvd"]
 

@@ -15,7 +15,7 @@ from tests.tolerance import FP32, FP32_DEEP, assert_close
 
 pytestmark = pytest.mark.numeric
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parents[1] / "fixtures"
 LAYOUTS = json.loads((FIXTURES / "repdistiller_state_dicts.json").read_text())["models"]
 OUTPUTS = torch.load(FIXTURES / "repdistiller_model_outputs.pt", weights_only=True)["models"]
 CIFAR_NAMES = list(LAYOUTS)

@@ -30,7 +30,7 @@ from tests.tolerance import FP32, FP32_DEEP, assert_close
 
 pytestmark = pytest.mark.numeric
 
-GOLDENS = torch.load(Path(__file__).parent / "fixtures" / "repdistiller_goldens.pt", weights_only=True)
+GOLDENS = torch.load(Path(__file__).parents[1] / "fixtures" / "repdistiller_goldens.pt", weights_only=True)
 PAIRS = list(GOLDENS["pairs"])
 
 

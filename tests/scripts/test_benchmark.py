@@ -22,7 +22,7 @@ from engine.script import setup_runtime
 from tests.tolerance import FP32, FP64, approx, assert_close
 import train_student
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "benchmark.py"
 spec = importlib.util.spec_from_file_location("benchmark", SCRIPT)
 benchmark = importlib.util.module_from_spec(spec)

@@ -21,7 +21,7 @@ import train_student
 import train_teacher
 import transfer_student
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # appended to the commands that run for real: a couple of steps, a small validation set
 TINY = ["--max_steps", "2", "--val_subset", "100", "--batch_size", "16"]

@@ -14,7 +14,7 @@ from models import build_model
 import train_student
 import train_teacher
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # a 4-class synthetic set of 64 training and 32 test images; the same flags for training and testing
 DATA = ["--dataset", "synthetic", "--synthetic_classes", "4", "--synthetic_train", "16", "--synthetic_test", "8",
         "--batch_size", "8", "--num_workers", "0", "--device", "cpu"]

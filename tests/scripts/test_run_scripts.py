@@ -25,7 +25,7 @@ from tests.tolerance import FP32, assert_close
 import train_student
 import train_teacher
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # The CRD paper's tables (README, "Reproducing the paper"), written out independently of the scripts.
 SAME = ["wrn_40_2:wrn_16_2", "wrn_40_2:wrn_40_1", "resnet56:resnet20", "resnet110:resnet20", "resnet110:resnet32",

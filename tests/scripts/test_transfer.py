@@ -21,7 +21,7 @@ from models.teacher import load_backbone, prepare_teacher
 import train_teacher
 import transfer_student
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DATA = ["--dataset", "synthetic", "--synthetic_classes", "10", "--synthetic_train", "40", "--synthetic_test", "10",
         "--synthetic_difficulty", "0.3", "--device", "cpu"]
 PROBE = [*DATA, "--epochs", "15", "--lr_decay_epochs", "10"]
