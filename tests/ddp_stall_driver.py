@@ -8,7 +8,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# the repository root instead of tests/, whose folders (engine/, models/, ...) are named like the
+# packages they test and would hide those without an __init__.py (engine/, common/)
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from engine import steps  # noqa: E402
 import train_teacher  # noqa: E402
