@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from models import build_model
-from tests.datagen import write_fake_cifar100
+from tests.datagen import SYNTHETIC, write_fake_cifar100
 import train_teacher
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -128,9 +128,8 @@ def test_imagenet_folder_with_imagenet_resnet(tmp_path):
 
 def test_print_freq_gives_progress_lines_in_a_log(tmp_path):
     """stdout is a pipe here, as in a cluster's log: a line every --print_freq steps."""
-    out = run_script("--model", "resnet8", "--dataset", "synthetic", "--synthetic_classes", "4",
-                     "--synthetic_train", "16", "--synthetic_test", "4", "--batch_size", "8", "--epochs", "1",
-                     "--print_freq", "3", "--num_workers", "0", "--device", "cpu", "--save_folder", str(tmp_path))
+    out = run_script("--model", "resnet8", *SYNTHETIC, "--epochs", "1", "--print_freq", "3",
+                     "--save_folder", str(tmp_path))
     assert out.returncode == 0, out.stderr
     lines = [line for line in out.stdout.splitlines() if line.startswith("epoch 1 [")]
     assert [line.split("]")[0] for line in lines] == ["epoch 1 [3/8", "epoch 1 [6/8"]

@@ -16,12 +16,12 @@ from common import checkpoint as ckpt
 from common.errors import UserError
 from engine import logger
 from models import model_dict
+from tests.datagen import SYNTHETIC
 import train_student
 import train_teacher
 
 ROOT = Path(__file__).resolve().parents[2]
-DATA = ["--dataset", "synthetic", "--synthetic_classes", "4", "--synthetic_train", "16", "--synthetic_test", "4",
-        "--batch_size", "8", "--num_workers", "0", "--device", "cpu"]
+DATA = SYNTHETIC
 TEACHER = ["--model", "resnet8", *DATA, "--epochs", "1"]
 
 
@@ -47,13 +47,6 @@ def write_payload(path: Path, marker: Path, kind: str) -> Path:
     else:
         path.write_bytes(pickle.dumps(state))
     return path
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("teacher")
-    train_teacher.main(TEACHER + ["--save_folder", str(folder)])
-    return next(folder.glob("*/resnet8_last.pth"))
 
 
 def run_script(script: str, args: list[str]) -> subprocess.CompletedProcess:

@@ -15,11 +15,10 @@ import pytest
 import torch.distributed as dist
 
 from common import distributed
+from tests.datagen import SYNTHETIC
 
 ROOT = Path(__file__).resolve().parents[2]
-ARGS = ["--model", "resnet8", "--dataset", "synthetic", "--synthetic_classes", "4", "--synthetic_train", "16",
-        "--synthetic_test", "4", "--batch_size", "8", "--epochs", "1", "--num_workers", "0", "--device", "cpu",
-        "--dist_timeout", "0.1"]
+ARGS = ["--model", "resnet8", *SYNTHETIC, "--epochs", "1", "--dist_timeout", "0.1"]
 
 
 def free_port() -> int:

@@ -23,9 +23,9 @@ from distiller_zoo.step import DistillStep
 from engine.methods import build_distiller, get_method
 from engine.optim import build_optimizer
 from models import build_model
+from tests.datagen import SYNTHETIC
 from tests.tolerance import FP32, FP32_DEEP, approx, assert_close
 import train_student
-import train_teacher
 
 ROOT = Path(__file__).resolve().parents[2]
 B, N_DATA, K, CLASSES = 4, 64, 16, 4
@@ -156,22 +156,11 @@ def test_single_process_helpers_are_identities():
     assert wrap_ddp(model, torch.device("cpu")) is model
 
 
-@pytest.fixture(scope="module")
-def tiny_teacher(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("ddp_teacher")
-    train_teacher.main(["--model", "resnet8", "--dataset", "synthetic", "--synthetic_classes", str(CLASSES),
-                        "--synthetic_train", "16", "--synthetic_test", "4", "--batch_size", "8", "--epochs", "1",
-                        "--num_workers", "0", "--device", "cpu", "--save_folder", str(folder)])
-    return next(folder.glob("*/*_last.pth"))
-
-
-def test_torchrun_two_processes_train_student_crd(tiny_teacher, tmp_path):
+def test_torchrun_two_processes_train_student_crd(teacher, tmp_path):
     save = tmp_path / "runs"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "train_student.py", "--path_t", str(tiny_teacher), "--distill", "crd", "--model_s", "resnet8",
-           "--nce_k", "16", "--dataset", "synthetic", "--synthetic_classes", str(CLASSES),
-           "--synthetic_train", "16", "--synthetic_test", "4", "--batch_size", "8", "--epochs", "2",
-           "--num_workers", "0", "--device", "cpu", "--sync_bn", "--save_folder", str(save)]
+           "train_student.py", "--path_t", str(teacher), "--distill", "crd", "--model_s", "resnet8",
+           "--nce_k", "16", *SYNTHETIC, "--epochs", "2", "--sync_bn", "--save_folder", str(save)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -9,10 +9,10 @@ import torch
 
 from engine.loops import NonFiniteLoss, check_finite
 from models import build_model
+from tests.datagen import SYNTHETIC
 import train_student
 
-DATA = ["--dataset", "synthetic", "--synthetic_classes", "4", "--synthetic_train", "16", "--synthetic_test", "4",
-        "--batch_size", "8", "--num_workers", "0", "--device", "cpu", "--epochs", "1"]
+DATA = [*SYNTHETIC, "--epochs", "1"]
 
 
 def save_teacher(path: Path, state_dict: dict[str, torch.Tensor]) -> Path:

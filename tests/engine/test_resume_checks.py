@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.datagen import SYNTHETIC
 import train_student
 import train_teacher
 
-DATA = ["--dataset", "synthetic", "--synthetic_classes", "4", "--synthetic_train", "16", "--synthetic_test", "4",
-        "--batch_size", "8", "--num_workers", "0", "--device", "cpu"]
+DATA = SYNTHETIC
 TEACHER = ["--model", "resnet8", *DATA]
 STEPS_PER_EPOCH = 8  # 64 images, batch 8
 
@@ -33,12 +33,11 @@ def digests(folder: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def teachers(tmp_path_factory) -> tuple[Path, Path]:
-    """Two resnet8 teachers with different weights (trials 0 and 1)."""
+def teachers(teacher, tmp_path_factory) -> tuple[Path, Path]:
+    """Two resnet8 teachers with different weights (trials 0 and 1): the session's and one more."""
     folder = tmp_path_factory.mktemp("teachers")
-    for trial in ("0", "1"):
-        train_teacher.main(TEACHER + ["--epochs", "1", "--trial", trial, "--save_folder", str(folder)])
-    return tuple(sorted(folder.glob("*/resnet8_last.pth")))
+    train_teacher.main(TEACHER + ["--epochs", "1", "--trial", "1", "--save_folder", str(folder)])
+    return teacher, next(folder.glob("*/resnet8_last.pth"))
 
 
 @pytest.fixture(scope="module")

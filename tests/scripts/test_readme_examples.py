@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.datagen import SYNTHETIC
+
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ["--dataset", "synthetic", "--synthetic_classes", "4", "--synthetic_train", "16", "--synthetic_test", "4",
-        "--batch_size", "8", "--device", "cpu", "--epochs", "1", "--num_workers", "0"]
+TINY = [*SYNTHETIC, "--epochs", "1"]
 
 
 @pytest.fixture(scope="module")
