@@ -1,10 +1,12 @@
 """Bad input ends with one clear line on stderr, ``error: ...`` saying what to do, exit status 2
-and no traceback (DESIGN.md, "reliability").
+and no traceback (DESIGN.md, "reliability"): unknown names, teacher checkpoints, a loss that blows
+up. The cases of data folders and of methods are tests/data/test_bad_data_folder.py and
+tests/methods/test_bad_method_input.py, with the files, cases and fixtures of this module.
 
 Cases that fail while the flags are read call the script's ``main([...])`` in-process. Of the
-others, one or more of each kind (REAL_SCRIPT) run the real script as a subprocess; those are
-all started together by the module fixture ``launched`` (two at a time, one torch thread each,
-as the machine has two cores) and each test then checks its own run's output.
+others, one or more of each kind (REAL_SCRIPT) run the real script as a subprocess; a module's
+are all started together by its fixture ``launched`` (two at a time, one torch thread each, as
+the machine has two cores) and each test then checks its own run's output.
 """
 from __future__ import annotations
 
@@ -127,15 +129,24 @@ MAINS = {"train_student.py": train_student.main, "train_teacher.py": train_teach
          "transfer_student.py": transfer_student.main}
 
 
-@pytest.fixture(scope="module")
-def launched(files):
-    """Start the REAL_SCRIPT runs at once, two at a time; ``launched[case]`` is its future."""
-    def run(args: list[str]) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                              timeout=300)
+def launcher(cases: set[str]):
+    """The module fixture ``launched`` of a module whose REAL_SCRIPT cases are ``cases``: it starts
+    their runs at once, two at a time; ``launched[case]`` is its future."""
+    assert cases <= REAL_SCRIPT, cases - REAL_SCRIPT
 
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        yield {case: pool.submit(run, CASES[case](files)) for case in sorted(REAL_SCRIPT)}
+    @pytest.fixture(scope="module")
+    def launched(files):
+        def run(args: list[str]) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                                  timeout=300)
+
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            yield {case: pool.submit(run, CASES[case](files)) for case in sorted(cases)}
+
+    return launched
+
+
+launched = launcher({"path_t_truncated", "path_t_arch_list", "lr_blowup"})
 
 
 @pytest.fixture
@@ -248,40 +259,7 @@ def test_checkpoint_entry_of_the_wrong_type_or_value(case, words, outcome):
     assert "--view" not in line and "classes but" not in line and "no 'arch' entry" not in line, line
 
 
-# 4. A data folder without data: say how to get the data.
-@pytest.mark.parametrize("case, words", [
-    ("cifar100_empty", ["CIFAR-100 not found", "--download", "cifar-100-python"]),
-    ("imagenet_empty", ["train/<class>/*.JPEG", "val/<class>/*.JPEG", "--data_folder"]),
-], ids=["cifar100", "imagenet"])
-def test_data_folder_without_data_says_how_to_get_it(case, words, outcome, files):
-    case_error(outcome, case, str(files.empty), *words)
-
-
-# 5. A method that cannot serve the pair.
-@pytest.mark.parametrize("case, words", [
-    ("fsp_channels", ["FSP", "same channel counts", "[16, 32, 64, 128]", "[16, 16, 32, 64]", "--distill"]),
-    ("kdsvd_channels", ["KDSVD", "same channel counts", "[32, 64, 128]", "[16, 32, 64]", "--distill"]),
-    ("hint_layer", ["--hint_layer 4", "student resnet8", "4 feature maps", "0 to 3"]),
-    ("hint_layer_teacher", ["--hint_layer 4", "teacher resnet14", "4 feature maps", "0 to 3"]),
-], ids=["fsp", "kdsvd", "hint_layer-student", "hint_layer-teacher"])
-def test_method_that_cannot_serve_the_pair(case, words, outcome):
-    case_error(outcome, case, *words)
-
-
-# 6. More negatives than the data has: the largest usable K.
-def test_nce_k_beyond_the_negatives_gives_the_largest_k(outcome):
-    case_error(outcome, "nce_k", "--nce_k 100", "--nce_k 24 or less")
-
-
 # 7. A loss that blows up: the epoch, the step and every term's value.
 def test_exploding_loss_stops_with_epoch_step_and_terms(outcome):
     line = case_error(outcome, "lr_blowup", "non-finite", "epoch 1", "step ", "ce=", "kd=", "--learning_rate")
     assert "nan" in line or "inf" in line
-
-
-# 8. --distill crd without -a/-b is not an error: the published weights are printed, the run goes on.
-def test_crd_without_weights_prints_published_ones_and_runs(outcome):
-    result = outcome("crd_published")
-    assert result.code == 0, result.err
-    assert "Traceback" not in result.err and "error:" not in result.err
-    assert "--distill crd: using its published weights -r 1 -a 0 -b 0.8" in result.out, result.out

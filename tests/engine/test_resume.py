@@ -1,5 +1,5 @@
-"""Exact resume, stop signals, non-finite losses and the speed flags (--amp, --channels_last,
---compile), through the real training scripts on tiny synthetic runs."""
+"""Exact resume, stop signals and non-finite losses, through the real training scripts on tiny
+synthetic runs (the speed flags: test_speed_flags.py)."""
 from __future__ import annotations
 
 import hashlib
@@ -16,13 +16,13 @@ import torch
 from engine import loops
 from engine.optim import set_lr
 from models import model_dict
-from tests.tolerance import AMP, FP32_DEEP, FP32_DEEP_GRAD, FP64, approx
+from tests.datagen import SYNTHETIC
+from tests.tolerance import FP64, approx
 import train_student
 import train_teacher
 
 ROOT = Path(__file__).resolve().parents[2]
-DATA = ["--dataset", "synthetic", "--synthetic_classes", "4", "--synthetic_train", "16", "--synthetic_test", "4",
-        "--batch_size", "8", "--num_workers", "0", "--device", "cpu"]
+DATA = SYNTHETIC
 TEACHER = ["--model", "resnet8", *DATA]
 STEPS_PER_EPOCH = 8  # 64 images, batch 8
 
@@ -40,13 +40,6 @@ def assert_same_state(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("teacher")
-    train_teacher.main(TEACHER + ["--epochs", "1", "--save_folder", str(folder)])
-    return next(folder.glob("*/*_last.pth"))
 
 
 def interrupt_after(calls: int, monkeypatch) -> None:
@@ -150,26 +143,3 @@ def test_sigterm_mid_epoch_leaves_a_loadable_last_pth(tmp_path):
     assert state["resume"]["batches_done"] > 0 or state["epoch"] >= 1
     assert set(state["model"]) == set(model_dict["resnet8"](num_classes=4).state_dict())
     assert not list(save.glob("*/.*.tmp")), "no temporary file left behind"
-
-
-@pytest.mark.parametrize("method", ["kd", "crd"])
-def test_bf16_step_is_close_to_fp32(teacher, tmp_path, method):
-    args = student_args(teacher, method) + ["--epochs", "1", "--max_steps", "1", "-a", "1", "-b", "0.8"]
-    fp32 = train_student.main(args + ["--save_folder", str(tmp_path / "fp32")])["history"][0]
-    bf16 = train_student.main(args + ["--save_folder", str(tmp_path / "bf16"), "--amp", "bf16"])
-    assert bf16["amp"] == "bf16"
-    for key in ("loss_ce", "loss_kd", f"loss_{method}"):
-        assert bf16["history"][0][key] == approx(fp32[key], rtol=AMP), key
-    fp16 = train_student.main(args + ["--save_folder", str(tmp_path / "fp16"), "--amp", "fp16"])  # loss scaling
-    assert fp16["history"][0]["train_loss"] == approx(fp32["train_loss"], rtol=AMP)
-
-
-def test_channels_last_and_compile_match_the_default(tmp_path):
-    args = TEACHER + ["--epochs", "1", "--max_steps", "2"]
-    plain = train_teacher.main(args + ["--save_folder", str(tmp_path / "plain")])["history"][0]
-    for flag in ("--channels_last", "--compile"):
-        run = train_teacher.main(args + ["--save_folder", str(tmp_path / flag.strip("-")), flag])["history"][0]
-        assert run["train_loss"] == approx(plain["train_loss"], rtol=FP32_DEEP), flag
-        assert run["test_loss"] == approx(plain["test_loss"], rtol=FP32_DEEP_GRAD), flag  # after SGD steps
-    state = last_checkpoint(tmp_path / "compile")
-    assert not any(key.startswith("_orig_mod.") for key in state["model"])

@@ -1,4 +1,5 @@
-"""Training utilities: meters, accuracy, schedules, checkpoints, run records."""
+"""Training utilities: meters, accuracy, schedules, checkpoints, run records (the loop's parts:
+test_loops.py)."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +14,6 @@ from common import checkpoint as ckpt
 from common.errors import UserError
 from common.meters import AverageMeter, accuracy
 from engine.logger import RunLog
-from engine.loops import NonFiniteLoss, StepBudget, train_one_epoch
 from engine.optim import adjust_learning_rate, build_optimizer, lr_at_epoch
 from tests.tolerance import FP32, FP64, approx
 
@@ -118,86 +118,3 @@ def test_runlog_writes_args_results_and_tensorboard(tmp_path):
     assert results["status"] == "finished" and results["best_acc"] == 12.5
     assert results["history"] == [{"epoch": 1, "test_acc": 12.5, "train_loss": 3.0, "session": 0}]
     assert list((tmp_path / "run").glob("events.out.tfevents.*"))
-
-
-def test_nonfinite_loss_stops_with_terms():
-    model = nn.Linear(2, 3)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    before = model.weight.detach().clone()
-    loader = [(torch.randn(4, 2), torch.tensor([0, 1, 2, 0]))]
-
-    def step(batch):
-        logits = model(batch[0])
-        return logits, batch[1], {"ce": logits.sum() * 0 + 1.5, "kd": torch.tensor(float("nan"))}
-
-    with pytest.raises(NonFiniteLoss, match=r"epoch 3, step 1 \(ce=1.5, kd=nan\)"):
-        train_one_epoch(3, loader, model, step, optimizer, StepBudget(None))
-    assert torch.equal(model.weight, before), "no update from a non-finite loss"
-
-
-def test_step_budget_stops_mid_epoch():
-    model = nn.Linear(2, 3)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    calls = []
-
-    def step(batch):
-        calls.append(1)
-        logits = model(batch[0])
-        return logits, batch[1], {"ce": nn.functional.cross_entropy(logits, batch[1])}
-
-    loader = [(torch.randn(4, 2), torch.tensor([0, 1, 2, 0]))] * 5
-    budget = StepBudget(3)
-    stats = train_one_epoch(1, loader, model, step, optimizer, budget)
-    assert len(calls) == 3 and budget.exhausted and "loss_ce" in stats
-
-
-class _Writer:
-    """Records add_scalar calls and flushes."""
-
-    def __init__(self):
-        self.scalars, self.flushes = [], 0
-
-    def add_scalar(self, tag, value, step):
-        self.scalars.append((tag, value, step))
-
-    def flush(self):
-        self.flushes += 1
-
-
-def test_step_scalars_every_tb_freq_steps_across_epochs(tmp_path):
-    """train_one_epoch logs every tb_freq-th step of the budget (its count across epochs), the
-    loss, each term, lr and the batch's top-1, without flushing; an inactive RunLog (a rank
-    other than 0) writes nothing."""
-    model = nn.Linear(2, 3)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-
-    def step(batch):
-        logits = model(batch[0])
-        ce = nn.functional.cross_entropy(logits, batch[1])
-        return logits, batch[1], {"ce": ce, "kd": ce * 0 + 0.25}
-
-    loader = [(torch.randn(4, 2), torch.tensor([0, 1, 2, 0]))] * 3
-    run = RunLog(tmp_path / "run", argparse.Namespace())
-    run.writer = writer = _Writer()
-    budget = StepBudget(None)
-    for epoch in (1, 2):
-        train_one_epoch(epoch, loader, model, step, optimizer, budget, run=run, tb_freq=2)
-    assert sorted({s for _, _, s in writer.scalars}) == [2, 4, 6] and writer.flushes == 0
-    at_2 = {tag: value for tag, value, s in writer.scalars if s == 2}
-    assert set(at_2) == {"step/loss", "step/ce", "step/kd", "step/lr", "step/top1"}
-    assert at_2["step/loss"] == pytest.approx(at_2["step/ce"] + 0.25) and at_2["step/lr"] == 0.1
-    quiet = RunLog(tmp_path / "other", argparse.Namespace(), active=False)
-    train_one_epoch(3, loader, model, step, optimizer, budget, run=quiet, tb_freq=1)
-    assert quiet.writer is None and not (tmp_path / "other").exists()
-
-
-def test_progress_line_labels_means_and_this_step(capsys):
-    """The --print_freq line: the epoch's means so far, then this step's loss and its terms."""
-    from engine.loops import EpochStats, Progress
-    stats = EpochStats()
-    stats.update({"ce": 2.0, "kd": 1.0}, 50.0, 4)
-    stats.update({"ce": 1.5, "kd": 0.5}, 25.0, 4)
-    Progress("epoch 3", 10, 1, 2).step(2, stats, {"ce": 1.5, "kd": 0.5}, 4)
-    line = capsys.readouterr().out
-    assert line.startswith("epoch 3 [2/10]  epoch mean: loss 2.5000 top-1 37.50  this step: loss 2 ce 1.5 kd 0.5  ")
-    assert line.count("\n") == 1
