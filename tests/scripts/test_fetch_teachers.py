@@ -3,23 +3,20 @@ train_student.py loads, from RepDistiller's files or mdistiller's archive; a ful
 destination stops in one line and leaves no partial file."""
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
-import io
 import re
 import shutil
 import subprocess
 import sys
 import tarfile
-import threading
 from pathlib import Path
 
 import pytest
 import torch
 
 from models import build_model
-from tests.scripts.test_run_scripts import CLEAN_ENV, ROOT, TEACHERS, script
+from tests.scripts.test_run_scripts import (ARCHIVE_NAMES, CLEAN_ENV, ROOT, TEACHERS, add_member,  # noqa: F401
+                                            checkpoint_bytes, manifest_file, release, script, sha256)
 import train_student
 
 
@@ -120,58 +117,6 @@ def test_shipped_manifest_claims_no_checksum_it_does_not_have():
 
 
 # ---------------------------------------------------------------- fetch_pretrained_teachers.sh, SOURCE=mdistiller
-ARCHIVE_NAMES = ("resnet8", "resnet14")  # tiny CIFAR models stand in for the published teachers
-
-
-def checkpoint_bytes(name: str, seed: int) -> bytes:
-    """A RepDistiller-format teacher checkpoint of a real model, as torch.save writes it."""
-    torch.manual_seed(seed)
-    buffer = io.BytesIO()
-    torch.save({"model": build_model(name, num_classes=100).state_dict(), "epoch": 240}, buffer)
-    return buffer.getvalue()
-
-
-def add_member(tar: tarfile.TarFile, name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE,
-               link: str = "") -> None:
-    info = tarfile.TarInfo(name)
-    info.type, info.linkname, info.size = kind, link, len(data) if kind == tarfile.REGTYPE else 0
-    tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-@pytest.fixture(scope="module")
-def release(tmp_path_factory):
-    """mdistiller's release, in small: cifar_teachers.tar with cifar_teachers/<name>_vanilla/ckpt_epoch_240.pth
-    for ARCHIVE_NAMES (and a README), served by a local HTTP server as well as from its folder.
-    Yields (folder, archive path, archive SHA-256, {name: file SHA-256}, base http URL)."""
-    root = tmp_path_factory.mktemp("release")
-    files = {name: checkpoint_bytes(name, seed) for seed, name in enumerate(ARCHIVE_NAMES)}
-    archive = root / "cifar_teachers.tar"
-    with tarfile.open(archive, "w") as tar:
-        add_member(tar, "cifar_teachers", kind=tarfile.DIRTYPE)
-        add_member(tar, "cifar_teachers/README.md", b"teachers\n")
-        for name, data in files.items():
-            add_member(tar, f"cifar_teachers/{name}_vanilla/ckpt_epoch_240.pth", data)
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *args: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield (root, archive, sha256(archive.read_bytes()), {n: sha256(d) for n, d in files.items()},
-           f"http://127.0.0.1:{server.server_address[1]}")
-    server.shutdown()
-    thread.join()
-
-
-def manifest_file(folder: Path, *lines: str) -> Path:
-    path = folder / "manifest.sha256"
-    path.write_text("# test manifest\n" + "".join(f"{line}\n" for line in lines))
-    return path
-
-
 def files_under(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() or p.is_symlink())
 
