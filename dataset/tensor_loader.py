@@ -7,7 +7,7 @@ The augmentation has the distribution of torchvision's ``RandomCrop(32, padding=
 uniform in ``0..2 * padding`` (over the zero-padded image), then the crop is flipped with
 probability 0.5. Given the same offsets and flip, the output equals torchvision's
 ``hflip(crop(pad(img, 4), top, left, 32, 32))`` followed by ``ToTensor`` + ``Normalize`` bit for bit
-(``tests/test_tensor_loader.py``).
+(``tests/data/test_tensor_loader.py``).
 
 Randomness is a function of ``(seed, epoch, rank)`` and the position in the epoch's order, never of
 a mutable RNG state: an epoch's crops and flips are drawn up front, one per position, from a

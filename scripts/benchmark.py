@@ -30,7 +30,7 @@ saved in RepDistiller's layout ``<arch>_vanilla/ckpt_epoch_240.pth`` (or your ch
   of its outputs, so that the backward runs in two calls: ``loss.backward()`` (the loss terms'
   backward down to the student's outputs, and into the Distillers' heads) and then
   ``torch.autograd.backward(student outputs, their gradients)`` (the student's backward). The
-  gradients are those of one backward (chain rule; ``tests/test_benchmark.py`` checks it); the
+  gradients are those of one backward (chain rule; ``tests/scripts/test_benchmark.py`` checks it); the
   phases are disjoint intervals of the step, so with ``other`` (accuracy) their shares sum to
   100%. ``phased/real`` (mean phased step over mean real step) checks that the split step costs
   what a real step costs.

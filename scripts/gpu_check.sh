@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one prepared GPU check (under 5 minutes on one GPU):
 #   1. env          nvidia-smi, Python, torch (CUDA, cuDNN), torchvision, numpy, pytest versions
-#   2. cuda tests   pytest -m cuda tests/test_cuda.py: every CUDA path against the CPU result
+#   2. cuda tests   pytest -m cuda tests/engine/test_cuda.py: every CUDA path against the CPU result
 #                   (tensor loader, memory-bank scores, folded teacher, bf16/fp16 autocast and the
 #                   loss scaler, train_student.py on cuda, NCCL all-gather under torchrun)
 #   3. torchrun crd a teacher trained a few steps, then train_student.py --distill crd under
@@ -119,7 +119,7 @@ fi
 TEST_LOG="$OUT/pytest_cuda.log"
 : > "$TEST_LOG"
 if "$PY" -c "import pytest" 2>/dev/null; then
-  part "cuda tests" 120 "$TEST_LOG" "$PY" -m pytest -m cuda tests/test_cuda.py -p no:cacheprovider -rfEs \
+  part "cuda tests" 120 "$TEST_LOG" "$PY" -m pytest -m cuda tests/engine/test_cuda.py -p no:cacheprovider -rfEs \
     --durations=10 --junitxml="$OUT/pytest_cuda.xml" -o junit_family=xunit1
   note "      $(grep -E '[0-9]+ (passed|failed|skipped|error)' "$TEST_LOG" | tail -n 1)"
 else

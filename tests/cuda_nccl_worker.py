@@ -1,4 +1,4 @@
-"""Run by tests/test_cuda.py as ``torchrun --standalone --nproc_per_node 1 -m tests.cuda_nccl_worker OUT``:
+"""Run by tests/engine/test_cuda.py as ``torchrun --standalone --nproc_per_node 1 -m tests.cuda_nccl_worker OUT``:
 joins an NCCL process group on one GPU and checks the collectives of common/distributed.py and
 the memory bank's gathered update against the single-process path, then writes OUT (JSON).
 ``... OUT gloo`` does the same on the CPU with gloo (to check this script without a GPU).

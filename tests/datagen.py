@@ -6,7 +6,8 @@ writes ``root/train/<class>/*.JPEG`` and ``root/val/<class>/*.JPEG``; ``write_fa
 writes ``root/stl10_binary/`` (raw column-major planes); ``write_fake_tinyimagenet(root)`` writes
 ``root/tiny-imagenet-200/`` as distributed (flat ``val/images`` + ``val_annotations.txt``).
 All return ``root``, the folder to pass as ``--data_folder``.
-Images are random but class-dependent (each class has its own mean colour).
+Images are random but class-dependent (each class has its own mean colour). ``SYNTHETIC``: the
+flags of a tiny run on the built-in synthetic set.
 """
 from __future__ import annotations
 
@@ -17,6 +18,11 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+# The flags of a tiny run on the synthetic set: 4 classes of 16 training and 4 test images each,
+# batches of 8 (8 steps an epoch), no loader workers, on the CPU. The session's teacher
+# (tests/conftest.py) is trained on it; tests that need other sizes write their own.
+SYNTHETIC = ["--dataset", "synthetic", "--synthetic_classes", "4", "--synthetic_train", "16", "--synthetic_test", "4",
+             "--batch_size", "8", "--num_workers", "0", "--device", "cpu"]
 CIFAR_CLASSES = 100
 CIFAR_SUPERCLASSES = 20
 

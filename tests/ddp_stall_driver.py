@@ -1,4 +1,4 @@
-"""One rank of a stalled-rank test (tests/test_distributed.py): run ``train_teacher.main`` with the
+"""One rank of a stalled-rank test (tests/engine/test_dist_timeout.py): run ``train_teacher.main`` with the
 command-line flags, as torchrun's rank ``RANK`` (its environment variables set by the test); on
 rank 1 the second training step first sleeps ``STALL_S`` seconds, as a hung process would."""
 from __future__ import annotations
@@ -8,7 +8,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# the repository root instead of tests/, whose folders (engine/, models/, ...) are named like the
+# packages they test and would hide those without an __init__.py (engine/, common/)
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from engine import steps  # noqa: E402
 import train_teacher  # noqa: E402

@@ -1,0 +1,1 @@
+"""Tests of dataset/: loaders, the tensor pipeline, transfer sets, views, splits, bad files."""

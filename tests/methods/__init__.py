@@ -1,0 +1,1 @@
+"""Tests of the methods: distiller_zoo/ and crd/ (losses, Distillers, options, autocast)."""

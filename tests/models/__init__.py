@@ -1,0 +1,1 @@
+"""Tests of models/: the CIFAR and ImageNet backbones, models/util.py, the frozen-teacher fast path."""
