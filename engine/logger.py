@@ -42,17 +42,23 @@ def derived_options(opt) -> dict[str, Any]:
     return dict(vars(opt).get(DERIVED) or {})
 
 
-def _quiet_writer_thread(args: threading.ExceptHookArgs) -> None:
+def quiet_writer_threads() -> None:
     """TensorBoard's writer thread prints the traceback of a failed write, then the writer
     raises the same error in the main thread at its next call, where RunLog makes it one line:
-    such a thread's OSError is not printed twice (any other goes to the usual hook)."""
-    if isinstance(args.thread, event_file_writer._AsyncWriterThread) and issubclass(args.exc_type, OSError):
+    from now on such a thread's OSError is not reported twice (any other goes to the hook that was
+    in place). Called when a writer is made, so that it wraps whatever hook is current then (a
+    test runner's, say), once."""
+    previous = threading.excepthook
+    if getattr(previous, "quiets_tensorboard", False):
         return
-    _previous_hook(args)
 
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if isinstance(args.thread, event_file_writer._AsyncWriterThread) and issubclass(args.exc_type, OSError):
+            return
+        previous(args)
 
-_previous_hook = threading.excepthook
-threading.excepthook = _quiet_writer_thread
+    hook.quiets_tensorboard = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
 
 
 def jsonable(value: Any) -> Any:
@@ -156,6 +162,7 @@ class RunLog:
             raise UserError(f"cannot write into the run folder {self.folder} ({err.strerror or err}): choose "
                             "a writable --save_folder") from None
         with self._tensorboard():
+            quiet_writer_threads()
             self.writer = SummaryWriter(log_dir=str(self.folder))
 
     @contextlib.contextmanager
