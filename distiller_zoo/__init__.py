@@ -12,17 +12,19 @@ from .DKD import DKDLoss
 from .FitNet import HintLoss
 from .FSP import FSP
 from .FT import FactorTransfer
+from .ICKD import ICKDLoss
 from .KD import DistillKL
 from .KDSVD import KDSVD
 from .NST import NSTLoss
 from .PKT import PKT
 from .RKD import RKDLoss
 from .SP import Similarity
+from .SRRL import SRRLLoss
 from .VID import VIDLoss
 
 __all__ = [
     "Batch", "BuildContext", "Distiller", "NetOutput", "NoOptions", "build_distiller", "get_method", "method_names",
     "register",
-    "ABLoss", "Attention", "Correlation", "DKDLoss", "DistillKL", "FSP", "FactorTransfer", "HintLoss", "KDSVD",
-    "NSTLoss", "PKT", "RKDLoss", "Similarity", "VIDLoss",
+    "ABLoss", "Attention", "Correlation", "DKDLoss", "DistillKL", "FSP", "FactorTransfer", "HintLoss", "ICKDLoss",
+    "KDSVD", "NSTLoss", "PKT", "RKDLoss", "SRRLLoss", "Similarity", "VIDLoss",
 ]

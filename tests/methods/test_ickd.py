@@ -1,0 +1,119 @@
+"""ICKD (Liu et al., ICCV 2021): torchdistill's ChSimLoss + ChannelSimilarityEmbed golden, the
+paper's batch mean, every pair of test_losses, the refusal, the flags and a one-step run."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train_student
+from common.errors import UserError
+from distiller_zoo.ICKD import ICKD, ChannelEmbed, ICKDLoss, ICKDOptions, channel_correlation
+from distiller_zoo.registry import BuildContext
+from engine.methods import get_method
+from tests import goldens
+from tests.datagen import SYNTHETIC
+from tests.methods.test_losses import PAIR_IDS, pairs  # noqa: F401  (the module-scoped fixture)
+
+pytestmark = pytest.mark.numeric
+
+# torchdistill's state_dict names -> ours
+NAMES = {"conv2d.weight": "conv.weight", "l2norm.weight": "bn.weight", "l2norm.bias": "bn.bias",
+         "l2norm.running_mean": "bn.running_mean", "l2norm.running_var": "bn.running_var",
+         "l2norm.num_batches_tracked": "bn.num_batches_tracked"}
+
+
+def _golden_run(batch_squared: bool):
+    entry = goldens.method("ICKD")
+    x = goldens.inputs(entry)
+    embed = ChannelEmbed(256, 256)
+    embed.load_state_dict({NAMES[k]: v for k, v in goldens.state(entry).items()}, strict=True)
+    embed.train()
+    f_s = x["s_feat3"].requires_grad_(True)
+    out = embed(f_s)
+    loss = ICKDLoss(batch_squared)(out, x["t_feat3"])
+    return entry, embed, f_s, out, loss
+
+
+def test_matches_torchdistill_golden():
+    """The reference configuration (``--ickd_batch_squared``): value, embedding, every gradient and
+    the BatchNorm buffers after the call."""
+    entry, embed, f_s, out, loss = _golden_run(batch_squared=True)
+    goldens.assert_matches(loss, torch.tensor(entry["outputs"]["loss"]), rtol=1e-4, what="loss")
+    goldens.assert_matches(out, entry["outputs"]["embed_out"], rtol=1e-4, what="embed_out")
+    loss.backward()
+    params = dict(embed.named_parameters())
+    for name, want in entry["grads"].items():
+        got = f_s.grad if name == "s_feat3" else params[NAMES[name]].grad
+        goldens.assert_matches(got, want, rtol=1e-3, what=name)
+    state = embed.state_dict()
+    for name, want in entry["state_after"].items():
+        goldens.assert_matches(state[NAMES[name]].float(), want.float(), rtol=1e-4, what=name)
+
+
+def test_paper_reduction_is_the_batch_mean():
+    """The default (the paper's per-sample loss averaged over the batch) is B times the reference's
+    value, with B times its gradients; and it equals the definition written out per sample."""
+    entry, _, f_s, out, ref = _golden_run(batch_squared=True)
+    b, c = f_s.shape[:2]
+    (grad_ref,) = torch.autograd.grad(ref, f_s, retain_graph=True)
+    paper = ICKDLoss()(out, goldens.inputs(entry)["t_feat3"])
+    (grad_paper,) = torch.autograd.grad(paper, f_s)
+    goldens.assert_matches(paper, ref.detach() * b, rtol=1e-5)
+    goldens.assert_matches(grad_paper, grad_ref * b, rtol=1e-5)
+
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(3, 5, 4, 4, generator=g), torch.randn(3, 5, 2, 6, generator=g)
+    per_sample = []
+    for i in range(3):
+        gs, gt = s[i].reshape(5, -1) @ s[i].reshape(5, -1).t(), t[i].reshape(5, -1) @ t[i].reshape(5, -1).t()
+        gs, gt = gs / gs.norm(dim=1, keepdim=True), gt / gt.norm(dim=1, keepdim=True)
+        per_sample.append(((gs - gt) ** 2).sum() / 5)
+    goldens.assert_matches(ICKDLoss()(s, t), torch.stack(per_sample).mean(), rtol=1e-5)
+    assert channel_correlation(s).shape == (3, 5, 5)
+    assert float(ICKDLoss()(s, s)) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("pair_id", PAIR_IDS)
+@pytest.mark.parametrize("batch_squared", [False, True])
+def test_every_pair_forward_backward(pair_id, batch_squared, pairs):  # noqa: F811
+    pair = pairs[pair_id]
+    distiller = pair.build("ickd", ickd_batch_squared=batch_squared).train()
+    s, t = pair.outputs(distiller.preact)
+    terms = distiller(s, t, pair.batch)
+    assert list(terms) == ["ickd"] and terms["ickd"].dim() == 0 and torch.isfinite(terms["ickd"])
+    (F.cross_entropy(s.logits, pair.batch.target) + terms["ickd"]).backward()
+    assert all(f.grad is None for f in t.feats), "gradient reached the teacher"
+    assert s.feats[-2].grad is not None and s.feats[-2].grad.abs().sum() > 0
+    assert all(p.grad is not None for p in distiller.trainable_parameters())
+    assert distiller.embed.conv.in_channels == s.feats[-2].shape[1]
+    assert distiller.embed.conv.out_channels == t.feats[-2].shape[1]
+
+
+def test_refuses_a_network_without_a_last_stage_map():
+    maps = (torch.Size([2, 16, 8, 8]), torch.Size([2, 16]))
+    vectors = (torch.Size([2, 16]), torch.Size([2, 16]))
+    with pytest.raises(UserError, match=r"ickd needs a map \[B, C, H, W\] as the student's feats\[-2\]"):
+        ICKD(ICKDOptions(), BuildContext(vectors, maps, 10, model_s="mlp"))
+    with pytest.raises(UserError, match="teacher's feats"):
+        ICKD(ICKDOptions(), BuildContext(maps, vectors, 10))
+
+
+def test_flags_and_published_weights():
+    opt = train_student.parse_option(["--path_t", "t.pth", "--distill", "ickd"])
+    assert opt.ickd_batch_squared is False
+    assert (opt.gamma, opt.alpha, opt.beta) == (0.5, 0.5, 500.0)
+    assert get_method("ickd").weights == (0.5, 0.5, 500.0) and not get_method("ickd").preact
+    assert train_student.parse_option(["--path_t", "t.pth", "--distill", "ickd",
+                                       "--ickd_batch_squared"]).ickd_batch_squared is True
+
+
+@pytest.mark.e2e
+def test_train_student_one_step(teacher, tmp_path):
+    results = train_student.main(["--path_t", str(teacher), "--model_s", "resnet8", "--distill", "ickd",
+                                  *SYNTHETIC, "--max_steps", "1", "--epochs", "1", "--save_folder", str(tmp_path)])
+    assert results["steps"] == 1
+    history = results["history"][0]
+    assert "loss_ickd" in history and math.isfinite(history["loss_ickd"])
