@@ -9,9 +9,11 @@ from .AB import ABLoss
 from .AT import Attention
 from .CC import Correlation
 from .DKD import DKDLoss
+from .EGA import EGALoss
 from .FitNet import HintLoss
 from .FSP import FSP
 from .FT import FactorTransfer
+from .ITRD import ITRDLoss
 from .KD import DistillKL
 from .KDSVD import KDSVD
 from .NST import NSTLoss
@@ -23,6 +25,6 @@ from .VID import VIDLoss
 __all__ = [
     "Batch", "BuildContext", "Distiller", "NetOutput", "NoOptions", "build_distiller", "get_method", "method_names",
     "register",
-    "ABLoss", "Attention", "Correlation", "DKDLoss", "DistillKL", "FSP", "FactorTransfer", "HintLoss", "KDSVD",
-    "NSTLoss", "PKT", "RKDLoss", "Similarity", "VIDLoss",
+    "ABLoss", "Attention", "Correlation", "DKDLoss", "DistillKL", "EGALoss", "FSP", "FactorTransfer", "HintLoss",
+    "ITRDLoss", "KDSVD", "NSTLoss", "PKT", "RKDLoss", "Similarity", "VIDLoss",
 ]
