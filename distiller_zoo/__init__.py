@@ -9,10 +9,12 @@ from .AB import ABLoss
 from .AT import Attention
 from .CC import Correlation
 from .DKD import DKDLoss
+from .EGA import EGALoss
 from .FitNet import HintLoss
 from .FSP import FSP
 from .FT import FactorTransfer
 from .ICKD import ICKDLoss
+from .ITRD import ITRDLoss
 from .KD import DistillKL
 from .KDSVD import KDSVD
 from .NST import NSTLoss
@@ -25,6 +27,6 @@ from .VID import VIDLoss
 __all__ = [
     "Batch", "BuildContext", "Distiller", "NetOutput", "NoOptions", "build_distiller", "get_method", "method_names",
     "register",
-    "ABLoss", "Attention", "Correlation", "DKDLoss", "DistillKL", "FSP", "FactorTransfer", "HintLoss", "ICKDLoss",
-    "KDSVD", "NSTLoss", "PKT", "RKDLoss", "SRRLLoss", "Similarity", "VIDLoss",
+    "ABLoss", "Attention", "Correlation", "DKDLoss", "DistillKL", "EGALoss", "FSP", "FactorTransfer", "HintLoss",
+    "ICKDLoss", "ITRDLoss", "KDSVD", "NSTLoss", "PKT", "RKDLoss", "SRRLLoss", "Similarity", "VIDLoss",
 ]
