@@ -1,4 +1,4 @@
-"""Option groups of the memory banks, shared by the contrastive methods."""
+"""Option groups of the memory banks and queues, shared by the contrastive methods."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,10 +23,17 @@ class BankOptions(EmbedOptions):
 
 
 @dataclass
-class NCEOptions(BankOptions):
+class NegativesOptions(EmbedOptions):
+    """the negatives (CRD's drawn samples, RRD's queue)"""
+
+    nce_k: int = option(16384, "negatives per anchor: CRD's data loader draws as many per sample; RRD's queue holds "
+                        "as many teacher embeddings", type=positive_int)
+
+
+@dataclass
+class NCEOptions(BankOptions, NegativesOptions):
     """CRD's NCE critic"""
 
-    nce_k: int = option(16384, "negatives for NCE (the data loader draws as many per sample)", type=positive_int)
     nce_t: float = option(0.07, "temperature for NCE", type=positive_float)
     nce_z_momentum: float | None = option(None, "keep NCE's normaliser Z as an EMA with this momentum (e.g. 0.99); "
                                           "default: estimated on the first batch, then frozen (the paper)",

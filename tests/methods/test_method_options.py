@@ -105,9 +105,10 @@ def test_shared_flags_appear_once(parser):
     assert max(counts.values()) == 1  # no flag at all twice
     # each shared group is one argument group, titled with every method that uses it
     titles = {action.dest: group.title for group in parser._action_groups for action in group._group_actions}
-    assert titles["feat_dim"] == "the embedding heads (--distill correlation, crcd, crd, dcd, wcord)"
+    assert titles["feat_dim"] == "the embedding heads (--distill correlation, crcd, crd, dcd, rrd, wcord)"
     assert titles["nce_m"] == titles["nce_scores"] == "the memory banks (--distill crcd, crd, wcord)"
-    assert titles["nce_k"] == titles["mode"] == "CRD's NCE critic (--distill crd, wcord)"
+    assert titles["mode"] == "CRD's NCE critic (--distill crd, wcord)"
+    assert titles["nce_k"] == "the negatives (CRD's drawn samples, RRD's queue) (--distill crd, rrd, wcord)"
 
 
 @pytest.fixture(scope="module")
