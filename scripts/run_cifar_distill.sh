@@ -10,7 +10,7 @@
 #
 # Arguments are passed to every train_student.py command (e.g. --amp bf16, --data_folder,
 # --resume auto to make a stopped sweep restartable). Environment:
-#   METHODS     methods to run (default: the tables' 18, below; also crcd, kdsvd)
+#   METHODS     methods to run (default: the tables' 21, below; also crcd, kdsvd, ickd, itrd, ega)
 #   PAIRS       teacher:student pairs (default: the 13 of both tables, below)
 #   TEACHER, STUDENT  keep only the pairs with this teacher / student; both set: that one pair
 #   TRIALS      trials per run (default 3; trial ids 1..TRIALS); TRIAL=N runs only trial N
@@ -49,11 +49,17 @@ METHOD_TABLE=(
   "dcd+kd       --distill dcd -a 1 -b 1"
   "wcord+kd     --distill wcord -a 1 -b 0.8"
   "dkd          --distill dkd -a 0 -b 1"
+  "rrd          --distill rrd -a 0 -b 1"
+  "rrd+kd       --distill rrd -a 1 -b 1"
+  "srrl         --distill srrl -a 1 -b 1"
   # not in the CIFAR tables; run them with METHODS=
   "crcd         --distill crcd -a 0.9 -b 1"
   "kdsvd        --distill kdsvd -a 0 -b 1"
+  "ickd         --distill ickd -r 0.5 -a 0.5 -b 500 --kd_T 1"
+  "itrd         --distill itrd -a 0 -b 1"
+  "ega          --distill ega -a 0 -b 1"
 )
-TABLE_METHODS="kd hint attention similarity correlation vid rkd pkt abound factor fsp nst crd crd+kd dcd dcd+kd wcord+kd dkd"
+TABLE_METHODS="kd hint attention similarity correlation vid rkd pkt abound factor fsp nst crd crd+kd dcd dcd+kd wcord+kd dkd rrd rrd+kd srrl"
 
 # teacher:student, same architecture (first 7) and different architecture (last 6)
 PAIR_TABLE=(
