@@ -20,6 +20,7 @@ from .KDSVD import KDSVD
 from .NST import NSTLoss
 from .PKT import PKT
 from .RKD import RKDLoss
+from .SemCKD import SemCKDLoss
 from .SP import Similarity
 from .SRRL import SRRLLoss
 from .VID import VIDLoss
@@ -28,5 +29,5 @@ __all__ = [
     "Batch", "BuildContext", "Distiller", "NetOutput", "NoOptions", "build_distiller", "get_method", "method_names",
     "register",
     "ABLoss", "Attention", "Correlation", "DKDLoss", "DistillKL", "EGALoss", "FSP", "FactorTransfer", "HintLoss",
-    "ICKDLoss", "ITRDLoss", "KDSVD", "NSTLoss", "PKT", "RKDLoss", "SRRLLoss", "Similarity", "VIDLoss",
+    "ICKDLoss", "ITRDLoss", "KDSVD", "NSTLoss", "PKT", "RKDLoss", "SRRLLoss", "SemCKDLoss", "Similarity", "VIDLoss",
 ]

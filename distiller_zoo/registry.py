@@ -60,7 +60,9 @@ class BuildContext:
     """What a method may size itself by, besides its options: the shapes of both networks'
     features (``feats``, batch dimension included, as probed by :meth:`probe`), the number of
     classes, the training set (its size ``n_data`` and its labels [n_data]; needed by methods
-    with memory banks), the device, and the architectures' names (for messages and recipes)."""
+    with memory banks), the device, the architectures' names (for messages and recipes), and the
+    training batch size ``batch_size`` (per process; None where unknown), for methods whose modules
+    are sized by the batch (SemCKD's attention embeds rows of the B x B similarity matrix)."""
 
     feats_s: tuple[torch.Size, ...]
     feats_t: tuple[torch.Size, ...]
@@ -70,6 +72,7 @@ class BuildContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     model_s: str = ""
     model_t: str = ""
+    batch_size: int | None = None
 
     @classmethod
     @torch.no_grad()

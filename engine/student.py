@@ -205,7 +205,8 @@ def build_run(opt, runtime: Runtime) -> RunParts:
     for (teacher, arch, _), input_t in zip(teachers, inputs_t):
         ctx = BuildContext.probe(student, teacher, channels(sample, input_s), preact=method.preact,
                                  sample_t=channels(sample, input_t), n_data=data.n_data,
-                                 labels=data.train_labels, model_s=opt.model_s, model_t=arch)
+                                 labels=data.train_labels, model_s=opt.model_s, model_t=arch,
+                                 batch_size=opt.batch_size)
         distillers.append(method(options, ctx))
         distillers[-1].bind(student, teacher)
     runtime.place(distillers)

@@ -115,7 +115,8 @@ def check_method_under_autocast(method: str, student: nn.Module, teacher: nn.Mod
     and aligned with fp32's."""
     torch.manual_seed(2)
     reference = build_distiller(method, _options(method), student, teacher, batch.img[:2], n_data=N_DATA,
-                                model_s=STUDENT, model_t=TEACHER).train().to(batch.img.device)
+                                model_s=STUDENT, model_t=TEACHER,
+                                batch_size=len(batch.img)).train().to(batch.img.device)
     mixed = copy.deepcopy(reference)  # the same heads and memory banks to start from
     mixed.bind(student, teacher)      # the networks themselves, not copies of them
 
