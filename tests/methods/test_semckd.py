@@ -170,3 +170,13 @@ def test_train_student_one_step(teacher, tmp_path):
     assert results["steps"] == 1
     history = results["history"][0]
     assert "loss_semckd" in history and math.isfinite(history["loss_semckd"])
+
+
+@pytest.mark.e2e
+def test_an_epoch_with_a_smaller_last_batch(teacher, tmp_path):
+    """19 samples per class, 4 classes (76) in batches of 8: the last batch of 4 is distilled with padded similarity rows."""
+    results = train_student.main(["--path_t", str(teacher), "--model_s", "resnet8", "--distill", "semckd",
+                                  *SYNTHETIC, "--synthetic_train", "19", "--epochs", "1",
+                                  "--save_folder", str(tmp_path)])
+    assert results["steps"] == 10
+    assert math.isfinite(results["history"][0]["loss_semckd"])
