@@ -260,7 +260,7 @@ def build_distiller(method: str | type[Distiller], options, student: nn.Module, 
     """Build ``method`` (a ``--distill`` name or a Distiller class) with ``options`` (its
     ``Options``; None: the defaults) for this student/teacher pair: ``sample`` [b, 3, H, W] is an
     input of the data's size, used to read the feature shapes, and ``facts`` are the other fields
-    of the :class:`BuildContext` (``n_data``, ``labels``, ``model_s``, ``model_t``)."""
+    of the :class:`BuildContext` (``n_data``, ``labels``, ``model_s``, ``model_t``, ``batch_size``)."""
     cls = get_method(method) if isinstance(method, str) else method
     ctx = BuildContext.probe(student, teacher, sample, preact=cls.preact, **facts)
     distiller = cls(cls.Options() if options is None else options, ctx)
