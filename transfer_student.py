@@ -6,10 +6,12 @@ penultimate features (``feats[-1]``) on a target data set, report the test top-1
 
 The recipe defaults are the DCD authors' (their cifar/transfer_student.py): SGD, momentum 0.9,
 weight decay 5e-4, lr 0.05 (0.01 for MobileNetV2/ShuffleV1/ShuffleV2), x0.1 at epochs 30, 60, 90,
-120 epochs, batch 64, the data set's training augmentation (RandomCrop(32, 4) + flip); the last
-epoch is the result. Unlike their code the backbone is frozen for real (eval mode, its BatchNorm
-statistics never updated); ``--probe_bn train`` reproduces theirs (backbone BatchNorm in train mode,
-its running statistics drift; still only the classifier is trained).
+120 epochs, batch 64, the data set's training augmentation (RandomCrop(32, 4) + flip), the
+classifier initialised from N(0, 0.01^2) with zero bias (``--probe_init pytorch``: PyTorch's
+default init instead); the last epoch is the result. Unlike their code the backbone is frozen for
+real (eval mode, its BatchNorm statistics never updated); ``--probe_bn train`` reproduces theirs
+(backbone BatchNorm in train mode, its running statistics drift; still only the classifier is
+trained).
 
 The run folder is ``<save_folder>/<source run>_<dataset>_probe_trial_<trial>/`` (results.json,
 args.json and the classifier's ``probe_last.pth``).
@@ -25,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
 
 from common.checkpoint import save_checkpoint
 from common.declare import add_option_groups, option, options_from
@@ -38,8 +39,8 @@ from dataset.views import network_view as probe_view
 from engine.logger import RunLog, run_summary
 from engine.methods import get_method, method_names
 from engine.options import Parser, add_training_args, finalize_training_args, with_print_config
-from engine.probe import (CachedBatches, FeatureSet, LiveBatches, PassTimer, extract, one_thread, plain_train_loader,
-                          pooled, train_probe)
+from engine.probe import (PROBE_INITS, CachedBatches, FeatureSet, LiveBatches, PassTimer, extract, linear_head,
+                          one_thread, plain_train_loader, pooled, train_probe)
 from engine.resume import claim_run_folder
 from engine.script import run_script
 from models import default_learning_rate, in_channels_of
@@ -61,6 +62,9 @@ class ProbeOptions:
                            "statistics drift); only the classifier trains either way", choices=("eval", "train"))
     no_augment: bool = option(False, "no training augmentation: the features are computed once and the classifier "
                               "trains on the cached tensors (one forward pass plus seconds)")
+    probe_init: str = option("normal", "the classifier's initial weights: normal: N(0, 0.01^2) weights and zero bias "
+                             "(the DCD recipe); pytorch: PyTorch's default nn.Linear init (uniform in "
+                             "+-1/sqrt(features), bias too)", choices=PROBE_INITS)
     plain_backbone: bool = option(False, "run the backbone as saved (no BatchNorm folding, no channels_last)")
     view: str | None = option(None, "what the network sees of the target images (rgb, gray, L, ab, paired:<folder>); "
                               "default: the view its checkpoint records (rgb for one that records none)")
@@ -178,12 +182,13 @@ def probe(opt, runtime: Runtime) -> dict:
     prepare_teacher(backbone, runtime, sample, fast=fast)
     with torch.inference_mode():
         feat_dim = pooled(backbone, sample).shape[1]
-    classifier = runtime.place(nn.Linear(feat_dim, data.num_classes))
+    classifier = runtime.place(linear_head(feat_dim, data.num_classes, opt.probe_init))
     augment = not opt.no_augment
     recipe = {"learning_rate": opt.learning_rate, "momentum": opt.momentum, "weight_decay": opt.weight_decay,
               "epochs": opt.epochs, "lr_schedule": opt.lr_schedule, "lr_decay_epochs": opt.lr_decay_epochs,
               "lr_decay_rate": opt.lr_decay_rate, "batch_size": opt.batch_size, "augment": augment,
-              "probe_bn": opt.probe_bn, "backbone_fast_path": fast, "feat_dim": feat_dim, "view": view}
+              "probe_bn": opt.probe_bn, "probe_init": opt.probe_init, "backbone_fast_path": fast, "feat_dim": feat_dim,
+              "view": view}
     extra = run_summary(opt, role="transfer", method=source.get("method", "vanilla"), model=arch,
                         model_t=source.get("model_t"), source=source, target=opt.dataset, recipe=recipe,
                         num_classes=data.num_classes, n_data=data.n_data)

@@ -3,7 +3,9 @@
 - ``rgb`` (3 channels): the image, normalised with the set's mean/std (today's pipeline).
 - ``gray`` (1): ITU-R 601 luma ``0.299 R + 0.587 G + 0.114 B``, normalised with the set's mean and
   std combined with the same weights.
-- ``L`` (1) and ``ab`` (2): CIE Lab (sRGB companding, D65 white) of the image, normalised as CMC
+- ``L`` (1) and ``ab`` (2): CIE Lab (sRGB companding, D65 white) of the image as CMC computes it
+  (``skimage.color.rgb2lab``'s constants: :data:`RGB_TO_XYZ`, :data:`WHITE_D65`, the threshold
+  :data:`LAB_EPSILON` and slope :data:`LAB_SLOPE`; see :func:`rgb_to_lab`), normalised as CMC
   does: L with mean 50 and std 50; a with mean (-86.183 + 98.233) / 2 and std (86.183 + 98.233) / 2;
   b with mean (-107.857 + 94.478) / 2 and std (107.857 + 94.478) / 2 (the centres and half-ranges
   of a and b over the sRGB gamut).
@@ -28,11 +30,16 @@ from common.errors import UserError
 BASE_VIEWS = {"rgb": 3, "gray": 1, "L": 1, "ab": 2}   # computed from the RGB image
 PAIRED = "paired:"
 LUMA = (0.299, 0.587, 0.114)
-# sRGB (linear) -> XYZ, D65, and the D65 white point
-RGB_TO_XYZ = ((0.4124564, 0.3575761, 0.1804375),
-              (0.2126729, 0.7151522, 0.0721750),
-              (0.0193339, 0.1191920, 0.9503041))
+# CMC's Lab is skimage's rgb2lab, whose constants are those of the sRGB and CIE documents before
+# their exact forms: the sRGB (linear) -> XYZ matrix with six digits, the D65 white point (2 degree
+# observer) and the f(t) of CIE Lab with its rounded threshold and slope. The exact ones
+# (0.4124564 ..., (6/29)^3, 1 / (3 (6/29)^2)) move the normalised L/ab by up to 4.8e-5.
+RGB_TO_XYZ = ((0.412453, 0.357580, 0.180423),
+              (0.212671, 0.715160, 0.072169),
+              (0.019334, 0.119193, 0.950227))
 WHITE_D65 = (0.95047, 1.0, 1.08883)
+LAB_EPSILON = 0.008856   # f(t) = t^(1/3) above it, LAB_SLOPE * t + 16 / 116 at and below it
+LAB_SLOPE = 7.787
 # (mean, std) of L, a and b (CMC's normalisation)
 LAB_NORM = ((50.0, 50.0),
             ((-86.183 + 98.233) / 2, (86.183 + 98.233) / 2),
@@ -90,19 +97,35 @@ def srgb_to_linear(rgb: torch.Tensor) -> torch.Tensor:
     return torch.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055).pow(2.4))
 
 
-def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
-    """CIE Lab ``[B, 3, H, W]`` (L in [0, 100]) of sRGB images ``[B, 3, H, W]`` in [0, 1] (D65 white),
-    in ``rgb``'s dtype and on its device. Per pixel, with weighted sums (no matrix product), so a
-    pixel's value does not depend on the batch it is in."""
-    lin = srgb_to_linear(rgb)
+def _lab64(rgb: torch.Tensor) -> torch.Tensor:
+    """CIE Lab of ``rgb`` ``[B, 3, H, W]`` in float64 (see :func:`rgb_to_lab`)."""
+    lin = srgb_to_linear(rgb.double())
     r, g, b = lin[:, 0], lin[:, 1], lin[:, 2]
-    eps, kappa = (6 / 29) ** 3, 1 / (3 * (6 / 29) ** 2)
 
     def f(t: torch.Tensor) -> torch.Tensor:
-        return torch.where(t > eps, t.clamp(min=eps).pow(1 / 3), t * kappa + 4 / 29)
+        return torch.where(t > LAB_EPSILON, t.clamp(min=LAB_EPSILON).pow(1 / 3), t * LAB_SLOPE + 16 / 116)
 
     fx, fy, fz = (f((m[0] * r + m[1] * g + m[2] * b) / white) for m, white in zip(RGB_TO_XYZ, WHITE_D65))
     return torch.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], dim=1)
+
+
+def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
+    """CIE Lab ``[B, 3, H, W]`` (L in [0, 100]) of sRGB images ``[B, 3, H, W]`` in [0, 1], as
+    ``skimage.color.rgb2lab`` (CMC's conversion) computes it: linear ``c = srgb_to_linear(rgb)``,
+    ``(X, Y, Z) = RGB_TO_XYZ c / WHITE_D65``, ``f(t) = t^(1/3)`` for ``t > 0.008856`` else
+    ``7.787 t + 16/116``, and ``L = 116 f(Y) - 16``, ``a = 500 (f(X) - f(Y))``,
+    ``b = 200 (f(Y) - f(Z))``. Computed in float64 (as skimage does), returned in ``rgb``'s dtype
+    and on its device. Per pixel, with weighted sums (no matrix product), so a pixel's value does
+    not depend on the batch it is in."""
+    return _lab64(rgb).to(rgb.dtype)
+
+
+def normalised_lab(rgb: torch.Tensor) -> torch.Tensor:
+    """:func:`rgb_to_lab` normalised as CMC does, ``(lab_c - mean_c) / std_c`` with
+    :data:`LAB_NORM`, in float64 and then cast to ``rgb``'s dtype (so the views of float32
+    images equal CMC's float64 ones to float32 rounding)."""
+    lab = _lab64(rgb)
+    return torch.stack([(lab[:, c] - LAB_NORM[c][0]) / LAB_NORM[c][1] for c in range(3)], dim=1).to(rgb.dtype)
 
 
 def rgb_to_gray(rgb: torch.Tensor) -> torch.Tensor:
@@ -182,7 +205,7 @@ class ViewLayout:
         ``[B, source_channels, H, W]`` in [0, 1] (any device; float32 in, float32 out); ``mean`` and
         ``std`` are the rgb normalisation (the set's, 3 values each)."""
         rgb = images[:, self.source_slice("rgb")] if "rgb" in dict(self.sources) else None
-        lab = rgb_to_lab(rgb) if rgb is not None and ("L" in self.views or "ab" in self.views) else None
+        lab = normalised_lab(rgb) if rgb is not None and ("L" in self.views or "ab" in self.views) else None
         parts = []
         for view in self.views:
             if view == "rgb":
@@ -192,9 +215,9 @@ class ViewLayout:
                 gray_std = sum(w * s for w, s in zip(LUMA, std))
                 parts.append((rgb_to_gray(rgb) - gray_mean) / gray_std)
             elif view == "L":
-                parts.append((lab[:, 0:1] - LAB_NORM[0][0]) / LAB_NORM[0][1])
+                parts.append(lab[:, 0:1])
             elif view == "ab":
-                parts += [(lab[:, c:c + 1] - LAB_NORM[c][0]) / LAB_NORM[c][1] for c in (1, 2)]
+                parts.append(lab[:, 1:3])
             else:
                 parts.append((images[:, self.source_slice(view[len(PAIRED):])] - PAIRED_MEAN) / PAIRED_STD)
         return torch.cat(parts, dim=1)

@@ -31,6 +31,9 @@ from engine.optim import build_optimizer, lr_at_epoch, set_lr
 PRINT_EVERY_EPOCHS = 10
 # Largest batch of cached test features per forward pass (a power of two: see FeatureSet.batches).
 TEST_BATCH = 1024
+# The DCD recipe's initial classifier: weights from N(0, PROBE_INIT_STD^2), zero bias.
+PROBE_INIT_STD = 0.01
+PROBE_INITS = ("normal", "pytorch")
 
 
 # ----------------------------------------------------------------------------- features
@@ -184,6 +187,23 @@ class LiveBatches:
 
 
 # ----------------------------------------------------------------------------- the probe
+
+
+def linear_head(feat_dim: int, num_classes: int, init: str = "normal") -> nn.Linear:
+    """The probe's classifier ``z = W f + b`` (``nn.Linear(feat_dim, num_classes)``), initialised
+    as the DCD recipe does (``init="normal"``): ``W_ij ~ N(0, 0.01^2)`` (:data:`PROBE_INIT_STD`),
+    ``b = 0``; ``init="pytorch"``: PyTorch's default, ``W_ij, b_i ~ U(-1/sqrt(feat_dim),
+    1/sqrt(feat_dim))``. The draws come from torch's global generator, which the script seeds with
+    ``--seed``."""
+    if init not in PROBE_INITS:
+        raise UserError(f"--probe_init {init!r} is not one of {', '.join(PROBE_INITS)}")
+    head = nn.Linear(feat_dim, num_classes)
+    if init == "normal":
+        with torch.no_grad():
+            head.weight.normal_(0.0, PROBE_INIT_STD)
+            head.bias.zero_()
+    return head
+
 
 
 @contextlib.contextmanager

@@ -31,34 +31,79 @@ SMALL = ["--dataset", "synthetic", "--synthetic_classes", "4", "--synthetic_trai
 
 
 def reference_lab(rgb: np.ndarray) -> np.ndarray:
-    """CIE Lab of sRGB pixels [..., 3] in [0, 1], float64, written out from the definitions."""
+    """CIE Lab of sRGB pixels [..., 3] in [0, 1], float64, as skimage.color.rgb2lab (CMC's
+    conversion) computes it, written out: its gamma linearisation, its sRGB->XYZ matrix, its D65
+    (2 degree) white point and its f(t) (threshold 0.008856, slope 7.787, + 16/116)."""
+    lin = np.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
+    xyz_from_rgb = np.array([[0.412453, 0.357580, 0.180423],
+                             [0.212671, 0.715160, 0.072169],
+                             [0.019334, 0.119193, 0.950227]])
+    xyz = lin @ xyz_from_rgb.T / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(xyz > 0.008856, np.cbrt(xyz), 7.787 * xyz + 16.0 / 116.0)
+    x, y, z = f[..., 0], f[..., 1], f[..., 2]
+    return np.stack([116 * y - 16, 500 * (x - y), 200 * (y - z)], axis=-1)
+
+
+def exact_cie_lab(rgb: np.ndarray) -> np.ndarray:
+    """CIE Lab with the exact constants (the sRGB matrix to seven digits, (6/29)^3 and
+    1 / (3 (6/29)^2)): what dataset/views.py computed before it took CMC's."""
     lin = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
-    x = (0.4124564 * lin[..., 0] + 0.3575761 * lin[..., 1] + 0.1804375 * lin[..., 2]) / 0.95047
-    y = 0.2126729 * lin[..., 0] + 0.7151522 * lin[..., 1] + 0.0721750 * lin[..., 2]
-    z = (0.0193339 * lin[..., 0] + 0.1191920 * lin[..., 1] + 0.9503041 * lin[..., 2]) / 1.08883
+    matrix = np.array([[0.4124564, 0.3575761, 0.1804375],
+                       [0.2126729, 0.7151522, 0.0721750],
+                       [0.0193339, 0.1191920, 0.9503041]])
+    t = lin @ matrix.T / np.array([0.95047, 1.0, 1.08883])
     delta = 6 / 29
-
-    def f(t):
-        return np.where(t > delta ** 3, np.cbrt(t), t / (3 * delta ** 2) + 4 / 29)
-
-    return np.stack([116 * f(y) - 16, 500 * (f(x) - f(y)), 200 * (f(y) - f(z))], axis=-1)
+    f = np.where(t > delta ** 3, np.cbrt(t), t / (3 * delta ** 2) + 4 / 29)
+    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], axis=-1)
 
 
-def test_lab_matches_a_float64_reference():
-    gen = torch.Generator().manual_seed(0)
-    rgb = torch.rand(4, 3, 16, 16, generator=gen)
-    rgb[0, :, 0, :4] = torch.tensor([[0, 1, 1, 0.02], [0, 1, 0, 0.02], [0, 1, 0, 0.02]])  # black, white, red, dark
+def normalise_lab(lab: np.ndarray) -> np.ndarray:
+    """CMC's normalisation of Lab [..., 3]: (lab - mean) / std per channel."""
+    return (lab - np.array([m for m, _ in LAB_NORM])) / np.array([s for _, s in LAB_NORM])
+
+
+def uint8_images() -> torch.Tensor:
+    """uint8 images [8, 3, 32, 32]: every level 0..255 as a gray and as a pure red, the 8 corners of
+    the gamut, and
+    random pixels."""
+    images = torch.randint(0, 256, (8, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    images[0, :, :8] = torch.arange(256, dtype=torch.uint8).view(8, 32)  # grays: each level in each channel
+    images[1, 0, :8] = torch.arange(256, dtype=torch.uint8).view(8, 32)  # pure reds: each level
+    images[1, 1:, :8] = 0
+    corners = torch.tensor([[r, g, b] for r in (0, 255) for g in (0, 255) for b in (0, 255)], dtype=torch.uint8)
+    images[2, :, 0, :8] = corners.T
+    return images
+
+
+def test_lab_is_cmcs_skimage_conversion():
+    """Our Lab and its normalised L/ab views equal skimage's rgb2lab of the same uint8 images (what
+    CMC feeds its network) to float32 rounding, in both pipelines' input (uint8 / 255 as float32)."""
+    images = uint8_images()
+    rgb = images.float() / 255          # ToTensor and the tensor loader both give this
+    ref = reference_lab(images.double().permute(0, 2, 3, 1).numpy() / 255)   # skimage: img_as_float, float64
     lab = rgb_to_lab(rgb)
     assert lab.dtype == torch.float32 and lab.shape == rgb.shape
-    ref = reference_lab(rgb.double().permute(0, 2, 3, 1).numpy())
     got = lab.double().permute(0, 2, 3, 1).numpy()
-    scale = np.abs(ref).max()  # about 100: float32 rounding of values of that size
-    assert np.abs(got - ref).max() <= 1e-5 * scale
-    np.testing.assert_allclose(ref[0, 0, 1], [100, 0, 0], atol=1e-3)      # white: L 100, a = b = 0
-    np.testing.assert_allclose(ref[0, 0, 2], [53.2408, 80.0925, 67.2032], atol=1e-3)  # sRGB red
-    # the normalisation: L (lab - 50) / 50, a and b with CMC's centres and half-ranges
-    layout = ViewLayout(("L", "ab"))
-    views = layout.make(rgb, (0.5,) * 3, (0.25,) * 3)
+    assert np.abs(got - ref).max() <= 2e-5           # measured 7e-6: float32 inputs and outputs of values to 100
+    # the views, normalised in float64 and cast: CMC's inputs to ~1e-7 (measured 6.4e-8)
+    views = ViewLayout(("L", "ab")).make(rgb, (0.5,) * 3, (0.25,) * 3)
+    assert views.dtype == torch.float32
+    want = normalise_lab(ref)
+    assert np.abs(views.double().permute(0, 2, 3, 1).numpy() - want).max() <= 2e-7
+    # the exact CIE constants move the views by up to 4.8e-5: far outside that tolerance
+    assert np.abs(normalise_lab(exact_cie_lab(images.double().permute(0, 2, 3, 1).numpy() / 255)) - want).max() > 4e-5
+    # known values of skimage's rgb2lab: white is not exactly a = b = 0 with its constants, sRGB red
+    np.testing.assert_allclose(ref[2, 0, 7], [100, -0.002455, 0.004653], atol=1e-6)
+    np.testing.assert_allclose(ref[2, 0, 4], [53.240588, 80.092308, 67.202751], atol=1e-6)
+    # CMC's normalisation constants: the extremes of a and b over the gamut's corners with these constants (green,
+    # magenta; blue, yellow), which the exact constants do not give (a max 98.234, b min -107.860)
+    corners = reference_lab(np.array([[r, g, b] for r in (0, 1) for g in (0, 1) for b in (0, 1)], dtype=np.float64))
+    a_range, b_range = (-86.183, 98.233), (-107.857, 94.478)
+    assert (round(corners[:, 1].min(), 3), round(corners[:, 1].max(), 3)) == a_range
+    assert (round(corners[:, 2].min(), 3), round(corners[:, 2].max(), 3)) == b_range
+    assert LAB_NORM[1] == ((a_range[0] + a_range[1]) / 2, (a_range[1] - a_range[0]) / 2)
+    assert LAB_NORM[2] == ((b_range[0] + b_range[1]) / 2, (b_range[1] - b_range[0]) / 2)
+    # the normalisation of each channel: L (lab - 50) / 50, a and b with CMC's centres and half-ranges
     for c in range(3):
         mean, std = LAB_NORM[c]
         torch.testing.assert_close(views[:, c], (lab[:, c] - mean) / std, rtol=1e-6, atol=1e-6)

@@ -67,7 +67,8 @@ def test_results_json_fields(sources, tmp_path):
     assert source["trial"] == "0" and source["dataset"] == "synthetic" and source["epoch"] == 3
     recipe = saved["recipe"]
     assert recipe == {**recipe, "learning_rate": 0.05, "momentum": 0.9, "weight_decay": 0.0005, "epochs": 15,
-                      "lr_decay_epochs": [10], "batch_size": 64, "augment": False, "probe_bn": "eval", "feat_dim": 64}
+                      "lr_decay_epochs": [10], "batch_size": 64, "augment": False, "probe_bn": "eval", "feat_dim": 64,
+                      "probe_init": "normal"}
     history = saved["history"]
     assert [h["epoch"] for h in history] == list(range(1, 16))
     assert [h["lr"] for h in history] == pytest.approx([0.05] * 10 + [0.005] * 5)
@@ -136,6 +137,67 @@ def test_backbone_frozen(sources, tmp_path, monkeypatch, flags, bn_changes):
         assert changed == []
 
 
+def test_linear_head_starts_from_the_dcd_recipe():
+    """The probe's classifier: weights from N(0, 0.01^2) and a zero bias (the DCD recipe), drawn
+    from torch's seeded generator; --probe_init pytorch gives PyTorch's default init."""
+    torch.manual_seed(0)
+    head = engine.probe.linear_head(2048, 1000)
+    weight, bias = head.weight.detach(), head.bias.detach()
+    assert weight.shape == (1000, 2048) and bias.shape == (1000,)
+    # 2,048,000 draws: the sample std's and mean's standard errors are 5e-6 and 7e-6
+    assert abs(float(weight.std()) - 0.01) < 3e-5 and abs(float(weight.mean())) < 5e-5
+    # a normal's mean |w|, 0.00798, not that of a uniform of the same std (0.00866)
+    assert abs(float(weight.abs().mean()) - 0.01 * (2 / torch.pi) ** 0.5) < 2e-5
+    assert torch.equal(bias, torch.zeros(1000))
+    torch.manual_seed(0)
+    assert torch.equal(engine.probe.linear_head(2048, 1000).weight, head.weight)     # seeded: the same draws
+    default = engine.probe.linear_head(2048, 1000, "pytorch").requires_grad_(False)
+    bound = 1 / 2048 ** 0.5
+    assert float(default.weight.abs().max()) <= bound and float(default.bias.abs().max()) > 0
+    assert abs(float(default.weight.std()) - bound / 3 ** 0.5) < 1e-5 * 3
+    with pytest.raises(transfer_student.UserError, match="--probe_init 'xavier'"):
+        engine.probe.linear_head(4, 3, "xavier")
+
+
+@pytest.mark.parametrize("init", ["normal", "pytorch"])
+def test_probe_run_starts_from_its_init(sources, tmp_path, monkeypatch, init):
+    """A probe run builds its classifier with linear_head and --probe_init (normal by default),
+    the same one for the same --seed, and trains it."""
+    made = []
+
+    def head(feat_dim, num_classes, how="normal"):
+        out = engine.probe.linear_head(feat_dim, num_classes, how)
+        made.append((how, out.weight.detach().clone(), out.bias.detach().clone(), out))
+        return out
+
+    monkeypatch.setattr(transfer_student, "linear_head", head)
+    flags = [] if init == "normal" else ["--probe_init", init]
+    for trial in (0, 1):
+        out = probe(sources["trained"], tmp_path, "--no_augment", "--epochs", "2", "--seed", "7",
+                    "--trial", str(trial), *flags)
+        assert out["recipe"]["probe_init"] == init and out["last_acc"] is not None
+    (how, weight, bias, trained), (_, weight_again, bias_again, _) = made
+    assert how == init and weight.shape == (10, 64)
+    assert torch.equal(weight, weight_again) and torch.equal(bias, bias_again)
+    if init == "normal":
+        assert torch.equal(bias, torch.zeros(10)) and 0.007 < float(weight.std()) < 0.013   # 640 draws
+    else:
+        assert float(bias.abs().max()) > 0 and float(weight.abs().max()) <= 1 / 64 ** 0.5
+    assert not torch.equal(trained.weight.detach(), weight)
+
+
+def test_flag_reference_documents_every_flag():
+    reference = (ROOT / "docs" / "usage.md").read_text()
+    reference = reference[reference.index("## Flag reference"):]
+    probe_flags = reference[reference.index("`transfer_student.py` trains a linear probe"):]
+    for action in transfer_student.build_parser()._actions:
+        for flag in action.option_strings:
+            if flag not in ("-h", "--help"):
+                assert f"`{flag}" in reference, f"docs/usage.md's flag reference lacks {flag}"
+    for flag in ("--path_s", "--view", "--probe_init", "--probe_bn", "--no_augment", "--plain_backbone", "--trial"):
+        assert f"`{flag}" in probe_flags, flag
+
+
 def test_cached_and_per_batch_paths_agree(sources):
     """Without augmentation, features cached once and features computed per batch (same order)
     train the same classifier."""
@@ -192,6 +254,7 @@ def test_bad_input_one_line(tmp_path, capsys):
         "corrupt": (["--path_s", str(corrupt), *DATA], "not a readable PyTorch checkpoint"),
         "unknown set": (["--path_s", str(corrupt), "--dataset", "mnist"], "invalid choice: 'mnist'"),
         "no path": (DATA, "--path_s is required"),
+        "unknown init": (["--path_s", str(corrupt), *DATA, "--probe_init", "xavier"], "invalid choice: 'xavier'"),
         "cache with drift": (["--path_s", str(corrupt), *DATA, "--no_augment", "--probe_bn", "train"],
                              "cannot be cached"),
     }
