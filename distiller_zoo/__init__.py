@@ -19,6 +19,7 @@ from .KD import DistillKL
 from .KDSVD import KDSVD
 from .NST import NSTLoss
 from .PKT import PKT
+from .ReviewKD import ReviewKDLoss
 from .RKD import RKDLoss
 from .SP import Similarity
 from .SRRL import SRRLLoss
@@ -28,5 +29,5 @@ __all__ = [
     "Batch", "BuildContext", "Distiller", "NetOutput", "NoOptions", "build_distiller", "get_method", "method_names",
     "register",
     "ABLoss", "Attention", "Correlation", "DKDLoss", "DistillKL", "EGALoss", "FSP", "FactorTransfer", "HintLoss",
-    "ICKDLoss", "ITRDLoss", "KDSVD", "NSTLoss", "PKT", "RKDLoss", "SRRLLoss", "Similarity", "VIDLoss",
+    "ICKDLoss", "ITRDLoss", "KDSVD", "NSTLoss", "PKT", "RKDLoss", "ReviewKDLoss", "SRRLLoss", "Similarity", "VIDLoss",
 ]
