@@ -19,6 +19,7 @@ from .KD import DistillKL
 from .KDSVD import KDSVD
 from .NST import NSTLoss
 from .PKT import PKT
+from .ReviewKD import ReviewKDLoss
 from .RKD import RKDLoss
 from .SemCKD import SemCKDLoss
 from .SP import Similarity
@@ -29,5 +30,6 @@ __all__ = [
     "Batch", "BuildContext", "Distiller", "NetOutput", "NoOptions", "build_distiller", "get_method", "method_names",
     "register",
     "ABLoss", "Attention", "Correlation", "DKDLoss", "DistillKL", "EGALoss", "FSP", "FactorTransfer", "HintLoss",
-    "ICKDLoss", "ITRDLoss", "KDSVD", "NSTLoss", "PKT", "RKDLoss", "SRRLLoss", "SemCKDLoss", "Similarity", "VIDLoss",
+    "ICKDLoss", "ITRDLoss", "KDSVD", "NSTLoss", "PKT", "RKDLoss", "ReviewKDLoss", "SRRLLoss", "SemCKDLoss",
+    "Similarity", "VIDLoss",
 ]

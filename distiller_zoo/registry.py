@@ -4,11 +4,12 @@ A method is one file: its options (a dataclass of :func:`common.declare.option` 
 which its flags are made), its loss class(es) and a :class:`Distiller` subclass decorated with
 ``@register("name")``. The training loop only talks to this interface:
 
-    ctx = BuildContext.probe(student, teacher, sample_images, preact=cls.preact, n_data=..., labels=...)
+    ctx = BuildContext.probe(student, teacher, sample_images, preact=cls.preacts(), n_data=..., labels=...)
     distiller = cls(options, ctx)                                        # or build_distiller(...)
     loader = ...batches as cls.data_needs(options) says...
-    s = NetOutput(*student(img, is_feat=True, preact=distiller.preact))
-    t = NetOutput(*teacher(img, is_feat=True, preact=distiller.preact))   # no grad
+    preact_s, preact_t = distiller.preacts()
+    s = NetOutput(*student(img, is_feat=True, preact=preact_s))
+    t = NetOutput(*teacher(img, is_feat=True, preact=preact_t))   # no grad
     terms = distiller(s, t, Batch(img, target, index, contrast_idx))   # {name: loss}
     loss = gamma * CE + alpha * KL + beta * sum(terms.values())
 
@@ -76,14 +77,17 @@ class BuildContext:
 
     @classmethod
     @torch.no_grad()
-    def probe(cls, student: nn.Module, teacher: nn.Module, sample: torch.Tensor, *, preact: bool = False,
-              sample_t: torch.Tensor | None = None, **facts) -> "BuildContext":
+    def probe(cls, student: nn.Module, teacher: nn.Module, sample: torch.Tensor, *,
+              preact: bool | tuple[bool, bool] = False, sample_t: torch.Tensor | None = None,
+              **facts) -> "BuildContext":
         """The context of ``student`` and ``teacher``, their feature shapes read from one eval-mode
-        forward of ``sample`` [b, C, H, W] (b >= 2, an input of the data's size) with ``preact``;
-        ``sample_t``: the teacher's input when it sees another view (default ``sample``);
-        ``facts`` fill the other fields (``n_data``, ``labels``, ``model_s``, ...)."""
-        feats_s, logits_s = probe_features(student, sample, preact)
-        feats_t, _ = probe_features(teacher, sample if sample_t is None else sample_t, preact)
+        forward of ``sample`` [b, C, H, W] (b >= 2, an input of the data's size) with ``preact``
+        (one flag for both networks, or ``(student's, teacher's)`` as :meth:`Distiller.preacts`
+        gives them); ``sample_t``: the teacher's input when it sees another view (default
+        ``sample``); ``facts`` fill the other fields (``n_data``, ``labels``, ``model_s``, ...)."""
+        preact_s, preact_t = (preact, preact) if isinstance(preact, bool) else preact
+        feats_s, logits_s = probe_features(student, sample, preact_s)
+        feats_t, _ = probe_features(teacher, sample if sample_t is None else sample_t, preact_t)
         facts.setdefault("device", sample.device)
         return cls(tuple(f.shape for f in feats_s), tuple(f.shape for f in feats_t), int(logits_s.shape[1]),
                    **facts)
@@ -118,7 +122,9 @@ class Distiller(nn.Module, abc.ABC):
 
     Class attributes:
         Options: the dataclass of the method's options (its flags; shared groups are inherited).
-        preact: take stage features before their last ReLU.
+        preact: take stage features before their last ReLU (both networks).
+        preact_s, preact_t: the student's, the teacher's choice where it differs from ``preact``
+            (None: ``preact``); the loop, the probe and the tests read the pair from :meth:`preacts`.
         weights: published ``(gamma, alpha, beta)`` for ``-r -a -b`` (used when left out).
         has_init_stage: the method pre-trains in an init stage of ``--init_epochs`` (see :meth:`init_loss`).
         kd_is_own_loss: the step's ``-a`` term (KD) is the method's own loss (KD itself), so
@@ -130,6 +136,8 @@ class Distiller(nn.Module, abc.ABC):
     name: str = ""
     Options: type = NoOptions
     preact: bool = False
+    preact_s: bool | None = None
+    preact_t: bool | None = None
     weights: tuple[float, float, float] = (1.0, 0.0, 1.0)
     has_init_stage: bool = False
     kd_is_own_loss: bool = False
@@ -137,6 +145,13 @@ class Distiller(nn.Module, abc.ABC):
     @abc.abstractmethod
     def forward(self, s: NetOutput, t: NetOutput, batch: Batch) -> dict[str, torch.Tensor]:
         """The method's loss terms for one batch (gradients flow into the student and this module)."""
+
+    @classmethod
+    def preacts(cls) -> tuple[bool, bool]:
+        """``(student, teacher)``: whether each network's stage features are taken before their
+        last ReLU (``preact_s`` / ``preact_t`` where set, else ``preact``)."""
+        return (cls.preact if cls.preact_s is None else cls.preact_s,
+                cls.preact if cls.preact_t is None else cls.preact_t)
 
     epoch: int = 1  # the current (1-based) training epoch, kept up to date by start_epoch
 
@@ -262,7 +277,7 @@ def build_distiller(method: str | type[Distiller], options, student: nn.Module, 
     input of the data's size, used to read the feature shapes, and ``facts`` are the other fields
     of the :class:`BuildContext` (``n_data``, ``labels``, ``model_s``, ``model_t``, ``batch_size``)."""
     cls = get_method(method) if isinstance(method, str) else method
-    ctx = BuildContext.probe(student, teacher, sample, preact=cls.preact, **facts)
+    ctx = BuildContext.probe(student, teacher, sample, preact=cls.preacts(), **facts)
     distiller = cls(cls.Options() if options is None else options, ctx)
     distiller.bind(student, teacher)
     return distiller

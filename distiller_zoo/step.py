@@ -58,7 +58,7 @@ class DistillStep(nn.Module):
         self.distillers = distillers
         self.gamma, self.alpha, self.beta = weights
         self.kd = DistillKL(kd_T)
-        self.preact = distillers[0].preact
+        self.preact_s, self.preact_t = distillers[0].preacts()
         self.runtime = runtime
         # tuples: compiled wrappers must not be registered as submodules (their weights are saved once)
         self._student_fn = (runtime.forward_fn(student),)
@@ -74,9 +74,9 @@ class DistillStep(nn.Module):
 
     def forward(self, raw: tuple) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         batch = raw if isinstance(raw, Batch) else self.batch(raw)
-        feats_s, logits_s = self._student_fn[0](channels(batch.img, self.input_s), is_feat=True, preact=self.preact)
+        feats_s, logits_s = self._student_fn[0](channels(batch.img, self.input_s), is_feat=True, preact=self.preact_s)
         with torch.inference_mode():
-            outs_t = [NetOutput(*fn(channels(batch.img, part), is_feat=True, preact=self.preact))
+            outs_t = [NetOutput(*fn(channels(batch.img, part), is_feat=True, preact=self.preact_t))
                       for fn, part in zip(self._teacher_fns, self.inputs_t)]
         outs_t = [ordinary_tensors(t) for t in outs_t]
         terms = {}
@@ -129,9 +129,9 @@ class InitStep(nn.Module):
 
     def forward(self, raw: tuple) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         batch = Batch(*(self.runtime.to_device(t) for t in raw))
-        preact = self.distiller.preact
-        feats_s, logits_s = self.student(channels(batch.img, self.input_s), is_feat=True, preact=preact)
+        preact_s, preact_t = self.distiller.preacts()
+        feats_s, logits_s = self.student(channels(batch.img, self.input_s), is_feat=True, preact=preact_s)
         with torch.no_grad():
-            feats_t, logits_t = self.teacher(channels(batch.img, self.input_t), is_feat=True, preact=preact)
+            feats_t, logits_t = self.teacher(channels(batch.img, self.input_t), is_feat=True, preact=preact_t)
         loss = self.distiller.init_loss(NetOutput(feats_s, logits_s), NetOutput(feats_t, logits_t), batch)
         return logits_s, batch.target, {"init": loss}

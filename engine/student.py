@@ -203,7 +203,7 @@ def build_run(opt, runtime: Runtime) -> RunParts:
     # One Distiller (heads, banks) per teacher; their terms are averaged.
     distillers = nn.ModuleList()
     for (teacher, arch, _), input_t in zip(teachers, inputs_t):
-        ctx = BuildContext.probe(student, teacher, channels(sample, input_s), preact=method.preact,
+        ctx = BuildContext.probe(student, teacher, channels(sample, input_s), preact=method.preacts(),
                                  sample_t=channels(sample, input_t), n_data=data.n_data,
                                  labels=data.train_labels, model_s=opt.model_s, model_t=arch,
                                  batch_size=opt.batch_size)

@@ -86,9 +86,10 @@ def _terms(distiller: Distiller, student: nn.Module, teacher: nn.Module, batch: 
     gradients are left in its parameters)."""
     student.zero_grad(set_to_none=True)
     with torch.autocast(batch.img.device.type, dtype=dtype, enabled=amp):
-        s = NetOutput(*student(batch.img, is_feat=True, preact=distiller.preact))
+        preact_s, preact_t = distiller.preacts()
+        s = NetOutput(*student(batch.img, is_feat=True, preact=preact_s))
         with torch.no_grad():
-            t = NetOutput(*teacher(batch.img, is_feat=True, preact=distiller.preact))
+            t = NetOutput(*teacher(batch.img, is_feat=True, preact=preact_t))
         torch.manual_seed(1)  # the same negatives for methods that draw their own (crcd)
         terms = dict(distiller(s, t, batch))
         if distiller.has_init_stage:

@@ -354,15 +354,15 @@ class Pair:
         return build_distiller(method, _options(method, **values), self.student, self.teacher, self.batch.img,
                                n_data=N_DATA, model_s=self.student_name)
 
-    def outputs(self, preact: bool) -> tuple[NetOutput, NetOutput]:
+    def outputs(self, preact: bool, preact_t: bool | None = None) -> tuple[NetOutput, NetOutput]:
         """Student outputs with grad (train mode); the teacher's as fresh leaves that would collect
-        any gradient that reached them."""
+        any gradient that reached them (``preact_t``: the teacher's choice; None: ``preact``)."""
         self.student.zero_grad(set_to_none=True)
         self.student.train()
         s = NetOutput(*self.student(self.batch.img, is_feat=True, preact=preact))
         for f in s.feats:
             f.retain_grad()
-        feats_t, logits_t = self._teacher_out[preact]
+        feats_t, logits_t = self._teacher_out[preact if preact_t is None else preact_t]
         t = NetOutput([f.clone().requires_grad_(True) for f in feats_t], logits_t.clone().requires_grad_(True))
         return s, t
 

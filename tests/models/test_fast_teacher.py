@@ -254,9 +254,10 @@ def make_run(method: str, fold: bool = False):
 
 def no_grad_reference(opt, student, teacher, distiller, batch):
     """The loss terms as DistillStep computed them with the teacher under torch.no_grad."""
-    feats_s, logits_s = student(batch.img, is_feat=True, preact=distiller.preact)
+    preact_s, preact_t = distiller.preacts()
+    feats_s, logits_s = student(batch.img, is_feat=True, preact=preact_s)
     with torch.no_grad():
-        t = NetOutput(*teacher(batch.img, is_feat=True, preact=distiller.preact))
+        t = NetOutput(*teacher(batch.img, is_feat=True, preact=preact_t))
     terms = {"ce": opt.gamma * F.cross_entropy(logits_s, batch.target),
              "kd": opt.alpha * DistillKL(opt.kd_T)(logits_s, t.logits)}
     terms.update({k: opt.beta * v for k, v in distiller(NetOutput(feats_s, logits_s), t, batch).items()})
@@ -287,7 +288,7 @@ def step_result(method: str, inference: bool, fold: bool = False, trained_paraph
 
 @pytest.mark.parametrize("method, trained_paraphraser", [
     ("kd", False), ("hint", False), ("correlation", False), ("vid", False), ("crd", False),
-    ("factor", False), ("factor", True), ("attention", False)])
+    ("factor", False), ("factor", True), ("attention", False), ("reviewkd", False)])
 def test_inference_mode_step_equals_no_grad_step(method, trained_paraphraser):
     ref_terms, ref_grads, ref_state = step_result(method, False, trained_paraphraser=trained_paraphraser)
     terms, grads, state = step_result(method, True, trained_paraphraser=trained_paraphraser)
@@ -310,7 +311,7 @@ def test_inference_mode_step_equals_no_grad_step(method, trained_paraphraser):
             assert_close(state[key], value, rtol=FP32_EXACT, scale=scales[key], msg=key)
 
 
-@pytest.mark.parametrize("method", ["hint", "crd", "correlation", "factor"])
+@pytest.mark.parametrize("method", ["hint", "crd", "correlation", "factor", "reviewkd"])
 def test_folded_teacher_gives_the_same_step(method):
     # factor as in its main stage: the paraphraser pre-trained and frozen
     ref_terms, ref_grads, _ = step_result(method, False, fold=False, trained_paraphraser=method == "factor")
