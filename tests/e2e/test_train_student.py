@@ -221,7 +221,7 @@ def test_distill_script_dry_run_prints_parsable_commands():
                                               "STUDENT": "resnet8x4", "TRIALS": "1"}, timeout=60)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
-    assert len(lines) == 18  # the tables' methods (tests/scripts/test_run_scripts.py checks every pair)
+    assert len(lines) == 21  # the tables' methods (tests/scripts/test_run_scripts.py checks every pair)
     seen = set()
     for line in lines:
         argv = shlex.split(line)
