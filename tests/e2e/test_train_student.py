@@ -230,7 +230,7 @@ def test_distill_script_dry_run_prints_parsable_commands():
         assert opt.epochs == 3 and opt.model_s == "resnet8x4" and opt.path_t.endswith("resnet32x4_vanilla/ckpt_epoch_240.pth")
         seen.add((opt.distill, opt.alpha, opt.beta))
     assert {("crd", 1.0, 0.8), ("dcd", 0.0, 1.0), ("dcd", 1.0, 1.0), ("kd", 0.9, 0.0)} <= seen
-    assert {d for d, _, _ in seen} == (set(METHODS) - {"kdsvd"}) | {"wcord", "dcd", "dkd"}  # kdsvd, crcd: no table
+    assert {d for d, _, _ in seen} == (set(METHODS) - {"kdsvd"}) | {"wcord", "dcd", "dkd", "rrd", "srrl"}  # kdsvd, crcd: no table
 
 
 def test_nce_z_momentum_flag_reaches_the_memory():
