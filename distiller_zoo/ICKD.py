@@ -53,12 +53,14 @@ class ICKDLoss(nn.Module):
 
 
 class ChannelEmbed(nn.Module):
-    """The student's embedding into the teacher's channel space: a 3x3 convolution (stride 1,
-    padding 1, no bias) and BatchNorm, ``e = BN(W * f_s)`` (the spatial size is kept)."""
+    """The student's embedding into the teacher's channel space: a ``kernel`` x ``kernel``
+    convolution (stride 1, "same" padding, no bias) and BatchNorm, ``e = BN(W * f_s)`` (the spatial
+    size is kept). ``kernel`` 1 is the paper's linear transformation (the authors' CIFAR code);
+    3 is torchdistill's ``ChannelSimilarityEmbed``."""
 
-    def __init__(self, c_in: int, c_out: int) -> None:
+    def __init__(self, c_in: int, c_out: int, kernel: int = 3) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(c_in, c_out, kernel_size=3, stride=1, padding=1, bias=False)
+        self.conv = nn.Conv2d(c_in, c_out, kernel_size=kernel, stride=1, padding=kernel // 2, bias=False)
         self.bn = nn.BatchNorm2d(c_out)
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
@@ -71,7 +73,10 @@ class ICKDOptions:
     """ICKD"""
 
     ickd_batch_squared: bool = option(False, "ICKD: divide the summed squared ICC differences by C*B*B as "
-                                             "torchdistill's ChSimLoss does (default: C*B, a batch mean)")
+                                             "torchdistill's ChSimLoss does (default: C*B, a batch mean, as the "
+                                             "authors' code)")
+    ickd_kernel: int = option(1, "ICKD: kernel size of the student's embedding convolution: 1 (the paper's "
+                                 "linear map, the authors' CIFAR code) or 3 (torchdistill's)", choices=(1, 3))
 
 
 @register("ickd")
@@ -80,15 +85,14 @@ class ICKD(Distiller):
     teacher's ``feats[-2]`` (the last stage's map; any spatial sizes, since the ICC matrices are
     C x C).
 
-    Published weights ``-r 0.5 -a 0.5 -b 500``: torchdistill's ICKD configuration (ResNet34 ->
-    ResNet18, ImageNet), ``KDLoss(temperature=1, alpha=0.5)`` (0.5 CE + 0.5 KL at T = 1: pass
-    ``--kd_T 1``) plus 500 times the ChSim term. That weight goes with the reference's divisor
-    C B^2 (``--ickd_batch_squared``); the default divides by C B (a batch mean), B times more.
-    The reference's 3x3 embedding is kept (the paper only asks for a linear transformation).
+    Published weights ``-r 1 -a 0 -b 2.5``: the authors' CIFAR-100 recipe (ICKD-C without KL; add
+    ``-a 1`` for ICKD-C with KL), with their 1x1 embedding and batch-mean divisor C B (the defaults).
+    torchdistill's ImageNet configuration, the reference of the goldens, is ``--ickd_kernel 3
+    --ickd_batch_squared -r 0.5 -a 0.5 -b 500 --kd_T 1`` (its 500 goes with the divisor C B^2).
     """
 
     Options = ICKDOptions
-    weights = (0.5, 0.5, 500.0)
+    weights = (1.0, 0.0, 2.5)
 
     def __init__(self, options: ICKDOptions, ctx: BuildContext) -> None:
         super().__init__()
@@ -97,7 +101,7 @@ class ICKD(Distiller):
                 got = list(feats[-2][1:]) if len(feats) >= 2 else "no such feature"
                 raise UserError(f"--distill ickd needs a map [B, C, H, W] as the {who}'s feats[-2] (its last "
                                 f"stage); the {who} {name or ''} gives {got}".replace("  ", " "))
-        self.embed = ChannelEmbed(int(ctx.feats_s[-2][1]), int(ctx.feats_t[-2][1]))
+        self.embed = ChannelEmbed(int(ctx.feats_s[-2][1]), int(ctx.feats_t[-2][1]), options.ickd_kernel)
         self.loss = ICKDLoss(options.ickd_batch_squared)
 
     def forward(self, s: NetOutput, t: NetOutput, batch: Batch) -> dict[str, torch.Tensor]:

@@ -102,12 +102,22 @@ def test_refuses_a_network_without_a_last_stage_map():
 
 
 def test_flags_and_published_weights():
+    """The defaults are the authors' CIFAR recipe (1x1 embedding, batch mean, -r 1 -a 0 -b 2.5);
+    torchdistill's configuration is reachable with flags."""
     opt = train_student.parse_option(["--path_t", "t.pth", "--distill", "ickd"])
-    assert opt.ickd_batch_squared is False
-    assert (opt.gamma, opt.alpha, opt.beta) == (0.5, 0.5, 500.0)
-    assert get_method("ickd").weights == (0.5, 0.5, 500.0) and not get_method("ickd").preact
-    assert train_student.parse_option(["--path_t", "t.pth", "--distill", "ickd",
-                                       "--ickd_batch_squared"]).ickd_batch_squared is True
+    assert opt.ickd_batch_squared is False and opt.ickd_kernel == 1
+    assert (opt.gamma, opt.alpha, opt.beta) == (1.0, 0.0, 2.5)
+    assert get_method("ickd").weights == (1.0, 0.0, 2.5) and not get_method("ickd").preact
+    ref = train_student.parse_option(["--path_t", "t.pth", "--distill", "ickd", "--ickd_batch_squared",
+                                      "--ickd_kernel", "3", "-r", "0.5", "-a", "0.5", "-b", "500", "--kd_T", "1"])
+    assert ref.ickd_batch_squared is True and ref.ickd_kernel == 3
+    with pytest.raises(SystemExit):
+        train_student.parse_option(["--path_t", "t.pth", "--distill", "ickd", "--ickd_kernel", "5"])
+    ctx = BuildContext((torch.Size([2, 8, 4, 4]), torch.Size([2, 8])), (torch.Size([2, 16, 2, 2]), torch.Size([2, 16])), 10)
+    for kernel in (1, 3):
+        conv = ICKD(ICKDOptions(ickd_kernel=kernel), ctx).embed.conv
+        assert conv.kernel_size == (kernel, kernel) and conv.padding == (kernel // 2, kernel // 2)
+        assert (conv.in_channels, conv.out_channels, conv.bias) == (8, 16, None)
 
 
 @pytest.mark.e2e

@@ -42,7 +42,8 @@ WEIGHTS = {
     "nst": ("nst", 1.0, 0.0, 50.0), "crd": ("crd", 1.0, 0.0, 0.8), "crd+kd": ("crd", 1.0, 1.0, 0.8),
     "dcd": ("dcd", 1.0, 0.0, 1.0), "dcd+kd": ("dcd", 1.0, 1.0, 1.0), "wcord+kd": ("wcord", 1.0, 1.0, 0.8),
     "dkd": ("dkd", 1.0, 0.0, 1.0), "rrd": ("rrd", 1.0, 0.0, 1.0), "rrd+kd": ("rrd", 1.0, 1.0, 1.0),
-    "srrl": ("srrl", 1.0, 1.0, 1.0),
+    "srrl": ("srrl", 1.0, 1.0, 1.0), "semckd": ("semckd", 1.0, 1.0, 400.0), "ickd": ("ickd", 1.0, 0.0, 2.5),
+    "ickd+kd": ("ickd", 1.0, 1.0, 2.5),
 }
 LABEL = {v: k for k, v in WEIGHTS.items()}
 NA = {("fsp", pair) for pair in ["wrn_40_2:wrn_40_1"] + DIFFERENT}  # the tables' n/a cells
@@ -85,10 +86,10 @@ def test_distill_prints_every_cell_of_both_tables():
     out = script("run_cifar_distill.sh", DRY_RUN="1")
     lines = out.stdout.splitlines()
     expected = {(m, p, str(t)) for m in WEIGHTS for p in PAIRS for t in (1, 2, 3) if (m, p) not in NA}
-    assert len(expected) == 21 * 13 * 3 - 7 * 3 == 798
-    assert len(lines) == 798 and all(line.startswith("python train_student.py --path_t ./save/models/") for line in lines)
+    assert len(expected) == len(WEIGHTS) * 13 * 3 - 7 * 3  # the fsp cells the paper leaves out
+    assert len(lines) == len(expected) and all(line.startswith("python train_student.py --path_t ./save/models/") for line in lines)
     cells = distill_cells(out)
-    assert len(cells) == len(set(cells)) == 798 and set(cells) == expected
+    assert len(cells) == len(set(cells)) == len(expected) and set(cells) == expected
     for argv in commands(out, "train_student.py"):
         assert argv[1].endswith("_vanilla/ckpt_epoch_240.pth")  # RepDistiller's layout, where fetch/vanilla put them
     assert "skip: fsp is n/a for wrn_40_2 -> wrn_40_1" in out.stderr
@@ -116,7 +117,7 @@ def test_distill_subsets_and_old_variables():
                                                 ("resnet32x4:resnet8x4", "vgg13:vgg8") for t in ("1", "2"))
     out = script("run_cifar_distill.sh", TEACHER="resnet32x4", TRIALS="1", DRY_RUN="1")
     assert {p for _, p, _ in distill_cells(out)} == {"resnet32x4:resnet8x4", "resnet32x4:ShuffleV1", "resnet32x4:ShuffleV2"}
-    assert len(out.stdout.splitlines()) == 21 * 3 - 2
+    assert len(out.stdout.splitlines()) == len(WEIGHTS) * 3 - 2
     out = script("run_cifar_distill.sh", STUDENT="MobileNetV2", METHODS="crd+kd", TRIAL="7", DRY_RUN="1")
     assert sorted(distill_cells(out)) == [("crd+kd", "ResNet50:MobileNetV2", "7"), ("crd+kd", "vgg13:MobileNetV2", "7")]
     # both set: that pair even outside the tables; PATH_T and TEACHER_DIR choose the file
@@ -134,7 +135,7 @@ def test_distill_passes_arguments_through_and_launch_prefixes():
                  PAIRS="resnet32x4:resnet8x4 wrn_40_2:ShuffleV1", TRIALS="1", DRY_RUN="1",
                  LAUNCH="torchrun --standalone --nproc_per_node 2")
     lines = out.stdout.splitlines()
-    assert len(lines) == 21 + 20
+    assert len(lines) == len(WEIGHTS) + len(WEIGHTS) - 1
     for line in lines:
         assert line.startswith("torchrun --standalone --nproc_per_node 2 train_student.py ")
         assert line.endswith(" --amp bf16 --data_folder '/da ta' --epochs 3")

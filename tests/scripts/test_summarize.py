@@ -104,6 +104,8 @@ def test_paper_table_parser():
     assert summarize.paper_value(paper, "resnet32x4->ShuffleV2", "rrd+kd") == 76.83
     assert summarize.paper_value(paper, "resnet32x4->resnet8x4", "srrl") == 75.39
     assert summarize.paper_value(paper, "vgg13->vgg8", "srrl") is None  # published for another student only
+    assert summarize.paper_value(paper, "vgg13->vgg8", "ickd+kd") == 73.88
+    assert summarize.paper_value(paper, "resnet32x4->resnet8x4", "simkd") == 78.08
     assert summarize.paper_value(paper, "ResNet50->MobileNetV2", "teacher") == 79.34
     assert ("wrn_40_2->wrn_40_1", "fsp") in paper.values                       # "n/a" cell
     assert summarize.paper_value(paper, "wrn_40_2->wrn_40_1", "fsp") is None
@@ -134,8 +136,8 @@ def test_markdown_rows(summary):
     # only the pairs we ran; the paper's order of methods
     assert "wrn_40_2→wrn_16_2" not in md
     methods = [line.split("|")[2].strip() for line in md.splitlines() if line.startswith(f"| {PAIR.replace('->', '→')} ")]
-    assert methods[:4] == ["teacher", "student", "kd", "hint"] and methods[-4:] == ["dkd", "rrd", "rrd+kd", "srrl"]
-    assert len(methods) == 23 and md_row(md, PAIR, "rrd")[2:] == ["0", "–", "–", "74.48", "–"]
+    assert methods[:4] == ["teacher", "student", "kd", "hint"] and methods[-6:] == ["rrd+kd", "srrl", "semckd", "simkd", "ickd", "ickd+kd"]
+    assert len(methods) == 27 and md_row(md, PAIR, "rrd")[2:] == ["0", "–", "–", "74.48", "–"]
     assert "ddof=1" in whole and "- 1 unfinished run(s) left out" in whole and "another data set" not in whole
     assert "- 10 run(s) counted from" in whole and "(cifar100 9, synthetic 1)" in whole
 
