@@ -26,6 +26,7 @@ from common.runtime import Runtime, RuntimeOptions
 from dataset import DataNeeds, DataOptions, get_dataloaders
 from dataset.registry import dataset_names
 from dataset.views import network_view
+from distiller_zoo.heads import network_with_head
 from engine.logger import write_json
 from engine.epoch import evaluate
 from engine.options import Parser, default_workers
@@ -69,13 +70,12 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def inference_network(model: nn.Module, state: dict, path: str) -> nn.Module:
-    """The network that is tested: the checkpoint's ``model`` as saved, with its own classifier.
-
-    The one hook for a method's inference head (DESIGN.md: "an inference head that replaces the
-    student's classifier at test time and is saved with it (SimKD)"): when a method declares one,
-    it is built from the checkpoint ``state`` here and replaces the classifier. No method declares
-    one yet, so every checkpoint is tested as saved."""
-    return model
+    """The network that is tested: the checkpoint's ``model`` as saved, with its own classifier;
+    or, when the checkpoint holds a method's inference head (``'head'``, e.g. SimKD's projector and
+    reused teacher classifier; see :mod:`distiller_zoo.heads`), ``model`` with that head
+    (:class:`distiller_zoo.heads.HeadedNetwork`), as the run validated it. A corrupt head entry
+    raises :class:`UserError`."""
+    return network_with_head(model, state, f"'{path}'")
 
 
 def evaluate_checkpoint(opt, runtime: Runtime) -> dict:

@@ -24,6 +24,7 @@ from common.distributed import say, wrap_ddp
 from common.errors import UserError, exit_on_user_error
 from common.runtime import Runtime
 from dataset.views import check_view
+from distiller_zoo.heads import HeadedNetwork, head_entry
 from distiller_zoo.step import channels
 from engine.fit import Fit, FitOptions, best_line
 from engine.logger import RunLog, run_summary
@@ -112,13 +113,17 @@ def train(opt, runtime: Runtime) -> dict:
     # what the run's data and teachers turned out to be: a resume must find them again
     recorded = run_options(opt, teachers=parts.teacher_digests, n_data=data.n_data,
                            num_classes=parts.student_classes, model_t=parts.model_t, world_size=runtime.dist.world_size)
+    # a method's inference head (SimKD): the student is validated with it and every checkpoint saves it
+    head = distillers[0].inference_head()
     fit = Fit(options_from(FitOptions, opt), recorded, stages=[*init_stages(opt, parts, runtime), main],
               modules={"model": parts.student, "distiller": distillers[0] if len(distillers) == 1 else distillers},
               train_loader=data.train_loader, val_loader=data.val_loader, holdout_loader=data.holdout_loader,
               runtime=runtime, run=run, prefix=opt.model_s,
               static={"arch": opt.arch, "dataset": opt.dataset, "num_classes": parts.student_classes,
                       "distill": opt.distill, "model_t": parts.model_t, "view": opt.view_s},
-              inputs=parts.input_s, resumable=free_flags(opt))
+              inputs=parts.input_s, resumable=free_flags(opt),
+              evaluated=None if head is None else HeadedNetwork(parts.student, head),
+              entries=None if head is None else {"head": lambda: head_entry(head)})
     if resume is not None:  # checked before anything is written: a refused resume leaves the folder as it was
         fit.resume_from(resume)
     claim_run_folder(folder, resume=resume, overwrite=opt.overwrite, resume_asked=bool(opt.resume))

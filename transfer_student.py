@@ -1,5 +1,7 @@
 """Linear-probe transfer: freeze a trained network, train a new linear classifier on its pooled
-penultimate features (``feats[-1]``) on a target data set, report the test top-1.
+penultimate features (``feats[-1]``) on a target data set, report the test top-1. A student
+saved with a method's inference head (SimKD) is probed on the head's feature: the pooled projected
+map its (reused teacher) classifier reads.
 
     python transfer_student.py --path_s save/student_model/<run>/<model>_last.pth --dataset stl10
     python transfer_student.py --path_s save/models/<run>/<model>_last.pth --dataset synthetic --no_augment
@@ -28,7 +30,7 @@ from typing import Any
 
 import torch
 
-from common.checkpoint import save_checkpoint
+from common.checkpoint import load_checkpoint, save_checkpoint
 from common.declare import add_option_groups, option, options_from
 from common.distributed import say
 from common.errors import UserError, exit_on_user_error
@@ -36,6 +38,7 @@ from common.runtime import Runtime
 from dataset import DATASETS, DataNeeds, DataOptions, get_dataloaders
 from dataset.skipping import sample_images
 from dataset.views import network_view as probe_view
+from distiller_zoo.heads import network_with_head
 from engine.logger import RunLog, run_summary
 from engine.methods import get_method, method_names
 from engine.options import Parser, add_training_args, finalize_training_args, with_print_config
@@ -167,7 +170,10 @@ def probe(opt, runtime: Runtime) -> dict:
     if runtime.dist.enabled:
         raise UserError("transfer_student.py runs in one process: launch it with python, not torchrun")
     path = Path(opt.path_s)
-    backbone, arch, facts = load_backbone(str(path))
+    state = load_checkpoint(str(path))
+    backbone, arch, facts = load_backbone(str(path), state=state)
+    # a method's inference head (SimKD): the representation is what the head's classifier reads
+    backbone = network_with_head(backbone, state, f"'{path}'")
     if not opt.lr_given:
         opt.learning_rate = default_learning_rate(arch)
     source = describe_source(path, arch, facts)

@@ -23,6 +23,7 @@ from .ReviewKD import ReviewKDLoss
 from .RKD import RKDLoss
 from .SemCKD import SemCKDLoss
 from .SP import Similarity
+from .SimKD import SimKD
 from .SRRL import SRRLLoss
 from .VID import VIDLoss
 
@@ -30,6 +31,6 @@ __all__ = [
     "Batch", "BuildContext", "Distiller", "NetOutput", "NoOptions", "build_distiller", "get_method", "method_names",
     "register",
     "ABLoss", "Attention", "Correlation", "DKDLoss", "DistillKL", "EGALoss", "FSP", "FactorTransfer", "HintLoss",
-    "ICKDLoss", "ITRDLoss", "KDSVD", "NSTLoss", "PKT", "RKDLoss", "ReviewKDLoss", "SRRLLoss", "SemCKDLoss",
+    "ICKDLoss", "ITRDLoss", "KDSVD", "NSTLoss", "PKT", "RKDLoss", "ReviewKDLoss", "SRRLLoss", "SemCKDLoss", "SimKD",
     "Similarity", "VIDLoss",
 ]

@@ -22,7 +22,7 @@ import abc
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -34,10 +34,14 @@ from dataset.needs import DataNeeds
 
 @dataclass
 class NetOutput:
-    """What a network returned for a batch: ``feats`` (see models/__init__.py) and ``logits`` [B, C]."""
+    """What a network returned for a batch: ``feats`` (see models/__init__.py) and ``logits`` [B, C].
+    ``head``: for the student of a method with an inference head, what the head computed
+    (a :class:`distiller_zoo.heads.HeadOutput`; ``logits`` are then its logits), set by the step so
+    that the method's loss reuses it instead of running the head twice; None otherwise."""
 
     feats: list[torch.Tensor]
     logits: torch.Tensor
+    head: Any = None
 
 
 @dataclass
@@ -185,6 +189,18 @@ class Distiller(nn.Module, abc.ABC):
     def bind(self, student: nn.Module, teacher: nn.Module) -> None:
         """Called once after construction with the two networks, for methods that read their
         weights (e.g. a classifier); keep them out of this module's submodules and state."""
+
+    def inference_head(self) -> nn.Module | None:
+        """The method's inference head (a :class:`distiller_zoo.heads.InferenceHead`), or None (the
+        default: the student is tested with its own classifier). A method whose student is tested
+        through a head of its own (SimKD: the projector and the teacher's classifier) returns it,
+        available once :meth:`bind` ran. The step then trains with the head's logits (its CE and
+        KD terms read them), validation tests backbone + head, and every student checkpoint saves
+        it under ``'head'`` (:func:`distiller_zoo.heads.head_entry`; ``'model'`` stays the backbone),
+        which ``eval_student.py`` and ``transfer_student.py`` rebuild. The head's trained parts are
+        this Distiller's modules (saved and resumed with it); frozen parts it reads from the
+        networks (the teacher's classifier) are restored with them. One teacher only."""
+        return None
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters the main-stage optimiser updates (frozen parts excluded)."""

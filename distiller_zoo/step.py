@@ -42,7 +42,10 @@ class DistillStep(nn.Module):
     ``models.teacher.prepare_teacher``); the Distillers get ordinary copies of their outputs.
     ``weights``: ``(gamma, alpha, beta)``; ``kd_T``: KD's temperature. ``input_s`` and
     ``inputs_t`` (one per teacher): the channels of ``img`` each network sees (its view, when the
-    batch carries several); None: all of them.
+    batch carries several); None: all of them. When the Distiller declares an inference head
+    (:meth:`Distiller.inference_head`; one teacher only) the student's logits are the head's:
+    CE, KD and the returned logits (training accuracy) read them, and the Distiller gets the
+    head's output in ``s.head``.
     """
 
     def __init__(self, student: nn.Module, teachers: list[nn.Module], distillers: nn.ModuleList,
@@ -59,6 +62,12 @@ class DistillStep(nn.Module):
         self.gamma, self.alpha, self.beta = weights
         self.kd = DistillKL(kd_T)
         self.preact_s, self.preact_t = distillers[0].preacts()
+        heads = [d.inference_head() for d in distillers]
+        if any(h is not None for h in heads) and len(teachers) > 1:
+            raise UserError(f"--distill {distillers[0].name} tests the student through an inference head built on "
+                            f"one teacher (its classifier): give one --path_t, not {len(teachers)}")
+        # a tuple: the head's modules are the Distiller's and the teacher's, registered there
+        self._head = (heads[0],)
         self.runtime = runtime
         # tuples: compiled wrappers must not be registered as submodules (their weights are saved once)
         self._student_fn = (runtime.forward_fn(student),)
@@ -79,13 +88,18 @@ class DistillStep(nn.Module):
             outs_t = [NetOutput(*fn(channels(batch.img, part), is_feat=True, preact=self.preact_t))
                       for fn, part in zip(self._teacher_fns, self.inputs_t)]
         outs_t = [ordinary_tensors(t) for t in outs_t]
+        head = self._head[0]
+        s = NetOutput(feats_s, logits_s)
+        if head is not None:  # the student is trained and tested through the method's head
+            out = head(feats_s)
+            logits_s = out.logits
+            s = NetOutput(feats_s, logits_s, head=out)
         terms = {}
         if self.gamma:
             terms["ce"] = self.gamma * F.cross_entropy(logits_s, batch.target)
         if self.alpha:
             terms["kd"] = self.alpha * self.kd(logits_s, torch.stack([t.logits for t in outs_t]).mean(0))
         if self.beta:
-            s = NetOutput(feats_s, logits_s)
             per_teacher = [distiller(s, t, batch) for distiller, t in zip(self.distillers, outs_t)]
             terms.update({name: self.beta * torch.stack([p[name] for p in per_teacher]).mean()
                           for name in per_teacher[0]})

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -28,8 +28,11 @@ class FitCheckpoints:
     def __init__(self, options: FitOptions, recorded: dict[str, Any], *, stages: list[Stage],
                  modules: dict[str, nn.Module], train_loader, val_loader, runtime: Runtime, run: RunLog, prefix: str,
                  static: dict[str, Any] | None = None, holdout_loader=None, inputs: slice | None = None,
-                 resumable: frozenset[str] = frozenset()) -> None:
+                 resumable: frozenset[str] = frozenset(), evaluated: nn.Module | None = None,
+                 entries: dict[str, Callable[[], Any]] | None = None) -> None:
         self.options, self.recorded, self.stages, self.modules = options, recorded, list(stages), modules
+        self.evaluated = modules["model"] if evaluated is None else evaluated
+        self.entries = dict(entries or {})
         self.resumable = resumable
         self.train_loader, self.val_loader, self.holdout_loader = train_loader, val_loader, holdout_loader
         self.runtime, self.run, self.static, self.inputs = runtime, run, static or {}, inputs
@@ -56,13 +59,15 @@ class FitCheckpoints:
 
     def checkpoint(self) -> dict[str, Any]:
         """The checkpoint of this moment (collective under torchrun: every rank must call it): the
-        modules, the ``static`` entries, :meth:`FitState.to_dict`'s, and under ``resume`` the run
+        modules, the ``static`` entries, the ``entries`` computed now (e.g. the student's inference
+        head, ``'head'``), :meth:`FitState.to_dict`'s, and under ``resume`` the run
         log's history and sessions, the recorded options, the loss scaler and each rank's random
         states. It holds tensors and plain types only (it loads with ``torch.load(weights_only=True)``)."""
         loader_state = self._loader_state_at_epoch_start if self.at.batches_done else self._loader_state()
         per_rank = distributed.gather_objects({"rng": rng_state(), "loader": loader_state})
         state = {name: module.state_dict() for name, module in self.modules.items()}
         state.update(self.static)
+        state.update({name: entry() for name, entry in self.entries.items()})
         state.update(self.at.to_dict())
         state["resume"].update({
             "history": self.run.history, "sessions": self.run.sessions, "options": self.recorded,

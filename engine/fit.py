@@ -39,7 +39,11 @@ class Fit(FitCheckpoints):
     :func:`engine.resume.run_options`), recorded in every checkpoint: a resume must agree with
     them, but for the options a resume may change, ``resumable`` (the scripts pass
     :func:`engine.run_flags.free_flags` of their flags). ``options.max_steps`` counts each stage's steps apart. ``inputs``: the channels of the
-    validation images ``'model'`` sees (see :func:`evaluate`).
+    validation images ``'model'`` sees (see :func:`evaluate`). ``evaluated``: the network that is
+    validated (default ``modules['model']``; a method's inference head: the student with it, see
+    :class:`distiller_zoo.heads.HeadedNetwork`); ``entries``: checkpoint entries computed at each
+    save (``{'head': ...}``: the head's kind, config and state), not read back by a resume (the
+    head's parts are restored with ``modules`` and the teachers).
 
     Model selection: the best checkpoint is the epoch of the best test top-1 (RepDistiller's), or,
     with a ``holdout_loader`` (``--val_split``: training images held out), the best top-1 on it
@@ -158,7 +162,7 @@ class Fit(FitCheckpoints):
     def _validate(self, epoch: int, train_stats: dict[str, float]) -> None:
         self._guard_weights(f"epoch {epoch}")
         distributed.broadcast_buffers(self.modules["model"])
-        model, device = self.modules["model"], self.runtime.device
+        model, device = self.evaluated, self.runtime.device
         last = evaluate(model, self.val_loader, device, self.runtime, inputs=self.inputs)
         if self.holdout_loader is not None:
             held = evaluate(model, self.holdout_loader, device, self.runtime, inputs=self.inputs)
