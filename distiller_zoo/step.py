@@ -75,6 +75,7 @@ class DistillStep(nn.Module):
 
     def train(self, mode: bool = True) -> "DistillStep":
         super().train(mode)
+        self.teachers.training = mode and any(self.teacher_trains)  # the container as before: eval unless declared
         for trains, teacher in zip(self.teacher_trains, self.teachers):
             teacher.train(mode and trains)
         return self
