@@ -18,6 +18,7 @@ from .ITRD import ITRDLoss
 from .KD import DistillKL
 from .KDSVD import KDSVD
 from .NST import NSTLoss
+from .OFD import OFDLoss
 from .PKT import PKT
 from .ReviewKD import ReviewKDLoss
 from .RKD import RKDLoss
@@ -31,6 +32,7 @@ __all__ = [
     "Batch", "BuildContext", "Distiller", "NetOutput", "NoOptions", "build_distiller", "get_method", "method_names",
     "register",
     "ABLoss", "Attention", "Correlation", "DKDLoss", "DistillKL", "EGALoss", "FSP", "FactorTransfer", "HintLoss",
-    "ICKDLoss", "ITRDLoss", "KDSVD", "NSTLoss", "PKT", "RKDLoss", "ReviewKDLoss", "SRRLLoss", "SemCKDLoss", "SimKD",
+    "ICKDLoss", "ITRDLoss", "KDSVD", "NSTLoss", "OFDLoss", "PKT", "RKDLoss", "ReviewKDLoss", "SRRLLoss", "SemCKDLoss",
+    "SimKD",
     "Similarity", "VIDLoss",
 ]

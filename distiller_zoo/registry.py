@@ -133,6 +133,10 @@ class Distiller(nn.Module, abc.ABC):
         has_init_stage: the method pre-trains in an init stage of ``--init_epochs`` (see :meth:`init_loss`).
         kd_is_own_loss: the step's ``-a`` term (KD) is the method's own loss (KD itself), so
             ``-a`` > 0 adds nothing to its name in the tables (:meth:`run_label`).
+        reads_teacher_batchnorm: :meth:`bind` reads the teacher's BatchNorms (or the teacher runs
+            them in train mode), so the loop keeps them: the teacher is not folded (fast path off).
+
+    :meth:`teacher_train_mode` says whether the loop runs the teacher in train mode.
 
     :meth:`label_need` says whether (and why) the method needs the training labels.
     """
@@ -145,6 +149,7 @@ class Distiller(nn.Module, abc.ABC):
     weights: tuple[float, float, float] = (1.0, 0.0, 1.0)
     has_init_stage: bool = False
     kd_is_own_loss: bool = False
+    reads_teacher_batchnorm: bool = False
 
     @abc.abstractmethod
     def forward(self, s: NetOutput, t: NetOutput, batch: Batch) -> dict[str, torch.Tensor]:
@@ -201,6 +206,13 @@ class Distiller(nn.Module, abc.ABC):
         this Distiller's modules (saved and resumed with it); frozen parts it reads from the
         networks (the teacher's classifier) are restored with them. One teacher only."""
         return None
+
+    def teacher_train_mode(self) -> bool:
+        """Whether the loop runs the teacher in train mode (still without gradient): its
+        BatchNorms normalise by the batch's statistics and update their running statistics.
+        Default False (a frozen teacher in eval mode); a method that returns True must set
+        ``reads_teacher_batchnorm`` (a folded teacher has no BatchNorms left to run)."""
+        return False
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters the main-stage optimiser updates (frozen parts excluded)."""

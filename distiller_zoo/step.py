@@ -40,6 +40,9 @@ class DistillStep(nn.Module):
     mean over one Distiller per teacher. Terms whose weight is 0 are not computed. The teachers
     stay in eval mode, run under ``torch.inference_mode`` and are never trained (prepare them with
     ``models.teacher.prepare_teacher``); the Distillers get ordinary copies of their outputs.
+    Where a teacher's Distiller asks for it (:meth:`Distiller.teacher_train_mode`), that teacher
+    follows the step's mode instead (train mode while training: its BatchNorms use the batch's
+    statistics and update their running ones), still without gradient; it must not be folded.
     ``weights``: ``(gamma, alpha, beta)``; ``kd_T``: KD's temperature. ``input_s`` and
     ``inputs_t`` (one per teacher): the channels of ``img`` each network sees (its view, when the
     batch carries several); None: all of them. When the Distiller declares an inference head
@@ -68,6 +71,12 @@ class DistillStep(nn.Module):
                             f"one teacher (its classifier): give one --path_t, not {len(teachers)}")
         # a tuple: the head's modules are the Distiller's and the teacher's, registered there
         self._head = (heads[0],)
+        # teachers run in train mode by their Distiller's declaration (none by default)
+        self.teacher_trains = tuple(bool(d.teacher_train_mode()) for d in distillers)
+        for trains, teacher in zip(self.teacher_trains, teachers):
+            if trains and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in teacher.modules()):
+                raise UserError(f"--distill {distillers[0].name} runs the teacher's BatchNorms in train mode, but the "
+                                "teacher has none left (folded by the fast teacher path): use --plain_teacher")
         self.runtime = runtime
         # tuples: compiled wrappers must not be registered as submodules (their weights are saved once)
         self._student_fn = (runtime.forward_fn(student),)
@@ -75,7 +84,9 @@ class DistillStep(nn.Module):
 
     def train(self, mode: bool = True) -> "DistillStep":
         super().train(mode)
-        self.teachers.eval()
+        self.teachers.training = mode and any(self.teacher_trains)  # the container as before: eval unless declared
+        for trains, teacher in zip(self.teacher_trains, self.teachers):
+            teacher.train(mode and trains)
         return self
 
     def batch(self, raw: tuple) -> Batch:
@@ -84,7 +95,8 @@ class DistillStep(nn.Module):
     def forward(self, raw: tuple) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         batch = raw if isinstance(raw, Batch) else self.batch(raw)
         feats_s, logits_s = self._student_fn[0](channels(batch.img, self.input_s), is_feat=True, preact=self.preact_s)
-        with torch.inference_mode():
+        # no_grad where a teacher trains its BatchNorms (their running statistics stay ordinary tensors)
+        with torch.no_grad() if any(self.teacher_trains) and self.training else torch.inference_mode():
             outs_t = [NetOutput(*fn(channels(batch.img, part), is_feat=True, preact=self.preact_t))
                       for fn, part in zip(self._teacher_fns, self.inputs_t)]
         outs_t = [ordinary_tensors(t) for t in outs_t]

@@ -153,10 +153,11 @@ def teacher_views(opt, paths: list[str], states: list[dict | None]) -> list[str]
 
 def load_teachers(opt, num_classes: int, runtime: Runtime, sample: torch.Tensor,
                   states: list[dict | None] | None = None, views: list[str] | None = None,
-                  layout: ViewLayout = ViewLayout()
+                  layout: ViewLayout = ViewLayout(), fast: bool = True
                   ) -> tuple[list[tuple[nn.Module, str, str]], list[str]]:
     """The teachers of ``--path_t`` (comma-separated for an ensemble) as ``(model, arch, path)``,
-    frozen and (unless ``--plain_teacher``) on the fast path, and the digests of their weights.
+    frozen and (unless ``--plain_teacher``, or ``fast`` False: a method that reads or runs their
+    BatchNorms) on the fast path, and the digests of their weights.
     ``states``: their checkpoints, when already read; ``views``: their views in ``layout`` (the
     views the batches carry; ``sample`` has them all), checked against their input channels."""
     teachers, digests = [], []
@@ -170,7 +171,7 @@ def load_teachers(opt, num_classes: int, runtime: Runtime, sample: torch.Tensor,
         digests.append(weights_digest(teacher))
         own = sample[:, layout.slice(view)] if len(layout.views) > 1 else sample
         # frozen: eval, no grad; fast: BatchNorm folded into its convolution (exact in eval mode), channels_last
-        teachers.append((prepare_teacher(teacher, runtime, own, fast=not opt.plain_teacher), arch, path))
+        teachers.append((prepare_teacher(teacher, runtime, own, fast=fast and not opt.plain_teacher), arch, path))
     return teachers, digests
 
 
@@ -196,7 +197,9 @@ def build_run(opt, runtime: Runtime) -> RunParts:
     if opt.sync_bn:  # after placing: on GPUs it becomes torch's SyncBatchNorm
         student = convert_sync_batchnorm(student)
     sample = runtime.to_device(sample_images(data.val_loader.dataset))  # every view's channels
-    teachers, digests = load_teachers(opt, classes, runtime, sample, states, views_t, layout)
+    # a method that reads the teachers' BatchNorms (or runs them in train mode) keeps them: no folding
+    teachers, digests = load_teachers(opt, classes, runtime, sample, states, views_t, layout,
+                                      fast=not method.reads_teacher_batchnorm)
     several = len(layout.views) > 1
     input_s = layout.slice(opt.view_s) if several else None
     inputs_t = [layout.slice(view) if several else None for view in views_t]

@@ -129,6 +129,12 @@ class ShuffleNetV2(nn.Module):
         """
         return [self.layer1[-1].bn3, self.layer2[-1].bn3, self.layer3[-1].bn3]
 
+    def preact_passthrough_channels(self) -> list[int]:
+        """The leading channels of each stage's pre-activation map, ``cat([x1, bn3(...)])``, that
+        do not come from :meth:`get_bn_before_relu`'s BatchNorm: the split's first half ``x1``,
+        passed through unchanged (an earlier unit's output, after its ReLU)."""
+        return [layer[-1].bn3.num_features for layer in (self.layer1, self.layer2, self.layer3)]
+
     def forward(
         self, x: torch.Tensor, is_feat: bool = False, preact: bool = False
     ) -> torch.Tensor | tuple[list[torch.Tensor], torch.Tensor]:

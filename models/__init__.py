@@ -9,7 +9,10 @@ Every model follows one contract:
   ``feats`` is the stem output, each stage's output, then the pooled vector (``feats[-1]``);
   with ``preact=True`` the stage outputs are taken before their last ReLU.
 - ``get_feat_modules()`` returns the modules that produce the features, as an ``nn.ModuleList``.
-- ``get_bn_before_relu()`` returns the BatchNorm layer that precedes each stage's last ReLU.
+- ``get_bn_before_relu()`` returns the BatchNorm layer that precedes each stage's last ReLU: one
+  per stage map of ``feats[1:-1]``, with its channels, except that a model whose stage maps start
+  with channels that bypass that BatchNorm says how many per stage with
+  ``preact_passthrough_channels()`` (ShuffleV2; see :func:`preact_passthrough_channels`).
 
 ``build_model(..., in_channels=C)`` gives a network for ``C``-channel inputs (a view such as
 ``L`` or ``ab``): its stem's first convolution takes ``C`` channels, all else unchanged.
@@ -98,6 +101,17 @@ def build_model(name: str, num_classes: int, dataset: str = "cifar100", in_chann
     outputs, for inputs of ``in_channels`` channels (see :func:`set_in_channels`)."""
     model = model_dict[resolve_model_name(name, dataset)](num_classes=num_classes)
     return set_in_channels(model, in_channels) if in_channels != 3 else model
+
+
+def preact_passthrough_channels(model: nn.Module) -> list[int]:
+    """For each BatchNorm of ``model.get_bn_before_relu()``: how many leading channels of that
+    stage's pre-activation map (``feats[1:-1]`` with ``preact=True``) do not come from it. Those
+    channels pass through the stage's last unit unchanged (ShuffleV2's channel split: already after
+    a ReLU, so never negative); the BatchNorm's channels follow them. 0 per stage for models that do
+    not define ``preact_passthrough_channels()`` (every stage map is the BatchNorm's output, or a
+    residual sum on it)."""
+    own = getattr(model, "preact_passthrough_channels", None)
+    return list(own()) if own is not None else [0] * len(model.get_bn_before_relu())
 
 
 def stem_conv(model: nn.Module) -> tuple[str, nn.Conv2d]:

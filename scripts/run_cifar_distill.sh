@@ -10,7 +10,7 @@
 #
 # Arguments are passed to every train_student.py command (e.g. --amp bf16, --data_folder,
 # --resume auto to make a stopped sweep restartable). Environment:
-#   METHODS     methods to run (default: the tables' 25, below; also crcd, kdsvd, itrd, ega, reviewkd)
+#   METHODS     methods to run (default: the tables' 25, below; also crcd, kdsvd, itrd, ega, reviewkd, ofd)
 #   PAIRS       teacher:student pairs (default: the 13 of both tables, below)
 #   TEACHER, STUDENT  keep only the pairs with this teacher / student; both set: that one pair
 #   TRIALS      trials per run (default 3; trial ids 1..TRIALS); TRIAL=N runs only trial N
@@ -62,6 +62,7 @@ METHOD_TABLE=(
   "itrd         --distill itrd -a 0 -b 1"
   "ega          --distill ega -a 0 -b 1"
   "reviewkd     --distill reviewkd -a 0 -b 5"
+  "ofd          --distill ofd -a 0 -b 0.001"
 )
 TABLE_METHODS="kd hint attention similarity correlation vid rkd pkt abound factor fsp nst crd crd+kd dcd dcd+kd wcord+kd dkd rrd rrd+kd srrl semckd simkd ickd ickd+kd"
 
