@@ -1,9 +1,8 @@
 """EGA (Ma, Chen & Akata, BMVC 2022): against the reference's golden (giakoumoglou/distillers' EGA,
-tests/fixtures/method_goldens.md "EGA"), the definition in float64, the embedding for unequal
-sizes, every pair and a run."""
+tests/fixtures/method_goldens.md "EGA"), the definition in float64 and the embedding for unequal
+sizes (every pair of the tables and the train_student runs: test_table_pairs.py)."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -14,8 +13,6 @@ from distiller_zoo.EGA import EGA, EGAOptions
 from distiller_zoo.registry import Batch, BuildContext, NetOutput
 from engine.methods import get_method
 from tests import goldens
-from tests.datagen import SYNTHETIC
-from tests.methods.test_losses import PAIR_IDS, pairs  # noqa: F401  (the pairs fixture)
 import train_student
 
 pytestmark = pytest.mark.numeric
@@ -92,32 +89,8 @@ def test_unequal_sizes_embed_the_student_into_the_teacher_size():
     assert f_s.grad.abs().sum() > 0 and distiller.embed.linear.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("pair_id", PAIR_IDS)
-def test_every_pair_forward_backward(pair_id, pairs):  # noqa: F811
-    pair = pairs[pair_id]
-    distiller = pair.build("ega").train()
-    s, t = pair.outputs(distiller.preact)
-    equal = s.feats[-1].shape[1] == t.feats[-1].shape[1]
-    assert (distiller.embed is None) == equal
-    terms = distiller(s, t, pair.batch)
-    assert list(terms) == ["ega"] and terms["ega"].dim() == 0 and torch.isfinite(terms["ega"])
-    terms["ega"].backward()
-    assert all(f.grad is None for f in t.feats), "gradient reached the teacher"
-    assert s.feats[-1].grad is not None and s.feats[-1].grad.abs().sum() > 0
-    if not equal:
-        assert distiller.embed.linear.weight.grad.abs().sum() > 0
-
-
 def test_flags_and_published_weights():
     opt = train_student.parse_option(["--path_t", "t.pth", "--distill", "ega", "--ega_node_weight", "0.8"])
     assert (opt.ega_node_weight, opt.ega_edge_weight) == (0.8, 0.3)
     assert (opt.gamma, opt.alpha, opt.beta) == (1.0, 0.0, 1.0)
     assert options_from(get_method("ega").Options, opt) == EGAOptions(ega_node_weight=0.8)
-
-
-@pytest.mark.e2e
-def test_train_student_one_step(teacher, tmp_path):
-    results = train_student.main(["--path_t", str(teacher), "--model_s", "resnet8", "--distill", "ega", *SYNTHETIC,
-                                  "--max_steps", "1", "--epochs", "1", "--save_folder", str(tmp_path)])
-    assert results["steps"] == 1
-    assert math.isfinite(results["history"][0]["loss_ega"])

@@ -1,8 +1,8 @@
 """RRD (Giakoumoglou & Stathaki, 2024): the reference's golden, the paper's configuration, the FIFO
-queue (wrapping, checkpointed, gathered over processes), every test pair and a training step."""
+queue (wrapping, checkpointed, gathered over processes), the resume (every pair of the tables and
+the train_student runs: test_table_pairs.py)."""
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -17,7 +17,6 @@ from crd.rrd import RRD, RRDLoss, RRDOptions
 from distiller_zoo.registry import get_method
 from tests import goldens
 from tests.datagen import SYNTHETIC
-from tests.methods.test_losses import PAIR_IDS, pairs  # noqa: F401  (the fixture)
 from tests.tolerance import FP32, assert_close
 import train_student
 
@@ -153,22 +152,6 @@ def test_options_flags_and_weights():
     assert (options.rrd_queue_init, options.rrd_train_embed_t, options.nce_t_s) == ("columns", True, 0.2)
 
 
-@pytest.mark.parametrize("pair_id", PAIR_IDS)
-def test_every_pair_forward_backward(pair_id, pairs):  # noqa: F811
-    pair = pairs[pair_id]
-    distiller = pair.build("rrd", nce_k=8).train()
-    s, t = pair.outputs(distiller.preact)
-    terms = distiller(s, t, pair.batch)
-    assert list(terms) == ["rrd"] and terms["rrd"].dim() == 0 and torch.isfinite(terms["rrd"])
-    (F.cross_entropy(s.logits, pair.batch.target) + terms["rrd"]).backward()
-    assert all(f.grad is None for f in t.feats), "gradient reached the teacher"
-    assert s.feats[-1].grad is not None and s.feats[-1].grad.abs().sum() > 0
-    trainable = distiller.trainable_parameters()
-    assert {id(p) for p in trainable} == {id(p) for p in distiller.criterion.embed_s.parameters()}
-    assert all(p.grad is not None for p in trainable)
-    assert int(distiller.criterion.queue_ptr) == 2  # the batch of 2 was enqueued
-
-
 # --- under torchrun: every process's embeddings enter the queue -----------------------------------
 
 B, S_DIM, T_DIM, FEAT, K = 4, 12, 20, 8, 12
@@ -214,18 +197,7 @@ def test_two_processes_fill_the_queue_as_one_with_twice_the_batch(tmp_path):
                      rtol=FP32)
 
 
-# --- training: one step, and the queue through a checkpoint and --resume ------------------------
-
-@pytest.mark.e2e
-@pytest.mark.parametrize("weights, terms", [([], ["ce", "rrd"]), (["-a", "1"], ["ce", "kd", "rrd"])])
-def test_train_student_one_step(weights, terms, teacher, tmp_path):
-    results = train_student.main(["--path_t", str(teacher), "--model_s", "resnet8", "--distill", "rrd", *weights,
-                                  *SYNTHETIC, "--nce_k", "16", "--max_steps", "1", "--save_folder", str(tmp_path)])
-    assert results["steps"] == 1
-    history = results["history"][0]
-    for term in terms:
-        assert f"loss_{term}" in history and math.isfinite(history[f"loss_{term}"]), history
-
+# --- training: the queue through a checkpoint and --resume (runs: test_table_pairs.py) ----------
 
 def _last(folder: Path) -> dict:
     (path,) = folder.glob("*/*_last.pth")

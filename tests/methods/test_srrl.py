@@ -1,24 +1,19 @@
 """SRRL (Yang et al., ICLR 2021): the distillers repository's golden, the teacher's classifier kept
-frozen and out of the method's state, every pair of test_losses, the refusal, the flags and a
-one-step run."""
+frozen and out of the method's state, the refusal and the flags (every pair of the tables and the
+train_student runs: test_table_pairs.py)."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import train_student
 from common.errors import UserError
 from distiller_zoo.registry import Batch, BuildContext, NetOutput, NoOptions
 from distiller_zoo.SRRL import SRRL, SRRLLoss
 from engine.methods import get_method
-from models import get_classifier
 from tests import goldens
-from tests.datagen import SYNTHETIC
-from tests.methods.test_losses import PAIR_IDS, pairs  # noqa: F401  (the module-scoped fixture)
 
 pytestmark = pytest.mark.numeric
 
@@ -62,32 +57,6 @@ def test_terms_match_their_definition():
     goldens.assert_matches(sr, ((h @ w.t() + b - z_t) ** 2).mean(), rtol=1e-5)
 
 
-@pytest.mark.parametrize("pair_id", PAIR_IDS)
-def test_every_pair_forward_backward(pair_id, pairs):  # noqa: F811
-    pair = pairs[pair_id]
-    distiller = pair.build("srrl").train()
-    head = get_classifier(pair.teacher)
-    # the teacher's classifier is referenced, never owned: not a parameter, not in the state
-    assert not {id(p) for p in head.parameters()} & {id(p) for p in distiller.parameters()}
-    assert all(not k.startswith("_classifier") for k in distiller.state_dict())
-    assert set(distiller.state_dict()) == {f"loss.transfer.{k}" for k in
-                                           ("0.weight", "1.weight", "1.bias", "1.running_mean", "1.running_var",
-                                            "1.num_batches_tracked")}
-    s, t = pair.outputs(distiller.preact)
-    for p in head.parameters():
-        p.grad = None
-    terms = distiller(s, t, pair.batch)
-    assert list(terms) == ["srrl_fm", "srrl_sr"]
-    assert all(v.dim() == 0 and torch.isfinite(v) for v in terms.values())
-    (F.cross_entropy(s.logits, pair.batch.target) + sum(terms.values())).backward()
-    assert all(f.grad is None for f in t.feats) and t.logits.grad is None, "gradient reached the teacher"
-    assert all(p.grad is None for p in head.parameters()), "gradient reached the teacher's classifier"
-    assert s.feats[-1].grad is not None and s.feats[-1].grad.abs().sum() > 0
-    assert all(p.grad is not None for p in distiller.trainable_parameters())
-    assert distiller.loss.transfer[0].in_channels == s.feats[-1].shape[1]
-    assert distiller.loss.transfer[0].out_channels == t.feats[-1].shape[1] == head.in_features
-
-
 class _Widened(nn.Module):
     """A network whose last linear layer does not read its feats[-1]."""
 
@@ -110,13 +79,3 @@ def test_published_weights():
     opt = train_student.parse_option(["--path_t", "t.pth", "--distill", "srrl"])
     assert (opt.gamma, opt.alpha, opt.beta) == (1.0, 1.0, 1.0)
     assert get_method("srrl").weights == (1.0, 1.0, 1.0) and not get_method("srrl").preact
-
-
-@pytest.mark.e2e
-def test_train_student_one_step(teacher, tmp_path):
-    results = train_student.main(["--path_t", str(teacher), "--model_s", "resnet8", "--distill", "srrl",
-                                  *SYNTHETIC, "--max_steps", "1", "--epochs", "1", "--save_folder", str(tmp_path)])
-    assert results["steps"] == 1
-    history = results["history"][0]
-    assert {"loss_srrl_fm", "loss_srrl_sr"} <= set(history)
-    assert math.isfinite(history["loss_srrl_fm"]) and math.isfinite(history["loss_srrl_sr"])
