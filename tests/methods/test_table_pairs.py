@@ -21,7 +21,7 @@ Cost (one core): the unit-level steps ~60 s, the end-to-end runs ~15 s; they rep
 files' every-pair tests (3 pairs each, numeric: run twice by ``make test``) and one-step runs.
 This file is not marked numeric: it checks that training runs, not values against a reference.
 
-A method added to issue 24 (ofd, simkd) is one word in :data:`NEW_METHODS`; its specific checks,
+A new method is one word in :data:`NEW_METHODS`; its specific checks,
 if any, go in :data:`CHECKS`.
 """
 from __future__ import annotations
@@ -53,7 +53,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import summarize  # noqa: E402
 
 # The methods issue 24 adds; ofd and simkd join with one word each.
-NEW_METHODS = ("ickd", "srrl", "itrd", "ega", "rrd", "semckd", "reviewkd")
+NEW_METHODS = ("ickd", "srrl", "itrd", "ega", "rrd", "semckd", "reviewkd", "ofd", "simkd")
 
 TABLE_PAIRS = summarize.parse_paper_tables((ROOT / "scripts" / "paper_tables.md").read_text()).pairs
 IMAGENET_PAIRS = ["ResNet34->ResNet18", "ResNet50->MobileNetV1"]
@@ -140,10 +140,25 @@ def _check_reviewkd(d, nets, fs, ft, grads) -> None:
         assert (abf.conv1[0].in_channels, abf.conv2[0].out_channels) == (f_s[1], f_t[1])
 
 
+def _check_ofd(d, nets, fs, ft, grads) -> None:
+    assert all(g is not None and g.abs().sum() > 0 for g in grads[1:-1])  # every stage's pre-ReLU map
+    assert not any(b.requires_grad for b in d.loss.margins())
+    assert all(name.startswith("loss.connectors.") for name in d.state_dict())  # margins are not saved
+
+
+def _check_simkd(d, nets, fs, ft, grads) -> None:
+    classifier = get_classifier(nets.teacher)
+    assert not {id(p) for p in classifier.parameters()} & {id(p) for p in d.parameters()}
+    assert all(p.grad is None for p in classifier.parameters()), "gradient reached the teacher's classifier"
+    assert all(name.startswith("transfer.") for name in d.state_dict())
+    assert grads[-2] is not None and grads[-2].abs().sum() > 0
+
+
 TERMS = {"ickd": ["ickd"], "srrl": ["srrl_fm", "srrl_sr"], "itrd": ["itrd_corr", "itrd_mutual"], "ega": ["ega"],
-         "rrd": ["rrd"], "semckd": ["semckd"], "reviewkd": ["reviewkd"]}
+         "rrd": ["rrd"], "semckd": ["semckd"], "reviewkd": ["reviewkd"], "ofd": ["ofd"], "simkd": ["simkd"]}
 CHECKS: dict[str, Callable] = {"ickd": _check_ickd, "srrl": _check_srrl, "itrd": _check_itrd, "ega": _check_ega,
-                               "rrd": _check_rrd, "semckd": _check_semckd, "reviewkd": _check_reviewkd}
+                               "rrd": _check_rrd, "semckd": _check_semckd, "reviewkd": _check_reviewkd,
+                               "ofd": _check_ofd, "simkd": _check_simkd}
 
 
 # ------------------------------------------------------------------ the pairs, built once each
@@ -334,7 +349,8 @@ def test_two_steps_on_every_pair(pair: str, method: str) -> None:
 
 # per method, further (flags, terms logged) runs besides the default one
 E2E_VARIANTS: dict[str, list[tuple[list[str], list[str]]]] = {"rrd": [(["-a", "1"], ["ce", "kd", "rrd"])]}
-E2E = [(m, [], ["ce", *(["kd"] if get_method(m).weights[1] else []), *TERMS.get(m, [])]) for m in NEW_METHODS]
+E2E = [(m, [], [*(["ce"] if get_method(m).weights[0] else []), *(["kd"] if get_method(m).weights[1] else []),
+             *TERMS.get(m, [])]) for m in NEW_METHODS]
 E2E += [(m, flags, terms) for m in NEW_METHODS for flags, terms in E2E_VARIANTS.get(m, [])]
 
 
