@@ -12,6 +12,7 @@ import torch
 
 from engine.methods import method_names
 from models import build_model
+from tests.scripts.test_run_scripts import WEIGHTS as TABLE_WEIGHTS
 from tests.tolerance import FP32_EXACT, approx, assert_close
 import train_student
 
@@ -221,7 +222,7 @@ def test_distill_script_dry_run_prints_parsable_commands():
                                               "STUDENT": "resnet8x4", "TRIALS": "1"}, timeout=60)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
-    assert len(lines) == 21  # the tables' methods (tests/scripts/test_run_scripts.py checks every pair)
+    assert len(lines) == len(TABLE_WEIGHTS)  # the tables' methods (tests/scripts/test_run_scripts.py checks every pair)
     seen = set()
     for line in lines:
         argv = shlex.split(line)
@@ -230,7 +231,7 @@ def test_distill_script_dry_run_prints_parsable_commands():
         assert opt.epochs == 3 and opt.model_s == "resnet8x4" and opt.path_t.endswith("resnet32x4_vanilla/ckpt_epoch_240.pth")
         seen.add((opt.distill, opt.alpha, opt.beta))
     assert {("crd", 1.0, 0.8), ("dcd", 0.0, 1.0), ("dcd", 1.0, 1.0), ("kd", 0.9, 0.0)} <= seen
-    assert {d for d, _, _ in seen} == (set(METHODS) - {"kdsvd"}) | {"wcord", "dcd", "dkd", "rrd", "srrl"}  # kdsvd, crcd: no table
+    assert {d for d, _, _ in seen} == {name for name, *_ in TABLE_WEIGHTS.values()}
 
 
 def test_nce_z_momentum_flag_reaches_the_memory():

@@ -111,8 +111,8 @@ def test_boundary_values_that_mean_something_still_parse():
 
 def test_every_numeric_flag_has_a_checked_type():
     """A flag added later with a bare ``type=float`` or ``type=int`` fails here (the seeds take
-    any integer; --hint_layer has its choices)."""
-    unchecked = {"seed", "synthetic_seed", "hint_layer", "trial"}
+    any integer; --hint_layer and --ickd_kernel have their choices)."""
+    unchecked = {"seed", "synthetic_seed", "hint_layer", "ickd_kernel", "trial"}
     for parser in (train_student.build_parser(), train_teacher.build_parser()):
         for action in parser._actions:  # noqa: SLF001
             if action.type in (float, int):
