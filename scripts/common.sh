@@ -5,11 +5,17 @@
 failed=0
 
 quote() {  # the arguments as one shell-quoted line: plain words as they are, others in single quotes
-  local arg out="" sq="'" esc="'\\''"
+  quote_into "$@"
+  echo "$QUOTED"
+}
+
+quote_into() {  # quote's line, into QUOTED (no subshell: a sweep prints hundreds of lines)
+  local arg sq="'" esc="'\\''"
+  QUOTED=""
   for arg in "$@"; do
-    if [[ "$arg" =~ ^[A-Za-z0-9_./:=+,@%-]+$ ]]; then out+=" $arg"; else out+=" '${arg//$sq/$esc}'"; fi
+    if [[ "$arg" =~ ^[A-Za-z0-9_./:=+,@%-]+$ ]]; then QUOTED+=" $arg"; else QUOTED+=" '${arg//$sq/$esc}'"; fi
   done
-  echo "${out# }"
+  QUOTED=${QUOTED# }
 }
 
 flags_for() {  # method -> its flags from METHOD_TABLE ("name flags..." lines); status 1 if unknown
@@ -20,9 +26,17 @@ flags_for() {  # method -> its flags from METHOD_TABLE ("name flags..." lines); 
   return 1
 }
 
+method_flags() {  # method -> its flags, into the array FLAGS (no subshell); status 1 if unknown
+  local line
+  for line in "${METHOD_TABLE[@]}"; do
+    if [ "${line%% *}" = "$1" ]; then read -r -a FLAGS <<< "${line#* }"; return 0; fi
+  done
+  return 1
+}
+
 run() {  # one command: print it (DRY_RUN) or run it; a failure stops the script unless KEEP_GOING
   local line status=0
-  line=$(quote "$@")
+  quote_into "$@"; line=$QUOTED
   if [ -n "$DRY_RUN" ]; then echo "$line"; return 0; fi
   echo "+ $line"
   "$@" || status=$?

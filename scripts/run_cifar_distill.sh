@@ -131,9 +131,9 @@ for trial in $TRIAL_IDS; do
         echo "skip: $method is n/a for $teacher -> $student (unequal channel counts)" >&2
         continue
       fi
-      read -r -a flags <<< "$(flags_for "$method")"
-      cmd=("${LAUNCH_WORDS[@]}" train_student.py --path_t "$(teacher_path "$teacher")" --model_s "$student"
-           "${flags[@]}" --trial "$trial" "$@")
+      method_flags "$method"
+      cmd=("${LAUNCH_WORDS[@]}" train_student.py --path_t "${PATH_T:-$TEACHER_DIR/${teacher}_vanilla/ckpt_epoch_240.pth}"
+           --model_s "$student" "${FLAGS[@]}" --trial "$trial" "$@")
       run "${cmd[@]}" || true
     done
   done

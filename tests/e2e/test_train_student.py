@@ -154,22 +154,32 @@ def script(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
-@pytest.mark.parametrize("make_args, expected", [
-    (lambda t, p: ["--path_t", str(p / "missing.pth")], "does not exist"),
-    (lambda t, p: ["--path_t", str(t["vgg13"]), "--distill", "magic"], "unknown --distill 'magic'; choose one of: "),
-    (lambda t, p: ["--path_t", str(t["vgg13"]), "--model_s", "resnet9000"], "unknown model 'resnet9000'"),
+@pytest.mark.parametrize("make_args, expected, in_process", [
+    (lambda t, p: ["--path_t", str(p / "missing.pth")], "does not exist", False),
+    (lambda t, p: ["--path_t", str(t["vgg13"]), "--distill", "magic"], "unknown --distill 'magic'; choose one of: ",
+     True),
+    (lambda t, p: ["--path_t", str(t["vgg13"]), "--model_s", "resnet9000"], "unknown model 'resnet9000'", True),
     (lambda t, p: ["--path_t", str(t["wrn_40_2"]).replace("wrn_40_2_vanilla", "resnet8_vanilla")],
-     "do not fit"),
+     "do not fit", True),
 ])
-def test_bad_teacher_or_flags_is_one_line(make_args, expected, teachers, tmp_path):
+def test_bad_teacher_or_flags_is_one_line(make_args, expected, in_process, teachers, tmp_path, capfd):
+    """One line on stderr and exit status 2, no traceback: the first case through the real script
+    (a process of its own), the others through the same ``main`` in this process."""
     if "resnet8_vanilla" in " ".join(make_args(teachers, tmp_path)):
         wrong = teachers["wrn_40_2"].parents[1] / "resnet8_vanilla"
         wrong.mkdir(exist_ok=True)
         (wrong / "ckpt_epoch_240.pth").write_bytes(teachers["wrn_40_2"].read_bytes())
-    out = script(*make_args(teachers, tmp_path), *TINY, "--save_folder", str(tmp_path))
-    lines = out.stderr.strip().splitlines()
-    assert out.returncode == 2 and len(lines) == 1 and expected in lines[0], out.stderr
-    assert "Traceback" not in out.stderr
+    argv = [*make_args(teachers, tmp_path), *TINY, "--save_folder", str(tmp_path)]
+    if in_process:
+        with pytest.raises(SystemExit) as exit_:
+            train_student.main(argv)
+        returncode, stderr = exit_.value.code, capfd.readouterr().err
+    else:
+        out = script(*argv)
+        returncode, stderr = out.returncode, out.stderr
+    lines = stderr.strip().splitlines()
+    assert returncode == 2 and len(lines) == 1 and expected in lines[0], stderr
+    assert "Traceback" not in stderr
 
 
 @pytest.mark.parametrize("distill", ["crd", "hint", "factor"])

@@ -80,19 +80,27 @@ def test_max_steps_stops_early_and_still_validates(tmp_path):
     assert results["epochs_run"] == 0 and results["history"][0]["partial"] and results["history"][0]["batches"] == 3
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["--model", "resnet9000"], "unknown model 'resnet9000'; choose one of: resnet8, "),
-    (["--model", "resnet8", "--dataset", "mnist"], "unknown --dataset 'mnist'"),
-    (["--model", "resnet8", "--device", "cuda"], "no CUDA GPU"),
+@pytest.mark.parametrize("args, expected, in_process", [
+    (["--model", "resnet9000"], "unknown model 'resnet9000'; choose one of: resnet8, ", False),
+    (["--model", "resnet8", "--dataset", "mnist"], "unknown --dataset 'mnist'", True),
+    (["--model", "resnet8", "--device", "cuda"], "no CUDA GPU", True),
 ])
-def test_bad_input_is_one_clear_line(args, expected, tmp_path):
+def test_bad_input_is_one_clear_line(args, expected, in_process, tmp_path, capfd):
+    """One line on stderr, exit status 2, no traceback: the first case through the real script (a
+    process of its own), the others through the same ``main`` in this process."""
     if "cuda" in args and torch.cuda.is_available():
         pytest.skip("a GPU is visible")
-    out = run_script(*args, "--save_folder", str(tmp_path))
-    assert out.returncode == 2
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], out.stderr
-    assert "Traceback" not in out.stderr
+    if in_process:
+        with pytest.raises(SystemExit) as exit_:
+            train_teacher.main([*args, "--save_folder", str(tmp_path)])
+        returncode, stderr = exit_.value.code, capfd.readouterr().err
+    else:
+        out = run_script(*args, "--save_folder", str(tmp_path))
+        returncode, stderr = out.returncode, out.stderr
+    assert returncode == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], stderr
+    assert "Traceback" not in stderr
 
 
 def test_empty_cifar_folder_says_how_to_get_data(tmp_path):
