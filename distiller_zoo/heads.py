@@ -22,6 +22,8 @@ import torch.nn as nn
 from common.checkpoint import load_weights
 from common.errors import UserError
 
+from .registry import registrar
+
 
 class HeadOutput(NamedTuple):
     """What a head computed for a batch: ``maps`` (its intermediate map, e.g. SimKD's projected
@@ -60,15 +62,7 @@ _HEADS: dict[str, type[InferenceHead]] = {}
 
 def register_head(kind: str) -> Callable[[type[InferenceHead]], type[InferenceHead]]:
     """Class decorator: make an :class:`InferenceHead` rebuildable from checkpoints as ``kind``."""
-
-    def wrap(cls: type[InferenceHead]) -> type[InferenceHead]:
-        if kind in _HEADS and _HEADS[kind] is not cls:
-            raise ValueError(f"inference head '{kind}' is registered twice")
-        cls.kind = kind
-        _HEADS[kind] = cls
-        return cls
-
-    return wrap
+    return registrar(_HEADS, kind, "kind", f"inference head '{kind}'")
 
 
 def head_entry(head: InferenceHead) -> dict[str, Any]:

@@ -241,18 +241,23 @@ class Distiller(nn.Module, abc.ABC):
 _REGISTRY: dict[str, type[Distiller]] = {}
 
 
+def registrar(table: dict[str, type], key: str, attr: str, what: str) -> Callable[[type], type]:
+    """A class decorator that files the class in ``table`` under ``key`` and sets its ``attr`` to
+    ``key``; another class under a taken key raises ``ValueError`` (``what`` names the key)."""
 
-def register(name: str) -> Callable[[type[Distiller]], type[Distiller]]:
-    """Class decorator: make a Distiller selectable as ``--distill name``."""
-
-    def wrap(cls: type[Distiller]) -> type[Distiller]:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"--distill {name} is registered twice ({_REGISTRY[name].__name__}, {cls.__name__})")
-        cls.name = name
-        _REGISTRY[name] = cls
+    def wrap(cls: type) -> type:
+        if key in table and table[key] is not cls:
+            raise ValueError(f"{what} is registered twice ({table[key].__name__}, {cls.__name__})")
+        setattr(cls, attr, key)
+        table[key] = cls
         return cls
 
     return wrap
+
+
+def register(name: str) -> Callable[[type[Distiller]], type[Distiller]]:
+    """Class decorator: make a Distiller selectable as ``--distill name``."""
+    return registrar(_REGISTRY, name, "name", f"--distill {name}")
 
 
 def method_names() -> list[str]:
