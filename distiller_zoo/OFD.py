@@ -157,7 +157,8 @@ class OFD(Distiller):
     default, ``--ofd_teacher_bn eval``), mdistiller's OFD never puts the teacher in eval mode, so
     its BatchNorms use the batch's statistics and update their running statistics
     (``--ofd_teacher_bn train`` reproduces it; see :meth:`teacher_train_mode`). Both networks
-    must have the same number of stages (refused otherwise when built).
+    must have the same number of stages (refused otherwise when built). On ImageNet, mdistiller's
+    ResNet50 -> MobileNetV1 recipe is ``-b 0.0001`` with lr 0.05 at batch 128.
     """
 
     Options = OFDOptions

@@ -139,7 +139,9 @@ class ReviewKD(Distiller):
     does not say). The paper and the reference (mdistiller) agree on the levels: the stages'
     outputs and the pooled feature, on both sides; the warm-up is mdistiller's (the paper has none;
     ``--reviewkd_warmup 0`` turns it off). Published weights ``-r 1 -a 0 -b 5`` (mdistiller's
-    REVIEWKD_WEIGHT 5, the authors' --kd-loss-weight 5.0). The ABFs are sized from the probed
+    REVIEWKD_WEIGHT 5, the authors' --kd-loss-weight 5.0; on ImageNet mdistiller uses ``-b 1``
+    for ResNet34 -> ResNet18 and ``-b 8`` for ResNet50 -> MobileNetV1, with a 1-epoch warm-up and
+    the student's pre-ReLU stages, its STU_PREACT, which has no flag here). The ABFs are sized from the probed
     shapes: student level i's channels and size in, the teacher's out; both networks must have the
     same number of levels.
     """

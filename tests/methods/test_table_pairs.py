@@ -394,17 +394,26 @@ def imagenet(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
 IMAGENET_E2E = [("rrd", "ResNet34->ResNet18"), ("srrl", "ResNet50->MobileNetV1")]
 if RUN_COSTLY:
     IMAGENET_E2E = [(m, p) for p in IMAGENET_PAIRS for m in NEW_METHODS]
+# SemCKD from the random ResNet50 (2048 channels, 849M projection parameters): the term is so large that MobileNetV1
+# blows up within 2 steps even at lr 0.01, and the guard stops the run with its one line. Not checked with a
+# trained teacher (no ImageNet here).
+BLOWS_UP = {("semckd", "ResNet50->MobileNetV1")}
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("method, pair", IMAGENET_E2E, ids=[f"{m}-{p}" for m, p in IMAGENET_E2E])
+@pytest.mark.parametrize("method, pair", [
+    pytest.param(m, p, marks=[pytest.mark.xfail(raises=SystemExit, strict=True)] if (m, p) in BLOWS_UP else [])
+    for m, p in IMAGENET_E2E], ids=[f"{m}-{p}" for m, p in IMAGENET_E2E])
 def test_train_student_on_imagenet(method: str, pair: str, imagenet, tmp_path) -> None:
     data, teachers = imagenet
     name, student = _split(pair)
     results = train_student.main(["--path_t", str(teachers[name]), "--model_s", student, "--distill", method,
                                   "--dataset", "imagenet", "--data_folder", str(data), "--batch_size", "4",
                                   "--num_workers", "0", "--device", "cpu", "--nce_k", "8", "--max_steps", "2",
-                                  "--epochs", "1", "--save_folder", str(tmp_path)])
+                                  "--epochs", "1", "--save_folder", str(tmp_path),
+                                  # random teachers: ImageNet's lr 0.1 at batch 4 blows up OFD's and SemCKD's
+                                  # MobileNetV1 in 2 steps (the guard stops the run with one line)
+                                  "--learning_rate", "0.01"])
     assert results["steps"] == 2
     history = results["history"][0]
     assert all(math.isfinite(history[f"loss_{term}"]) for term in TERMS[method]), history
