@@ -10,8 +10,8 @@
 #
 # Arguments are passed to every train_student.py command (e.g. --amp bf16, --data_folder,
 # --resume auto to make a stopped sweep restartable). Environment:
-#   METHODS     methods to run (default: the tables' 25, below; also crcd, kdsvd, itrd, ega, reviewkd, ofd)
-#   PAIRS       teacher:student pairs (default: the 13 of both tables, below)
+#   METHODS     methods to run, spaces or commas (default: the tables' 25, below; also crcd, kdsvd, itrd, ega, reviewkd, ofd)
+#   PAIRS       teacher:student pairs, spaces or commas (default: the 13 of both tables, below)
 #   TEACHER, STUDENT  keep only the pairs with this teacher / student; both set: that one pair
 #   TRIALS      trials per run (default 3; trial ids 1..TRIALS); TRIAL=N runs only trial N
 #   TEACHER_DIR where the teachers are: ${TEACHER_DIR}/<teacher>_vanilla/ckpt_epoch_240.pth
@@ -76,7 +76,7 @@ PAIR_TABLE=(
 EQUAL_CHANNELS="wrn_40_2:wrn_16_2 resnet56:resnet20 resnet110:resnet20 resnet110:resnet32 resnet32x4:resnet8x4 vgg13:vgg8"
 
 . scripts/common.sh
-METHODS=${METHODS:-$TABLE_METHODS}
+METHODS=${METHODS:-$TABLE_METHODS}; METHODS=${METHODS//,/ }  # spaces or commas
 TRIALS=${TRIALS:-3}
 TEACHER_DIR=${TEACHER_DIR:-./save/models}
 PYTHON=${PYTHON:-python}
@@ -96,6 +96,7 @@ if [ -z "${PAIRS:-}" ]; then
     if [ -z "$PAIRS" ]; then echo "error: no pair of the tables has TEACHER=${TEACHER:-} STUDENT=${STUDENT:-}; set PAIRS=teacher:student" >&2; exit 2; fi
   fi
 fi
+PAIRS=${PAIRS//,/ }
 
 teacher_path() { echo "${PATH_T:-$TEACHER_DIR/$1_vanilla/ckpt_epoch_240.pth}"; }
 

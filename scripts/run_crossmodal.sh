@@ -46,7 +46,7 @@ TEACHER=${TEACHER:-wrn_40_2}
 STUDENT=${STUDENT:-wrn_16_2}
 LABELLED=${LABELLED:-cifar100}
 TARGET=${TARGET:-stl10}
-METHODS=${METHODS:-crd hint attention alone}
+METHODS=${METHODS:-crd hint attention alone}; METHODS=${METHODS//,/ }  # spaces or commas
 TRIALS=${TRIALS:-1}
 SAVE=${SAVE:-./save}
 PYTHON=${PYTHON:-python}

@@ -49,7 +49,7 @@ METHOD_TABLE=(
   "crcd     --distill crcd -a 0.9 -b 1"
 )
 . scripts/common.sh
-METHODS=${METHODS:-"kd crd crd+kd"}
+METHODS=${METHODS:-"kd crd crd+kd"}; METHODS=${METHODS//,/ }  # spaces or commas
 NPROC=${NPROC:-8}
 NNODES=${NNODES:-1}
 BATCH=${BATCH:-256}

@@ -49,7 +49,7 @@ METHOD_TABLE=(
 
 . scripts/common.sh
 ARGS=("$@")
-METHODS=${METHODS:-teacher student kd attention hint crd crd+kd dcd dcd+kd}
+METHODS=${METHODS:-teacher student kd attention hint crd crd+kd dcd dcd+kd}; METHODS=${METHODS//,/ }  # spaces or commas
 TARGETS=${TARGETS:-stl10 tinyimagenet}
 TRIALS=${TRIALS:-3}
 TEACHER=${TEACHER:-wrn_40_2}

@@ -110,6 +110,14 @@ def test_distill_fsp_runs_exactly_on_the_pairs_of_equal_channel_counts():
         assert (("kdsvd", pair) in printed) == (t[1:-1] == s[1:-1])
 
 
+def test_distill_lists_take_commas_as_the_issue_writes_them():
+    out = script("run_cifar_distill.sh", METHODS="reviewkd,rrd", PAIRS="resnet32x4:resnet8x4,vgg13:vgg8", TRIALS="1",
+                 DRY_RUN="1")
+    printed = {(argv[argv.index("--distill") + 1], argv[argv.index("--model_s") + 1])
+               for argv in commands(out, "train_student.py")}
+    assert printed == {(m, s) for m in ("reviewkd", "rrd") for s in ("resnet8x4", "vgg8")}
+
+
 def test_distill_subsets_and_old_variables():
     out = script("run_cifar_distill.sh", METHODS="crd kd", PAIRS="resnet32x4:resnet8x4 vgg13:vgg8", TRIALS="2",
                  DRY_RUN="1")
