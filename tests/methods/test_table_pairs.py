@@ -3,9 +3,9 @@
 Every method of :data:`NEW_METHODS` is built the way ``train_student.py`` builds it (its flags
 parsed by ``train_student.parse_option``, its published ``-r -a -b``, ``build_distiller``) on
 every CIFAR-100 pair of ``scripts/paper_tables.md`` (read by ``scripts/summarize.py``'s parser,
-so the list cannot drift from the tables) and on the two ImageNet pairs at 224 x 224, then
-trained for 2 steps of :class:`distiller_zoo.step.DistillStep` (the step the script runs) with
-the script's optimiser, on random images. A pair a method cannot serve must be refused at build
+so the list cannot drift from the tables) and on the two ImageNet pairs, then trained for 2
+steps of :class:`distiller_zoo.step.DistillStep` (the step the script runs) with the script's
+optimiser, on images of the synthetic set (one per class, normalised as CIFAR-100's). A pair a method cannot serve must be refused at build
 time with one :class:`UserError` line: :data:`REFUSED` lists those refusals, so a new refusal (or
 a refusal that disappears) fails. :data:`TOO_COSTLY` lists the (method, pair) whose 2 steps do
 not fit the suite's CPU budget: there only the build is checked (on the meta device), the steps
@@ -41,6 +41,8 @@ import train_student
 from common.declare import options_from
 from common.errors import UserError
 from common.runtime import Runtime
+from dataset.cifar100 import CIFAR100_MEAN, CIFAR100_STD
+from dataset.synthetic import make_synthetic
 from distiller_zoo.registry import Batch, BuildContext, Distiller, NetOutput
 from distiller_zoo.step import DistillStep
 from engine.methods import get_method
@@ -221,15 +223,20 @@ class PairNets:
         self.student = build_model(self.student_name, CLASSES, dataset=self.dataset)
         self.initial = {k: v.clone() for k, v in self.student.state_dict().items()}
         size = IMAGENET_SIZE if imagenet else 32
+        # one training image of each class of the synthetic set, normalised as CIFAR-100's transforms do
+        images, labels, _, _ = make_synthetic(num_classes=CLASSES, n_train_per_class=1, n_test_per_class=1,
+                                              image_size=size)
         b = max(BATCH.values())
-        self.img = torch.randn(b, 3, size, size)
+        pixels = torch.from_numpy(images[:b]).permute(0, 3, 1, 2).float() / 255
+        self.img = (pixels - torch.tensor(CIFAR100_MEAN).view(1, 3, 1, 1)) / torch.tensor(CIFAR100_STD).view(1, 3, 1, 1)
+        self.target = labels[:b]
         _calibrate(self.teacher, self.img)
         self.cached = _Cached(self.teacher, self.img)
         self.contexts: dict[tuple[bool, bool], BuildContext] = {}
 
     def batch(self, method: str) -> Batch:
         n = BATCH.get(method, BATCH[None])
-        return Batch(self.img[:n], torch.arange(n) % CLASSES)
+        return Batch(self.img[:n], self.target[:n])
 
     def options(self, method: str, extra: list[str]):
         """``--distill method``'s options and ``-r -a -b`` as train_student.py parses them."""
