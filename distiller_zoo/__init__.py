@@ -8,6 +8,7 @@ from .registry import (Batch, BuildContext, Distiller, NetOutput, NoOptions, bui
 from .AB import ABLoss
 from .AT import Attention
 from .CC import Correlation
+from .DIST import DISTLoss
 from .DKD import DKDLoss
 from .EGA import EGALoss
 from .FitNet import HintLoss
@@ -31,8 +32,8 @@ from .VID import VIDLoss
 __all__ = [
     "Batch", "BuildContext", "Distiller", "NetOutput", "NoOptions", "build_distiller", "get_method", "method_names",
     "register",
-    "ABLoss", "Attention", "Correlation", "DKDLoss", "DistillKL", "EGALoss", "FSP", "FactorTransfer", "HintLoss",
-    "ICKDLoss", "ITRDLoss", "KDSVD", "NSTLoss", "OFDLoss", "PKT", "RKDLoss", "ReviewKDLoss", "SRRLLoss", "SemCKDLoss",
+    "ABLoss", "Attention", "Correlation", "DISTLoss", "DKDLoss", "DistillKL", "EGALoss", "FSP", "FactorTransfer",
+    "HintLoss", "ICKDLoss", "ITRDLoss", "KDSVD", "NSTLoss", "OFDLoss", "PKT", "RKDLoss", "ReviewKDLoss", "SRRLLoss", "SemCKDLoss",
     "SimKD",
     "Similarity", "VIDLoss",
 ]

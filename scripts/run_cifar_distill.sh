@@ -2,7 +2,7 @@
 # Distil CIFAR-100 students with every method of the CRD paper's tables (README, "Reproducing the
 # paper"), on every teacher -> student pair of both tables, with each method's published weights.
 #
-#   bash scripts/run_cifar_distill.sh                                # everything: 25 methods x 13 pairs x 3 trials
+#   bash scripts/run_cifar_distill.sh                                # everything: 26 methods x 13 pairs x 3 trials
 #   METHODS="crd kd" PAIRS="resnet32x4:resnet8x4 vgg13:vgg8" TRIALS=1 bash scripts/run_cifar_distill.sh
 #   TEACHER=wrn_40_2 STUDENT=wrn_16_2 bash scripts/run_cifar_distill.sh --amp bf16 --data_folder /data
 #   DRY_RUN=1 bash scripts/run_cifar_distill.sh                      # print the commands, run nothing
@@ -10,7 +10,7 @@
 #
 # Arguments are passed to every train_student.py command (e.g. --amp bf16, --data_folder,
 # --resume auto to make a stopped sweep restartable). Environment:
-#   METHODS     methods to run, spaces or commas (default: the tables' 25, below; also crcd, kdsvd, itrd, ega, reviewkd, ofd)
+#   METHODS     methods to run, spaces or commas (default: the tables' 26, below; also crcd, kdsvd, itrd, ega, reviewkd, ofd)
 #   PAIRS       teacher:student pairs, spaces or commas (default: the 13 of both tables, below)
 #   TEACHER, STUDENT  keep only the pairs with this teacher / student; both set: that one pair
 #   TRIALS      trials per run (default 3; trial ids 1..TRIALS); TRIAL=N runs only trial N
@@ -56,6 +56,7 @@ METHOD_TABLE=(
   "simkd        --distill simkd -r 0 -a 0 -b 1"
   "ickd         --distill ickd -a 0 -b 2.5"
   "ickd+kd      --distill ickd -a 1 -b 2.5"
+  "dist         --distill dist -a 0 -b 2"
   # not in the CIFAR tables; run them with METHODS=
   "crcd         --distill crcd -a 0.9 -b 1"
   "kdsvd        --distill kdsvd -a 0 -b 1"
@@ -64,7 +65,7 @@ METHOD_TABLE=(
   "reviewkd     --distill reviewkd -a 0 -b 5"
   "ofd          --distill ofd -a 0 -b 0.001"
 )
-TABLE_METHODS="kd hint attention similarity correlation vid rkd pkt abound factor fsp nst crd crd+kd dcd dcd+kd wcord+kd dkd rrd rrd+kd srrl semckd simkd ickd ickd+kd"
+TABLE_METHODS="kd hint attention similarity correlation vid rkd pkt abound factor fsp nst crd crd+kd dcd dcd+kd wcord+kd dkd rrd rrd+kd srrl semckd simkd ickd ickd+kd dist"
 
 # teacher:student, same architecture (first 7) and different architecture (last 6)
 PAIR_TABLE=(

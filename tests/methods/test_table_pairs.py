@@ -55,7 +55,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import summarize  # noqa: E402
 
 # The methods issue 24 adds; ofd and simkd join with one word each.
-NEW_METHODS = ("ickd", "srrl", "itrd", "ega", "rrd", "semckd", "reviewkd", "ofd", "simkd")
+NEW_METHODS = ("ickd", "srrl", "itrd", "ega", "rrd", "semckd", "reviewkd", "ofd", "simkd", "dist")
 
 TABLE_PAIRS = summarize.parse_paper_tables((ROOT / "scripts" / "paper_tables.md").read_text()).pairs
 IMAGENET_PAIRS = ["ResNet34->ResNet18", "ResNet50->MobileNetV1"]
@@ -157,7 +157,8 @@ def _check_simkd(d, nets, fs, ft, grads) -> None:
 
 
 TERMS = {"ickd": ["ickd"], "srrl": ["srrl_fm", "srrl_sr"], "itrd": ["itrd_corr", "itrd_mutual"], "ega": ["ega"],
-         "rrd": ["rrd"], "semckd": ["semckd"], "reviewkd": ["reviewkd"], "ofd": ["ofd"], "simkd": ["simkd"]}
+         "rrd": ["rrd"], "semckd": ["semckd"], "reviewkd": ["reviewkd"], "ofd": ["ofd"], "simkd": ["simkd"],
+         "dist": ["dist_inter", "dist_intra"]}
 CHECKS: dict[str, Callable] = {"ickd": _check_ickd, "srrl": _check_srrl, "itrd": _check_itrd, "ega": _check_ega,
                                "rrd": _check_rrd, "semckd": _check_semckd, "reviewkd": _check_reviewkd,
                                "ofd": _check_ofd, "simkd": _check_simkd}

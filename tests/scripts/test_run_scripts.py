@@ -43,7 +43,7 @@ WEIGHTS = {
     "dcd": ("dcd", 1.0, 0.0, 1.0), "dcd+kd": ("dcd", 1.0, 1.0, 1.0), "wcord+kd": ("wcord", 1.0, 1.0, 0.8),
     "dkd": ("dkd", 1.0, 0.0, 1.0), "rrd": ("rrd", 1.0, 0.0, 1.0), "rrd+kd": ("rrd", 1.0, 1.0, 1.0),
     "srrl": ("srrl", 1.0, 1.0, 1.0), "semckd": ("semckd", 1.0, 1.0, 400.0), "simkd": ("simkd", 0.0, 0.0, 1.0),
-    "ickd": ("ickd", 1.0, 0.0, 2.5), "ickd+kd": ("ickd", 1.0, 1.0, 2.5),
+    "ickd": ("ickd", 1.0, 0.0, 2.5), "ickd+kd": ("ickd", 1.0, 1.0, 2.5), "dist": ("dist", 1.0, 0.0, 2.0),
 }
 LABEL = {v: k for k, v in WEIGHTS.items()}
 NA = {("fsp", pair) for pair in ["wrn_40_2:wrn_40_1"] + DIFFERENT}  # the tables' n/a cells

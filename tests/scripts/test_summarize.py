@@ -136,8 +136,8 @@ def test_markdown_rows(summary):
     # only the pairs we ran; the paper's order of methods
     assert "wrn_40_2→wrn_16_2" not in md
     methods = [line.split("|")[2].strip() for line in md.splitlines() if line.startswith(f"| {PAIR.replace('->', '→')} ")]
-    assert methods[:4] == ["teacher", "student", "kd", "hint"] and methods[-6:] == ["rrd+kd", "srrl", "semckd", "simkd", "ickd", "ickd+kd"]
-    assert len(methods) == 27 and md_row(md, PAIR, "rrd")[2:] == ["0", "–", "–", "74.48", "–"]
+    assert methods[:4] == ["teacher", "student", "kd", "hint"] and methods[-6:] == ["srrl", "semckd", "simkd", "ickd", "ickd+kd", "dist"]
+    assert len(methods) == 28 and md_row(md, PAIR, "rrd")[2:] == ["0", "–", "–", "74.48", "–"]
     assert "ddof=1" in whole and "- 1 unfinished run(s) left out" in whole and "another data set" not in whole
     assert "- 10 run(s) counted from" in whole and "(cifar100 9, synthetic 1)" in whole
 
