@@ -38,7 +38,10 @@ B, N_DATA, K = 8, 64, 16
 # so the ~1% rounding of a bf16 forward pass is a sizeable part of the distances and angles
 # RKD compares (RKD of the same features merely rounded to bf16 moves by 0.4%).
 RTOL = AMP
-RTOL_OF = {"rkd": 6e-2}
+# DIST's intra-class relation correlates each class's probabilities over the batch after centring
+# them: the random networks' predictions differ little between samples, so the ~1% rounding of
+# bf16 logits is a sizeable part of those centred columns (3% off on the AVX2 kernels, 1 seed).
+RTOL_OF = {"rkd": 6e-2, "dist": 6e-2}
 # KDSVD's value is not a continuous function of the features: the sign of each leading singular
 # vector is arbitrary (LAPACK's choice), and the RBF between consecutive layers depends on the
 # two teacher vectors' relative sign, so a perturbation as small as rounding the features to
