@@ -14,6 +14,7 @@ types}, "state": state_dict}``. :func:`register_head` makes a kind rebuildable f
 """
 from __future__ import annotations
 
+import abc
 from typing import Any, Callable, NamedTuple
 
 import torch
@@ -36,7 +37,7 @@ class HeadOutput(NamedTuple):
     logits: torch.Tensor
 
 
-class InferenceHead(nn.Module):
+class InferenceHead(nn.Module, abc.ABC):
     """Base class of inference heads. ``kind`` names it in checkpoints (set by
     :func:`register_head`); :meth:`config` gives the plain-typed arguments :meth:`from_config`
     rebuilds it from (its state is loaded afterwards); ``forward(feats) -> HeadOutput`` reads the
@@ -44,17 +45,18 @@ class InferenceHead(nn.Module):
 
     kind: str = ""
 
+    @abc.abstractmethod
     def config(self) -> dict[str, Any]:
         """The head's constructor arguments, as plain types (ints, floats, strings, lists)."""
-        raise NotImplementedError
 
     @classmethod
+    @abc.abstractmethod
     def from_config(cls, config: dict[str, Any]) -> "InferenceHead":
         """A head built from :meth:`config`'s dict (weights not loaded)."""
-        raise NotImplementedError
 
-    def forward(self, feats: list[torch.Tensor]) -> HeadOutput:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def forward(self, feats: list[torch.Tensor]) -> HeadOutput:
+        """The head on the backbone's ``feats``."""
 
 
 _HEADS: dict[str, type[InferenceHead]] = {}
